@@ -1,0 +1,43 @@
+"""adaptune: adapter tuning (Houlsby et al. 2019) for Hugging Face ``transformers`` models.
+
+Add a small bottleneck adapter per task to a frozen pretrained model, train only it (plus layer
+norms and head), and save it as a file of a few percent of the model's size.
+"""
+
+__version__ = "0.1.0"
+
+from adaptune.architectures import ARCHITECTURES, ArchSpec, SlotSpec
+from adaptune.bottleneck import Bottleneck
+from adaptune.config import PRESETS, AdapterConfig
+from adaptune.errors import AdapterFileError, AdaptuneError, ArchitectureError, ConfigError, DataError, TrainingError
+from adaptune.inject import active_adapter, add_adapter, list_adapters, remove_adapter, set_active
+from adaptune.io import fingerprint, load_adapter, read_adapter_config, save_adapter
+from adaptune.trainable import STRATEGIES, ParamCount, count_parameters, train_strategy
+
+__all__ = [
+    "ARCHITECTURES",
+    "PRESETS",
+    "STRATEGIES",
+    "AdapterConfig",
+    "AdapterFileError",
+    "AdaptuneError",
+    "ArchSpec",
+    "ArchitectureError",
+    "Bottleneck",
+    "ConfigError",
+    "DataError",
+    "ParamCount",
+    "SlotSpec",
+    "TrainingError",
+    "active_adapter",
+    "add_adapter",
+    "count_parameters",
+    "fingerprint",
+    "list_adapters",
+    "load_adapter",
+    "read_adapter_config",
+    "remove_adapter",
+    "save_adapter",
+    "set_active",
+    "train_strategy",
+]

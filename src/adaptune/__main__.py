@@ -1,0 +1,7 @@
+"""``python -m adaptune`` (and ``torchrun -m adaptune``) runs the command line."""
+
+import sys
+
+from adaptune.cli import main
+
+sys.exit(main())

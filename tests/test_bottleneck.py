@@ -1,0 +1,99 @@
+"""The bottleneck module: shapes, parameter count, near-identity init (src/adaptune/bottleneck.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from adaptune import AdapterConfig, Bottleneck
+
+
+@pytest.mark.parametrize("d,m", [(32, 8), (32, 64), (384, 64), (5, 1)])
+def test_parameter_count_is_2md_plus_d_plus_m(d, m):
+    b = Bottleneck(d, AdapterConfig(size=m))
+    assert sum(p.numel() for p in b.parameters()) == 2 * m * d + d + m
+    assert b.down.weight.shape == (m, d) and b.down.bias.shape == (m,)
+    assert b.up.weight.shape == (d, m) and b.up.bias.shape == (d,)
+
+
+def test_keeps_the_hidden_shape():
+    b = Bottleneck(32, AdapterConfig(size=8))
+    x = torch.randn(3, 7, 32)
+    assert b(x).shape == (3, 7, 32)
+    assert b(x.reshape(21, 32)).shape == (21, 32)  # any leading dims (OPT flattens tokens)
+
+
+def test_init_is_truncated_normal_with_zero_biases():
+    torch.manual_seed(0)
+    std = 1e-2
+    b = Bottleneck(256, AdapterConfig(size=128, init_std=std))
+    for lin in (b.down, b.up):
+        w = lin.weight
+        assert torch.count_nonzero(lin.bias) == 0
+        assert w.abs().max() <= 2 * std  # cut at 2 std
+        # A normal truncated at +-2 std has std ~0.88 sigma; 32k samples pin it well.
+        assert 0.8 * std < w.std().item() < 0.95 * std
+        assert abs(w.mean().item()) < 0.02 * std
+
+
+def test_init_std_scales_the_weights():
+    torch.manual_seed(0)
+    small = Bottleneck(64, AdapterConfig(size=64, init_std=1e-3)).down.weight.std().item()
+    large = Bottleneck(64, AdapterConfig(size=64, init_std=1e-1)).down.weight.std().item()
+    assert 50 < large / small < 200
+
+
+def test_zero_init_outputs_exact_zeros():
+    b = Bottleneck(32, AdapterConfig(size=8, init_std=0.0))
+    assert torch.count_nonzero(b.down.weight) == 0 and torch.count_nonzero(b.up.weight) == 0
+    assert torch.equal(b(torch.randn(2, 5, 32)), torch.zeros(2, 5, 32))
+
+
+def test_fresh_adapter_is_small_but_not_zero():
+    torch.manual_seed(0)
+    b = Bottleneck(32, AdapterConfig(size=64))  # default init_std 1e-2
+    x = torch.randn(4, 9, 32)
+    y = b(x)
+    assert torch.count_nonzero(y) > 0
+    assert y.norm() < 1e-2 * x.norm()  # h + y stays close to h: near-identity
+
+
+def test_reset_parameters_reinitialises():
+    torch.manual_seed(0)
+    b = Bottleneck(32, AdapterConfig(size=8, init_std=0.5))
+    b.reset_parameters(0.0)
+    assert torch.count_nonzero(b.down.weight) == 0 and torch.count_nonzero(b.up.weight) == 0
+
+
+ACTS = {"gelu": F.gelu, "relu": F.relu, "tanh": torch.tanh, "silu": F.silu, "identity": lambda t: t}
+
+
+@pytest.mark.parametrize("act", sorted(ACTS))
+@pytest.mark.parametrize("scale", [1.0, 4.0, -0.5])
+def test_forward_is_scale_times_up_act_down(act, scale):
+    torch.manual_seed(0)
+    b = Bottleneck(16, AdapterConfig(size=4, nonlinearity=act, init_std=0.5, scale=scale))
+    with torch.no_grad():
+        b.down.bias.normal_()
+        b.up.bias.normal_()
+    x = torch.randn(2, 3, 16)
+    expected = scale * (ACTS[act](x @ b.down.weight.T + b.down.bias) @ b.up.weight.T + b.up.bias)
+    torch.testing.assert_close(b(x), expected)
+
+
+def test_nonlinearity_matters():
+    torch.manual_seed(0)
+    relu = Bottleneck(16, AdapterConfig(size=4, nonlinearity="relu", init_std=0.5))
+    ident = Bottleneck(16, AdapterConfig(size=4, nonlinearity="identity", init_std=0.5))
+    ident.load_state_dict(relu.state_dict())
+    x = torch.randn(2, 3, 16)
+    assert not torch.allclose(relu(x), ident(x))
+
+
+def test_gradients_reach_both_projections():
+    torch.manual_seed(0)
+    b = Bottleneck(16, AdapterConfig(size=4))
+    b(torch.randn(2, 3, 16)).pow(2).sum().backward()
+    for name, p in b.named_parameters():
+        assert p.grad is not None and torch.count_nonzero(p.grad) > 0, name

@@ -1,0 +1,450 @@
+"""Adding, removing and switching named adapters on a model (src/adaptune/inject.py).
+
+Every supported family is tested on a tiny random-config model from conftest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import transformers as T
+from conftest import FAMILIES, tiny_batch, tiny_model
+
+from adaptune import (
+    ARCHITECTURES,
+    AdapterConfig,
+    ArchitectureError,
+    ArchSpec,
+    ConfigError,
+    SlotSpec,
+    active_adapter,
+    add_adapter,
+    list_adapters,
+    remove_adapter,
+    set_active,
+)
+
+PRE_LN = {"gpt2", "llama", "mistral", "qwen2"}  # residual stream of a tiny random model is ~0.02
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one thread is faster, and far faster on a busy 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@torch.no_grad()
+def outputs(model, batch=None):
+    out = model(**(batch or tiny_batch()), output_hidden_states=True)
+    return out.logits, out.hidden_states[-1]
+
+
+def perturb(module, std=0.2, seed=1):
+    """Give every tensor of ``module`` a clear push away from its init."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * std)
+
+
+def hook_count(model):
+    """Forward hooks on the model. Take the baseline after a first forward: transformers adds its
+    own output-recording hooks lazily on the first call."""
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def rel_change(new, old):
+    return ((new - old).norm() / old.norm()).item()
+
+
+# ---- a fresh adapter starts as the base model ------------------------------------------------
+
+
+@pytest.mark.parametrize("preset", ["houlsby", "pfeiffer", "parallel"])
+def test_zero_init_adapter_gives_exactly_the_base_output(family, preset):
+    model = tiny_model(family)
+    logits0, hidden0 = outputs(model)
+    aset = add_adapter(model, "t", AdapterConfig.preset(preset, init_std=0.0))
+    assert len(aset.norms) > 0 and len(aset.head) > 0  # the task copies are in the path too
+    logits1, hidden1 = outputs(model)
+    assert torch.equal(logits1, logits0)
+    assert torch.equal(hidden1, hidden0)
+
+
+@pytest.mark.parametrize("preset", ["houlsby", "pfeiffer", "parallel"])
+def test_fresh_adapter_leaves_outputs_nearly_unchanged(family, preset):
+    model = tiny_model(family)
+    logits0, hidden0 = outputs(model)
+    cfg = AdapterConfig.preset(preset)
+    if preset == "parallel":
+        # He et al.'s parallel adapter starts with a zero up-projection: exactly the base model.
+        add_adapter(model, "t", cfg)
+        assert torch.equal(outputs(model)[1], hidden0)
+        # Without that, the branch reads the sub-layer's normalised *input* (~1 per unit) and adds
+        # it, times scale 4, to a residual stream that in a tiny random pre-LN model is only ~0.02
+        # wide; at init_std 1e-2 that is a ~40 % change there, so use 1e-3 for the check below.
+        remove_adapter(model, "t")
+        cfg = dataclasses.replace(cfg, zero_init_up=False, init_std=1e-3 if family in PRE_LN else cfg.init_std)
+    add_adapter(model, "t", cfg)
+    logits1, hidden1 = outputs(model)
+    assert not torch.equal(hidden1, hidden0)  # the adapter is really in the forward pass
+    # The parallel branch reads the sub-layer input, which is wider than the output a sequential
+    # adapter reads, so its fresh contribution is larger (still ~1 %).
+    assert rel_change(hidden1, hidden0) < (3e-2 if preset == "parallel" else 5e-3)
+    torch.testing.assert_close(logits1, logits0, rtol=0, atol=2e-3)
+
+    # The same adapter with a non-near-identity init moves the output far more: the tolerance
+    # above is tight enough to catch an init that ignored init_std.
+    big = tiny_model(family)
+    add_adapter(big, "t", dataclasses.replace(cfg, init_std=0.3))
+    assert rel_change(outputs(big)[1], hidden0) > 10 * rel_change(hidden1, hidden0)
+
+
+# ---- the adapter sits where the table says, with the right formula ---------------------------
+
+
+def _sub_layer_input(args, kwargs):
+    return args[0] if args else kwargs["hidden_states"]
+
+
+@pytest.mark.parametrize("mode", ["sequential", "parallel"])
+def test_adapter_transforms_the_named_sub_layer_output(family, mode):
+    """out -> out + a(out) (sequential) or out + scale * a(x_in) (parallel), at every slot."""
+    model = tiny_model(family)
+    spec = ARCHITECTURES[model.config.model_type]
+    layer = model.base_model.get_submodule(spec.layers)[1]
+    seen = {}
+
+    def keep(key):
+        def hook(module, args, kwargs, out=None):
+            seen[key] = (out[0] if isinstance(out, tuple) else out) if out is not None else _sub_layer_input(args, kwargs)
+
+        return hook
+
+    # Registered before the adapter's hooks, so they see the unmodified tensors.
+    for slot in ("attn", "ffn"):
+        paths = spec.slot(slot)
+        layer.get_submodule(paths.output).register_forward_hook(keep((slot, "out")), with_kwargs=True)
+        layer.get_submodule(paths.input).register_forward_pre_hook(keep((slot, "in")), with_kwargs=True)
+    cfg = AdapterConfig(size=8, mode=mode, scale=4.0 if mode == "parallel" else 1.0, init_std=0.1)
+    aset = add_adapter(model, "t", cfg)
+    # ... and this one after them, so it sees what the rest of the layer receives.
+    for slot in ("attn", "ffn"):
+        layer.get_submodule(spec.slot(slot).output).register_forward_hook(keep((slot, "adapted")), with_kwargs=True)
+    outputs(model)
+    for slot in ("attn", "ffn"):
+        a = aset.bottleneck(1, slot)
+        with torch.no_grad():
+            branch = a(seen[(slot, "out")] if mode == "sequential" else seen[(slot, "in")])
+        assert branch.abs().max() > 0
+        torch.testing.assert_close(seen[(slot, "adapted")], seen[(slot, "out")] + branch)
+
+
+def test_every_adapter_is_in_the_forward_pass(family):
+    model = tiny_model(family)
+    cfg = AdapterConfig(size=4, init_std=0.0, train_layer_norms=False, train_head=False)
+    aset = add_adapter(model, "t", cfg)
+    logits0, hidden0 = outputs(model)
+    n = 0
+    for layer_id, slots in aset.adapters.items():
+        for slot, bottleneck in slots.items():
+            with torch.no_grad():
+                bottleneck.up.bias.fill_(0.5)
+            assert not torch.equal(outputs(model)[1], hidden0), (layer_id, slot)
+            with torch.no_grad():
+                bottleneck.up.bias.zero_()
+            n += 1
+    assert n == 8  # 4 layers x 2 slots
+    assert torch.equal(outputs(model)[1], hidden0)
+
+
+@pytest.mark.parametrize(
+    "cfg,n_adapters",
+    [
+        (AdapterConfig.preset("houlsby", size=8), 4 * 2),
+        (AdapterConfig.preset("pfeiffer", size=8), 4 * 1),
+        (AdapterConfig.preset("houlsby", size=5, layers=(0, -1)), 2 * 2),
+        (AdapterConfig.preset("parallel", size=3, layers=(2,)), 1 * 1),
+    ],
+    ids=["houlsby", "pfeiffer", "houlsby-2-layers", "parallel-1-layer"],
+)
+def test_bottleneck_params_follow_the_closed_formula(family, cfg, n_adapters):
+    model = tiny_model(family)
+    d, m = 32, cfg.size  # conftest's hidden width
+    aset = add_adapter(model, "t", cfg)
+    row = list_adapters(model)[0]
+    assert row["num_adapters"] == n_adapters == cfg.num_adapters(4)
+    assert row["bottleneck_params"] == n_adapters * (2 * m * d + d + m)
+    assert sum(p.numel() for p in aset.adapters.parameters()) == row["bottleneck_params"]
+
+
+# ---- nothing of the base model is renamed or replaced ----------------------------------------
+
+
+def test_base_state_dict_keys_are_unchanged(family):
+    model = tiny_model(family)
+    before = model.state_dict()
+    add_adapter(model, "a", "houlsby")
+    add_adapter(model, "b", "parallel")
+    after = model.state_dict()
+    assert set(before) <= set(after)
+    new = set(after) - set(before)
+    assert new and all(k.startswith("adaptune.") for k in new)
+    for k, v in before.items():
+        assert torch.equal(after[k], v), k
+    # A checkpoint of the plain model still loads into the adapted one, and vice versa.
+    model.load_state_dict(before, strict=False)
+    plain = tiny_model(family)
+    plain.load_state_dict({k: v for k, v in after.items() if k in before})
+
+
+# ---- many tasks on one base ------------------------------------------------------------------
+
+
+def _train_one_step(model, lr=1e-2):
+    labels = torch.tensor([0, 1, 1])
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    model(**tiny_batch(), labels=labels).loss.backward()
+    opt.step()
+
+
+def test_two_tasks_share_one_base(family):
+    from adaptune import train_strategy
+
+    model = tiny_model(family)
+    base_logits, base_hidden = outputs(model)
+    add_adapter(model, "a", AdapterConfig.preset("houlsby", size=8))
+    add_adapter(model, "b", AdapterConfig.preset("pfeiffer", size=4), activate=False)
+    assert active_adapter(model) == "a"
+    perturb(model.adaptune.sets["b"], seed=2)
+
+    snapshot = {k: v.clone() for k, v in model.state_dict().items()}
+    train_strategy(model, "adapters")
+    _train_one_step(model)
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, snapshot[k])}
+    assert changed == {k for k in snapshot if k.startswith("adaptune.sets.a.")}
+
+    out_a = outputs(model)[1]
+    set_active(model, "b")
+    assert active_adapter(model) == "b"
+    out_b = outputs(model)[1]
+    assert rel_change(out_a, base_hidden) > 1e-3 and rel_change(out_b, base_hidden) > 1e-3
+    assert rel_change(out_a, out_b) > 1e-3
+    set_active(model, None)
+    assert active_adapter(model) is None
+    logits, hidden = outputs(model)
+    assert torch.equal(logits, base_logits) and torch.equal(hidden, base_hidden)
+    set_active(model, "a")
+    assert torch.equal(outputs(model)[1], out_a)
+
+    rows = {r["name"]: r for r in list_adapters(model)}
+    assert set(rows) == {"a", "b"}
+    assert rows["a"]["active"] and not rows["b"]["active"]
+    assert rows["a"]["num_adapters"] == 8 and rows["b"]["num_adapters"] == 4
+    assert rows["a"]["config"].size == 8 and rows["b"]["config"].slots == ("ffn",)
+
+
+def test_remove_adapter_restores_the_base(family):
+    model = tiny_model(family)
+    logits0, hidden0 = outputs(model)
+    hooks0 = hook_count(model)
+    add_adapter(model, "a", "houlsby")
+    add_adapter(model, "b", "parallel")
+    perturb(model.adaptune)
+    assert hook_count(model) > hooks0
+
+    remove_adapter(model, "b")  # the active one
+    assert [r["name"] for r in list_adapters(model)] == ["a"]
+    assert active_adapter(model) is None
+    assert torch.equal(outputs(model)[1], hidden0)
+    set_active(model, "a")
+    assert not torch.equal(outputs(model)[1], hidden0)  # "a" still works after b's hooks went
+
+    remove_adapter(model, "a")
+    assert list_adapters(model) == []
+    assert hook_count(model) == hooks0
+    assert not any(k.startswith("adaptune.") for k in model.state_dict())
+    logits, hidden = outputs(model)
+    assert torch.equal(logits, logits0) and torch.equal(hidden, hidden0)
+
+
+def test_list_adapters_counts():
+    model = tiny_model("bert")
+    assert list_adapters(model) == []
+    d, m = model.config.hidden_size, 8
+    add_adapter(model, "a", AdapterConfig.preset("houlsby", size=m))
+    add_adapter(model, "b", AdapterConfig.preset("pfeiffer", size=m, layers=(0, -1), train_layer_norms=False, train_head=False))
+    rows = {r["name"]: r for r in list_adapters(model)}
+    norm_numel = sum(p.numel() for n, p in model.bert.named_parameters() if "LayerNorm" in n)
+    head_numel = sum(p.numel() for p in model.classifier.parameters())
+    assert rows["a"]["bottleneck_params"] == 8 * (2 * m * d + d + m)
+    assert rows["a"]["norm_params"] == norm_numel and rows["a"]["head_params"] == head_numel
+    assert rows["a"]["params"] == 8 * (2 * m * d + d + m) + norm_numel + head_numel
+    assert rows["b"]["num_adapters"] == 2
+    assert rows["b"]["bottleneck_params"] == rows["b"]["params"] == 2 * (2 * m * d + d + m)
+    assert rows["b"]["norm_params"] == rows["b"]["head_params"] == 0
+    assert [r["active"] for r in list_adapters(model)] == [False, True]
+
+
+def test_layers_subset_only_adapts_those_layers():
+    model = tiny_model("bert")
+    aset = add_adapter(model, "t", AdapterConfig.preset("houlsby", layers=(0, -1)))
+    assert sorted(aset.adapters) == ["0", "3"]
+    assert aset.bottleneck(1, "attn") is None and aset.bottleneck(3, "ffn") is not None
+
+
+def test_without_norm_and_head_copies():
+    model = tiny_model("llama")
+    aset = add_adapter(model, "t", AdapterConfig(size=4, train_layer_norms=False, train_head=False))
+    assert len(aset.norms) == 0 and len(aset.head) == 0
+    assert all(".adapters." in k for k in model.state_dict() if k.startswith("adaptune."))
+
+
+def test_adapter_follows_the_model_dtype():
+    model = tiny_model("bert").to(torch.bfloat16)
+    aset = add_adapter(model, "t", "houlsby")
+    assert {p.dtype for p in aset.parameters()} == {torch.bfloat16}
+    outputs(model)
+
+
+# ---- bad requests ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["", "1task", "my.task", "a b", None, 3])
+def test_invalid_names(name):
+    model = tiny_model("bert")
+    with pytest.raises(ConfigError, match="invalid"):
+        add_adapter(model, name)
+    assert list_adapters(model) == []
+
+
+def test_duplicate_name_and_unknown_name():
+    model = tiny_model("bert")
+    add_adapter(model, "a")
+    with pytest.raises(ConfigError, match="already exists"):
+        add_adapter(model, "a", "pfeiffer")
+    assert list_adapters(model)[0]["config"] == AdapterConfig.preset("houlsby")
+    with pytest.raises(ConfigError, match=r"no adapter named 'x'.*\['a'\]"):
+        set_active(model, "x")
+    with pytest.raises(ConfigError, match="no adapter named 'x'"):
+        remove_adapter(model, "x")
+    assert active_adapter(model) == "a"
+
+
+def test_layer_index_out_of_range_adds_nothing():
+    model = tiny_model("bert")
+    outputs(model)
+    hooks0 = hook_count(model)
+    with pytest.raises(ConfigError, match="layer index 4 is out of range"):
+        add_adapter(model, "t", AdapterConfig(layers=(0, 4)))
+    assert list_adapters(model) == [] and hook_count(model) == hooks0
+    assert not any(k.startswith("adaptune.") for k in model.state_dict())
+
+
+# ---- families: supported, custom, wrong table ------------------------------------------------
+
+
+def _tiny_opt():
+    torch.manual_seed(0)
+    cfg = T.OPTConfig(hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=4, vocab_size=100,
+                      word_embed_proj_dim=32, max_position_embeddings=64, pad_token_id=1)
+    return T.AutoModelForSequenceClassification.from_config(cfg).eval()
+
+
+OPT_SPEC = ArchSpec(
+    layers="decoder.layers",
+    attn=SlotSpec(output="self_attn.out_proj", input="self_attn", norm="self_attn_layer_norm"),
+    ffn=SlotSpec(output="fc2", input="fc1", norm="final_layer_norm"),
+    extra_norms=("decoder.final_layer_norm",),
+)
+
+
+def test_unsupported_family_names_the_supported_ones():
+    model = _tiny_opt()
+    with pytest.raises(ArchitectureError, match="model type 'opt' is not supported") as err:
+        add_adapter(model, "t")
+    for family in FAMILIES:
+        assert family in str(err.value)
+    assert "arch=" in str(err.value)  # says how to go on
+    assert not hasattr(model, "adaptune")
+
+
+def test_custom_arch_spec_on_an_unsupported_family():
+    model = _tiny_opt()
+    batch = tiny_batch()
+    logits0, hidden0 = outputs(model, batch)
+    aset = add_adapter(model, "t", AdapterConfig(size=4, init_std=0.0), arch=OPT_SPEC)
+    assert list_adapters(model)[0]["num_adapters"] == 4 and len(aset.norms) == 5
+    assert torch.equal(outputs(model, batch)[1], hidden0)
+    perturb(aset.adapters)
+    assert not torch.allclose(outputs(model, batch)[1], hidden0, atol=1e-3)
+    set_active(model, None)
+    assert torch.equal(outputs(model, batch)[0], logits0)
+
+
+def test_custom_arch_spec_matches_the_built_in_row():
+    """A BERT treated as an unknown family, with the BERT row passed as arch=, behaves the same."""
+    custom = tiny_model("bert")
+    custom.config.model_type = "my-bert"
+    with pytest.raises(ArchitectureError, match="'my-bert' is not supported"):
+        add_adapter(custom, "t")
+    spec = ArchSpec(
+        layers="encoder.layer",
+        attn=SlotSpec(output="attention.output.dropout", input="attention", norm="attention.output.LayerNorm"),
+        ffn=SlotSpec(output="output.dropout", input="intermediate", norm="output.LayerNorm"),
+        extra_norms=("embeddings.LayerNorm",),
+    )
+    a = add_adapter(custom, "t", "houlsby", arch=spec)
+    perturb(a)
+    builtin = tiny_model("bert")
+    b = add_adapter(builtin, "t", "houlsby")
+    b.load_state_dict(a.state_dict())
+    torch.testing.assert_close(outputs(custom), outputs(builtin))
+    assert not torch.allclose(outputs(custom)[1], outputs(tiny_model("bert"))[1], atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "field,value,path",
+    [
+        ("layers", "encoder.layers", "encoder.layers"),
+        ("ffn", SlotSpec(output="output.drop", input="intermediate", norm="output.LayerNorm"), "output.drop"),
+        ("attn", SlotSpec(output="attention.output.dropout", input="attention", norm="attention.ln"), "encoder.layer.0.attention.ln"),
+        ("extra_norms", ("embeddings.Norm",), "embeddings.Norm"),
+    ],
+)
+def test_wrong_path_names_the_path_and_adds_nothing(field, value, path):
+    model = tiny_model("bert")
+    logits0 = outputs(model)[0]
+    hooks0 = hook_count(model)
+    bad = dataclasses.replace(ARCHITECTURES["bert"], **{field: value})
+    with pytest.raises(ArchitectureError, match=f"no module at '{path}'"):
+        add_adapter(model, "t", arch=bad)
+    assert list_adapters(model) == [] and hook_count(model) == hooks0
+    assert torch.equal(outputs(model)[0], logits0)
+    # The corrected table now takes effect (it is not shadowed by the failed attempt).
+    add_adapter(model, "t", AdapterConfig(init_std=0.0), arch=ARCHITECTURES["bert"])
+    assert list_adapters(model)[0]["num_adapters"] == 8
+
+
+def test_wrong_parallel_input_path_is_reported():
+    bad = dataclasses.replace(ARCHITECTURES["bert"], ffn=SlotSpec(output="output.dropout", input="inter", norm="output.LayerNorm"))
+    model = tiny_model("bert")
+    add_adapter(model, "seq", "pfeiffer", arch=bad)  # sequential adapters never read the input path
+    with pytest.raises(ArchitectureError, match="no module at 'inter'"):
+        add_adapter(model, "par", "parallel")
+    assert [r["name"] for r in list_adapters(model)] == ["seq"]
+
+
+def test_another_arch_after_adapters_exist_is_an_error():
+    model = tiny_model("bert")
+    add_adapter(model, "a")
+    other = dataclasses.replace(ARCHITECTURES["bert"], extra_norms=())
+    with pytest.raises(ArchitectureError, match="another ArchSpec"):
+        add_adapter(model, "b", arch=other)
+    add_adapter(model, "b", arch=ARCHITECTURES["bert"])  # the same table is fine
+    assert len(list_adapters(model)) == 2
