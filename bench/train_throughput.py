@@ -116,7 +116,7 @@ def worker(args) -> dict:
         "tokens_per_s": sum(int(b["attention_mask"].sum()) for b in timed) / sum(times),
         "mean_len": statistics.mean(b["input_ids"].shape[1] for b in timed),
         "mem_before": before, "mem_peak": peak, "mem_increment": peak - before,
-        "hwm_reset": hwm_reset, "last_loss": losses[-1],
+        "hwm_reset": hwm_reset, "last_loss": losses[-1], "times": times,
     }
 
 

@@ -29,15 +29,6 @@ from adaptune import (
 PRE_LN = {"gpt2", "llama", "mistral", "qwen2"}  # residual stream of a tiny random model is ~0.02
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread is faster, and far faster on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @torch.no_grad()
 def outputs(model, batch=None):
     out = model(**(batch or tiny_batch()), output_hidden_states=True)

@@ -30,15 +30,6 @@ from adaptune import (
 WEIGHTS, CONFIG = "adapter.safetensors", "adapter_config.json"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread is faster, and far faster on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @torch.no_grad()
 def hidden(model):
     out = model(**tiny_batch(), output_hidden_states=True)

@@ -18,13 +18,7 @@ from adaptune import AdapterConfig, add_adapter, count_parameters, list_adapters
 FOLDER = Path(gt.__file__).parent / "model"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread is faster, and far faster on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+
 SENTENCES = ["A fresh adapter should leave this sentence's embedding alone.", "Adapters are small.", "ok"]
 
 

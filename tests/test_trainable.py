@@ -16,15 +16,6 @@ from adaptune import STRATEGIES, AdapterConfig, ConfigError, add_adapter, count_
 LABELS = torch.tensor([0, 1, 1])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread is faster, and far faster on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def one_step(model, opt="adamw"):
     """One optimisation step on a real loss; returns the state_dict keys whose values changed.
 

@@ -52,10 +52,18 @@ TRAIN_HELP: dict[str, str] = {
 }
 
 
-def _add_config_options(p: argparse.ArgumentParser, cls, helps: dict[str, str]) -> None:
+# Training options that compare passes through to every run (the rest are the grid's to set).
+COMPARE_TRAIN_OPTIONS = ("model", "text_column", "text_pair_column", "label_column", "task_type", "dev_fraction",
+                         "limit_train", "limit_eval", "epochs", "batch_size", "weight_decay", "warmup", "max_grad_norm",
+                         "max_length", "bucket", "device", "train_layer_norms", "train_head")
+
+
+def _add_config_options(p: argparse.ArgumentParser, cls, helps: dict[str, str], only: tuple[str, ...] | None = None) -> None:
     """One ``--option`` per dataclass field, typed from its default, documented from ``helps``."""
     hints = get_type_hints(cls)
     for f in dataclasses.fields(cls):
+        if only is not None and f.name not in only:
+            continue
         flag = "--" + f.name.replace("_", "-")
         default = f.default
         text = f"{helps[f.name]} (default: {default})"
@@ -132,6 +140,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", default="houlsby", help=TRAIN_HELP["adapter"] + " (default: houlsby)")
     p.add_argument("--adapter-size", type=int, default=64, help="bottleneck size m (default: 64)")
     p.add_argument("--top-k", type=int, default=2, help="k for the top-k row (default: 2)")
+    common(p)
+
+    p = sub.add_parser("compare", help="the paper's experiments: a grid of strategies, tables and plots",
+                       description="Train full, top-k, layer-norm, head and adapter (houlsby/pfeiffer/parallel) models over a "
+                                   "small grid on one or more tasks, pick each strategy's best configuration on dev, report test, "
+                                   "and plot quality vs trained parameters, the layer ablation and robustness. Re-running the "
+                                   "same command continues an interrupted compare.")
+    p.add_argument("--output", "-o", default="runs/compare", help="folder for every run and the reports (default: runs/compare)")
+    p.add_argument("--tasks", nargs="+", default=["reviews"], help="data sources, one adapter per task (default: reviews)")
+    p.add_argument("--methods", nargs="+", default=None, help="subset of: full top-k layernorm head houlsby pfeiffer parallel")
+    p.add_argument("--sizes", nargs="+", type=int, default=None, help="adapter sizes (default: 8 64 256)")
+    p.add_argument("--top-ks", nargs="+", type=int, default=None, help="k values for top-k (default: 1 2 3)")
+    p.add_argument("--lr-factors", nargs="+", type=float, default=None, help="learning rates as factors of each strategy's default (default: 0.33 1 3)")
+    p.add_argument("--seeds", nargs="+", type=int, default=None, help="seeds, scores averaged (default: 0)")
+    p.add_argument("--init-stds", nargs="+", type=float, default=None, help="init sweep of Houlsby adapters (default: 1e-4 1e-3 1e-2 1e-1)")
+    p.add_argument("--budget-minutes", type=float, default=None, help="shrink the grid, then the data, to fit about this many minutes")
+    p.add_argument("--no-ablation", dest="ablation", action="store_false", help="skip the layer-span ablation")
+    p.add_argument("--no-plots", dest="plots", action="store_false", help="write no PNG figures")
+    _add_config_options(p, TrainConfig, TRAIN_HELP, only=COMPARE_TRAIN_OPTIONS)
     common(p)
 
     p = sub.add_parser("demo", help="the main job: Houlsby adapter vs full fine-tuning on the embedded reviews",

@@ -212,3 +212,21 @@ def demo(args: argparse.Namespace) -> int:
     for note in results["adapters"].get("notes", []):
         print(f"note: {note}")
     return 0
+
+
+def compare(args: argparse.Namespace) -> int:
+    from adaptune.compare import CompareConfig, compare as run_compare
+    from adaptune.train import TrainConfig
+
+    grid = {k: tuple(getattr(args, k)) for k in ("methods", "sizes", "top_ks", "lr_factors", "seeds", "init_stds") if getattr(args, k) is not None}
+    cfg = CompareConfig(tasks=tuple(args.tasks), ablation=args.ablation, budget_minutes=args.budget_minutes,
+                        train=_config_from(args, TrainConfig), **grid)
+    report = run_compare(cfg, args.output, quiet=args.quiet, plots=args.plots, log=lambda m: print(m, flush=True))
+    print()
+    print(report["table"])
+    print()
+    for line in report["findings"] + report["notes"]:
+        print(f"- {line}")
+    print(f"\nreports in {args.output}/: results.md, results.csv, summary.csv, results.json"
+          + (", " + ", ".join(Path(f).name for f in report["figures"]) if report["figures"] else ""))
+    return 0
