@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -64,14 +65,19 @@ def test_total_parameter_multiplier_for_n_tasks():
 
 def test_budget_shrinks_the_grid_then_the_data_and_says_so():
     cfg = C.CompareConfig(train=TrainConfig(epochs=3))
-    sizes = {"reviews": (3600, 400, 1000)}
-    full = C.estimate_minutes(cfg, 1.0, sizes, 6)
-    small, notes = C.fit_budget(cfg, full / 10, 1.0, sizes, 6)
-    assert C.estimate_minutes(small, 1.0, sizes, 6) <= full / 10 * 1.05 or small.train.limit_train == 400
+    timing = C.Timing(seconds_per_token=1e-3, lengths=tuple(range(20, 220)), sizes={"reviews": (3600, 400, 1000)}, num_layers=6)
+    full = C.estimate_minutes(cfg, timing)
+    # a third of the main grid; the init sweep and the ablation stay
+    assert full / 3 < C.estimate_minutes(dataclasses.replace(cfg, lr_factors=(1.0,)), timing) < full / 2
+    small, notes = C.fit_budget(cfg, full / 20, timing)
+    assert C.estimate_minutes(small, timing) <= full / 20 or small.train.limit_train == 400
     assert small.lr_factors == (1.0,) and any("learning rate" in n for n in notes)
-    assert small.train.limit_train is not None and any("limited" in n for n in notes)
-    unchanged, notes = C.fit_budget(cfg, full * 2, 1.0, sizes, 6)
+    assert small.train.limit_train is not None and any("limited to" in n and "per task" in n for n in notes)
+    assert small.train.max_length == 96 and small.train.epochs == 2
+    unchanged, notes = C.fit_budget(cfg, full * 2, timing)
     assert unchanged == cfg and len(notes) == 1  # only the estimate is reported
+    # a shorter max_length is estimated cheaper
+    assert timing.full_step(32, 64) < timing.full_step(32, 128)
 
 
 def test_adapters_removed_bypasses_exactly_those_layers():

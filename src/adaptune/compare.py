@@ -303,61 +303,83 @@ def _step_cost(point: GridPoint, num_layers: int) -> float:
     return _RELATIVE_STEP["adapters" if point.method in ADAPTER_PLACEMENTS else point.method]
 
 
-def estimate_minutes(cfg: CompareConfig, full_step_seconds: float, sizes: dict[str, tuple[int, int, int]], num_layers: int) -> float:
-    """Predicted wall time of the grid, from one measured full fine-tuning step.
+@dataclass(frozen=True)
+class Timing:
+    """What the budget needs to know: measured seconds per padded token of a full fine-tuning
+    step, the untruncated token lengths of the first task's training texts, and sizes per task."""
 
-    ``sizes`` maps each task to its (train, dev, test) sizes. Evaluation (dev after every epoch,
-    then dev and test once more) is a forward pass: about a third of a full step per batch.
+    seconds_per_token: float
+    lengths: tuple[int, ...]
+    sizes: dict[str, tuple[int, int, int]]  # task -> (train, dev, test)
+    num_layers: int
+
+    def full_step(self, batch_size: int, max_length: int) -> float:
+        # bucketing keeps padding low: about 10 % over the mean truncated length
+        mean = statistics.fmean(min(n, max_length) for n in self.lengths)
+        return self.seconds_per_token * batch_size * mean * 1.1
+
+
+def estimate_minutes(cfg: CompareConfig, timing: Timing) -> float:
+    """Predicted wall time of the grid.
+
+    Evaluation (dev after every epoch, test once at the end) is a forward pass: about a third of a
+    full step per batch; the ablation is one dev pass per span of layers.
     """
+    t = cfg.train
+    step = timing.full_step(t.batch_size, t.max_length)
     total = 0.0
-    limit_eval = cfg.train.limit_eval
     for task in cfg.tasks:
-        n_train, n_dev, n_test = sizes[task]
-        n = min(n_train, cfg.train.limit_train or n_train)
-        n_dev, n_test = (min(x, limit_eval or x) for x in (n_dev, n_test))
-        steps = math.ceil(n / cfg.train.batch_size) * cfg.train.epochs
-        eval_batches = (n_dev * (cfg.train.epochs + 1) + n_test) / cfg.train.batch_size
+        n_train, n_dev, n_test = timing.sizes[task]
+        n = min(n_train, t.limit_train or n_train)
+        n_dev, n_test = (min(x, t.limit_eval or x) for x in (n_dev, n_test))
+        steps = math.ceil(n / t.batch_size) * t.epochs
+        eval_batches = (n_dev * t.epochs + n_test) / t.batch_size
         for point in cfg.grid():
-            total += full_step_seconds * (steps * _step_cost(point, num_layers) + eval_batches / 3)
-    if cfg.ablation:  # every span of layers, one dev pass each
-        n_dev = min(sizes[cfg.tasks[0]][1], limit_eval or 10**9)
-        total += len(cfg.tasks) * num_layers * (num_layers + 1) / 2 * n_dev / cfg.train.batch_size * full_step_seconds / 3
+            total += step * (steps * _step_cost(point, timing.num_layers) + eval_batches / 3)
+        if cfg.ablation:
+            spans = timing.num_layers * (timing.num_layers + 1) / 2
+            total += spans * n_dev / t.batch_size * step / 3
     return total / 60.0
 
 
-def fit_budget(cfg: CompareConfig, minutes: float, full_step_seconds: float, sizes: dict[str, tuple[int, int, int]],
-               num_layers: int) -> tuple[CompareConfig, list[str]]:
+def fit_budget(cfg: CompareConfig, minutes: float, timing: Timing) -> tuple[CompareConfig, list[str]]:
     """Shrink the grid, then the data, until the estimate fits ``minutes``; say what was cut."""
     notes: list[str] = []
     shrinks = [
         ("one seed", lambda c: dataclasses.replace(c, seeds=c.seeds[:1])),
         ("pfeiffer and parallel adapters at size 64 only", lambda c: dataclasses.replace(c, other_sizes=(64,))),
         ("init sweep 1e-3, 1e-2, 1e-1", lambda c: dataclasses.replace(c, init_stds=tuple(s for s in c.init_stds if s >= 1e-3))),
-        ("top-k for k in 1 and half the layers", lambda c: dataclasses.replace(c, top_ks=tuple(sorted({1, max(1, num_layers // 2)})))),
+        ("top-k for k in 1 and half the layers", lambda c: dataclasses.replace(c, top_ks=tuple(sorted({1, max(1, timing.num_layers // 2)})))),
         ("the default learning rate of each strategy only (no lr grid)", lambda c: dataclasses.replace(c, lr_factors=(1.0,))),
+        ("2 epochs", lambda c: dataclasses.replace(c, train=dataclasses.replace(c.train, epochs=min(2, c.train.epochs)))),
+        ("dev and test limited to 500 examples", lambda c: dataclasses.replace(
+            c, train=dataclasses.replace(c.train, limit_eval=min(500, c.train.limit_eval or 500)))),
+        ("reviews cut to 96 tokens", lambda c: dataclasses.replace(
+            c, train=dataclasses.replace(c.train, max_length=min(96, c.train.max_length)))),
     ]
     for what, shrink in shrinks:
-        if estimate_minutes(cfg, full_step_seconds, sizes, num_layers) <= minutes:
+        if estimate_minutes(cfg, timing) <= minutes:
             break
         smaller = shrink(cfg)
         if smaller != cfg:
             cfg = smaller
             notes.append(f"budget: {what}")
-    largest = max(sizes[t][0] for t in cfg.tasks)
+    largest = max(timing.sizes[t][0] for t in cfg.tasks)
     limit = cfg.train.limit_train or largest
-    while estimate_minutes(cfg, full_step_seconds, sizes, num_layers) > minutes and limit > 400:
+    while estimate_minutes(cfg, timing) > minutes and limit > 400:
         limit = max(400, limit * 4 // 5)
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, limit_train=limit))
     if cfg.train.limit_train and cfg.train.limit_train < largest:
         notes.append(f"budget: training data limited to {cfg.train.limit_train} examples per task")
-    est = estimate_minutes(cfg, full_step_seconds, sizes, num_layers)
+    est = estimate_minutes(cfg, timing)
+    step = timing.full_step(cfg.train.batch_size, cfg.train.max_length)
     notes.append(f"budget: {minutes:g} min; estimated {est:.0f} min for {len(cfg.grid()) * len(cfg.tasks)} runs "
-                 f"(from a measured full fine-tuning step of {full_step_seconds:.2f} s)")
+                 f"(from a measured full fine-tuning step of {step:.2f} s)")
     return cfg, notes
 
 
-def calibrate(cfg: CompareConfig) -> tuple[float, dict[str, tuple[int, int, int]], int]:
-    """Seconds of one full fine-tuning step on real batches, (train, dev, test) sizes per task, layer count."""
+def calibrate(cfg: CompareConfig) -> Timing:
+    """Time a few full fine-tuning steps on real batches of the first task (the first one warms up)."""
     from adaptune.architectures import layer_list, spec_for
     from adaptune.data import bucket_batches, collate, encode
     from adaptune.models import load_tokenizer
@@ -371,26 +393,23 @@ def calibrate(cfg: CompareConfig) -> tuple[float, dict[str, tuple[int, int, int]
             first = data
     tcfg = dataclasses.replace(cfg.train, data=cfg.tasks[0], strategy="full")
     tok = load_tokenizer(tcfg.model)
+    raw_lengths = tuple(len(e["input_ids"]) for e in encode(first.train, tok, 100_000))
     enc = encode(first.train, tok, tcfg.max_length)
     num_labels = 1 if first.task_type == "regression" else len(first.label_names)
     model, _ = build_model(tcfg, num_labels)
     model.train()
     lengths = [len(e["input_ids"]) for e in enc]
     batches = bucket_batches(lengths, tcfg.batch_size, shuffle=True, seed=0)
-    padded = [max(lengths[j] for j in idx) * len(idx) for idx in batches]  # tokens a batch really costs
     optimizer, scheduler = make_optimizer(model, tcfg, 100)
     seconds, tokens = 0.0, 0
     for i, idx in enumerate(batches[:6]):
         t0 = time.perf_counter()
         training_step(model, collate([enc[j] for j in idx], tok.pad_token_id), optimizer, scheduler,
                       task_type=first.task_type, max_grad_norm=tcfg.max_grad_norm)
-        if i:  # the first step warms up allocators and kernels
+        if i:
             seconds += time.perf_counter() - t0
-            tokens += padded[i]
-    # batch lengths vary a lot: time per token, times the mean tokens of a batch over the epoch
-    step = seconds / tokens * statistics.fmean(padded)
-    num_layers = len(layer_list(model, spec_for(model)))
-    return step, sizes, num_layers
+            tokens += max(lengths[j] for j in idx) * len(idx)  # padded tokens: what a batch really costs
+    return Timing(seconds / tokens, raw_lengths, sizes, len(layer_list(model, spec_for(model))))
 
 
 def compare(cfg: CompareConfig, output: str | os.PathLike, *, quiet: bool = False, plots: bool = True, log=print) -> dict[str, Any]:
@@ -418,8 +437,7 @@ def compare(cfg: CompareConfig, output: str | os.PathLike, *, quiet: bool = Fals
     else:
         if cfg.budget_minutes is not None:
             log("timing one training step to fit the budget ...")
-            step, sizes, layers = calibrate(cfg)
-            cfg, notes = fit_budget(cfg, cfg.budget_minutes, step, sizes, layers)
+            cfg, notes = fit_budget(cfg, cfg.budget_minutes, calibrate(cfg))
         write_json({"config": _config_to_dict(cfg), "notes": notes}, plan)
     for note in notes:
         log(note)

@@ -356,7 +356,9 @@ def train(cfg: TrainConfig, output_dir: str | os.PathLike, *, resume: bool = Fal
     with torch.no_grad():
         for name, value in best_state.items():
             params[name].copy_(value)
-    dev_metrics, _ = evaluate(model, enc["dev"], **eval_kw)
+    # the dev metrics of those weights were measured when they were kept: no second pass
+    best_entry = next(h for h in progress["history"] if h["step"] == progress["best_step"])
+    dev_metrics = {k: v for k, v in best_entry.items() if k not in ("step", "epoch")}
     test_metrics = evaluate(model, enc["test"], **eval_kw)[0] if "test" in enc else None
     result = {
         "task": data.description,
