@@ -73,7 +73,7 @@ def test_budget_shrinks_the_grid_then_the_data_and_says_so():
     assert C.estimate_minutes(small, timing) <= full / 20 or small.train.limit_train == 400
     assert small.lr_factors == (1.0,) and any("learning rate" in n for n in notes)
     assert small.train.limit_train is not None and any("limited to" in n and "per task" in n for n in notes)
-    assert small.train.max_length == 96 and small.train.epochs == 2
+    assert small.train.max_length == 64 and small.train.batch_size == 16 and small.train.epochs == 2
     unchanged, notes = C.fit_budget(cfg, full * 2, timing)
     assert unchanged == cfg and len(notes) == 1  # only the estimate is reported
     # a shorter max_length is estimated cheaper

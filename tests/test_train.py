@@ -180,3 +180,14 @@ def test_train_config_validation():
         TrainConfig(lr=5.0)
     with pytest.raises(ConfigError, match="unknown training option"):
         TrainConfig.from_dict({"epochs": 1, "bogus": 2})
+
+
+def test_bf16_autocast_trains_with_fp32_weights(tiny_model_dir, reviews, tmp_path):
+    result = train(_cfg(tiny_model_dir, reviews, epochs=1, precision="bf16"), tmp_path / "run", quiet=True)
+    from safetensors.torch import load_file as _load
+
+    tensors = _load(str(tmp_path / "run" / "adapter" / "adapter.safetensors"))
+    assert all(t.dtype == torch.float32 for t in tensors.values())  # autocast: weights stay fp32
+    assert "accuracy" in result["dev"]
+    with pytest.raises(ConfigError, match="precision"):
+        TrainConfig(precision="fp8")

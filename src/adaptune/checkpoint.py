@@ -58,14 +58,20 @@ def load_best(folder: Path) -> dict[str, torch.Tensor] | None:
     return load_file(str(f)) if f.is_file() else None
 
 
-def save_checkpoint(folder: Path, model: nn.Module, optimizer, scheduler, progress: dict[str, Any]) -> None:
-    """Write the training state to ``folder`` (replacing the previous one atomically)."""
+def save_checkpoint(folder: Path, model: nn.Module, optimizer, scheduler, progress: dict[str, Any],
+                    rank_rng: list[torch.Tensor] | None = None) -> None:
+    """Write the training state to ``folder`` (replacing the previous one atomically).
+
+    ``rank_rng``: under torchrun, every rank's CPU RNG state, so each resumes its own dropout stream.
+    """
     tensors = {f"param.{k}": v for k, v in trainable_state(model).items()}
     opt = optimizer.state_dict()
     for idx, st in opt["state"].items():
         for key, value in st.items():
             tensors[f"optim.{idx}.{key}"] = value.detach().cpu().contiguous().clone()
     tensors["rng.torch"] = torch.get_rng_state()
+    for r, state in enumerate(rank_rng or []):
+        tensors[f"rng.torch.rank{r}"] = state
     meta = {
         "progress": progress,
         "param_groups": opt["param_groups"],
@@ -86,7 +92,7 @@ def save_checkpoint(folder: Path, model: nn.Module, optimizer, scheduler, progre
     atomic_write_dir(folder, fill, overwrite=True)
 
 
-def load_checkpoint(folder: Path, model: nn.Module, optimizer, scheduler) -> dict[str, Any] | None:
+def load_checkpoint(folder: Path, model: nn.Module, optimizer, scheduler, rank: int = 0) -> dict[str, Any] | None:
     """Restore the state saved by :func:`save_checkpoint`; returns its progress dict, or None."""
     if not (folder / STATE).is_file() or not (folder / META).is_file():
         return None
@@ -110,7 +116,7 @@ def load_checkpoint(folder: Path, model: nn.Module, optimizer, scheduler) -> dic
             state.setdefault(int(idx), {})[name] = value
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     scheduler.load_state_dict(meta["scheduler"])
-    torch.set_rng_state(tensors["rng.torch"])
+    torch.set_rng_state(tensors.get(f"rng.torch.rank{rank}", tensors["rng.torch"]))
     if meta.get("cuda_rng") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([tensors[f"rng.cuda.{i}"] for i in range(torch.cuda.device_count())])
     return meta["progress"]

@@ -49,13 +49,14 @@ TRAIN_HELP: dict[str, str] = {
     "eval_every": "evaluate on dev every N steps (default: after each epoch)",
     "checkpoint_every": "write a resumable checkpoint every N steps",
     "device": "auto, cpu, cuda, cuda:1, ...",
+    "precision": "fp32, or bf16 (autocast; weights and optimiser stay fp32)",
 }
 
 
 # Training options that compare passes through to every run (the rest are the grid's to set).
 COMPARE_TRAIN_OPTIONS = ("model", "text_column", "text_pair_column", "label_column", "task_type", "dev_fraction",
                          "limit_train", "limit_eval", "epochs", "batch_size", "weight_decay", "warmup", "max_grad_norm",
-                         "max_length", "bucket", "device", "train_layer_norms", "train_head")
+                         "max_length", "bucket", "device", "precision", "train_layer_norms", "train_head")
 
 
 def _add_config_options(p: argparse.ArgumentParser, cls, helps: dict[str, str], only: tuple[str, ...] | None = None) -> None:
@@ -164,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the main job: Houlsby adapter vs full fine-tuning on the embedded reviews",
                        description="Train a Houlsby adapter and full fine-tuning on the embedded fine-food reviews with all-MiniLM-L6-v2 and print dev accuracy and parameter fractions side by side.")
     p.add_argument("--output", "-o", default="runs/demo", help="folder for both runs (default: runs/demo)")
-    p.add_argument("--limit-train", type=int, default=2000, help="training examples used (default: 2000 of 3600)")
+    p.add_argument("--limit-train", type=int, default=1000, help="training examples used (default: 1000 of 3600, to finish in about 10 minutes on 2 cores)")
     p.add_argument("--epochs", type=int, default=3, help="epochs for both runs (default: 3)")
     p.add_argument("--max-length", type=int, default=128, help="tokens per review (default: 128)")
     p.add_argument("--resume", action="store_true", help="continue unfinished runs in --output")

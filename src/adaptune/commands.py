@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -17,7 +18,8 @@ def train(args: argparse.Namespace) -> int:
 
     cfg = _config_from(args, TrainConfig)
     result = run_train(cfg, args.output, resume=args.resume, quiet=args.quiet)
-    _summary(result, args.output)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for the job
+        _summary(result, args.output)
     return 0
 
 

@@ -351,11 +351,14 @@ def fit_budget(cfg: CompareConfig, minutes: float, timing: Timing) -> tuple[Comp
         ("init sweep 1e-3, 1e-2, 1e-1", lambda c: dataclasses.replace(c, init_stds=tuple(s for s in c.init_stds if s >= 1e-3))),
         ("top-k for k in 1 and half the layers", lambda c: dataclasses.replace(c, top_ks=tuple(sorted({1, max(1, timing.num_layers // 2)})))),
         ("the default learning rate of each strategy only (no lr grid)", lambda c: dataclasses.replace(c, lr_factors=(1.0,))),
-        ("2 epochs", lambda c: dataclasses.replace(c, train=dataclasses.replace(c.train, epochs=min(2, c.train.epochs)))),
+        # Short runs learn from updates, not from examples: halve the batch before cutting data.
+        ("batches of 16 (twice the updates for the same compute)", lambda c: dataclasses.replace(
+            c, train=dataclasses.replace(c.train, batch_size=min(16, c.train.batch_size)))),
+        ("texts cut to 64 tokens", lambda c: dataclasses.replace(
+            c, train=dataclasses.replace(c.train, max_length=min(64, c.train.max_length)))),
         ("dev and test limited to 500 examples", lambda c: dataclasses.replace(
             c, train=dataclasses.replace(c.train, limit_eval=min(500, c.train.limit_eval or 500)))),
-        ("reviews cut to 96 tokens", lambda c: dataclasses.replace(
-            c, train=dataclasses.replace(c.train, max_length=min(96, c.train.max_length)))),
+        ("2 epochs", lambda c: dataclasses.replace(c, train=dataclasses.replace(c.train, epochs=min(2, c.train.epochs)))),
     ]
     for what, shrink in shrinks:
         if estimate_minutes(cfg, timing) <= minutes:

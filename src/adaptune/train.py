@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from adaptune import checkpoint as ckpt
 from adaptune.config import PRESETS, AdapterConfig
 from adaptune.data import bucket_batches, collate, encode, load_task_data
+from adaptune.distributed import Dist, setup, teardown
 from adaptune.errors import ConfigError, TrainingError
 from adaptune.inject import add_adapter
 from adaptune.io import atomic_write_dir, save_adapter
@@ -89,6 +90,7 @@ class TrainConfig:
     eval_every: int | None = None
     checkpoint_every: int = 50
     device: str = "auto"
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         if self.adapter_layers is not None:
@@ -104,6 +106,8 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.lr is not None and not (0 < self.lr < 1):
             raise ConfigError(f"learning rate must be in (0, 1), got {self.lr}")
+        if self.precision not in ("fp32", "bf16"):
+            raise ConfigError(f"precision must be fp32 or bf16, got {self.precision!r}")
         if not 0 <= self.warmup < 1:
             raise ConfigError(f"warmup is a fraction of the steps in [0, 1), got {self.warmup}")
 
@@ -170,16 +174,29 @@ def _lr_lambda(total: int, warmup_frac: float):
     return f
 
 
-def training_step(model, batch: dict[str, torch.Tensor], optimizer, scheduler, *, task_type: str, max_grad_norm: float) -> float:
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast for ``precision="bf16"`` (weights stay fp32); a no-op context for fp32."""
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError("this GPU does not support bf16; use --precision fp32")
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def training_step(model, batch: dict[str, torch.Tensor], optimizer, scheduler, *, task_type: str, max_grad_norm: float,
+                  precision: str = "fp32") -> float:
     """One optimisation step on ``batch`` (which holds ``labels``); returns the loss.
 
     A non-finite loss is returned without touching the weights, for the caller to report.
     """
     batch = dict(batch)
     labels = batch.pop("labels")
-    loss = _loss(model(**batch).logits, labels, task_type)
-    if not torch.isfinite(loss):
-        return loss.item()
+    with autocast(labels.device, precision):
+        logits = model(**batch).logits
+    loss = _loss(logits, labels, task_type)
+    finite = torch.isfinite(loss.detach()).to(torch.int32)
+    if torch.distributed.is_initialized():  # every rank must skip, or DDP's all-reduce would hang
+        torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+    if not finite.item():
+        return loss.item() if not torch.isfinite(loss) else float("nan")
     loss.backward()
     if max_grad_norm > 0:
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_grad_norm)
@@ -206,19 +223,31 @@ def _optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
 
 
 @torch.no_grad()
-def evaluate(model, encoded: list[dict], *, task_type: str, num_labels: int, batch_size: int, pad_id: int, device) -> tuple[dict, np.ndarray]:
-    """Metrics on an encoded split, and the raw outputs (probabilities, or scores for regression)."""
+def evaluate(model, encoded: list[dict], *, task_type: str, num_labels: int, batch_size: int, pad_id: int, device,
+             dd: Dist | None = None, precision: str = "fp32") -> tuple[dict, np.ndarray]:
+    """Metrics on an encoded split, and the raw outputs (probabilities, or scores for regression).
+
+    Under torchrun (``dd``) each rank scores every N-th example and the outputs are gathered, so
+    every rank returns the same metrics.
+    """
     was_training = model.training
     model.eval()
-    order = bucket_batches([len(e["input_ids"]) for e in encoded], batch_size, shuffle=False)
-    outputs: list[np.ndarray | None] = [None] * len(encoded)
+    mine = list(range(len(encoded))) if dd is None else dd.shard(list(range(len(encoded))))
+    order = bucket_batches([len(encoded[i]["input_ids"]) for i in mine], batch_size, shuffle=False)
+    scored: list[tuple[int, np.ndarray]] = []
     for idx in order:
+        idx = [mine[i] for i in idx]
         batch = {k: v.to(device) for k, v in collate([encoded[i] for i in idx], pad_id).items()}
         batch.pop("labels")
-        logits = model(**batch).logits.float()
+        with autocast(torch.device(device), precision):
+            logits = model(**batch).logits.float()
         out = logits.squeeze(-1) if task_type == "regression" else logits.softmax(-1)
-        for i, row in zip(idx, out.cpu().numpy()):
-            outputs[i] = row
+        scored += zip(idx, out.cpu().numpy())
+    if dd is not None:
+        scored = [pair for part in dd.gather(scored) for pair in part]
+    outputs: list[np.ndarray | None] = [None] * len(encoded)
+    for i, row in scored:
+        outputs[i] = row
     model.train(was_training)
     outs = np.stack(outputs) if outputs else np.zeros((0,))
     labels = np.array([e["label"] for e in encoded])
@@ -269,17 +298,37 @@ def train(cfg: TrainConfig, output_dir: str | os.PathLike, *, resume: bool = Fal
     cfg = _check_run_dir(out, cfg, resume)
     if resume and (out / "metrics.json").is_file():
         return json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+    dd = setup(cfg.device)
+    try:
+        return _train(cfg, out, resume, quiet, dd)
+    finally:
+        if dd.enabled:
+            teardown()
+
+
+def _train(cfg: TrainConfig, out: Path, resume: bool, quiet: bool, dd: Dist) -> dict[str, Any]:
     # Data, tokenizer and model are all checked before anything is written to disk.
     data = _load_data(cfg)
-    device = pick_device(cfg.device)
+    device = dd.device
     random.seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.model)
     enc = {name: encode(split, tokenizer, cfg.max_length) for name, split in (("train", data.train), ("dev", data.dev), ("test", data.test)) if split is not None}
     num_labels = 1 if data.task_type == "regression" else len(data.label_names)
-    model, counts = build_model(cfg, num_labels)
+    model, counts = build_model(cfg, num_labels)  # the same initial weights on every rank
     model.to(device).train()
-    if not resume:
+    if dd.enabled:
+        torch.manual_seed(cfg.seed + 7919 * dd.rank)  # own dropout masks per rank
+    dd.barrier()  # every rank has checked the run folder before rank 0 creates it
+    if not resume and dd.main:
         _create_run_dir(out, cfg)
+    dd.barrier()
+    net = model
+    if dd.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # only parameters that train are synchronised; the frozen base is never all-reduced
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    quiet = quiet or not dd.main
     log = (lambda *a: None) if quiet else (lambda msg: tqdm.write(msg))
     for note in data.notes:
         log(f"note: {note}")
@@ -299,12 +348,13 @@ def train(cfg: TrainConfig, output_dir: str | os.PathLike, *, resume: bool = Fal
     ck_dir = out / "checkpoint"
     progress = {"step": 0, "epoch": 0, "batch": 0, "history": [], "best": None, "best_step": None, "train_seconds": 0.0}
     if resume:
-        restored = ckpt.load_checkpoint(ck_dir, model, optimizer, scheduler)
+        restored = ckpt.load_checkpoint(ck_dir, model, optimizer, scheduler, rank=dd.rank)
         if restored is not None:
             progress = restored
             log(f"resumed {out} at step {progress['step']}/{total}")
     best_state = ckpt.load_best(ck_dir) if progress["best"] is not None else None
-    eval_kw = dict(task_type=data.task_type, num_labels=num_labels, batch_size=cfg.batch_size * 2, pad_id=pad_id, device=device)
+    eval_kw = dict(task_type=data.task_type, num_labels=num_labels, batch_size=cfg.batch_size * 2, pad_id=pad_id, device=device,
+                   dd=dd if dd.enabled else None, precision=cfg.precision)
 
     def run_eval() -> None:
         nonlocal best_state
@@ -314,18 +364,22 @@ def train(cfg: TrainConfig, output_dir: str | os.PathLike, *, resume: bool = Fal
         if progress["best"] is None or score > progress["best"]:
             progress["best"], progress["best_step"] = score, progress["step"]
             best_state = ckpt.trainable_state(model)
-            ckpt.save_best(ck_dir, best_state)
+            if dd.main:
+                ckpt.save_best(ck_dir, best_state)
         log(f"step {progress['step']}: dev {data.metric} {score:.4f} (best {progress['best']:.4f} at step {progress['best_step']})")
 
-    kill_at = int(os.environ.get("ADAPTUNE_DEBUG_SIGKILL_AT_STEP", "0"))  # for the resume test only
+    kill_at = int(os.environ.get("ADAPTUNE_DEBUG_SIGKILL_AT_STEP", "0"))  # for the resume tests only
+    if os.environ.get("ADAPTUNE_DEBUG_SIGKILL_RANK", str(dd.rank)) != str(dd.rank):
+        kill_at = 0
     bar = tqdm(total=total, initial=progress["step"], disable=quiet, unit="step", dynamic_ncols=True, desc=f"{cfg.strategy}")
     t0 = time.perf_counter() - progress["train_seconds"]
     while progress["epoch"] < cfg.epochs:
         order = batches_for(progress["epoch"])
         while progress["batch"] < len(order):
-            idx = order[progress["batch"]]
+            idx = dd.shard(order[progress["batch"]]) or order[progress["batch"]][:1]  # never an empty shard
             batch = {k: v.to(device) for k, v in collate([enc["train"][i] for i in idx], pad_id).items()}
-            loss = training_step(model, batch, optimizer, scheduler, task_type=data.task_type, max_grad_norm=cfg.max_grad_norm)
+            loss = training_step(net, batch, optimizer, scheduler, task_type=data.task_type, max_grad_norm=cfg.max_grad_norm,
+                                 precision=cfg.precision)
             if not math.isfinite(loss):
                 raise TrainingError(
                     f"loss became {loss} at step {progress['step'] + 1}; lower the learning rate "
@@ -341,13 +395,13 @@ def train(cfg: TrainConfig, output_dir: str | os.PathLike, *, resume: bool = Fal
                 run_eval()
             if progress["step"] % cfg.checkpoint_every == 0:
                 progress["train_seconds"] = time.perf_counter() - t0
-                ckpt.save_checkpoint(ck_dir, model, optimizer, scheduler, progress)
+                _checkpoint(dd, ck_dir, model, optimizer, scheduler, progress)
         progress["epoch"] += 1
         progress["batch"] = 0
         if not (cfg.eval_every and progress["step"] % cfg.eval_every == 0):
             run_eval()
         progress["train_seconds"] = time.perf_counter() - t0
-        ckpt.save_checkpoint(ck_dir, model, optimizer, scheduler, progress)
+        _checkpoint(dd, ck_dir, model, optimizer, scheduler, progress)
     bar.close()
     train_seconds = time.perf_counter() - t0
 
@@ -371,15 +425,26 @@ def train(cfg: TrainConfig, output_dir: str | os.PathLike, *, resume: bool = Fal
         "params": {"trainable": counts.trainable, "base": counts.base, "percent_trained": counts.percent},
         "train_seconds": round(train_seconds, 2),
         "examples_per_second": round(len(enc["train"]) * cfg.epochs / max(train_seconds, 1e-9), 2),
+        "processes": dd.world,
         "history": progress["history"],
         "notes": data.notes,
     }
     task = {"task_type": data.task_type, "label_names": data.label_names, "metric": data.metric, "max_length": cfg.max_length, "text_pair": data.train.text_pairs is not None}
-    _write_artifacts(out, model, tokenizer, cfg, task)
-    ckpt.atomic_write_text(out / "task.json", json.dumps(task, indent=2) + "\n")
-    ckpt.atomic_write_text(out / "metrics.json", json.dumps(result, indent=2) + "\n")  # last: marks the run finished
-    shutil.rmtree(ck_dir, ignore_errors=True)
+    if dd.main:
+        _write_artifacts(out, model, tokenizer, cfg, task)
+        ckpt.atomic_write_text(out / "task.json", json.dumps(task, indent=2) + "\n")
+        ckpt.atomic_write_text(out / "metrics.json", json.dumps(result, indent=2) + "\n")  # last: marks the run finished
+        shutil.rmtree(ck_dir, ignore_errors=True)
+    dd.barrier()
     return result
+
+
+def _checkpoint(dd: Dist, folder: Path, model, optimizer, scheduler, progress: dict) -> None:
+    """Rank 0 writes the state, with every rank's RNG; the others wait until it is complete."""
+    rngs = dd.gather(torch.get_rng_state())
+    if dd.main:
+        ckpt.save_checkpoint(folder, model, optimizer, scheduler, progress, rank_rng=rngs if dd.enabled else None)
+    dd.barrier()
 
 
 def _load_data(cfg: TrainConfig):
