@@ -104,6 +104,11 @@ class CompareConfig:
         if len({Path(t).stem if t != "reviews" else t for t in self.tasks}) != len(self.tasks):
             raise ConfigError("two tasks have the same name; give each task its own file or folder name")
 
+    @property
+    def init_size(self) -> int:
+        """Adapter size of the init sweep: the grid's size nearest the paper's usual 64."""
+        return min(self.sizes, key=lambda m: abs(m - 64))
+
     def grid(self) -> list[GridPoint]:
         """Every run: the main grid, then the robustness sweeps (points shared with the main grid once)."""
         points: list[GridPoint] = []
@@ -119,7 +124,7 @@ class CompareConfig:
                     else:
                         points.append(GridPoint(method, lr, seed))
         if "houlsby" in self.methods:
-            size = min(self.sizes, key=lambda m: abs(m - 64))
+            size = self.init_size
             lr = _round_lr(DEFAULT_LR["adapters"])
             for std in self.init_stds:
                 for seed in self.seeds:
@@ -471,9 +476,8 @@ def compare(cfg: CompareConfig, output: str | os.PathLike, *, quiet: bool = Fals
             figures.append(P.quality_vs_params(tb, out / f"quality_vs_params{suffix}.png", f"Quality vs trained parameters: {task}"))
             if ablations.get(task):
                 figures.append(P.ablation_heatmap(ablations[task], out / f"ablation{suffix}.png", f"Adapters removed from layers [first..last]: {task}"))
-        init_size = min(cfg.sizes, key=lambda m: abs(m - 64))
         if "houlsby" in cfg.methods:
-            figures.append(P.robustness(rows, out / "robustness.png", f"Robustness of Houlsby adapters: {title}", init_size,
+            figures.append(P.robustness(rows, out / "robustness.png", f"Robustness of Houlsby adapters: {title}", cfg.init_size,
                                         _round_lr(DEFAULT_LR["adapters"])))
     md = [f"# adaptune compare: {', '.join(tasks)}", "", table, "", *[f"- {f}" for f in findings], *[f"- {n}" for n in notes]]
     md += ["", *[f"![{p.stem}]({p.name})" for p in figures]]
