@@ -97,3 +97,18 @@ def test_gradients_reach_both_projections():
     b(torch.randn(2, 3, 16)).pow(2).sum().backward()
     for name, p in b.named_parameters():
         assert p.grad is not None and torch.count_nonzero(p.grad) > 0, name
+
+
+@pytest.mark.parametrize("scale,parallel", [(1.0, False), (4.0, True), (-0.5, False)])
+def test_fused_add_equals_h_plus_adapter_with_gradients(scale, parallel):
+    """add_to (one addmm + in-place bias) == h + b(x), values and gradients (float tolerance)."""
+    torch.manual_seed(0)
+    b = Bottleneck(16, AdapterConfig(size=4, init_std=0.5, scale=scale))
+    h = torch.randn(3, 5, 16, requires_grad=True)
+    x = torch.randn(3, 5, 16, requires_grad=True) if parallel else None
+    fused = b.add_to(h, x)
+    plain = h + b(h if x is None else x)
+    torch.testing.assert_close(fused, plain)
+    g = torch.randn_like(plain)
+    leaves = [h, *b.parameters()] + ([x] if parallel else [])
+    torch.testing.assert_close(torch.autograd.grad(fused, leaves, g), torch.autograd.grad(plain, leaves, g))

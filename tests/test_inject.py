@@ -24,6 +24,8 @@ from adaptune import (
     list_adapters,
     remove_adapter,
     set_active,
+    train_strategy,
+    using_adapters,
 )
 
 PRE_LN = {"gpt2", "llama", "mistral", "qwen2"}  # residual stream of a tiny random model is ~0.02
@@ -439,3 +441,147 @@ def test_another_arch_after_adapters_exist_is_an_error():
         add_adapter(model, "b", arch=other)
     add_adapter(model, "b", arch=ARCHITECTURES["bert"])  # the same table is fine
     assert len(list_adapters(model)) == 2
+
+
+# ---- the optimised path equals the plain one -------------------------------------------------
+
+
+def _reference_twin(family, aset, spec):
+    """A twin of the base whose own norms and head carry the task's copies, with plain hooks
+    ``out + adapter(out)`` (or ``+ adapter(x_in)``): the unoptimised meaning of the adapter."""
+    twin = tiny_model(family)
+    base = twin.base_model
+    for key, path in aset.norm_paths.items():
+        base.get_submodule(path).load_state_dict(aset.norms[key].state_dict())
+    for name, mod in aset.head.items():
+        getattr(twin, name).load_state_dict(mod.state_dict())
+    layers = base.get_submodule(spec.layers)
+    stash = {}
+    for layer_id, slots in aset.adapters.items():
+        for slot, adapter in slots.items():
+            paths, key = spec.slot(slot), (layer_id, slot)
+            if aset.config.mode == "parallel":
+                layers[int(layer_id)].get_submodule(paths.input).register_forward_pre_hook(
+                    lambda m, a, kw, key=key: stash.__setitem__(key, _sub_layer_input(a, kw)), with_kwargs=True)
+
+            def hook(m, args, kwargs, out, adapter=adapter, key=key):
+                h = out[0] if isinstance(out, tuple) else out
+                h = h + adapter(stash.pop(key) if key in stash else h)
+                return (h, *out[1:]) if isinstance(out, tuple) else h
+
+            layers[int(layer_id)].get_submodule(paths.output).register_forward_hook(hook, with_kwargs=True)
+    return twin
+
+
+@pytest.mark.parametrize("preset", ["houlsby", "parallel"])
+def test_routed_norms_head_and_fused_add_equal_the_plain_path(family, preset):
+    """Outputs and every gradient match the plain hooks on a twin holding the task's norms/head."""
+    model = tiny_model(family)
+    aset = add_adapter(model, "t", AdapterConfig.preset(preset, size=8, zero_init_up=False))
+    perturb(aset, std=0.1)
+    twin = _reference_twin(family, aset, ARCHITECTURES[family])
+    train_strategy(model, "adapters")
+    labels = torch.tensor([0, 1, 1])
+    out = model(**tiny_batch(), labels=labels, output_hidden_states=True)
+    ref = twin(**tiny_batch(), labels=labels, output_hidden_states=True)
+    torch.testing.assert_close(out.logits, ref.logits)
+    torch.testing.assert_close(out.hidden_states[-1], ref.hidden_states[-1])
+    out.loss.backward()
+    ref.loss.backward()
+    for key, path in aset.norm_paths.items():
+        for pname, p in aset.norms[key].named_parameters():
+            torch.testing.assert_close(p.grad, twin.base_model.get_submodule(path).get_parameter(pname).grad)
+    for name, mod in aset.head.items():
+        for pname, p in mod.named_parameters():
+            torch.testing.assert_close(p.grad, getattr(twin, name).get_parameter(pname).grad)
+    for pname, p in aset.adapters.named_parameters():
+        assert p.grad is not None and p.grad.abs().max() > 0, pname
+    # The plain base is untouched: no gradient reached it.
+    assert all(p.grad is None for n, p in model.named_parameters() if not n.startswith("adaptune."))
+
+
+def test_a_task_norm_copy_replaces_the_base_norm_instead_of_running_after_it():
+    model = tiny_model("bert")
+    outputs(model)
+    calls = []
+    real = torch.nn.functional.layer_norm
+
+    def counting(*a, **kw):
+        calls.append(1)
+        return real(*a, **kw)
+
+    torch.nn.functional.layer_norm = counting
+    try:
+        outputs(model)
+        plain = len(calls)
+        add_adapter(model, "t", "houlsby")
+        calls.clear()
+        outputs(model)
+    finally:
+        torch.nn.functional.layer_norm = real
+    assert plain == 2 * 4 + 1 and len(calls) == plain  # 2 per layer + embeddings, never twice
+    ln = model.bert.encoder.layer[0].output.LayerNorm
+    assert "forward" in ln.__dict__
+    remove_adapter(model, "t")
+    assert "forward" not in ln.__dict__  # the class's own forward again
+
+
+# ---- mixed-task batches ----------------------------------------------------------------------
+
+
+def _three_tasks(family):
+    model = tiny_model(family)
+    for i, (name, cfg) in enumerate([("a", AdapterConfig.preset("houlsby", size=8)),
+                                     ("b", AdapterConfig.preset("pfeiffer", size=4, train_layer_norms=False)),
+                                     ("c", AdapterConfig.preset("parallel", size=4, zero_init_up=False, layers=(0, 2)))]):
+        perturb(add_adapter(model, name, cfg), std=0.1, seed=i + 1)
+    return model
+
+
+def test_mixed_task_batch_equals_each_task_run_alone(family):
+    model = _three_tasks(family)
+    batch = tiny_batch(batch=6)
+    rows = ["a", "b", "a", None, "c", "b"]
+    set_active(model, rows)
+    logits, hidden = outputs(model, batch)
+    for name in ("a", "b", "c", None):
+        idx = [i for i, r in enumerate(rows) if r == name]
+        set_active(model, name)
+        alone_logits, alone_hidden = outputs(model, {k: v[idx] for k, v in batch.items()})
+        torch.testing.assert_close(logits[idx], alone_logits, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(hidden[idx], alone_hidden, rtol=1e-6, atol=1e-6)
+    assert rel_change(logits[0], logits[1]) > 1e-3  # the tasks really differ
+
+
+def test_mixed_task_gradients_equal_the_sum_of_separate_runs():
+    model = _three_tasks("bert")
+    batch, labels = tiny_batch(batch=4), torch.tensor([0, 1, 1, 0])
+    rows = ["a", "b", "b", "a"]
+    with using_adapters(model, rows):
+        model(**batch, labels=labels).logits.sum().backward()
+    mixed = {n: p.grad.clone() for n, p in model.adaptune.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    for name in ("a", "b"):
+        idx = [i for i, r in enumerate(rows) if r == name]
+        with using_adapters(model, name):
+            model(**{k: v[idx] for k, v in batch.items()}).logits.sum().backward()
+    separate = {n: p.grad for n, p in model.adaptune.named_parameters() if p.grad is not None}
+    assert set(mixed) == set(separate) and any(n.startswith("sets.b.") for n in mixed)
+    for n in mixed:
+        torch.testing.assert_close(mixed[n], separate[n], rtol=1e-5, atol=1e-6)
+
+
+def test_per_row_routing_api():
+    model = _three_tasks("bert")
+    set_active(model, ["a", "a", "a"])  # one task for every row: the single-task path
+    assert active_adapter(model) == ("a", "a", "a")
+    with using_adapters(model, ["b", None, "c"]):
+        assert active_adapter(model) == ("b", None, "c")
+        assert [r["active"] for r in list_adapters(model)] == [False, True, True]
+        with pytest.raises(ConfigError, match="name 3 rows but the batch has 2"):
+            outputs(model, tiny_batch(batch=2))
+    assert active_adapter(model) == ("a", "a", "a")
+    with pytest.raises(ConfigError, match=r"unknown \['x'\]"):
+        set_active(model, ["a", "x"])
+    remove_adapter(model, "a")
+    assert active_adapter(model) is None

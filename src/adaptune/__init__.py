@@ -10,7 +10,8 @@ from adaptune.architectures import ARCHITECTURES, ArchSpec, SlotSpec
 from adaptune.bottleneck import Bottleneck
 from adaptune.config import PRESETS, AdapterConfig
 from adaptune.errors import AdapterFileError, AdaptuneError, ArchitectureError, ConfigError, DataError, TrainingError
-from adaptune.inject import active_adapter, add_adapter, list_adapters, remove_adapter, set_active
+from adaptune.inject import active_adapter, add_adapter, list_adapters, remove_adapter, set_active, using_adapters
+from adaptune.kernels import use_lean_kernels
 from adaptune.io import fingerprint, load_adapter, read_adapter_config, save_adapter
 from adaptune.trainable import STRATEGIES, ParamCount, count_parameters, train_strategy
 
@@ -40,4 +41,6 @@ __all__ = [
     "save_adapter",
     "set_active",
     "train_strategy",
+    "use_lean_kernels",
+    "using_adapters",
 ]

@@ -9,6 +9,7 @@ identity and the adapted model starts as the base model. Parameters: 2md + d + m
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from adaptune.config import AdapterConfig
@@ -55,3 +56,19 @@ class Bottleneck(nn.Module):
         # (B, T, d) -> (B, T, m) -> (B, T, d)
         y = self.up(self.act(self.down(x)))
         return y if self.scale == 1.0 else y * self.scale
+
+    def add_to(self, h: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
+        """``h + self(x)`` (``x`` defaults to ``h``: the sequential adapter), without a separate add.
+
+        The up-projection accumulates straight onto ``h`` in one ``addmm`` (C = h, beta = 1), and
+        its bias is added in place to that fresh result, so the adapted hidden state costs one
+        (B*T, d) allocation instead of two. ``addmm``'s backward needs neither its output nor
+        ``h``, so the in-place bias add is safe under autograd. Equal to ``h + self(x)`` up to
+        float rounding (the sum is formed in another order).
+        """
+        x = h if x is None else x
+        a = self.act(F.linear(x, self.down.weight, self.down.bias))  # (B, T, d) -> (B, T, m)
+        a2 = a.reshape(-1, a.shape[-1])  # (B*T, m)
+        out = torch.addmm(h.reshape(-1, h.shape[-1]), a2, self.up.weight.t(), alpha=self.scale)  # (B*T, d)
+        out.add_(self.up.bias, alpha=self.scale)
+        return out.view(h.shape)

@@ -2,23 +2,29 @@
 
 Many tasks share one frozen base (the paper's point, §1): each task is an :class:`AdapterSet` —
 its bottlenecks, and optionally its own copies of the layer norms and the head — kept in one
-container at ``model.adaptune``. One set (or none) is active. Nothing of the base model is
-replaced or renamed: adapters act through forward hooks on the modules the placement table names,
-so ``state_dict`` keys of the base stay as they were and loading code written for the plain model
-keeps working.
+container at ``model.adaptune``. One set (or none) is active, or one set per batch row (mixed-task
+batches, below). Nothing of the base model is replaced or renamed, so ``state_dict`` keys of the
+base stay as they were and loading code written for the plain model keeps working.
 
-- Sequential adapter (Houlsby): hook on the sub-layer's output module, ``out -> out + a(out)``.
+- Sequential adapter (Houlsby): hook on the sub-layer's output module, ``out -> out + a(out)``,
+  the add fused into the up-projection (:meth:`Bottleneck.add_to`).
 - Parallel adapter (He et al.): a pre-hook on the sub-layer's input module keeps its input x;
   the output hook adds ``scale * a(x)``.
-- Task copies of norms and head: a hook on the base module returns the copy's output instead,
-  so training them never touches the base or another task.
+- Task copies of norms and head: the base module's ``forward`` (an instance attribute, not its
+  class) is routed to the active task's copy, so the base module's own output is never computed
+  and thrown away; with no active copy it runs as before. Removing the last adapter restores it.
+- Mixed-task batches: ``set_active(model, ["a", "b", None, ...])`` (or :func:`using_adapters`)
+  names the adapter of each batch row; every routed module then runs each task's copy on that
+  task's rows (a view when the rows are contiguous) and writes the results into one output.
+  Row i's result equals that of a batch run with adapter i alone, up to float rounding.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import re
-from typing import Any
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -46,14 +52,56 @@ def _key(path: str) -> str:
 
 
 def _fresh_copy(module: nn.Module) -> nn.Module:
-    """A deep copy without the hooks we put on the original (else the copy would call itself)."""
+    """A deep copy without the hooks and routed forwards we put on the original (else the copy
+    would call itself)."""
     twin = copy.deepcopy(module)
     for m in twin.modules():
         m._forward_hooks.clear()
         m._forward_pre_hooks.clear()
         getattr(m, "_forward_hooks_with_kwargs", {}).clear()
         getattr(m, "_forward_pre_hooks_with_kwargs", {}).clear()
+        if hasattr(m.__dict__.get("forward"), "_adaptune_route"):
+            del m.forward  # our routed forward: the copy runs its class's own
     return twin
+
+
+class _RoutedForward:
+    """Handle for a module whose ``forward`` we routed: ``remove()`` puts the old one back."""
+
+    def __init__(self, module: nn.Module, route) -> None:
+        self.module = module
+        self.had_own = "forward" in module.__dict__  # e.g. a forward patched by another library
+        self.previous = module.forward
+        route._adaptune_route = True
+        module.forward = route
+
+    def remove(self) -> None:
+        if self.had_own:
+            self.module.forward = self.previous
+        else:
+            self.module.__dict__.pop("forward", None)
+
+
+def _rows_index(rows: list[int], device: torch.device) -> torch.Tensor | slice:
+    """A slice for contiguous rows (zero-copy views), else an index tensor on ``device``."""
+    if rows == list(range(rows[0], rows[0] + len(rows))):
+        return slice(rows[0], rows[0] + len(rows))
+    return torch.tensor(rows, dtype=torch.long, device=device)
+
+
+def _scatter_rows(pieces: list[tuple[Any, torch.Tensor]], batch: int) -> torch.Tensor:
+    """One tensor from per-row-group results; trailing sizes that differ (heads of different
+    widths) are padded with NaN to the widest."""
+    first = pieces[0][1]
+    tail = [max(p.shape[d] for _, p in pieces) for d in range(1, first.dim())]
+    ragged = any(list(p.shape[1:]) != tail for _, p in pieces)
+    out = first.new_full((batch, *tail), float("nan")) if ragged else first.new_empty((batch, *tail))
+    for rows, piece in pieces:
+        if ragged:
+            out[(rows, *(slice(0, n) for n in piece.shape[1:]))] = piece
+        else:
+            out[rows] = piece
+    return out
 
 
 class AdapterSet(nn.Module):
@@ -92,20 +140,66 @@ class AdapterSet(nn.Module):
 
 
 class AdapterContainer(nn.Module):
-    """Holds every task's :class:`AdapterSet` and the hooks that route through the active one."""
+    """Holds every task's :class:`AdapterSet` and the hooks that route through the active one(s).
+
+    ``active`` is a name, ``None`` (the plain base), or a tuple with one name (or ``None``) per
+    batch row; assigning it validates the names and precomputes the row groups.
+    """
 
     def __init__(self, spec: ArchSpec) -> None:
         super().__init__()
         self.sets = nn.ModuleDict()
         self.spec = spec
-        self.active: str | None = None
+        self._active: str | tuple[str | None, ...] | None = None
+        self._groups: list[tuple[str | None, list[int]]] | None = None  # per-row routing, else None
+        self._index_cache: dict[tuple, torch.Tensor | slice] = {}
         # Layers whose adapters are bypassed at run time (the paper's ablation, Figure 6).
         self.skip_layers: frozenset[int] = frozenset()
         self._hooks: dict[tuple, Any] = {}
         self._stash: dict[tuple[int, str], torch.Tensor] = {}
 
+    @property
+    def active(self) -> str | tuple[str | None, ...] | None:
+        return self._active
+
+    @active.setter
+    def active(self, value) -> None:
+        if value is None or isinstance(value, str):
+            if value is not None and value not in self.sets:
+                raise ConfigError(f"no adapter named {value!r} on this model; it has {list(self.sets) or 'none'}")
+            self._active, self._groups = value, None
+            return
+        rows = tuple(value)
+        unknown = sorted({str(n) for n in rows if n is not None and n not in self.sets})
+        if not rows or unknown:
+            raise ConfigError(f"per-row adapters must be a non-empty list of names or None; unknown {unknown}, "
+                              f"this model has {list(self.sets) or 'none'}")
+        if len(set(rows)) == 1:  # one task for every row: the plain fast path
+            self._active, self._groups = rows, None
+            return
+        groups: dict[str | None, list[int]] = {}
+        for i, name in enumerate(rows):
+            groups.setdefault(name, []).append(i)
+        self._active, self._groups, self._index_cache = rows, list(groups.items()), {}
+
+    def _single(self) -> str | None:
+        """The adapter of every row when routing is not per row."""
+        return self._active if not isinstance(self._active, tuple) else self._active[0]
+
+    def active_names(self) -> list[str]:
+        """The adapters the current routing uses (one, several for per-row routing, or none)."""
+        if self._active is None:
+            return []
+        if isinstance(self._active, str):
+            return [self._active]
+        return [n for n in dict.fromkeys(self._active) if n is not None]
+
     def active_set(self) -> AdapterSet | None:
-        return self.sets[self.active] if self.active is not None else None
+        """The one set every row goes through (``None`` for the base or per-row routing)."""
+        if self._groups is not None:
+            return None
+        name = self._single()
+        return self.sets[name] if name is not None else None
 
     # ---- hooks ----------------------------------------------------------------------------
     def _install(self, key: tuple, module: nn.Module, hook, *, pre: bool = False) -> None:
@@ -115,6 +209,10 @@ class AdapterContainer(nn.Module):
             self._hooks[key] = module.register_forward_pre_hook(hook, with_kwargs=True)
         else:
             self._hooks[key] = module.register_forward_hook(hook, with_kwargs=True)
+
+    def _route(self, key: tuple, module: nn.Module, group: str, name: str) -> None:
+        if key not in self._hooks:
+            self._hooks[key] = _RoutedForward(module, self._routed_forward(module.forward, group, name))
 
     def install_hooks(self, model: nn.Module, aset: AdapterSet) -> None:
         """Put the hooks this set needs on the base modules (once per module)."""
@@ -130,56 +228,100 @@ class AdapterContainer(nn.Module):
                     self._install(("in", i, slot), in_mod, self._input_hook(i, slot), pre=True)
         base = backbone(model)
         for key, path in aset.norm_paths.items():
-            self._install(("norm", key), get_submodule(base, path, "layer norm"), self._override_hook("norms", key))
+            self._route(("norm", key), get_submodule(base, path, "layer norm"), "norms", key)
         heads = head_modules(model)
         for name in aset.head:
-            self._install(("head", name), heads[name], self._override_hook("head", name))
+            self._route(("head", name), heads[name], "head", name)
 
     def remove_hooks(self) -> None:
-        for handle in self._hooks.values():
+        for handle in reversed(list(self._hooks.values())):
             handle.remove()
         self._hooks.clear()
         self._stash.clear()
 
-    def _routing(self, layer: int, slot: str) -> Bottleneck | None:
-        aset = self.active_set()
-        if aset is None or layer in self.skip_layers:
+    def _rows(self, rows: list[int], device: torch.device) -> torch.Tensor | slice:
+        key = (tuple(rows), device)
+        if key not in self._index_cache:
+            self._index_cache[key] = _rows_index(rows, device)
+        return self._index_cache[key]
+
+    def _check_batch(self, n: int) -> None:
+        if n != len(self._active):
+            raise ConfigError(f"per-row adapters name {len(self._active)} rows but the batch has {n}; "
+                              "call set_active with one name per row")
+
+    def _bottleneck(self, name: str | None, layer: int, slot: str) -> Bottleneck | None:
+        if name is None or layer in self.skip_layers:
             return None
-        return aset.bottleneck(layer, slot)
+        return self.sets[name].bottleneck(layer, slot)
 
     def _output_hook(self, layer: int, slot: str):
         def hook(module, args, kwargs, out):
             x_in = self._stash.pop((layer, slot), None)
-            adapter = self._routing(layer, slot)
-            if adapter is None:
-                return None
             h = out[0] if isinstance(out, tuple) else out
-            if self.active_set().config.mode == "parallel":
-                h = h + adapter(x_in)  # (B, T, d): scaled branch from the sub-layer's input
+            if self._groups is None:
+                aset = self.active_set()
+                adapter = None if aset is None else self._bottleneck(self._single(), layer, slot)
+                if adapter is None:
+                    return None
+                # (B, T, d): sequential reads h (internal skip), parallel the sub-layer's input
+                h = adapter.add_to(h, x_in if aset.config.mode == "parallel" else None)
             else:
-                h = h + adapter(h)  # (B, T, d): internal skip connection
+                self._check_batch(h.shape[0])
+                pieces = []
+                for name, rows in self._groups:
+                    idx = self._rows(rows, h.device)
+                    adapter = self._bottleneck(name, layer, slot)
+                    if adapter is None:
+                        pieces.append((idx, h[idx]))
+                    else:
+                        par = self.sets[name].config.mode == "parallel"
+                        pieces.append((idx, adapter.add_to(h[idx], x_in[idx] if par else None)))
+                h = _scatter_rows(pieces, h.shape[0])
             return (h, *out[1:]) if isinstance(out, tuple) else h
 
         return hook
 
     def _input_hook(self, layer: int, slot: str):
         def hook(module, args, kwargs):
-            if self._routing(layer, slot) is not None:
+            names = self.active_names()
+            if any(self.sets[n].config.mode == "parallel" and self._bottleneck(n, layer, slot) is not None for n in names):
                 x = args[0] if args else kwargs.get("hidden_states", next(iter(kwargs.values()), None))
                 self._stash[(layer, slot)] = x
             return None
 
         return hook
 
-    def _override_hook(self, group: str, key: str):
-        def hook(module, args, kwargs, out):
-            aset = self.active_set()
-            if aset is None:
-                return None
-            table = getattr(aset, group)
-            return table[key](*args, **kwargs) if key in table else None
+    def _routed_forward(self, base_forward, group: str, key: str):
+        """The base module's new ``forward``: the active task's copy when it has one, else the base.
 
-        return hook
+        Per-row routing splits the batch (dim 0 of the first argument) by task; tasks without a
+        copy of this module share one call of the base.
+        """
+
+        def forward(*args, **kwargs):
+            if self._groups is None:
+                aset = self.active_set()
+                table = None if aset is None else getattr(aset, group)
+                return table[key](*args, **kwargs) if table is not None and key in table else base_forward(*args, **kwargs)
+            x, rest = args[0], args[1:]
+            self._check_batch(x.shape[0])
+            by_module: dict[int, tuple[Any, list[int]]] = {}
+            for name, rows in self._groups:
+                table = None if name is None else getattr(self.sets[name], group)
+                fn = table[key] if table is not None and key in table else base_forward
+                by_module.setdefault(id(fn), (fn, []))[1].extend(rows)
+            pieces = []
+            for fn, rows in by_module.values():
+                idx = self._rows(sorted(rows), x.device)
+                pieces.append((idx, fn(x[idx], *rest, **kwargs)))
+            if len(pieces) == 1:
+                return pieces[0][1]
+            if not all(isinstance(p, torch.Tensor) for _, p in pieces):
+                raise ArchitectureError(f"per-row adapters need {group} modules that return one tensor; {key!r} does not")
+            return _scatter_rows(pieces, x.shape[0])
+
+        return forward
 
 
 # ---- public API ------------------------------------------------------------------------------
@@ -284,18 +426,50 @@ def _build_and_install(model: nn.Module, container: AdapterContainer, name: str,
     return aset
 
 
-def set_active(model: nn.Module, name: str | None) -> None:
-    """Route the model through adapter ``name``; ``None`` gives the plain base model."""
+def set_active(model: nn.Module, name: str | Sequence[str | None] | None) -> None:
+    """Route the model through adapter ``name``; ``None`` gives the plain base model.
+
+    A list routes per batch row: ``set_active(model, ["a", "b", None, "a"])`` runs row 0 and 3
+    through adapter ``a``, row 1 through ``b`` and row 2 through the plain base, in one forward
+    pass; each row's output equals that of a single-task run (up to float rounding). The next
+    batch must then have as many rows. Task heads of different widths give logits padded with NaN
+    to the widest.
+
+    Raises:
+        ConfigError: an unknown name, or (at forward time) a batch of another size than the list.
+    """
     if name is None:
         container = get_container(model)
         if container is not None:
             container.active = None
         return
-    _require(model, name).active = name
+    if isinstance(name, str):
+        _require(model, name).active = name
+        return
+    container = get_container(model)
+    if container is None:
+        raise ConfigError("per-row adapters need adapters on this model; add them with add_adapter first")
+    container.active = list(name)
 
 
-def active_adapter(model: nn.Module) -> str | None:
-    """Name of the active adapter, or ``None``."""
+@contextlib.contextmanager
+def using_adapters(model: nn.Module, name: str | Sequence[str | None] | None) -> Iterator[None]:
+    """``with using_adapters(model, ["a", "b", ...]): ...`` — :func:`set_active` for a block only.
+
+    The routing found on entry is restored on exit, also after an exception.
+    """
+    container = get_container(model)
+    before = None if container is None else container.active
+    set_active(model, name)
+    try:
+        yield
+    finally:
+        if container is not None:
+            container.active = before
+
+
+def active_adapter(model: nn.Module) -> str | tuple[str | None, ...] | None:
+    """Name of the active adapter, the per-row tuple given to :func:`set_active`, or ``None``."""
     container = get_container(model)
     return None if container is None else container.active
 
@@ -303,9 +477,9 @@ def active_adapter(model: nn.Module) -> str | None:
 def remove_adapter(model: nn.Module, name: str) -> None:
     """Delete adapter ``name``; the base and the other adapters are untouched."""
     container = _require(model, name)
-    del container.sets[name]
-    if container.active == name:
+    if name in container.active_names():
         container.active = None
+    del container.sets[name]
     # Re-install only the hooks the remaining sets need.
     container.remove_hooks()
     for aset in container.sets.values():
@@ -322,7 +496,7 @@ def list_adapters(model: nn.Module) -> list[dict[str, Any]]:
         rows.append(
             {
                 "name": name,
-                "active": name == container.active,
+                "active": name in container.active_names(),
                 "num_adapters": sum(len(s) for s in aset.adapters.values()),
                 "bottleneck_params": aset.num_bottleneck_params(),
                 "norm_params": sum(p.numel() for p in aset.norms.parameters()),

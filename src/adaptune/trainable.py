@@ -5,7 +5,8 @@ The paper compares adapter tuning with full fine-tuning and with fine-tuning onl
 here; the training loop is the same for all of them and differs only in this selection.
 
 - ``adapters``: the active adapter's bottlenecks, plus its own layer-norm and head copies when its
-  config has them (the paper trains adapters + layer norms + head).
+  config has them (the paper trains adapters + layer norms + head); with per-row routing, every
+  adapter the rows name.
 - ``full``: every base and head parameter.
 - ``top-k``: the top k Transformer layers, the modules above them (pooler / final norm) and the head.
 - ``layernorm``: every layer norm of the base and the head.
@@ -62,10 +63,10 @@ def trainable_modules(model: nn.Module, strategy: str, *, k: int | None = None, 
         raise ConfigError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
     container = get_container(model)
     if strategy == "adapters":
-        if container is None or container.active is None:
+        if container is None or not container.active_names():
             raise ConfigError("strategy 'adapters' needs an active adapter: call add_adapter(model, name, config) first")
-        return [container.sets[container.active]]
-    if container is not None and container.active is not None:
+        return [container.sets[n] for n in container.active_names()]  # several with per-row routing
+    if container is not None and container.active_names():
         raise ConfigError(
             f"strategy {strategy!r} trains the base model, but adapter {container.active!r} is active; "
             "call set_active(model, None) first"
