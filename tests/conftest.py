@@ -107,3 +107,66 @@ def write_reviews_csv(path, n: int = 64, seed: int = 0, classes: int = 2):
             text = " ".join(rng.choice(words[c]) for _ in range(rng.randint(2, 12)))
             w.writerow([f"this coffee is {text}", names[c]])
     return path
+
+
+# ---- a tiny causal LM folder with a real (tiny, trained-in-code) tokenizer, and chat data ----
+
+CHATML = (
+    "{% for m in messages %}{% if loop.first and m['role'] != 'system' %}<|im_start|>system\nBe brief.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+COLOURS = {"sky": "blue", "grass": "green", "snow": "white", "coal": "black", "blood": "red", "sun": "yellow"}
+
+
+def chat_pairs(n: int, seed: int = 0) -> list[dict]:
+    """Learnable prompt/response records: the colour of a thing, in a few phrasings."""
+    import random
+
+    rng = random.Random(seed)
+    things = sorted(COLOURS)
+    forms = ["what colour is the {}?", "tell me the colour of the {}", "the {} is which colour?", "colour of {} please"]
+    return [{"prompt": rng.choice(forms).format(t), "response": f"the {t} is {COLOURS[t]}."} for t in (rng.choice(things) for _ in range(n))]
+
+
+def tiny_tokenizer(chat_template: bool = True):
+    """A byte-level BPE tokenizer trained in code on the chat data's words (no download)."""
+    from tokenizers import ByteLevelBPETokenizer
+
+    texts = [r["prompt"] + " " + r["response"] for r in chat_pairs(200)] + ["Be brief. User: Assistant: hello hi"]
+    bpe = ByteLevelBPETokenizer()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    bpe.train_from_iterator(texts, vocab_size=300, min_frequency=1, special_tokens=specials, show_progress=False)
+    eos = "<|im_end|>" if chat_template else "<|endoftext|>"
+    tok = T.PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token=eos, pad_token="<|endoftext|>",
+                                    bos_token="<|endoftext|>" if not chat_template else None)
+    if chat_template:
+        tok.chat_template = CHATML
+    return tok
+
+
+def save_tiny_causal_lm(folder, family: str = "llama", seed: int = 0, chat_template: bool = True):
+    """A 2-layer random causal LM of ``family`` (llama or gpt2) with :func:`tiny_tokenizer`, as a folder."""
+    tok = tiny_tokenizer(chat_template)
+    torch.manual_seed(seed)
+    n = len(tok)
+    if family == "gpt2":
+        cfg = T.GPT2Config(n_embd=H, n_layer=2, n_head=4, vocab_size=n, n_positions=128, bos_token_id=0, initializer_range=0.2,
+                           eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    else:
+        cfg = T.LlamaConfig(hidden_size=H, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                            intermediate_size=64, vocab_size=n, max_position_embeddings=128, tie_word_embeddings=True,
+                            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None,
+                            initializer_range=0.2)
+    T.AutoModelForCausalLM.from_config(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def write_chat_jsonl(path, n: int = 64, seed: int = 0):
+    import json
+
+    with open(path, "w", encoding="utf-8") as f:
+        for r in chat_pairs(n, seed):
+            f.write(json.dumps(r) + "\n")
+    return path

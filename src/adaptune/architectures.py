@@ -153,15 +153,19 @@ def head_modules(model: nn.Module) -> dict[str, nn.Module]:
     """The task head: top-level children of the model, outside the backbone, that hold parameters.
 
     Structural: for ``BertForSequenceClassification`` this is ``classifier``, for DistilBERT
-    ``pre_classifier`` and ``classifier``, for LLaMA ``score`` or ``lm_head``.
+    ``pre_classifier`` and ``classifier``, for ``LlamaForSequenceClassification`` ``score``. A
+    language model's output embedding (``lm_head``, often tied to the input embedding) is pretrained
+    vocabulary, not a task head: it is never copied per task nor trained by ``top-k``/``layernorm``.
     """
     base = backbone(model)
     if base is model:
         return {}
+    get_out = getattr(model, "get_output_embeddings", None)
+    out_emb = get_out() if callable(get_out) else None
     return {
         name: child
         for name, child in model.named_children()
-        if child is not base and name != "adaptune" and any(True for _ in child.parameters())
+        if child is not base and child is not out_emb and name != "adaptune" and any(True for _ in child.parameters())
     }
 
 

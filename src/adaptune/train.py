@@ -7,6 +7,12 @@ folder — is this one loop, so comparisons between them are fair.
 Optimiser as in the paper: AdamW (weight decay 0.01 on matrices), linear warm-up over the first
 10 % of steps then linear decay to zero, batch size 32. The best checkpoint on dev is kept.
 
+Two objectives share the loop: classification / regression with a task head (encoders, and
+decoders with a sequence-classification head), and causal language modelling on conversations
+(``task_type="causal-lm"``, chosen automatically for chat data: :mod:`adaptune.chat`,
+:mod:`adaptune.causal_lm`), where the loss covers only the response tokens and the base model's
+held-out perplexity is measured before training for comparison.
+
 A run folder holds ``config.json`` (the resolved configuration: enough to reproduce the run),
 ``metrics.json``, ``task.json`` (labels), ``tokenizer/`` and ``adapter/`` (or ``model/`` for the
 baselines that change base weights). ``checkpoint/`` exists while the run is unfinished; ``resume``
@@ -33,17 +39,19 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from adaptune import checkpoint as ckpt
+from adaptune.causal_lm import evaluate_lm, lm_loss
 from adaptune.config import PRESETS, AdapterConfig
 from adaptune.data import bucket_batches, collate, encode, load_task_data
 from adaptune.distributed import Dist, setup, teardown
 from adaptune.errors import ConfigError, TrainingError
-from adaptune.inject import add_adapter
+from adaptune.inject import add_adapter, set_active
 from adaptune.io import atomic_write_dir, save_adapter
 from adaptune.metrics import compute_metrics
-from adaptune.models import DEFAULT_MODEL, load_classifier, load_tokenizer, quiet_transformers
+from adaptune.models import DEFAULT_MODEL, load_causal_lm, load_classifier, load_tokenizer, quiet_transformers
 from adaptune.trainable import STRATEGIES, train_strategy
 
 ADAPTER_NAME = "task"
+CAUSAL_LM = "causal-lm"
 
 # Learning rates that worked on the embedded reviews task with all-MiniLM-L6-v2 (see README):
 # adapters and the small-parameter baselines want a much higher rate than full fine-tuning.
@@ -91,6 +99,7 @@ class TrainConfig:
     checkpoint_every: int = 50
     device: str = "auto"
     precision: str = "fp32"
+    eval_generate: int = 32
 
     def __post_init__(self) -> None:
         if self.adapter_layers is not None:
@@ -110,19 +119,31 @@ class TrainConfig:
             raise ConfigError(f"precision must be fp32 or bf16, got {self.precision!r}")
         if not 0 <= self.warmup < 1:
             raise ConfigError(f"warmup is a fraction of the steps in [0, 1), got {self.warmup}")
+        if self.task_type not in (None, "classification", "regression", CAUSAL_LM):
+            raise ConfigError(f"unknown task type {self.task_type!r}; use classification, regression or {CAUSAL_LM}")
+        if self.eval_generate < 0:
+            raise ConfigError(f"eval_generate must be 0 or more, got {self.eval_generate}")
+
+    @property
+    def causal(self) -> bool:
+        """Language modelling on conversations: asked for, or implied by chat data."""
+        from adaptune.chat import is_chat_source
+
+        return self.task_type == CAUSAL_LM or (self.task_type is None and is_chat_source(self.data))
 
     @property
     def learning_rate(self) -> float:
         return self.lr if self.lr is not None else DEFAULT_LR[self.strategy]
 
     def adapter_config(self) -> AdapterConfig:
+        # A language model's output layer is pretrained vocabulary, not a task head: never copied.
         return AdapterConfig.preset(
             self.adapter,
             size=self.adapter_size,
             init_std=self.init_std,
             layers=self.adapter_layers,
             train_layer_norms=self.train_layer_norms,
-            train_head=self.train_head,
+            train_head=self.train_head and not self.causal,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -148,9 +169,11 @@ def pick_device(name: str) -> torch.device:
 
 
 def build_model(cfg: TrainConfig, num_labels: int):
-    """The model for ``cfg``: base + fresh head (+ the task adapter), with the strategy applied."""
+    """The model for ``cfg``: base + fresh head, or the causal LM (+ the task adapter), with the strategy applied."""
     torch.manual_seed(cfg.seed)  # head and adapter init depend on the seed only
-    model = load_classifier(cfg.model, num_labels)
+    if cfg.causal and cfg.strategy == "head":
+        raise ConfigError("strategy 'head' needs a task head; a causal LM has none (use adapters, full, top-k or layernorm)")
+    model = load_causal_lm(cfg.model) if cfg.causal else load_classifier(cfg.model, num_labels)
     if cfg.strategy == "adapters":
         add_adapter(model, ADAPTER_NAME, cfg.adapter_config())
     counts = train_strategy(model, cfg.strategy, k=cfg.top_k)
@@ -190,8 +213,10 @@ def training_step(model, batch: dict[str, torch.Tensor], optimizer, scheduler, *
     batch = dict(batch)
     labels = batch.pop("labels")
     with autocast(labels.device, precision):
-        logits = model(**batch).logits
-    loss = _loss(logits, labels, task_type)
+        if task_type == CAUSAL_LM:
+            loss = lm_loss(model, batch, labels)
+        else:
+            loss = _loss(model(**batch).logits, labels, task_type)
     finite = torch.isfinite(loss.detach()).to(torch.int32)
     if torch.distributed.is_initialized():  # every rank must skip, or DDP's all-reduce would hang
         torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
@@ -308,13 +333,12 @@ def train(cfg: TrainConfig, output_dir: str | os.PathLike, *, resume: bool = Fal
 
 def _train(cfg: TrainConfig, out: Path, resume: bool, quiet: bool, dd: Dist) -> dict[str, Any]:
     # Data, tokenizer and model are all checked before anything is written to disk.
-    data = _load_data(cfg)
+    tokenizer = load_tokenizer(cfg.model)
+    data = _prepare(cfg, tokenizer)
+    enc = data.enc
     device = dd.device
     random.seed(cfg.seed)
-    tokenizer = load_tokenizer(cfg.model)
-    enc = {name: encode(split, tokenizer, cfg.max_length) for name, split in (("train", data.train), ("dev", data.dev), ("test", data.test)) if split is not None}
-    num_labels = 1 if data.task_type == "regression" else len(data.label_names)
-    model, counts = build_model(cfg, num_labels)  # the same initial weights on every rank
+    model, counts = build_model(cfg, data.num_labels)  # the same initial weights on every rank
     model.to(device).train()
     if dd.enabled:
         torch.manual_seed(cfg.seed + 7919 * dd.rank)  # own dropout masks per rank
@@ -353,20 +377,31 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, quiet: bool, dd: Dist) -> 
             progress = restored
             log(f"resumed {out} at step {progress['step']}/{total}")
     best_state = ckpt.load_best(ck_dir) if progress["best"] is not None else None
-    eval_kw = dict(task_type=data.task_type, num_labels=num_labels, batch_size=cfg.batch_size * 2, pad_id=pad_id, device=device,
-                   dd=dd if dd.enabled else None, precision=cfg.precision)
+    dd_or_none = dd if dd.enabled else None
+
+    def score(split: str) -> dict:
+        if data.task_type == CAUSAL_LM:
+            return evaluate_lm(model, enc[split], batch_size=cfg.batch_size * 2, pad_id=pad_id, device=device, dd=dd_or_none,
+                               autocast_ctx=lambda: autocast(device, cfg.precision))
+        return evaluate(model, enc[split], task_type=data.task_type, num_labels=data.num_labels, batch_size=cfg.batch_size * 2,
+                        pad_id=pad_id, device=device, dd=dd_or_none, precision=cfg.precision)[0]
+
+    if data.task_type == CAUSAL_LM and "base" not in progress:
+        progress["base"] = _score_base(cfg, model, data, score, tokenizer, device, dd)
+        base_dev = progress["base"]["dev"]
+        log(f"base model: dev perplexity {base_dev['perplexity']:.2f}, token accuracy {base_dev['token_accuracy']:.4f}")
 
     def run_eval() -> None:
         nonlocal best_state
-        metrics, _ = evaluate(model, enc["dev"], **eval_kw)
+        metrics = score("dev")
         progress["history"].append({"step": progress["step"], "epoch": progress["epoch"], **metrics})
-        score = metrics[data.metric]
-        if progress["best"] is None or score > progress["best"]:
-            progress["best"], progress["best_step"] = score, progress["step"]
+        value = metrics[data.metric]
+        if progress["best"] is None or (value > progress["best"] if data.higher_is_better else value < progress["best"]):
+            progress["best"], progress["best_step"] = value, progress["step"]
             best_state = ckpt.trainable_state(model)
             if dd.main:
                 ckpt.save_best(ck_dir, best_state)
-        log(f"step {progress['step']}: dev {data.metric} {score:.4f} (best {progress['best']:.4f} at step {progress['best_step']})")
+        log(f"step {progress['step']}: dev {data.metric} {value:.4f} (best {progress['best']:.4f} at step {progress['best_step']})")
 
     kill_at = int(os.environ.get("ADAPTUNE_DEBUG_SIGKILL_AT_STEP", "0"))  # for the resume tests only
     if os.environ.get("ADAPTUNE_DEBUG_SIGKILL_RANK", str(dd.rank)) != str(dd.rank):
@@ -413,7 +448,9 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, quiet: bool, dd: Dist) -> 
     # the dev metrics of those weights were measured when they were kept: no second pass
     best_entry = next(h for h in progress["history"] if h["step"] == progress["best_step"])
     dev_metrics = {k: v for k, v in best_entry.items() if k not in ("step", "epoch")}
-    test_metrics = evaluate(model, enc["test"], **eval_kw)[0] if "test" in enc else None
+    test_metrics = score("test") if "test" in enc else None
+    if data.task_type == CAUSAL_LM and cfg.eval_generate and test_metrics is not None:
+        test_metrics["exact_match"] = _exact_match(model, data, tokenizer, cfg, device, dd)
     result = {
         "task": data.description,
         "strategy": cfg.strategy,
@@ -429,7 +466,9 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, quiet: bool, dd: Dist) -> 
         "history": progress["history"],
         "notes": data.notes,
     }
-    task = {"task_type": data.task_type, "label_names": data.label_names, "metric": data.metric, "max_length": cfg.max_length, "text_pair": data.train.text_pairs is not None}
+    if "base" in progress:
+        result["base"] = progress["base"]
+    task = data.task
     if dd.main:
         _write_artifacts(out, model, tokenizer, cfg, task)
         ckpt.atomic_write_text(out / "task.json", json.dumps(task, indent=2) + "\n")
@@ -447,7 +486,79 @@ def _checkpoint(dd: Dist, folder: Path, model, optimizer, scheduler, progress: d
     dd.barrier()
 
 
+@dataclass
+class _Prepared:
+    """A task ready for the loop: encoded splits and how to judge them."""
+
+    enc: dict[str, list[dict]]
+    task_type: str
+    metric: str
+    higher_is_better: bool
+    num_labels: int
+    description: str
+    notes: list[str]
+    task: dict[str, Any]  # written to task.json (and beside the adapter)
+    raw: Any = None
+
+
+def _prepare(cfg: TrainConfig, tokenizer) -> _Prepared:
+    """Load and encode the data of ``cfg`` for its objective (classification/regression or causal LM)."""
+    if cfg.causal:
+        from adaptune.chat import encode_conversations, has_chat_template
+
+        chat = _load_data(cfg)
+        enc, notes = {}, list(chat.notes)
+        for name in ("train", "dev", "test"):
+            enc[name], dropped = encode_conversations(getattr(chat, name), tokenizer, cfg.max_length)
+            if dropped:
+                notes.append(f"{name}: dropped {dropped} conversations with no response token left within {cfg.max_length} tokens")
+            if not enc[name]:
+                raise ConfigError(f"no {name} conversation fits in --max-length {cfg.max_length}; raise it")
+        template = "the model's chat template" if has_chat_template(tokenizer) else "a plain User:/Assistant: layout (no chat template)"
+        notes.append(f"conversations rendered with {template}; loss on response tokens only")
+        task = {"task_type": CAUSAL_LM, "metric": "loss", "max_length": cfg.max_length, "chat_template": has_chat_template(tokenizer)}
+        return _Prepared(enc, CAUSAL_LM, "loss", False, 0, chat.description, notes, task, raw=chat)
+    data = _load_data(cfg)
+    enc = {name: encode(split, tokenizer, cfg.max_length) for name, split in (("train", data.train), ("dev", data.dev), ("test", data.test)) if split is not None}
+    num_labels = 1 if data.task_type == "regression" else len(data.label_names)
+    task = {"task_type": data.task_type, "label_names": data.label_names, "metric": data.metric, "max_length": cfg.max_length,
+            "text_pair": data.train.text_pairs is not None}
+    return _Prepared(enc, data.task_type, data.metric, True, num_labels, data.description, data.notes, task, raw=data)
+
+
+def _score_base(cfg: TrainConfig, model, data: _Prepared, score, tokenizer, device, dd: Dist) -> dict:
+    """The untrained model's dev and test numbers (for adapter tuning: with the adapter switched off)."""
+    from adaptune.inject import active_adapter
+
+    name = active_adapter(model)
+    set_active(model, None)
+    try:
+        out = {"dev": score("dev"), "test": score("test")}
+        if cfg.eval_generate:
+            out["test"]["exact_match"] = _exact_match(model, data, tokenizer, cfg, device, dd)
+    finally:
+        if name is not None:
+            set_active(model, name)
+    return out
+
+
+def _exact_match(model, data: _Prepared, tokenizer, cfg: TrainConfig, device, dd: Dist) -> float:
+    """Greedy replies to the first ``eval_generate`` test conversations, compared with the references."""
+    from adaptune.generate import exact_match
+
+    convs = data.raw.test[: cfg.eval_generate]
+    mine = dd.shard(list(range(len(convs))))
+    share = exact_match(model, tokenizer, [convs[i] for i in mine], device=device) if mine else 0.0
+    parts = dd.gather((share * len(mine), len(mine)))
+    return sum(p[0] for p in parts) / max(1, sum(p[1] for p in parts))
+
+
 def _load_data(cfg: TrainConfig):
+    if cfg.causal:
+        from adaptune.chat import load_chat_data
+
+        return load_chat_data(cfg.data, dev_file=cfg.dev_file, test_file=cfg.test_file, dev_fraction=cfg.dev_fraction,
+                              seed=cfg.seed, limit_train=cfg.limit_train, limit_eval=cfg.limit_eval)
     return load_task_data(
         cfg.data,
         text_column=cfg.text_column,

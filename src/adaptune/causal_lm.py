@@ -1,0 +1,78 @@
+"""The language-modelling objective: response-only loss, held-out perplexity and token accuracy.
+
+Batches come from :func:`adaptune.chat.encode_conversations` + :func:`adaptune.data.collate`:
+``labels`` is ``(B, T)`` with ``-100`` on every token that is not part of an assistant turn. The
+model predicts token ``t+1`` from position ``t``, so only positions whose *next* label is trained
+need logits: those positions are passed as a boolean ``logits_to_keep`` mask and the vocabulary
+projection (49k × 576 for SmolLM2, the largest single matrix product of the model) runs on them
+alone, not on the prompt, the template or the padding.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from adaptune.chat import IGNORE
+from adaptune.data import bucket_batches, collate
+
+
+def _keep_mask(labels: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool: positions whose next token is a trained label."""
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != IGNORE
+    return keep
+
+
+def response_logits(model, batch: dict[str, torch.Tensor], labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits ``(N, V)`` at the N positions that predict a response token, and those N targets."""
+    keep = _keep_mask(labels)
+    logits = model(**batch, logits_to_keep=keep).logits
+    if logits.ndim == 3:  # a model whose forward has no mask form of logits_to_keep
+        logits = logits[keep]
+    return logits, labels[:, 1:][keep[:, :-1]]
+
+
+def lm_loss(model, batch: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the response tokens of ``batch``."""
+    logits, targets = response_logits(model, batch, labels)
+    return F.cross_entropy(logits.float(), targets)
+
+
+@torch.no_grad()
+def evaluate_lm(model, encoded: list[dict], *, batch_size: int, pad_id: int, device, dd=None, autocast_ctx=None) -> dict:
+    """``loss`` (mean over response tokens), ``perplexity`` = exp(loss) and ``token_accuracy``
+    (greedy next-token matches) of ``model`` on encoded conversations.
+
+    Under torchrun (``dd``) each rank scores every N-th conversation and the sums are gathered.
+    """
+    import contextlib
+
+    was_training = model.training
+    model.eval()
+    mine = list(range(len(encoded))) if dd is None else dd.shard(list(range(len(encoded))))
+    total = correct = 0
+    nll = 0.0
+    for idx in bucket_batches([len(encoded[mine[i]]["input_ids"]) for i in range(len(mine))], batch_size, shuffle=False):
+        batch = {k: v.to(device) for k, v in collate([encoded[mine[i]] for i in idx], pad_id).items()}
+        labels = batch.pop("labels")
+        batch.pop("token_type_ids", None)
+        with autocast_ctx() if autocast_ctx else contextlib.nullcontext():
+            logits, targets = response_logits(model, batch, labels)
+        logits = logits.float()
+        nll += F.cross_entropy(logits, targets, reduction="sum").item()
+        correct += (logits.argmax(-1) == targets).sum().item()
+        total += targets.numel()
+    if dd is not None:
+        parts = dd.gather((nll, correct, total))
+        nll, correct, total = (sum(p[i] for p in parts) for i in range(3))
+    model.train(was_training)
+    loss = nll / max(total, 1)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "token_accuracy": correct / max(total, 1), "tokens": total}
+
+
+def normalise_answer(text: str) -> str:
+    """Lower case, single spaces, no surrounding punctuation: how exact match compares answers."""
+    return " ".join(text.lower().split()).strip(" .!?,;:'\"")
