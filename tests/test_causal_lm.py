@@ -171,7 +171,7 @@ def _cfg(model_dir, data, **kw) -> TrainConfig:
     return TrainConfig(**base)
 
 
-def test_adapter_training_lowers_held_out_perplexity_and_round_trips(lm_dir, chat_file, tmp_path):
+def test_adapter_training_lowers_held_out_perplexity_and_round_trips(lm_dir, chat_file, tmp_path, capsys):
     cfg = _cfg(lm_dir, chat_file)
     assert cfg.causal and not cfg.adapter_config().train_head  # the LM head is never copied per task
     result = train(cfg, tmp_path / "run", quiet=True)
@@ -189,6 +189,15 @@ def test_adapter_training_lowers_held_out_perplexity_and_round_trips(lm_dir, cha
     enc, _ = encode_conversations(data.dev, tok, 64)
     again = evaluate_lm(gen.model, enc, batch_size=32, pad_id=tok.pad_token_id, device="cpu")
     assert again["loss"] == pytest.approx(result["dev"]["loss"], rel=1e-5)
+    # the command line reports the same, beside the base model; predict points to generate
+    from adaptune.cli import main
+
+    assert main(["eval", str(run), "--json", "--device", "cpu"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["adapted"]["loss"] == pytest.approx(result["dev"]["loss"], rel=1e-5)
+    assert report["base"]["loss"] == pytest.approx(result["base"]["dev"]["loss"], rel=1e-5)
+    assert main(["predict", str(run), "hello"]) == 2
+    assert "adaptune generate" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("strategy,extra", [("full", {}), ("top-k", {"top_k": 1}), ("layernorm", {})])

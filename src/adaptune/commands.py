@@ -41,6 +41,9 @@ def eval(args: argparse.Namespace) -> int:  # noqa: A001 - the subcommand's name
     from adaptune.predict import Predictor
     from adaptune.train import _load_data
 
+    task_file = Path(args.run) / "task.json"
+    if task_file.is_file() and json.loads(task_file.read_text(encoding="utf-8")).get("task_type") == "causal-lm":
+        return _eval_lm(args)
     pred = Predictor(args.run, device=args.device)
     overrides = {k: getattr(args, k) for k in ("data", "text_column", "text_pair_column", "label_column", "dev_file", "test_file", "glue_task", "limit_eval") if getattr(args, k) is not None}
     if "data" in overrides and overrides["data"] != pred.config.data:
@@ -252,6 +255,37 @@ def _lm_line(result: dict) -> str:
     if "exact_match" in test and "exact_match" in base_test:
         parts.append(f"test exact match {test['exact_match']:.3f} (base {base_test['exact_match']:.3f})")
     return ", ".join(parts)
+
+
+def _eval_lm(args: argparse.Namespace) -> int:
+    """Held-out loss, perplexity and token accuracy of a language-model run, and of its base model."""
+    from adaptune.causal_lm import evaluate_lm
+    from adaptune.chat import encode_conversations
+    from adaptune.generate import Generator
+    from adaptune.train import TrainConfig, _load_data
+
+    gen = Generator(args.run, device=args.device)
+    cfg = TrainConfig.from_dict(json.loads((Path(args.run) / "config.json").read_text(encoding="utf-8"))["train"])
+    overrides = {k: getattr(args, k) for k in ("data", "dev_file", "test_file", "limit_eval") if getattr(args, k) is not None}
+    cfg = dataclasses.replace(cfg, **overrides)
+    split = getattr(_load_data(cfg), args.split)
+    enc, _ = encode_conversations(split, gen.tokenizer, cfg.max_length)
+    if not enc:
+        raise DataError(f"no {args.split} conversation to evaluate")
+    kw = dict(batch_size=cfg.batch_size * 2, pad_id=gen.tokenizer.pad_token_id, device=gen.device)
+    rows = {}
+    for label, adapter in (("adapted", gen.default), ("base", None)):
+        from adaptune.inject import set_active
+
+        set_active(gen.model, adapter)
+        rows[label] = evaluate_lm(gen.model, enc, **kw)
+    if args.json:
+        _print_json({"split": args.split, "conversations": len(enc), **rows})
+    else:
+        for label, m in rows.items():
+            print(f"{args.split} ({len(enc)} conversations), {label}: loss {m['loss']:.4f}, perplexity {m['perplexity']:.2f}, "
+                  f"token accuracy {m['token_accuracy']:.4f}")
+    return 0
 
 
 def _read_prompt(args: argparse.Namespace) -> str:

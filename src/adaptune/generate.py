@@ -191,7 +191,9 @@ def exact_match(generator_or_model, tokenizer, conversations: list[list[dict]], 
         for conv in conversations:
             last = max(i for i, m in enumerate(conv) if m["role"] == "assistant")
             ids = torch.tensor([prompt_ids(tokenizer, conv[:last])], device=device)
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+            # a reply longer than the reference by more than a few tokens cannot match it
+            budget = min(max_new_tokens, len(tokenizer(conv[last]["content"], add_special_tokens=False)["input_ids"]) + 4)
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=budget,
                                  do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
             reply = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
             hits += normalise_answer(reply) == normalise_answer(conv[last]["content"])

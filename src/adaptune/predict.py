@@ -45,6 +45,9 @@ class Predictor:
                 raise ConfigError(f"{run} is not a finished run folder (no {need}); train one with 'adaptune train'")
         self.config = TrainConfig.from_dict(json.loads((run / "config.json").read_text(encoding="utf-8"))["train"])
         self.task = json.loads((run / "task.json").read_text(encoding="utf-8"))
+        if self.task.get("task_type") == "causal-lm":
+            raise ConfigError(f"{run} is a language-model run: generate with 'adaptune generate {run}' "
+                              "(or adaptune.generate.Generator); 'adaptune eval' gives its perplexity")
         self.device = pick_device(device)
         self.tokenizer = load_tokenizer(str(run / "tokenizer"))
         labels = self.task["label_names"]
