@@ -52,6 +52,10 @@ TRAIN_HELP: dict[str, str] = {
     "device": "auto, cpu, cuda, cuda:1, ...",
     "precision": "fp32, or bf16 (autocast; weights and optimiser stay fp32)",
     "eval_generate": "causal LMs: greedy replies to this many test conversations, exact match reported beside the base model's (0 = off)",
+    "frozen_dropout": "dropout in the frozen layers below the lowest trained layer (--no-frozen-dropout: they run without it)",
+    "cache_frozen_layers": "compute the frozen lower layers' outputs once and reuse them after the first epoch "
+                           "(needs --no-frozen-dropout; with adapters: --adapter-layers on top layers and --no-train-layer-norms)",
+    "lean_kernels": "lean CPU dropout and attention-with-dropout kernels (adaptune.kernels), for every strategy alike",
 }
 
 

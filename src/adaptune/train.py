@@ -21,6 +21,7 @@ continues from it and ends with bit-identical weights and metrics on CPU.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -46,6 +47,8 @@ from adaptune.distributed import Dist, setup, teardown
 from adaptune.errors import ConfigError, TrainingError
 from adaptune.inject import add_adapter, set_active
 from adaptune.io import atomic_write_dir, save_adapter
+from adaptune.kernels import use_lean_kernels
+from adaptune.layer_cache import FrozenBelow
 from adaptune.metrics import compute_metrics
 from adaptune.models import DEFAULT_MODEL, load_causal_lm, load_classifier, load_tokenizer, quiet_transformers
 from adaptune.trainable import STRATEGIES, train_strategy
@@ -64,6 +67,9 @@ class TrainConfig:
 
     Data fields mirror :func:`adaptune.data.load_task_data`; adapter fields mirror
     :class:`adaptune.AdapterConfig`; ``lr=None`` takes the strategy's default from ``DEFAULT_LR``.
+    ``frozen_dropout=False`` runs the frozen layers below the lowest trained one without dropout,
+    and ``cache_frozen_layers`` then computes their outputs once (:mod:`adaptune.layer_cache`);
+    ``lean_kernels`` applies :func:`adaptune.kernels.use_lean_kernels` whatever the strategy.
     """
 
     model: str = DEFAULT_MODEL
@@ -100,6 +106,9 @@ class TrainConfig:
     device: str = "auto"
     precision: str = "fp32"
     eval_generate: int = 32
+    frozen_dropout: bool = True
+    cache_frozen_layers: bool = False
+    lean_kernels: bool = False
 
     def __post_init__(self) -> None:
         if self.adapter_layers is not None:
@@ -123,6 +132,9 @@ class TrainConfig:
             raise ConfigError(f"unknown task type {self.task_type!r}; use classification, regression or {CAUSAL_LM}")
         if self.eval_generate < 0:
             raise ConfigError(f"eval_generate must be 0 or more, got {self.eval_generate}")
+        if self.cache_frozen_layers and self.frozen_dropout:
+            raise ConfigError("--cache-frozen-layers needs --no-frozen-dropout: kept outputs of the frozen lower layers "
+                              "equal recomputed ones only when those layers run without dropout")
 
     @property
     def causal(self) -> bool:
@@ -177,6 +189,8 @@ def build_model(cfg: TrainConfig, num_labels: int):
     if cfg.strategy == "adapters":
         add_adapter(model, ADAPTER_NAME, cfg.adapter_config())
     counts = train_strategy(model, cfg.strategy, k=cfg.top_k)
+    if cfg.lean_kernels:  # every strategy alike, so adapter-vs-full comparisons stay fair
+        use_lean_kernels(model)
     return model, counts
 
 
@@ -340,6 +354,11 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, quiet: bool, dd: Dist) -> 
     random.seed(cfg.seed)
     model, counts = build_model(cfg, data.num_labels)  # the same initial weights on every rank
     model.to(device).train()
+    lengths = [len(e["input_ids"]) for e in enc["train"]]
+    # dropout off (and the optional cache) below the lowest trained layer: checked before writing anything
+    frozen = None if cfg.frozen_dropout else FrozenBelow(model, cache=cfg.cache_frozen_layers, lengths=lengths)
+    if frozen is not None:
+        data.notes.append(frozen.describe())
     if dd.enabled:
         torch.manual_seed(cfg.seed + 7919 * dd.rank)  # own dropout masks per rank
     dd.barrier()  # every rank has checked the run folder before rank 0 creates it
@@ -357,7 +376,6 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, quiet: bool, dd: Dist) -> 
     for note in data.notes:
         log(f"note: {note}")
     pad_id = tokenizer.pad_token_id
-    lengths = [len(e["input_ids"]) for e in enc["train"]]
 
     def batches_for(epoch: int) -> list[list[int]]:
         if cfg.bucket:
@@ -413,8 +431,9 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, quiet: bool, dd: Dist) -> 
         while progress["batch"] < len(order):
             idx = dd.shard(order[progress["batch"]]) or order[progress["batch"]][:1]  # never an empty shard
             batch = {k: v.to(device) for k, v in collate([enc["train"][i] for i in idx], pad_id).items()}
-            loss = training_step(net, batch, optimizer, scheduler, task_type=data.task_type, max_grad_norm=cfg.max_grad_norm,
-                                 precision=cfg.precision)
+            with frozen.step(idx) if frozen is not None else contextlib.nullcontext():
+                loss = training_step(net, batch, optimizer, scheduler, task_type=data.task_type,
+                                     max_grad_norm=cfg.max_grad_norm, precision=cfg.precision)
             if not math.isfinite(loss):
                 raise TrainingError(
                     f"loss became {loss} at step {progress['step'] + 1}; lower the learning rate "
