@@ -462,6 +462,11 @@ def test_collate_pads_to_longest_and_types_labels():
     assert "token_type_ids" not in reg and reg["labels"].dtype == torch.float and reg["labels"].tolist() == [3.0, 0.5]
     with pytest.raises(ValueError, match="no pad token"):
         collate(feats, pad_token_id=None)
+    fixed = collate(feats, pad_token_id=9, pad_to=5)  # static shape, e.g. every batch padded to max_length
+    assert fixed["input_ids"].tolist() == [[5, 6, 7, 9, 9], [8, 9, 9, 9, 9]]
+    assert fixed["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1, 0, 0, 0, 0]] and fixed["token_type_ids"].shape == (2, 5)
+    with pytest.raises(ValueError, match="shorter than the batch's longest"):
+        collate(feats, pad_token_id=9, pad_to=2)
 
 
 def _waste(batches, lengths) -> int:

@@ -327,12 +327,13 @@ def bucket_batches(lengths: list[int], batch_size: int, *, shuffle: bool, seed: 
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
-def collate(features: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+def collate(features: list[dict], pad_token_id: int, *, pad_to: int | None = None) -> dict[str, torch.Tensor]:
     """Pad a batch of :func:`encode` features to its longest example (right padding).
 
     Args:
         features: examples from :func:`encode`.
         pad_token_id: id written into padded positions (their attention mask is 0).
+        pad_to: pad to this length instead (static shapes; the baseline of ``bench/bucketing.py``).
 
     Returns:
         ``input_ids``, ``attention_mask``, ``token_type_ids`` (if present) — long tensors of shape
@@ -344,6 +345,10 @@ def collate(features: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
     if pad_token_id is None:
         raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token (e.g. to its eos_token)")
     longest = max(len(f["input_ids"]) for f in features)
+    if pad_to is not None:
+        if pad_to < longest:
+            raise ValueError(f"pad_to={pad_to} is shorter than the batch's longest example ({longest} tokens)")
+        longest = pad_to
     ids = torch.full((len(features), longest), pad_token_id, dtype=torch.long)  # (B, T)
     mask = torch.zeros((len(features), longest), dtype=torch.long)
     types = torch.zeros((len(features), longest), dtype=torch.long) if "token_type_ids" in features[0] else None
