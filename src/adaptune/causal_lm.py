@@ -3,9 +3,10 @@
 Batches come from :func:`adaptune.chat.encode_conversations` + :func:`adaptune.data.collate`:
 ``labels`` is ``(B, T)`` with ``-100`` on every token that is not part of an assistant turn. The
 model predicts token ``t+1`` from position ``t``, so only positions whose *next* label is trained
-need logits: those positions are passed as a boolean ``logits_to_keep`` mask and the vocabulary
-projection (49k × 576 for SmolLM2, the largest single matrix product of the model) runs on them
-alone, not on the prompt, the template or the padding.
+need logits: the columns where any row of the batch has one are passed as ``logits_to_keep``
+(a 1-D position tensor, which every ``transformers`` 5 release accepts), so the vocabulary
+projection (49k × 576 for SmolLM2, the largest single matrix product of the model) skips the
+prompts, the template and the padding that no row needs.
 """
 
 from __future__ import annotations
@@ -28,11 +29,15 @@ def _keep_mask(labels: torch.Tensor) -> torch.Tensor:
 
 def response_logits(model, batch: dict[str, torch.Tensor], labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits ``(N, V)`` at the N positions that predict a response token, and those N targets."""
-    keep = _keep_mask(labels)
-    logits = model(**batch, logits_to_keep=keep).logits
-    if logits.ndim == 3:  # a model whose forward has no mask form of logits_to_keep
-        logits = logits[keep]
-    return logits, labels[:, 1:][keep[:, :-1]]
+    keep = _keep_mask(labels)  # (B, T)
+    cols = keep.any(0).nonzero().squeeze(1)  # (K,) positions some row needs
+    logits = model(**batch, logits_to_keep=cols).logits  # (B, K, V)
+    if logits.shape[1] != cols.numel():  # a model that ignored logits_to_keep: (B, T, V)
+        logits = logits[:, cols]
+    targets = torch.full_like(labels, IGNORE)
+    targets[:, :-1] = labels[:, 1:]  # target of position t is token t+1
+    sel = keep[:, cols]  # (B, K)
+    return logits[sel], targets[:, cols][sel]
 
 
 def lm_loss(model, batch: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:

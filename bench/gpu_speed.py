@@ -1,0 +1,187 @@
+"""Adapter speed and memory on a CUDA GPU, as ratios measured in one run.
+
+Two models of the shipped shapes, with random weights (speed does not depend on the values):
+all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384; sequence classification, batch --batch x 128 and
+--big-batch x 128) and
+SmolLM2-135M (LLaMA, 30 layers, hidden 576; causal LM with the response-only loss, batch
+--lm-batch x 256 with the second half of each row as the response). For each, in fp32 and in bf16
+autocast, through the library's own ``training_step``:
+
+- train:  step time of Houlsby m=64 adapters vs full fine-tuning (CUDA events, alternating blocks,
+          medians) and peak allocated memory of each (``torch.cuda.max_memory_allocated``).
+- infer:  forward time with the adapter active vs the plain base (eval mode, no_grad).
+- mixed:  one batch whose rows cycle through 4 adapters vs the same batch on one adapter.
+- generate (LLaMA only): greedy tokens/s at batch 1, with vs without the adapter.
+
+Run:  python bench/gpu_speed.py [--json out.json] [--rounds 5] [--steps 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+
+import torch
+import transformers as T
+
+from adaptune import AdapterConfig, add_adapter, set_active, train_strategy
+from adaptune.train import TrainConfig, make_optimizer, training_step
+
+SHAPES = {
+    "minilm": lambda: T.BertConfig(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
+                                   intermediate_size=1536, num_labels=2),
+    "smollm2": lambda: T.LlamaConfig(vocab_size=49152, hidden_size=576, num_hidden_layers=30, num_attention_heads=9,
+                                     num_key_value_heads=3, intermediate_size=1536, tie_word_embeddings=True,
+                                     max_position_embeddings=2048, pad_token_id=0),
+}
+
+
+def make(shape: str, strategy: str, device, tasks: int = 1):
+    torch.manual_seed(0)
+    cfg = SHAPES[shape]()
+    cls = T.AutoModelForSequenceClassification if shape == "minilm" else T.AutoModelForCausalLM
+    model = cls.from_config(cfg)
+    if strategy == "adapters":
+        for t in range(tasks):
+            add_adapter(model, f"t{t}", AdapterConfig.preset("houlsby", size=64, train_head=shape == "minilm"), activate=t == 0)
+    train_strategy(model, strategy)
+    return model.to(device)
+
+
+def batch_for(shape: str, n: int, device) -> tuple[dict, str]:
+    g = torch.Generator().manual_seed(0)
+    if shape == "minilm":
+        ids = torch.randint(1000, 30000, (n, 128), generator=g)
+        return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
+                "labels": torch.randint(0, 2, (n,), generator=g).to(device)}, "classification"
+    ids = torch.randint(10, 49000, (n, 256), generator=g)
+    labels = ids.clone()
+    labels[:, :128] = -100
+    return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device), "labels": labels.to(device)}, "causal-lm"
+
+
+def timed(fn, steps: int) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(steps):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / steps
+
+
+def bench_train(shape: str, precision: str, n: int, rounds: int, steps: int, device) -> dict:
+    batch, task = batch_for(shape, n, device)
+    runs = {}
+    for strategy in ("adapters", "full"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        model = make(shape, strategy, device).train()
+        opt, sched = make_optimizer(model, TrainConfig(strategy=strategy), 10_000)
+
+        def step(model=model, opt=opt, sched=sched):
+            training_step(model, batch, opt, sched, task_type=task, max_grad_norm=1.0, precision=precision)
+
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+        runs[strategy] = {"step": step, "times": [], "peak_mib": None, "model": model}
+        runs[strategy]["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    for r in range(rounds):
+        for strategy in (("adapters", "full") if r % 2 == 0 else ("full", "adapters")):
+            runs[strategy]["times"].append(timed(runs[strategy]["step"], steps))
+    med = {s: statistics.median(v["times"]) for s, v in runs.items()}
+    out = {"step_ms": {s: round(m, 2) for s, m in med.items()}, "step_ratio": round(med["adapters"] / med["full"], 3),
+           "peak_mib": {s: round(v["peak_mib"], 1) for s, v in runs.items()},
+           "memory_ratio": round(runs["adapters"]["peak_mib"] / runs["full"]["peak_mib"], 3)}
+    del runs
+    torch.cuda.empty_cache()
+    return out
+
+
+def bench_infer(shape: str, precision: str, n: int, rounds: int, steps: int, device) -> dict:
+    batch, _ = batch_for(shape, n, device)
+    batch = {k: v for k, v in batch.items() if k != "labels"}
+    model = make(shape, "adapters", device, tasks=4).eval()
+    ctx = lambda: torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16")  # noqa: E731
+    rows = [f"t{i % 4}" for i in range(n)]
+
+    def fwd(route):
+        def run():
+            set_active(model, route)
+            with torch.no_grad(), ctx():
+                model(**batch)
+        return run
+
+    variants = {"base": fwd(None), "adapter": fwd("t0"), "mixed": fwd(rows)}
+    for v in variants.values():
+        for _ in range(3):
+            v()
+    times = {k: [] for k in variants}
+    for r in range(rounds * 2):
+        order = list(variants) if r % 2 == 0 else list(reversed(variants))
+        for k in order:
+            times[k].append(timed(variants[k], steps))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    out = {"forward_ms": {k: round(m, 3) for k, m in med.items()},
+           "adapter_overhead_pct": round(100 * (med["adapter"] / med["base"] - 1), 2),
+           "mixed_over_single_throughput": round(med["adapter"] / med["mixed"], 3)}
+    if shape == "smollm2":
+        ids = batch["input_ids"][:1, :32]
+
+        def gen(route):
+            def run():
+                set_active(model, route)
+                with torch.no_grad(), ctx():
+                    model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=64, min_new_tokens=64,
+                                   do_sample=False, pad_token_id=0)
+            return run
+
+        g = {"base": gen(None), "adapter": gen("t0")}
+        for v in g.values():
+            v()
+        gt = {k: [] for k in g}
+        for r in range(rounds):
+            for k in (("base", "adapter") if r % 2 == 0 else ("adapter", "base")):
+                gt[k].append(timed(g[k], 1))
+        gm = {k: statistics.median(v) for k, v in gt.items()}
+        out["generate_tokens_per_s"] = {k: round(64_000 / m, 1) for k, m in gm.items()}
+        out["generate_ratio_adapter_over_base"] = round(gm["base"] / gm["adapter"], 3)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--big-batch", type=int, default=256, help="a second MiniLM batch, where arithmetic dominates")
+    ap.add_argument("--lm-batch", type=int, default=16)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("gpu_speed.py needs a CUDA GPU")
+    device = torch.device("cuda")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    report = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "transformers": T.__version__, "results": {}}
+    for shape, n in (("minilm", args.batch), ("minilm", args.big_batch), ("smollm2", args.lm_batch)):
+        for precision in ("fp32", "bf16"):
+            key = f"{shape}/b{n}/{precision}"
+            r = {"train": bench_train(shape, precision, n, args.rounds, args.steps, device),
+                 "infer": bench_infer(shape, precision, n, args.rounds, args.steps, device)}
+            report["results"][key] = r
+            t, i = r["train"], r["infer"]
+            line = (f"{key:<20} train step adapters/full {t['step_ratio']:.3f} ({t['step_ms']['adapters']:.1f} / {t['step_ms']['full']:.1f} ms), "
+                    f"peak memory {t['memory_ratio']:.3f} ({t['peak_mib']['adapters']:.0f} / {t['peak_mib']['full']:.0f} MiB); "
+                    f"inference +{i['adapter_overhead_pct']:.1f} %, mixed/single {i['mixed_over_single_throughput']:.3f}")
+            if "generate_tokens_per_s" in i:
+                line += f"; generate {i['generate_tokens_per_s']['adapter']:.0f} vs {i['generate_tokens_per_s']['base']:.0f} tok/s ({i['generate_ratio_adapter_over_base']:.3f})"
+            print(line, flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
