@@ -18,6 +18,8 @@ layers gave it in the batch it was first seen in; recomputed in another batch (a
 length) the same numbers can differ in the last bits. Padded positions start layer j at zero
 instead of their recomputed values: with right padding their keys are masked, so no real
 position and no loss term reads them, and their gradient is exactly zero.
+The kept states are not part of a checkpoint: a resumed run (``--resume``) fills them again as
+it goes, and then ends equal to the uninterrupted run up to float rounding, not bit for bit.
 
 Generic over families: the cut comes from which parameters train (and the active adapter's
 bottlenecks and layer-norm copies), the skip from passing the hidden state through layers < j,
