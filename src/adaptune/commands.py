@@ -339,7 +339,7 @@ def lm_demo(args: argparse.Namespace) -> int:
     if resume and json.loads(saved.read_text(encoding="utf-8"))["train"] != cfg.to_dict():
         raise ConfigError(f"{out} holds a run with other settings; pass another --output")
     print(f"Houlsby adapter (m={args.adapter_size}) on {args.model} with the chatterbot-corpus English conversations "
-          f"({args.limit_train} training conversations, {args.epochs} epochs, at most {args.max_length} tokens each; "
+          f"({args.limit_train} training conversations, {args.epochs} epoch{'s' if args.epochs != 1 else ''}, at most {args.max_length} tokens each; "
           f"dev/test {args.limit_eval} held-out conversations whose prompts are not in training)", flush=True)
     result = run_train(cfg, out, resume=resume, quiet=args.quiet)
     base, now = result["base"], result
