@@ -345,3 +345,20 @@ def test_shipped_smollm2_converts_generates_and_takes_an_adapter(tmp_path_factor
     # an adapter that starts as the identity (zero up-projection) leaves the greedy reply unchanged
     add_adapter(gen.model, "fresh", AdapterConfig.preset("houlsby", size=16, zero_init_up=True, train_head=False), activate=False)
     assert gen.generate("What is the capital of France?", adapter="fresh", max_new_tokens=12) == reply
+
+
+def test_compare_refuses_chat_data_with_one_line(chat_file, tmp_path, capsys):
+    from adaptune.cli import main
+
+    assert main(["compare", "-o", str(tmp_path / "cmp"), "--tasks", str(chat_file)]) == 2
+    assert "causal LM" in capsys.readouterr().err
+    assert not (tmp_path / "cmp").exists()
+
+
+def test_params_on_a_causal_lm_counts_no_head(llama_dir, capsys):
+    from adaptune.cli import main
+
+    assert main(["params", "--model", str(llama_dir), "--adapter-size", "8", "--top-k", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "causal LM" in out and "[ok]" in out and "head 0" in out
+    assert not any(line.startswith("head ") for line in out.splitlines())

@@ -161,10 +161,11 @@ def _prod(shape) -> int:
 
 def params(args: argparse.Namespace) -> int:
     from adaptune import AdapterConfig, add_adapter, count_parameters, list_adapters, set_active, train_strategy
-    from adaptune.models import load_classifier
+    from adaptune.models import is_causal_lm, load_causal_lm, load_classifier
 
-    model = load_classifier(args.model, 2)
-    cfg = AdapterConfig.preset(args.adapter, size=args.adapter_size)
+    causal = is_causal_lm(args.model)
+    model = load_causal_lm(args.model) if causal else load_classifier(args.model, 2)
+    cfg = AdapterConfig.preset(args.adapter, size=args.adapter_size, train_head=not causal)
     add_adapter(model, "task", cfg)
     row = list_adapters(model)[0]
     ident = model.config
@@ -172,7 +173,8 @@ def params(args: argparse.Namespace) -> int:
     per = cfg.params_per_adapter(d)
     n = row["num_adapters"]
     base = count_parameters(model).base
-    print(f"{args.model}: {ident.model_type}, {ident.num_hidden_layers} layers, hidden {d}; {base:,} parameters with a 2-class head")
+    print(f"{args.model}: {ident.model_type}, {ident.num_hidden_layers} layers, hidden {d}; {base:,} parameters"
+          + (" (a causal LM: its output layer is not a task head)" if causal else " with a 2-class head"))
     formula_ok = per * n == row["bottleneck_params"]
     print(f"{args.adapter} adapter, m={cfg.size}: {n} adapters × (2·{cfg.size}·{d} + {d} + {cfg.size} = {per:,}) = {per * n:,}; "
           f"counted {row['bottleneck_params']:,} [{'ok' if formula_ok else 'MISMATCH'}]")
@@ -181,7 +183,7 @@ def params(args: argparse.Namespace) -> int:
     print(f"{'adapters':<12}{counts.trainable:>14,}{counts.percent:>10.2f}%   "
           f"(bottlenecks {row['bottleneck_params']:,} + layer norms {row['norm_params']:,} + head {row['head_params']:,})")
     set_active(model, None)
-    for strategy, k in (("full", None), ("top-k", args.top_k), ("layernorm", None), ("head", None)):
+    for strategy, k in (("full", None), ("top-k", args.top_k), ("layernorm", None)) + ((("head", None),) if not causal else ()):
         counts = train_strategy(model, strategy, k=k)
         label = f"top-{k}" if k else strategy
         print(f"{label:<12}{counts.trainable:>14,}{counts.percent:>10.2f}%")

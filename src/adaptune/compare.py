@@ -433,6 +433,10 @@ def compare(cfg: CompareConfig, output: str | os.PathLike, *, quiet: bool = Fals
     Returns:
         ``{"summary": rows per strategy, "best": per task, "runs": every run, "ablation": ..., "notes": [...]}``.
     """
+    for task in cfg.tasks:
+        if dataclasses.replace(cfg.train, data=task).causal:
+            raise ConfigError(f"compare runs classification and regression tasks; {task!r} is chat data for a causal LM: "
+                              "train it with 'adaptune train' (base vs adapted perplexity is reported there)")
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     notes: list[str] = []

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 from pathlib import Path
 
@@ -98,6 +99,18 @@ def load_classifier(name_or_path: str, num_labels: int, *, dtype=None):
             "and weights, or a hub name when online"
         ) from None
     return model
+
+
+def is_causal_lm(name_or_path: str) -> bool:
+    """Whether the model folder's config names a causal-LM architecture (``...ForCausalLM``)."""
+    if name_or_path == "smollm2" or name_or_path.endswith(".gguf"):
+        return True
+    config = Path(resolve_model_path(name_or_path)) / "config.json"
+    try:
+        archs = json.loads(config.read_text(encoding="utf-8")).get("architectures") or []
+    except (OSError, ValueError):
+        return False
+    return any(str(a).endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
 
 
 def load_causal_lm(name_or_path: str, *, dtype=None):
