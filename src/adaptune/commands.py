@@ -264,6 +264,7 @@ def _eval_lm(args: argparse.Namespace) -> int:
     from adaptune.causal_lm import evaluate_lm
     from adaptune.chat import encode_conversations
     from adaptune.generate import Generator
+    from adaptune.inject import set_active
     from adaptune.train import TrainConfig, _load_data
 
     gen = Generator(args.run, device=args.device)
@@ -277,8 +278,6 @@ def _eval_lm(args: argparse.Namespace) -> int:
     kw = dict(batch_size=cfg.batch_size * 2, pad_id=gen.tokenizer.pad_token_id, device=gen.device)
     rows = {}
     for label, adapter in (("adapted", gen.default), ("base", None)):
-        from adaptune.inject import set_active
-
         set_active(gen.model, adapter)
         rows[label] = evaluate_lm(gen.model, enc, **kw)
     if args.json:

@@ -178,12 +178,11 @@ class _CallbackStreamer:
         self._inner.end()
 
 
-def exact_match(generator_or_model, tokenizer, conversations: list[list[dict]], *, device, max_new_tokens: int = 48) -> float:
+def exact_match(model, tokenizer, conversations: list[list[dict]], *, device, max_new_tokens: int = 48) -> float:
     """Share of conversations whose greedy reply equals the reference last assistant turn
     (after :func:`adaptune.causal_lm.normalise_answer`). Uses the model's active adapter."""
     from adaptune.causal_lm import normalise_answer
 
-    model = generator_or_model
     was_training = model.training
     model.eval()
     hits = 0
