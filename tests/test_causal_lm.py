@@ -10,7 +10,6 @@ import sys
 
 import pytest
 import torch
-import transformers as T
 from safetensors.torch import load_file
 
 from adaptune import AdapterConfig, add_adapter, set_active
@@ -22,7 +21,7 @@ from adaptune.generate import Generator
 from adaptune.models import load_causal_lm, load_tokenizer
 from adaptune.train import TrainConfig, train
 
-from conftest import chat_pairs, save_tiny_causal_lm, tiny_tokenizer, write_chat_jsonl
+from conftest import save_tiny_causal_lm, tiny_tokenizer, write_chat_jsonl
 
 CONV = [{"role": "user", "content": "what colour is the sky?"}, {"role": "assistant", "content": "the sky is blue."}]
 MULTI = CONV + [{"role": "user", "content": "and the grass?"}, {"role": "assistant", "content": "the grass is green."}]
@@ -110,8 +109,10 @@ def test_response_only_loss_equals_the_reference_masked_loss(llama_dir):
     changed = labels.clone()
     changed[0, 3] = 5
     assert not torch.allclose(lm_loss(model, batch, changed), ours)  # a trained label counts...
-    prompt_only = labels.clone()
-    assert torch.equal(prompt_only[0, :3], torch.full((3,), IGNORE))  # ...an ignored one is ignored
+    full = model(**batch).logits[:, :-1]  # ...and only those: the mean over response targets alone
+    trained = labels[:, 1:] != IGNORE
+    manual = torch.nn.functional.cross_entropy(full[trained], labels[:, 1:][trained])
+    assert torch.allclose(ours, manual, atol=1e-5)
     # gradients match too
     model.zero_grad()
     lm_loss(model, batch, labels).backward()

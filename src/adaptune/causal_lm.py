@@ -11,6 +11,7 @@ prompts, the template and the padding that no row needs.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -53,8 +54,6 @@ def evaluate_lm(model, encoded: list[dict], *, batch_size: int, pad_id: int, dev
 
     Under torchrun (``dd``) each rank scores every N-th conversation and the sums are gathered.
     """
-    import contextlib
-
     was_training = model.training
     model.eval()
     mine = list(range(len(encoded))) if dd is None else dd.shard(list(range(len(encoded))))

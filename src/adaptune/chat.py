@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from adaptune.data import seeded_subset
 from adaptune.errors import DataError
 
 IGNORE = -100  # label of a token that is not trained on (torch's cross_entropy default ignore_index)
@@ -159,9 +160,9 @@ def load_chat_data(source: str, *, dev_file: str | None = None, test_file: str |
                      f"{'dev and test' if dev_file is None and test_file is None else 'dev' if dev_file is None else 'test'}, seed {seed})")
     if not convs or not dev:
         raise DataError(f"{source} has too few conversations to hold out dev and test; add more or pass --dev-file")
-    train = _limit(convs, limit_train, seed, 1, "train", notes)
-    dev = _limit(dev, limit_eval, seed, 2, "dev", notes)
-    test = _limit(test, limit_eval, seed, 3, "test", notes)
+    train = seeded_subset(convs, limit_train, seed, 1, "train", notes, "conversations")
+    dev = seeded_subset(dev, limit_eval, seed, 2, "dev", notes, "conversations")
+    test = seeded_subset(test, limit_eval, seed, 3, "test", notes, "conversations")
     description = f"{what}, {len(train)}/{len(dev)}/{len(test)} train/dev/test conversations"
     return ChatData(train, dev, test, description, notes)
 
@@ -178,14 +179,6 @@ def _hold_out(convs: list[list[dict]], fraction: float, seed: int) -> tuple[list
     out = [c for c in convs if key(c) in held]
     order = rng.permutation(len(out))
     return keep, [out[i] for i in order]
-
-
-def _limit(items: list, limit: int | None, seed: int, salt: int, name: str, notes: list) -> list:
-    if limit is None or limit >= len(items):
-        return items
-    keep = np.random.default_rng([seed, salt]).choice(len(items), size=limit, replace=False)
-    notes.append(f"{name} limited to {limit} of {len(items)} conversations (seed {seed})")
-    return [items[i] for i in sorted(keep.tolist())]
 
 
 # --------------------------------------------------------------------------------------- encoding

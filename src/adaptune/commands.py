@@ -306,8 +306,8 @@ def generate(args: argparse.Namespace) -> int:
     prompt = _read_prompt(args)
     gen = Generator(args.source, device=args.device)
     for path in args.adapter or []:
-        name, _, folder = path.rpartition("=") if "=" in path else ("", "", path)
-        gen.add_adapter(folder, name=name or None)
+        name, sep, folder = path.partition("=")  # NAME=PATH; the path itself may hold '='
+        gen.add_adapter(folder if sep else path, name=name if sep else None)
     use = gen.default if args.use is None else (None if args.use == "none" else args.use)
     if args.use is None and gen.default is None and args.adapter:
         use = gen.adapters[-1]  # a base model plus --adapter: generate with that adapter

@@ -167,13 +167,15 @@ def _carve(split: Split, fraction: float, seed: int) -> tuple[Split, Split]:
     return split.subset(sorted(perm[n_dev:].tolist())), split.subset(sorted(perm[:n_dev].tolist()))
 
 
-def _limit(split: Split, limit: int | None, seed: int, salt: int, name: str, notes: list) -> Split:
-    if limit is None or limit >= len(split):
-        return split
+def seeded_subset(items, limit: int | None, seed: int, salt: int, name: str, notes: list, unit: str = "examples"):
+    """At most ``limit`` of ``items`` (a :class:`Split` or a list), drawn by ``seed`` and kept in order;
+    what was done is appended to ``notes``."""
+    if limit is None or limit >= len(items):
+        return items
     # salt: train, dev and test draw from independent streams of the same seed
-    keep = np.random.default_rng([seed, salt]).choice(len(split), size=limit, replace=False)
-    notes.append(f"{name} limited to {limit} of {len(split)} examples (seed {seed})")
-    return split.subset(sorted(keep.tolist()))
+    keep = sorted(np.random.default_rng([seed, salt]).choice(len(items), size=limit, replace=False).tolist())
+    notes.append(f"{name} limited to {limit} of {len(items)} {unit} (seed {seed})")
+    return items.subset(keep) if isinstance(items, Split) else [items[i] for i in keep]
 
 
 def load_task_data(source: str, *, text_column=None, text_pair_column=None, label_column=None,
@@ -255,9 +257,9 @@ def load_task_data(source: str, *, text_column=None, text_pair_column=None, labe
     if dev is None:
         train, dev = _carve(train, dev_fraction, seed)
         notes.append(f"dev split carved from train: {dev_fraction * 100:g}% (seed {seed})")
-    train = _limit(train, limit_train, seed, 1, "train", notes)
-    dev = _limit(dev, limit_eval, seed, 2, "dev", notes)
-    test = _limit(test, limit_eval, seed, 3, "test", notes) if test is not None else None
+    train = seeded_subset(train, limit_train, seed, 1, "train", notes)
+    dev = seeded_subset(dev, limit_eval, seed, 2, "dev", notes)
+    test = seeded_subset(test, limit_eval, seed, 3, "test", notes) if test is not None else None
 
     sizes = [len(train), len(dev)] + ([len(test)] if test is not None else [])
     parts = "train/dev/test" if test is not None else "train/dev"

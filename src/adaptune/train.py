@@ -45,7 +45,7 @@ from adaptune.config import PRESETS, AdapterConfig
 from adaptune.data import bucket_batches, collate, encode, load_task_data
 from adaptune.distributed import Dist, setup, teardown
 from adaptune.errors import ConfigError, TrainingError
-from adaptune.inject import add_adapter, set_active
+from adaptune.inject import active_adapter, add_adapter, set_active
 from adaptune.io import atomic_write_dir, save_adapter
 from adaptune.kernels import use_lean_kernels
 from adaptune.layer_cache import FrozenBelow
@@ -547,8 +547,6 @@ def _prepare(cfg: TrainConfig, tokenizer) -> _Prepared:
 
 def _score_base(cfg: TrainConfig, model, data: _Prepared, score, tokenizer, device, dd: Dist) -> dict:
     """The untrained model's dev and test numbers (for adapter tuning: with the adapter switched off)."""
-    from adaptune.inject import active_adapter
-
     name = active_adapter(model)
     set_active(model, None)
     try:
