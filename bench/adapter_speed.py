@@ -9,13 +9,20 @@ leaking into it.
 
 - train:  one optimisation step (forward, backward, clip, AdamW, scheduler) through the library's
           own ``training_step``, adapters vs full fine-tuning, with torch's dropout and attention
-          ("plain") and with :func:`adaptune.kernels.use_lean_kernels` on both ("lean").
+          ("plain") and with :func:`adaptune.kernels.use_lean_kernels` on both ("lean"). Two
+          estimates: the ratio of the median step times, and the median of each round's ratio
+          (adapter step over the full step right after it). The FLOP ideal is counted on the same
+          model and batch by torch's ``FlopCounterMode``. ``--embedding-norm frozen`` keeps BERT's
+          embedding LayerNorm frozen, so backward stops at the first adapter.
 - infer:  forward pass in eval mode under no_grad, the same model with the adapter active vs
           ``set_active(model, None)`` (the plain base).
 - mixed:  --tasks adapters (each with its own norms and head); one batch whose rows cycle through
           the tasks vs the same batch all on one task; reported as throughput mixed / single.
 - memory: peak RSS of a fresh subprocess per strategy over --mem-steps training steps (VmHWM,
-          reset after the model is built), adapters vs full, plain and lean.
+          reset after the model is built), adapters vs full, plain and lean; once with glibc's
+          default heap (which keeps freed blocks and fragments) and once with every allocation of
+          128 KiB or more in its own mapping (MALLOC_MMAP_THRESHOLD_), where the peak RSS is the
+          peak of live tensors plus the process.
 
 Run:  .venv/bin/python bench/adapter_speed.py [--only train,infer,mixed,memory] [--rounds 5]
       [--size 64] [--batch 32] [--length 128] [--threads 1] [--json out.json]
@@ -46,13 +53,16 @@ def make_batch(batch: int, length: int, vocab: int, seed: int = 0, labels: bool 
     return out
 
 
-def build(strategy: str, size: int, lean: bool, steps: int):
+def build(strategy: str, size: int, lean: bool, steps: int, embedding_norm: bool = True):
     """Model, optimizer and scheduler through the library's own training path."""
     from adaptune.kernels import use_lean_kernels
     from adaptune.models import quiet_transformers
     from adaptune.train import TrainConfig, build_model, make_optimizer
 
-    cfg = TrainConfig(strategy=strategy, adapter_size=size) if strategy == "adapters" else TrainConfig(strategy=strategy)
+    if strategy == "adapters":
+        cfg = TrainConfig(strategy=strategy, adapter_size=size, train_embedding_norm=embedding_norm)
+    else:
+        cfg = TrainConfig(strategy=strategy)
     with quiet_transformers():
         model, _ = build_model(cfg, 2)
     if lean:
@@ -62,8 +72,13 @@ def build(strategy: str, size: int, lean: bool, steps: int):
     return model, optimizer, scheduler, cfg
 
 
-def alternate(fns: dict, rounds: int, warmup: int = 1) -> dict[str, float]:
-    """Median CPU seconds per call of each fn, calling them in turn, round after round."""
+def alternate(fns: dict, rounds: int, warmup: int = 1, stat=statistics.median) -> dict[str, float]:
+    """CPU seconds per call of each fn (median, or ``stat``), calling them in turn, round after round."""
+    return {k: stat(v) for k, v in alternate_times(fns, rounds, warmup).items()}
+
+
+def alternate_times(fns: dict, rounds: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Every timed call's CPU seconds, per fn, calling the fns in turn, round after round."""
     times: dict[str, list[float]] = {k: [] for k in fns}
     for r in range(warmup + rounds):
         for k, fn in fns.items():
@@ -71,7 +86,20 @@ def alternate(fns: dict, rounds: int, warmup: int = 1) -> dict[str, float]:
             fn()
             if r >= warmup:
                 times[k].append(time.process_time() - c)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
+
+
+def step_flops(model, batch: dict) -> int:
+    """FLOPs of one forward + backward, counted by torch's FlopCounterMode (matrix products)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from adaptune.train import _loss
+
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with FlopCounterMode(display=False) as counter:
+        _loss(model(**inputs).logits, batch["labels"], "classification").backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
 
 
 def section_train(args) -> dict:
@@ -79,20 +107,30 @@ def section_train(args) -> dict:
 
     batch = make_batch(args.batch, args.length, 30000)
     steps = args.rounds + 2
-    fns = {}
+    fns, flops = {}, {}
     for lean in (False, True):
         for strategy in ("adapters", "full"):
-            model, opt, sched, cfg = build(strategy, args.size, lean, steps)
+            model, opt, sched, cfg = build(strategy, args.size, lean, steps, args.embedding_norm == "train")
+            if not lean:
+                flops[strategy] = step_flops(model, batch)
 
             def fn(model=model, opt=opt, sched=sched, cfg=cfg):
                 training_step(model, batch, opt, sched, task_type="classification", max_grad_norm=cfg.max_grad_norm)
 
             fns[f"{'lean' if lean else 'plain'}-{strategy}"] = fn
-    med = alternate(fns, args.rounds)
+    times = alternate_times(fns, args.rounds)
     del fns
-    return {"seconds": med,
+    med = {k: statistics.median(v) for k, v in times.items()}
+
+    def paired(a: str, b: str) -> float:  # each round's pair ran back to back, under the same load
+        return statistics.median(x / y for x, y in zip(times[a], times[b]))
+
+    return {"seconds": med, "times": times,
+            "flops": flops, "flop_ideal": flops["adapters"] / flops["full"],
             "ratio_plain": med["plain-adapters"] / med["plain-full"],
             "ratio_lean": med["lean-adapters"] / med["lean-full"],
+            "ratio_plain_paired": paired("plain-adapters", "plain-full"),
+            "ratio_lean_paired": paired("lean-adapters", "lean-full"),
             "ratio_lean_adapters_vs_plain_full": med["lean-adapters"] / med["plain-full"]}
 
 
@@ -173,7 +211,7 @@ def memory_worker(args) -> dict:
     from adaptune.train import training_step
 
     strategy, lean = args.worker.split(":")
-    model, opt, sched, cfg = build(strategy, args.size, lean == "lean", args.mem_steps + 1)
+    model, opt, sched, cfg = build(strategy, args.size, lean == "lean", args.mem_steps + 1, args.embedding_norm == "train")
     batch = make_batch(args.batch, args.length, 30000)
     before = _status_kib("VmRSS") * 1024
     try:  # "5" resets VmHWM to the current RSS
@@ -188,23 +226,28 @@ def memory_worker(args) -> dict:
 
 
 def section_memory(args) -> dict:
-    passed = ["--size", str(args.size), "--batch", str(args.batch), "--length", str(args.length),
+    passed = ["--size", str(args.size), "--embedding-norm", args.embedding_norm, "--batch", str(args.batch), "--length", str(args.length),
               "--threads", str(args.threads), "--mem-steps", str(args.mem_steps)]
     runs: dict[str, list[dict]] = {}
+    # "exact": every allocation of 128 KiB or more gets its own mapping and goes back to the OS when
+    # freed, so the peak RSS is the peak of live tensors (plus the process), free of how glibc's heap
+    # happens to fragment; slower (page faults), so it is measured apart from the speed figures.
+    allocators = {"default": {}, "exact": {"MALLOC_MMAP_THRESHOLD_": "131072"}}
     for _ in range(args.mem_repeats):
-        for variant in ("adapters:plain", "full:plain", "adapters:lean", "full:lean"):
-            out = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", variant, *passed],
-                                 capture_output=True, text=True)
-            if out.returncode != 0:
-                sys.exit(f"memory worker {variant} failed:\n{out.stderr[-3000:]}")
-            runs.setdefault(variant, []).append(json.loads(out.stdout.strip().splitlines()[-1]))
+        for alloc, env in allocators.items():
+            for variant in ("adapters:plain", "full:plain", "adapters:lean", "full:lean"):
+                out = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", variant, *passed],
+                                     capture_output=True, text=True, env={**os.environ, **env})
+                if out.returncode != 0:
+                    sys.exit(f"memory worker {variant} failed:\n{out.stderr[-3000:]}")
+                runs.setdefault(f"{variant}:{alloc}", []).append(json.loads(out.stdout.strip().splitlines()[-1]))
     med = {v: {k: statistics.median(r[k] for r in rs) for k in ("before", "peak")} for v, rs in runs.items()}
     res = {"bytes": med}
-    for lean in ("plain", "lean"):
-        a, f = med[f"adapters:{lean}"], med[f"full:{lean}"]
-        res[f"peak_ratio_{lean}"] = a["peak"] / f["peak"]
-        res[f"increment_ratio_{lean}"] = (a["peak"] - a["before"]) / (f["peak"] - f["before"])
-    res["peak_ratio_lean_adapters_vs_plain_full"] = med["adapters:lean"]["peak"] / med["full:plain"]["peak"]
+    for alloc in allocators:
+        for lean in ("plain", "lean"):
+            a, f = med[f"adapters:{lean}:{alloc}"], med[f"full:{lean}:{alloc}"]
+            res[f"peak_ratio_{lean}_{alloc}"] = a["peak"] / f["peak"]
+            res[f"increment_ratio_{lean}_{alloc}"] = (a["peak"] - a["before"]) / (f["peak"] - f["before"])
     return res
 
 
@@ -214,8 +257,13 @@ def report(name: str, res: dict, args) -> None:
         s = res["seconds"]
         print(f"train  step CPU s: plain adapters {s['plain-adapters']:.3f} full {s['plain-full']:.3f} | "
               f"lean adapters {s['lean-adapters']:.3f} full {s['lean-full']:.3f}")
-        print(f"train  ratio adapters/full: plain {res['ratio_plain']:.3f} | lean (both) {res['ratio_lean']:.3f} | "
+        print(f"train  ratio adapters/full (median): plain {res['ratio_plain']:.3f} | lean (both) {res['ratio_lean']:.3f} | "
               f"lean adapters / plain full {res['ratio_lean_adapters_vs_plain_full']:.3f}")
+        print(f"train  ratio adapters/full (median of each round's pair): plain {res['ratio_plain_paired']:.3f} | "
+              f"lean (both) {res['ratio_lean_paired']:.3f}")
+        print(f"train  FLOP ideal, counted (FlopCounterMode, forward + backward): {res['flop_ideal']:.3f} "
+              f"({res['flops']['adapters'] / 1e9:.1f} / {res['flops']['full'] / 1e9:.1f} GFLOP); "
+              f"plain median is {100 * (res['ratio_plain'] / res['flop_ideal'] - 1):+.1f} % of it")
     elif name == "infer":
         print(f"infer  forward CPU s: base {res['seconds']['base']:.3f} adapter {res['seconds']['adapter']:.3f} | "
               f"overhead {100 * res['overhead']:+.1f} % (FLOP ideal {100 * res['flop_ideal']:.1f} %)")
@@ -226,9 +274,10 @@ def report(name: str, res: dict, args) -> None:
     elif name == "memory":
         b = res["bytes"]
         print("memory peak RSS MiB: " + ", ".join(f"{v} {b[v]['peak'] / mib:.0f} (before {b[v]['before'] / mib:.0f})" for v in b))
-        print(f"memory ratio adapters/full peak: plain {res['peak_ratio_plain']:.3f} | lean (both) {res['peak_ratio_lean']:.3f} | "
-              f"lean adapters / plain full {res['peak_ratio_lean_adapters_vs_plain_full']:.3f} | "
-              f"increment plain {res['increment_ratio_plain']:.3f} lean {res['increment_ratio_lean']:.3f}")
+        for alloc, what in (("default", "glibc's default heap"), ("exact", "live tensors (each large one mapped apart)")):
+            print(f"memory ratio adapters/full peak, {what}: plain {res[f'peak_ratio_plain_{alloc}']:.3f} | "
+                  f"lean (both) {res[f'peak_ratio_lean_{alloc}']:.3f} | increment over the loaded model: "
+                  f"plain {res[f'increment_ratio_plain_{alloc}']:.3f} lean {res[f'increment_ratio_lean_{alloc}']:.3f}")
 
 
 def main() -> None:
@@ -236,6 +285,9 @@ def main() -> None:
     p.add_argument("--only", default=",".join(SECTIONS), help="comma-separated subset of " + ",".join(SECTIONS))
     p.add_argument("--rounds", type=int, default=5, help="timed rounds per figure (inference: twice as many)")
     p.add_argument("--size", type=int, default=64, help="adapter size m")
+    p.add_argument("--embedding-norm", choices=("train", "frozen"), default="train",
+                   help="adapters: train a copy of the embedding LayerNorm (the released code) or keep it frozen "
+                        "(backward stops at the first adapter; the configuration of the issue's FLOP ideal 0.713)")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--length", type=int, default=128)
     p.add_argument("--tasks", type=int, default=4, help="tasks in the mixed batch")
@@ -249,7 +301,7 @@ def main() -> None:
     if args.worker:
         print(json.dumps(memory_worker(args)), flush=True)
         return
-    print(f"model all-MiniLM-L6-v2 | Houlsby m={args.size} (+ norm and head copies) | random {args.batch}x{args.length} | "
+    print(f"model all-MiniLM-L6-v2 | Houlsby m={args.size} (+ norm and head copies; embedding norm {args.embedding_norm}) | random {args.batch}x{args.length} | "
           f"torch {torch.__version__} cpu, {torch.get_num_threads()} threads | median CPU time of {args.rounds} rounds, "
           "variants alternating", flush=True)
     results = {}

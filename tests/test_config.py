@@ -129,6 +129,7 @@ BAD = [
     ({"layers": 3}, "layers"),
     ({"train_head": "false"}, "train_head"),
     ({"train_layer_norms": None}, "train_layer_norms"),
+    ({"train_embedding_norm": "false"}, "train_embedding_norm"),
 ]
 
 

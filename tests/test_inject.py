@@ -156,6 +156,35 @@ def test_every_adapter_is_in_the_forward_pass(family):
     assert torch.equal(outputs(model)[1], hidden0)
 
 
+def test_frozen_embedding_norm_stops_backward_at_the_first_adapter(family):
+    """train_embedding_norm=False: no task copy of the norm before layer 0, so nothing below the
+    first adapter needs a gradient (layer 0's attention block runs outside autograd); the other
+    norm copies and every adapter still train. Models with no such norm are unaffected."""
+    from adaptune.architectures import input_norm_paths, layer_list, spec_for
+
+    seen, norm_keys, grads = {}, {}, {}
+    for flag in (True, False):
+        model = tiny_model(family)
+        aset = add_adapter(model, "t", AdapterConfig.preset("houlsby", size=4, train_embedding_norm=flag))
+        train_strategy(model, "adapters")
+        spec = spec_for(model)
+        # What reaches the first adapter: the input of the module it is hooked on.
+        first = layer_list(model, spec)[0].get_submodule(spec.slot("attn").output)
+        first.register_forward_pre_hook(lambda m, args, flag=flag: seen.__setitem__(flag, args[0].requires_grad))
+        out = model(**tiny_batch()).logits
+        out.float().pow(2).mean().backward()
+        norm_keys[flag] = set(aset.norms.keys())
+        grads[flag] = {n for n, p in model.named_parameters() if p.requires_grad and p.grad is not None and p.grad.abs().sum() > 0}
+        assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad and "adapters" in n)
+    dropped = {k.replace(".", "-") for k in input_norm_paths(spec_for(tiny_model(family)))}
+    assert norm_keys[True] - norm_keys[False] == dropped and norm_keys[False] <= norm_keys[True]
+    assert len(grads[True]) - len(grads[False]) == 2 * len(dropped)  # weight and bias of each dropped copy
+    if dropped:  # BERT-like: the embedding norm feeds layer 0's attention
+        assert seen[True] and not seen[False]
+    else:  # pre-LN families: layer 0's own (trained) norm sits before its attention either way
+        assert seen[True] == seen[False]
+
+
 @pytest.mark.parametrize(
     "cfg,n_adapters",
     [

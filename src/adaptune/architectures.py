@@ -169,11 +169,21 @@ def head_modules(model: nn.Module) -> dict[str, nn.Module]:
     }
 
 
-def norm_paths(model: nn.Module, spec: ArchSpec) -> list[str]:
-    """Paths (relative to the backbone) of every layer norm the spec names, in model order."""
+def input_norm_paths(spec: ArchSpec) -> list[str]:
+    """The norms outside the layers that sit before the first one (``extra_norms`` not in ``post``),
+    e.g. BERT's ``embeddings.LayerNorm``; LLaMA's and GPT-2's final norms are not among them."""
+    return [p for p in spec.extra_norms if p not in spec.post]
+
+
+def norm_paths(model: nn.Module, spec: ArchSpec, input_norms: bool = True) -> list[str]:
+    """Paths (relative to the backbone) of every layer norm the spec names, in model order.
+
+    ``input_norms=False`` leaves out the norms before the first layer (:func:`input_norm_paths`).
+    """
     n = len(layer_list(model, spec))
     paths = [f"{spec.layers}.{i}.{spec.slot(s).norm}" for i in range(n) for s in ("attn", "ffn")]
-    paths += [p for p in spec.extra_norms if p not in paths]
+    skip = set() if input_norms else set(input_norm_paths(spec))
+    paths += [p for p in spec.extra_norms if p not in paths and p not in skip]
     for p in paths:
         get_submodule(backbone(model), p, "layer norm")
     return paths
@@ -194,4 +204,4 @@ def model_identity(model: nn.Module, spec: ArchSpec) -> dict[str, object]:
     }
 
 
-__all__ = ["ArchSpec", "SlotSpec", "ARCHITECTURES", "spec_for", "backbone", "head_modules", "layer_list", "norm_paths"]
+__all__ = ["ArchSpec", "SlotSpec", "ARCHITECTURES", "spec_for", "backbone", "head_modules", "input_norm_paths", "layer_list", "norm_paths"]

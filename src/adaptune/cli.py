@@ -36,6 +36,8 @@ TRAIN_HELP: dict[str, str] = {
     "init_std": "std of the adapter's truncated-normal init (paper text 1e-2, released code 1e-3)",
     "adapter_layers": "only these layers get adapters (e.g. 3 4 5; negative counts from the top)",
     "train_layer_norms": "train a per-task copy of the layer norms (as in the paper)",
+    "train_embedding_norm": "with --train-layer-norms, also train the norm before the first layer (BERT's "
+                            "embeddings.LayerNorm, as the released code does); off: backward stops at the first adapter",
     "train_head": "train a per-task classification head (never the output layer of a causal LM)",
     "top_k": "number of top layers trained by --strategy top-k",
     "epochs": "passes over the training data",
@@ -62,7 +64,8 @@ TRAIN_HELP: dict[str, str] = {
 # Training options that compare passes through to every run (the rest are the grid's to set).
 COMPARE_TRAIN_OPTIONS = ("model", "text_column", "text_pair_column", "label_column", "task_type", "dev_fraction",
                          "limit_train", "limit_eval", "epochs", "batch_size", "weight_decay", "warmup", "max_grad_norm",
-                         "max_length", "bucket", "device", "precision", "train_layer_norms", "train_head")
+                         "max_length", "bucket", "device", "precision", "train_layer_norms", "train_embedding_norm",
+                         "train_head", "lean_kernels")
 
 
 def _add_config_options(p: argparse.ArgumentParser, cls, helps: dict[str, str], only: tuple[str, ...] | None = None) -> None:

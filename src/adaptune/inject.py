@@ -416,7 +416,8 @@ def _build_and_install(model: nn.Module, container: AdapterContainer, name: str,
     if not isinstance(hidden, int):
         raise ConfigError("cannot tell the model's hidden size from its config (hidden_size / n_embd / dim)")
     base = backbone(model)
-    norms = {p: get_submodule(base, p, "layer norm") for p in norm_paths(model, spec)} if config.train_layer_norms else {}
+    paths = norm_paths(model, spec, input_norms=config.train_embedding_norm) if config.train_layer_norms else []
+    norms = {p: get_submodule(base, p, "layer norm") for p in paths}
     head = head_modules(model) if config.train_head else {}
     aset = AdapterSet(config, hidden, layer_ids, norms, head)
     ref = next(base.parameters())

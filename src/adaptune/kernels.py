@@ -45,12 +45,12 @@ class _Dropout(torch.autograd.Function):
         keep = keep_mask(x.shape, p, x.device)
         ctx.save_for_backward(keep)
         ctx.scale = 1.0 / (1.0 - p)
-        return x.mul(keep).mul_(ctx.scale)
+        return torch.where(keep, x, 0.0).mul_(ctx.scale)  # where: no float copy of the bool mask, as mul makes
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (keep,) = ctx.saved_tensors
-        return grad.mul(keep).mul_(ctx.scale), None
+        return torch.where(keep, grad, 0.0).mul_(ctx.scale), None
 
 
 def lean_dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
@@ -75,7 +75,7 @@ class _AttentionDropout(torch.autograd.Function):
         if dead is not None:  # rows with every key masked attend to nothing (as SDPA does)
             probs.masked_fill_(dead, 0.0)
         keep = keep_mask(probs.shape, p, probs.device)
-        out = torch.matmul(probs.mul(keep), v).mul_(1.0 / (1.0 - p))  # (B, H, Tq, dh)
+        out = torch.matmul(torch.where(keep, probs, 0.0), v).mul_(1.0 / (1.0 - p))  # (B, H, Tq, dh)
         ctx.save_for_backward(q, k, v, probs, keep)
         ctx.scale, ctx.keep_scale = scale, 1.0 / (1.0 - p)
         return out
@@ -84,8 +84,8 @@ class _AttentionDropout(torch.autograd.Function):
     def backward(ctx, grad_out):
         q, k, v, probs, keep = ctx.saved_tensors
         g = grad_out.mul(ctx.keep_scale)
-        grad_v = torch.matmul(probs.mul(keep).transpose(-1, -2), g)
-        grad_p = torch.matmul(g, v.transpose(-1, -2)).mul_(keep)
+        grad_v = torch.matmul(torch.where(keep, probs, 0.0).transpose(-1, -2), g)
+        grad_p = torch.where(keep, torch.matmul(g, v.transpose(-1, -2)), 0.0)
         grad_s = torch._softmax_backward_data(grad_p, probs, -1, probs.dtype).mul_(ctx.scale)
         del grad_p
         grad_q = torch.matmul(grad_s, k)

@@ -90,6 +90,7 @@ class TrainConfig:
     init_std: float = 1e-2
     adapter_layers: tuple[int, ...] | None = None
     train_layer_norms: bool = True
+    train_embedding_norm: bool = True
     train_head: bool = True
     top_k: int | None = None
     epochs: int = 3
@@ -155,6 +156,7 @@ class TrainConfig:
             init_std=self.init_std,
             layers=self.adapter_layers,
             train_layer_norms=self.train_layer_norms,
+            train_embedding_norm=self.train_embedding_norm,
             train_head=self.train_head and not self.causal,
         )
 
