@@ -614,3 +614,28 @@ def test_per_row_routing_api():
         set_active(model, ["a", "x"])
     remove_adapter(model, "a")
     assert active_adapter(model) is None
+
+
+def test_deepcopy_gives_an_independent_adapted_model(family):
+    """copy.deepcopy of an adapted model runs the copy's own adapters, norm and head copies and
+    dropout settings; changing or removing them leaves the original untouched."""
+    import copy
+
+    from adaptune.kernels import use_lean_kernels
+
+    model = tiny_model(family)
+    perturb(add_adapter(model, "t", AdapterConfig.preset("houlsby", size=4)))
+    use_lean_kernels(model)
+    ref = outputs(model)[0]
+    twin = copy.deepcopy(model)
+    torch.testing.assert_close(outputs(twin)[0], ref)
+    with torch.no_grad():
+        for p in twin.adaptune.parameters():
+            p.zero_()
+    assert not torch.allclose(outputs(twin)[0], ref)
+    assert torch.equal(outputs(model)[0], ref)
+    twin.train()  # the twin's dropout is on; the original's lean dropout must still read its own flag
+    assert torch.equal(outputs(model)[0], ref)
+    remove_adapter(twin, "t")
+    set_active(twin, None)
+    assert torch.equal(outputs(model)[0], ref) and active_adapter(model) == "t"

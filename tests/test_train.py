@@ -191,3 +191,43 @@ def test_bf16_autocast_trains_with_fp32_weights(tiny_model_dir, reviews, tmp_pat
     assert "accuracy" in result["dev"]
     with pytest.raises(ConfigError, match="precision"):
         TrainConfig(precision="fp8")
+
+
+def test_compiled_training_steps_equal_eager_ones():
+    """TrainConfig.compile wraps the model in torch.compile for the steps: with dropout off, the
+    compiled steps give the eager losses and weights (adapter hooks and routed norms included)."""
+    import copy
+
+    from conftest import tiny_batch, tiny_model
+
+    from adaptune import AdapterConfig, add_adapter, train_strategy
+    from adaptune.train import make_optimizer, training_step
+
+    model = tiny_model("bert")
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    add_adapter(model, "t", AdapterConfig.preset("houlsby", size=4))
+    train_strategy(model, "adapters")
+    twin = copy.deepcopy(model)
+    start = {k: v.clone() for k, v in model.adaptune.state_dict().items()}
+    batch = {**tiny_batch(), "labels": torch.tensor([0, 1, 1])}
+    cfg = TrainConfig()
+    opt_a, sched_a = make_optimizer(model, cfg, 10)
+    opt_b, sched_b = make_optimizer(twin, cfg, 10)
+    compiled = torch.compile(twin)
+    for _ in range(3):
+        eager = training_step(model, batch, opt_a, sched_a, task_type="classification", max_grad_norm=1.0)
+        fused = training_step(compiled, batch, opt_b, sched_b, task_type="classification", max_grad_norm=1.0)
+        assert fused == pytest.approx(eager, abs=1e-6)
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert any(not torch.equal(v, start[k]) for k, v in twin.adaptune.state_dict().items())  # the steps did train
+
+
+@pytest.mark.parametrize("kw,needle", [({"compile": "fast"}, "compile must be one of"),
+                                       ({"compile": "default", "cache_frozen_layers": True, "frozen_dropout": False},
+                                        "do not combine")])
+def test_compile_option_is_checked(kw, needle):
+    with pytest.raises(ConfigError, match=needle):
+        TrainConfig(**kw)

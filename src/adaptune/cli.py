@@ -57,6 +57,8 @@ TRAIN_HELP: dict[str, str] = {
     "frozen_dropout": "dropout in the frozen layers below the lowest trained layer (--no-frozen-dropout: they run without it)",
     "cache_frozen_layers": "compute the frozen lower layers' outputs once and reuse them after the first epoch "
                            "(needs --no-frozen-dropout; with adapters: --adapter-layers on top layers and --no-train-layer-norms)",
+    "compile": "torch.compile the model for the training steps: none, default, reduce-overhead (CUDA graphs on a GPU), "
+               "max-autotune; the first steps of each new batch shape compile",
     "lean_kernels": "lean CPU dropout and attention-with-dropout kernels (adaptune.kernels), for every strategy alike",
 }
 
@@ -65,7 +67,7 @@ TRAIN_HELP: dict[str, str] = {
 COMPARE_TRAIN_OPTIONS = ("model", "text_column", "text_pair_column", "label_column", "task_type", "dev_fraction",
                          "limit_train", "limit_eval", "epochs", "batch_size", "weight_decay", "warmup", "max_grad_norm",
                          "max_length", "bucket", "device", "precision", "train_layer_norms", "train_embedding_norm",
-                         "train_head", "lean_kernels")
+                         "train_head", "lean_kernels", "compile")
 
 
 def _add_config_options(p: argparse.ArgumentParser, cls, helps: dict[str, str], only: tuple[str, ...] | None = None) -> None:

@@ -72,7 +72,6 @@ class _RoutedForward:
         self.module = module
         self.had_own = "forward" in module.__dict__  # e.g. a forward patched by another library
         self.previous = module.forward
-        route._adaptune_route = True
         module.forward = route
 
     def remove(self) -> None:
@@ -212,7 +211,7 @@ class AdapterContainer(nn.Module):
 
     def _route(self, key: tuple, module: nn.Module, group: str, name: str) -> None:
         if key not in self._hooks:
-            self._hooks[key] = _RoutedForward(module, self._routed_forward(module.forward, group, name))
+            self._hooks[key] = _RoutedForward(module, _Route(self, module.forward, group, name))
 
     def install_hooks(self, model: nn.Module, aset: AdapterSet) -> None:
         """Put the hooks this set needs on the base modules (once per module)."""
@@ -222,10 +221,10 @@ class AdapterContainer(nn.Module):
             for slot in slots:
                 paths = self.spec.slot(slot)
                 out_mod = get_submodule(layers[i], paths.output, f"{slot} output module")
-                self._install(("out", i, slot), out_mod, self._output_hook(i, slot))
+                self._install(("out", i, slot), out_mod, _OutputHook(self, i, slot))
                 if aset.config.mode == "parallel":
                     in_mod = get_submodule(layers[i], paths.input, f"{slot} input module")
-                    self._install(("in", i, slot), in_mod, self._input_hook(i, slot), pre=True)
+                    self._install(("in", i, slot), in_mod, _InputHook(self, i, slot), pre=True)
         base = backbone(model)
         for key, path in aset.norm_paths.items():
             self._route(("norm", key), get_submodule(base, path, "layer norm"), "norms", key)
@@ -255,73 +254,96 @@ class AdapterContainer(nn.Module):
             return None
         return self.sets[name].bottleneck(layer, slot)
 
-    def _output_hook(self, layer: int, slot: str):
-        def hook(module, args, kwargs, out):
-            x_in = self._stash.pop((layer, slot), None)
-            h = out[0] if isinstance(out, tuple) else out
-            if self._groups is None:
-                aset = self.active_set()
-                adapter = None if aset is None else self._bottleneck(self._single(), layer, slot)
+    def _on_output(self, layer: int, slot: str, out):
+        """Forward hook of a sub-layer's output module: add the active adapter(s)."""
+        x_in = self._stash.pop((layer, slot), None)
+        h = out[0] if isinstance(out, tuple) else out
+        if self._groups is None:
+            aset = self.active_set()
+            adapter = None if aset is None else self._bottleneck(self._single(), layer, slot)
+            if adapter is None:
+                return None
+            # (B, T, d): sequential reads h (internal skip), parallel the sub-layer's input
+            h = adapter.add_to(h, x_in if aset.config.mode == "parallel" else None)
+        else:
+            self._check_batch(h.shape[0])
+            pieces = []
+            for name, rows in self._groups:
+                idx = self._rows(rows, h.device)
+                adapter = self._bottleneck(name, layer, slot)
                 if adapter is None:
-                    return None
-                # (B, T, d): sequential reads h (internal skip), parallel the sub-layer's input
-                h = adapter.add_to(h, x_in if aset.config.mode == "parallel" else None)
-            else:
-                self._check_batch(h.shape[0])
-                pieces = []
-                for name, rows in self._groups:
-                    idx = self._rows(rows, h.device)
-                    adapter = self._bottleneck(name, layer, slot)
-                    if adapter is None:
-                        pieces.append((idx, h[idx]))
-                    else:
-                        par = self.sets[name].config.mode == "parallel"
-                        pieces.append((idx, adapter.add_to(h[idx], x_in[idx] if par else None)))
-                h = _scatter_rows(pieces, h.shape[0])
-            return (h, *out[1:]) if isinstance(out, tuple) else h
+                    pieces.append((idx, h[idx]))
+                else:
+                    par = self.sets[name].config.mode == "parallel"
+                    pieces.append((idx, adapter.add_to(h[idx], x_in[idx] if par else None)))
+            h = _scatter_rows(pieces, h.shape[0])
+        return (h, *out[1:]) if isinstance(out, tuple) else h
 
-        return hook
+    def _on_input(self, layer: int, slot: str, args, kwargs) -> None:
+        """Forward pre-hook of a sub-layer's input module: keep x for parallel adapters."""
+        names = self.active_names()
+        if any(self.sets[n].config.mode == "parallel" and self._bottleneck(n, layer, slot) is not None for n in names):
+            x = args[0] if args else kwargs.get("hidden_states", next(iter(kwargs.values()), None))
+            self._stash[(layer, slot)] = x
 
-    def _input_hook(self, layer: int, slot: str):
-        def hook(module, args, kwargs):
-            names = self.active_names()
-            if any(self.sets[n].config.mode == "parallel" and self._bottleneck(n, layer, slot) is not None for n in names):
-                x = args[0] if args else kwargs.get("hidden_states", next(iter(kwargs.values()), None))
-                self._stash[(layer, slot)] = x
-            return None
-
-        return hook
-
-    def _routed_forward(self, base_forward, group: str, key: str):
+    def _routed_call(self, base_forward, group: str, key: str, args, kwargs):
         """The base module's new ``forward``: the active task's copy when it has one, else the base.
 
         Per-row routing splits the batch (dim 0 of the first argument) by task; tasks without a
         copy of this module share one call of the base.
         """
+        if self._groups is None:
+            aset = self.active_set()
+            table = None if aset is None else getattr(aset, group)
+            return table[key](*args, **kwargs) if table is not None and key in table else base_forward(*args, **kwargs)
+        x, rest = args[0], args[1:]
+        self._check_batch(x.shape[0])
+        by_module: dict[int, tuple[Any, list[int]]] = {}
+        for name, rows in self._groups:
+            table = None if name is None else getattr(self.sets[name], group)
+            fn = table[key] if table is not None and key in table else base_forward
+            by_module.setdefault(id(fn), (fn, []))[1].extend(rows)
+        pieces = []
+        for fn, rows in by_module.values():
+            idx = self._rows(sorted(rows), x.device)
+            pieces.append((idx, fn(x[idx], *rest, **kwargs)))
+        if len(pieces) == 1:
+            return pieces[0][1]
+        if not all(isinstance(p, torch.Tensor) for _, p in pieces):
+            raise ArchitectureError(f"per-row adapters need {group} modules that return one tensor; {key!r} does not")
+        return _scatter_rows(pieces, x.shape[0])
 
-        def forward(*args, **kwargs):
-            if self._groups is None:
-                aset = self.active_set()
-                table = None if aset is None else getattr(aset, group)
-                return table[key](*args, **kwargs) if table is not None and key in table else base_forward(*args, **kwargs)
-            x, rest = args[0], args[1:]
-            self._check_batch(x.shape[0])
-            by_module: dict[int, tuple[Any, list[int]]] = {}
-            for name, rows in self._groups:
-                table = None if name is None else getattr(self.sets[name], group)
-                fn = table[key] if table is not None and key in table else base_forward
-                by_module.setdefault(id(fn), (fn, []))[1].extend(rows)
-            pieces = []
-            for fn, rows in by_module.values():
-                idx = self._rows(sorted(rows), x.device)
-                pieces.append((idx, fn(x[idx], *rest, **kwargs)))
-            if len(pieces) == 1:
-                return pieces[0][1]
-            if not all(isinstance(p, torch.Tensor) for _, p in pieces):
-                raise ArchitectureError(f"per-row adapters need {group} modules that return one tensor; {key!r} does not")
-            return _scatter_rows(pieces, x.shape[0])
 
-        return forward
+# Hooks and routed forwards are small objects rather than closures: ``copy.deepcopy(model)`` copies
+# them along with the model, so the copy's hooks call the copy's container and modules (a closure
+# would be shared and keep running the original's adapters).
+
+
+class _OutputHook:
+    def __init__(self, container: AdapterContainer, layer: int, slot: str) -> None:
+        self.container, self.layer, self.slot = container, layer, slot
+
+    def __call__(self, module, args, kwargs, out):
+        return self.container._on_output(self.layer, self.slot, out)
+
+
+class _InputHook:
+    def __init__(self, container: AdapterContainer, layer: int, slot: str) -> None:
+        self.container, self.layer, self.slot = container, layer, slot
+
+    def __call__(self, module, args, kwargs):
+        self.container._on_input(self.layer, self.slot, args, kwargs)
+        return None
+
+
+class _Route:
+    _adaptune_route = True  # marks a forward we installed (see _fresh_copy)
+
+    def __init__(self, container: AdapterContainer, base_forward, group: str, key: str) -> None:
+        self.container, self.base_forward, self.group, self.key = container, base_forward, group, key
+
+    def __call__(self, *args, **kwargs):
+        return self.container._routed_call(self.base_forward, self.group, self.key, args, kwargs)
 
 
 # ---- public API ------------------------------------------------------------------------------

@@ -123,12 +123,17 @@ def lean_sdpa_attention(module, query, key, value, attention_mask, dropout: floa
     return out.transpose(1, 2).contiguous(), None  # (B, Tq, H, dh), no attention weights
 
 
-def _dropout_forward(module: nn.Dropout):
-    def forward(x):
-        return lean_dropout(x, module.p, module.training)
+class _DropoutForward:
+    """A dropout module's routed ``forward`` (an object, not a closure, so ``copy.deepcopy`` of the
+    model gives the copy a forward that reads the copy's ``p`` and ``training``)."""
 
-    setattr(forward, _ROUTE, True)
-    return forward
+    _adaptune_lean = True
+
+    def __init__(self, module: nn.Dropout) -> None:
+        self.module = module
+
+    def __call__(self, x):
+        return lean_dropout(x, self.module.p, self.module.training)
 
 
 def use_lean_kernels(model: nn.Module, enable: bool = True) -> int:
@@ -150,7 +155,7 @@ def use_lean_kernels(model: nn.Module, enable: bool = True) -> int:
         if isinstance(m, nn.Dropout) and type(m).forward is nn.Dropout.forward:
             routed = hasattr(m.__dict__.get("forward"), _ROUTE)
             if enable and not routed and "forward" not in m.__dict__:
-                m.forward = _dropout_forward(m)
+                m.forward = _DropoutForward(m)
                 changed += 1
             elif not enable and routed:
                 del m.forward

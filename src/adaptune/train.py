@@ -58,6 +58,7 @@ CAUSAL_LM = "causal-lm"
 
 # Learning rates that worked on the embedded reviews task with all-MiniLM-L6-v2 (see README):
 # adapters and the small-parameter baselines want a much higher rate than full fine-tuning.
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
 DEFAULT_LR = {"adapters": 1e-3, "full": 5e-5, "top-k": 1e-4, "layernorm": 1e-3, "head": 1e-3}
 
 
@@ -70,6 +71,9 @@ class TrainConfig:
     ``frozen_dropout=False`` runs the frozen layers below the lowest trained one without dropout,
     and ``cache_frozen_layers`` then computes their outputs once (:mod:`adaptune.layer_cache`);
     ``lean_kernels`` applies :func:`adaptune.kernels.use_lean_kernels` whatever the strategy.
+    ``compile`` wraps the model for the training steps in ``torch.compile`` with that mode
+    (``"default"``, ``"reduce-overhead"`` = CUDA graphs on a GPU, ``"max-autotune"``); evaluation
+    runs the plain model. The first steps of each new batch shape pay for the compilation.
     """
 
     model: str = DEFAULT_MODEL
@@ -110,6 +114,7 @@ class TrainConfig:
     frozen_dropout: bool = True
     cache_frozen_layers: bool = False
     lean_kernels: bool = False
+    compile: str = "none"
 
     def __post_init__(self) -> None:
         if self.adapter_layers is not None:
@@ -133,6 +138,11 @@ class TrainConfig:
             raise ConfigError(f"unknown task type {self.task_type!r}; use classification, regression or {CAUSAL_LM}")
         if self.eval_generate < 0:
             raise ConfigError(f"eval_generate must be 0 or more, got {self.eval_generate}")
+        if self.compile not in COMPILE_MODES:
+            raise ConfigError(f"compile must be one of {', '.join(COMPILE_MODES)}, got {self.compile!r}")
+        if self.compile != "none" and self.cache_frozen_layers:
+            raise ConfigError("--compile and --cache-frozen-layers do not combine (the cache swaps modules per step); "
+                              "drop one of them")
         if self.cache_frozen_layers and self.frozen_dropout:
             raise ConfigError("--cache-frozen-layers needs --no-frozen-dropout: kept outputs of the frozen lower layers "
                               "equal recomputed ones only when those layers run without dropout")
@@ -373,6 +383,8 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, quiet: bool, dd: Dist) -> 
 
         # only parameters that train are synchronised; the frozen base is never all-reduced
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile != "none":
+        net = torch.compile(net, mode=None if cfg.compile == "default" else cfg.compile)
     quiet = quiet or not dd.main
     log = (lambda *a: None) if quiet else (lambda msg: tqdm.write(msg))
     for note in data.notes:
