@@ -639,3 +639,28 @@ def test_deepcopy_gives_an_independent_adapted_model(family):
     remove_adapter(twin, "t")
     set_active(twin, None)
     assert torch.equal(outputs(model)[0], ref) and active_adapter(model) == "t"
+
+
+def test_task_copies_of_routed_modules_do_not_copy_the_container():
+    """A second task's norm copy is made from a base norm that already carries our route; the
+    route (which holds every task's adapters) is left out of that copy, and the copy computes
+    the plain norm."""
+    import gc
+
+    from adaptune.inject import AdapterContainer, _fresh_copy
+
+    model = tiny_model("bert")
+    add_adapter(model, "a", AdapterConfig.preset("houlsby", size=4))
+    ln = model.bert.encoder.layer[0].output.LayerNorm
+    gc.collect()
+    gc.disable()  # a copied container would otherwise only live until the next collection
+    try:
+        before = sum(isinstance(o, AdapterContainer) for o in gc.get_objects())
+        twin = _fresh_copy(ln)
+        after = sum(isinstance(o, AdapterContainer) for o in gc.get_objects())
+    finally:
+        gc.enable()
+    assert after == before
+    assert "forward" not in twin.__dict__ and not twin._forward_hooks
+    x = torch.randn(2, 3, 32)
+    torch.testing.assert_close(twin(x), torch.nn.functional.layer_norm(x, (32,), ln.weight, ln.bias, ln.eps))

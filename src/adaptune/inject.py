@@ -54,14 +54,21 @@ def _key(path: str) -> str:
 def _fresh_copy(module: nn.Module) -> nn.Module:
     """A deep copy without the hooks and routed forwards we put on the original (else the copy
     would call itself)."""
-    twin = copy.deepcopy(module)
+    # Our hooks and routes hold the whole container: map them to None so deepcopy does not copy it.
+    memo: dict[int, Any] = {}
+    for m in module.modules():
+        if isinstance(m.__dict__.get("forward"), _Route):
+            memo[id(m.__dict__["forward"])] = None
+        for hooks in (m._forward_hooks, m._forward_pre_hooks):
+            memo.update({id(h): None for h in hooks.values() if isinstance(h, (_OutputHook, _InputHook))})
+    twin = copy.deepcopy(module, memo)
     for m in twin.modules():
         m._forward_hooks.clear()
         m._forward_pre_hooks.clear()
         getattr(m, "_forward_hooks_with_kwargs", {}).clear()
         getattr(m, "_forward_pre_hooks_with_kwargs", {}).clear()
-        if hasattr(m.__dict__.get("forward"), "_adaptune_route"):
-            del m.forward  # our routed forward: the copy runs its class's own
+        if "forward" in m.__dict__ and m.__dict__["forward"] is None:
+            del m.forward  # was our routed forward: the copy runs its class's own
     return twin
 
 
@@ -337,8 +344,6 @@ class _InputHook:
 
 
 class _Route:
-    _adaptune_route = True  # marks a forward we installed (see _fresh_copy)
-
     def __init__(self, container: AdapterContainer, base_forward, group: str, key: str) -> None:
         self.container, self.base_forward, self.group, self.key = container, base_forward, group, key
 

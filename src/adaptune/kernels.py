@@ -28,7 +28,6 @@ import torch
 from torch import nn
 
 _ATTN_NAME = "adaptune_lean_sdpa"
-_ROUTE = "_adaptune_lean"
 
 
 def keep_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.device) -> torch.Tensor:
@@ -127,8 +126,6 @@ class _DropoutForward:
     """A dropout module's routed ``forward`` (an object, not a closure, so ``copy.deepcopy`` of the
     model gives the copy a forward that reads the copy's ``p`` and ``training``)."""
 
-    _adaptune_lean = True
-
     def __init__(self, module: nn.Dropout) -> None:
         self.module = module
 
@@ -153,7 +150,7 @@ def use_lean_kernels(model: nn.Module, enable: bool = True) -> int:
     changed = 0
     for m in model.modules():
         if isinstance(m, nn.Dropout) and type(m).forward is nn.Dropout.forward:
-            routed = hasattr(m.__dict__.get("forward"), _ROUTE)
+            routed = isinstance(m.__dict__.get("forward"), _DropoutForward)
             if enable and not routed and "forward" not in m.__dict__:
                 m.forward = _DropoutForward(m)
                 changed += 1

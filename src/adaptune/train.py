@@ -56,9 +56,9 @@ from adaptune.trainable import STRATEGIES, train_strategy
 ADAPTER_NAME = "task"
 CAUSAL_LM = "causal-lm"
 
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")  # TrainConfig.compile
 # Learning rates that worked on the embedded reviews task with all-MiniLM-L6-v2 (see README):
 # adapters and the small-parameter baselines want a much higher rate than full fine-tuning.
-COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
 DEFAULT_LR = {"adapters": 1e-3, "full": 5e-5, "top-k": 1e-4, "layernorm": 1e-3, "head": 1e-3}
 
 
