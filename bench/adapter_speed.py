@@ -72,9 +72,9 @@ def build(strategy: str, size: int, lean: bool, steps: int, embedding_norm: bool
     return model, optimizer, scheduler, cfg
 
 
-def alternate(fns: dict, rounds: int, warmup: int = 1, stat=statistics.median) -> dict[str, float]:
-    """CPU seconds per call of each fn (median, or ``stat``), calling them in turn, round after round."""
-    return {k: stat(v) for k, v in alternate_times(fns, rounds, warmup).items()}
+def alternate(fns: dict, rounds: int, warmup: int = 1) -> dict[str, float]:
+    """Median CPU seconds per call of each fn, calling them in turn, round after round."""
+    return {k: statistics.median(v) for k, v in alternate_times(fns, rounds, warmup).items()}
 
 
 def alternate_times(fns: dict, rounds: int, warmup: int = 1) -> dict[str, list[float]]:
