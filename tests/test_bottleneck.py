@@ -112,3 +112,24 @@ def test_fused_add_equals_h_plus_adapter_with_gradients(scale, parallel):
     g = torch.randn_like(plain)
     leaves = [h, *b.parameters()] + ([x] if parallel else [])
     torch.testing.assert_close(torch.autograd.grad(fused, leaves, g), torch.autograd.grad(plain, leaves, g))
+
+
+@pytest.mark.parametrize("act", ["gelu", "relu", "tanh", "silu", "identity"])
+@pytest.mark.parametrize("parallel", [False, True])
+@pytest.mark.parametrize("frozen", ["none", "adapter", "input"])
+def test_one_node_backward_equals_autograd_of_the_plain_ops(act, parallel, frozen):
+    """The hand-written backward of add_to gives autograd's gradients of h + b(x) for every
+    nonlinearity, both modes, and when the adapter or the hidden state needs no gradient."""
+    torch.manual_seed(1)
+    b = Bottleneck(16, AdapterConfig(size=4, init_std=0.5, nonlinearity=act, scale=2.0))
+    h = torch.randn(3, 5, 16, requires_grad=frozen != "input")
+    x = torch.randn(3, 5, 16, requires_grad=frozen != "input") if parallel else None
+    if frozen == "adapter":
+        b.requires_grad_(False)
+    fused = b.add_to(h, x)
+    assert fused.grad_fn is not None and "AddBottleneck" in type(fused.grad_fn).__name__
+    plain = h + b(h if x is None else x)
+    torch.testing.assert_close(fused, plain)
+    g = torch.randn_like(plain)
+    leaves = [t for t in [h, x, *b.parameters()] if t is not None and t.requires_grad]
+    torch.testing.assert_close(torch.autograd.grad(fused, leaves, g), torch.autograd.grad(plain, leaves, g))
