@@ -133,3 +133,18 @@ def test_one_node_backward_equals_autograd_of_the_plain_ops(act, parallel, froze
     g = torch.randn_like(plain)
     leaves = [t for t in [h, x, *b.parameters()] if t is not None and t.requires_grad]
     torch.testing.assert_close(torch.autograd.grad(fused, leaves, g), torch.autograd.grad(plain, leaves, g))
+
+
+def test_add_to_works_under_torch_func_and_autocast():
+    """torch.func transforms and bf16 autocast take autograd's own graph of the plain ops."""
+    torch.manual_seed(2)
+    b = Bottleneck(8, AdapterConfig(size=2, init_std=0.5))
+    h = torch.randn(2, 3, 8)
+    got = torch.func.grad(lambda t: b.add_to(t).pow(2).sum())(h)
+    h1 = h.clone().requires_grad_(True)
+    (h1 + b(h1)).pow(2).sum().backward()
+    torch.testing.assert_close(got, h1.grad)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = b.add_to(h1)
+    assert "AddBottleneck" not in type(out.grad_fn).__name__
+    out.float().sum().backward()  # no dtype clash in backward

@@ -409,10 +409,32 @@ def test_shape_mismatch_from_edited_config(target, saved, tmp_path):
     assert_load_fails(target, bad, "shape mismatch", "adapters.0.attn.down.weight (8, 32) vs (16, 32)")
 
 
-def test_shape_mismatch_from_another_head(saved):
+def test_a_head_of_another_width_loads_at_its_own_width(tmp_path):
+    """Tasks with different label counts share one base: the head copy takes the saved width."""
+    model = tiny_model("bert")  # 2 labels
+    perturb(add_adapter(model, "task", AdapterConfig.preset("houlsby", size=8)))
+    with torch.no_grad():
+        expected = model(**tiny_batch()).logits
+    save_adapter(model, "task", tmp_path / "task")
     twin = tiny_model("bert", num_labels=3)
     assert fingerprint(twin) == fingerprint(tiny_model("bert"))  # same backbone: only the head differs
-    assert_load_fails(twin, saved, "shape mismatch", "head.classifier.weight (2, 32) vs (3, 32)")
+    load_adapter(twin, tmp_path / "task")
+    with torch.no_grad():
+        got = twin(**tiny_batch()).logits
+        assert got.shape == expected.shape == (expected.shape[0], 2)
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+        set_active(twin, None)
+        assert twin(**tiny_batch()).logits.shape[-1] == 3  # the base keeps its own head
+        set_active(twin, ["task"] + [None] * (expected.shape[0] - 1))
+        mixed = twin(**tiny_batch()).logits  # rows padded with NaN to the widest head
+    torch.testing.assert_close(mixed[0, :2], expected[0], rtol=0, atol=1e-6)
+    assert torch.isnan(mixed[0, 2])
+
+
+def test_a_head_of_another_input_width_is_refused(target, saved, tmp_path):
+    bad = copy_of(saved, tmp_path)
+    rewrite_tensors(bad, lambda t: t.update({"head.classifier.weight": torch.zeros(2, 16)}))
+    assert_load_fails(target, bad, "shape mismatch", "head.classifier.weight (2, 16) vs (2, 32)")
 
 
 def test_different_base_weights(saved):

@@ -62,11 +62,13 @@ class Bottleneck(nn.Module):
 
         The up-projection accumulates straight onto ``h`` in one ``addmm`` (C = h, beta = 1), and
         its bias is added in place to that fresh result, so the adapted hidden state costs one
-        (B*T, d) allocation instead of two. When gradients are recorded (and autocast is off) the
-        whole adapter is one autograd node, :class:`_AddBottleneck`, with a hand-written backward.
+        (B*T, d) allocation instead of two. When gradients are recorded (autocast and ``torch.func``
+        transforms off) the whole adapter is one autograd node, :class:`_AddBottleneck`, with a
+        hand-written backward.
         Equal to ``h + self(x)`` up to float rounding (the sum is formed in another order).
         """
-        if torch.is_grad_enabled() and not torch.is_autocast_enabled(h.device.type):
+        if (torch.is_grad_enabled() and not torch.is_autocast_enabled(h.device.type)
+                and not torch._C._are_functorch_transforms_active()):  # torch.func: autograd's own graph
             return _AddBottleneck.apply(h, x, self.down.weight, self.down.bias, self.up.weight, self.up.bias,
                                         self.act, self.scale)
         x = h if x is None else x

@@ -136,6 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("texts", nargs="*", help="texts to label (default: read lines from --file or standard input)")
     p.add_argument("--file", "-f", help="file with one text per line ('-' = standard input)")
     p.add_argument("--pair-sep", default="\t", help="separator of the two texts on a line, for pair tasks (default: tab)")
+    p.add_argument("--also", action="append", default=[], metavar="RUN",
+                   help="serve another adapter run on the same base (repeatable); then each line is "
+                        "'TASK<tab>TEXT' (a pair task: 'TASK<tab>TEXT<tab>PAIR'), TASK a run folder's name, "
+                        "or the NAME of a run given as NAME=FOLDER")
     p.add_argument("--json", action="store_true", help="print one JSON object per text")
     p.add_argument("--device", default="auto", help=TRAIN_HELP["device"])
     common(p)
@@ -226,7 +230,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # texts after an option (predict RUN --also RUN2 TEXT ...) are texts too
+        if getattr(args, "command", None) == "predict" and not any(e.startswith("-") for e in extra):
+            args.texts = [*args.texts, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         from adaptune import commands

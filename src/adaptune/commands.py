@@ -79,6 +79,8 @@ def predict(args: argparse.Namespace) -> int:
         lines = [ln for ln in lines if ln.strip()]
     if not lines:
         raise DataError("no texts to predict: pass them as arguments, with --file, or on standard input")
+    if args.also:
+        return _predict_many(args, lines)
     pred = Predictor(args.run, device=args.device)
     pairs = None
     if pred.task["text_pair"]:
@@ -86,14 +88,50 @@ def predict(args: argparse.Namespace) -> int:
         if any(len(s) != 2 for s in split):
             raise DataError("this task takes text pairs: separate the two texts of each line with a tab (or --pair-sep)")
         lines, pairs = [s[0] for s in split], [s[1] for s in split]
-    for row in pred.predict(lines, pairs):
-        if args.json:
+    _print_predictions(pred.predict(lines, pairs), args.json)
+    return 0
+
+
+def _named_runs(specs: list[str]) -> dict[str, Path]:
+    """``FOLDER`` or ``NAME=FOLDER`` arguments -> task name -> run folder."""
+    runs: dict[str, Path] = {}
+    for spec in specs:
+        name, sep, folder = spec.partition("=")
+        if not sep or Path(spec).exists():
+            name, folder = Path(spec).resolve().name, spec
+        if name in runs:
+            raise ConfigError(f"two runs are called {name!r}; name them apart with NAME=FOLDER")
+        runs[name] = Path(folder)
+    return runs
+
+
+def _predict_many(args: argparse.Namespace, lines: list[str]) -> int:
+    from adaptune.predict import MultiTaskPredictor
+
+    pred = MultiTaskPredictor(_named_runs([args.run, *args.also]), device=args.device)
+    tasks, texts, pairs = [], [], []
+    for n, line in enumerate(lines, 1):
+        fields = line.split(args.pair_sep)
+        task = pred.tasks.get(fields[0])
+        if task is None or len(fields) != (3 if task["text_pair"] else 2):
+            raise DataError(f"line {n}: expected 'TASK{args.pair_sep!r}TEXT' (a pair task: a third field, the pair) "
+                            f"with TASK one of {', '.join(pred.tasks)}; got {line[:60]!r}")
+        tasks.append(fields[0])
+        texts.append(fields[1])
+        pairs.append(fields[2] if len(fields) == 3 else None)
+    _print_predictions(pred.predict(texts, tasks, pairs), args.json)
+    return 0
+
+
+def _print_predictions(rows: list[dict], as_json: bool) -> None:
+    for row in rows:
+        task = f"{row['task']}\t" if "task" in row else ""
+        if as_json:
             print(json.dumps(row, ensure_ascii=False))
         elif "score" in row:
-            print(f"{row['score']:.4f}\t{row['text']}")
+            print(f"{task}{row['score']:.4f}\t{row['text']}")
         else:
-            print(f"{row['label']}\t{row['probabilities'][row['label']]:.3f}\t{row['text']}")
-    return 0
+            print(f"{task}{row['label']}\t{row['probabilities'][row['label']]:.3f}\t{row['text']}")
 
 
 def info(args: argparse.Namespace) -> int:

@@ -207,6 +207,7 @@ def load_adapter(
         raise AdapterFileError(f"{path / WEIGHTS} cannot be read ({str(e).splitlines()[0]}); the file is truncated or damaged") from None
     aset = add_adapter(model, name, config, activate=False)
     try:
+        _fit_head_widths(aset, tensors)
         expected = aset.state_dict()
         missing = sorted(set(expected) - set(tensors))
         unexpected = sorted(set(tensors) - set(expected))
@@ -232,6 +233,30 @@ def load_adapter(
     if activate:
         get_container(model).active = name
     return name
+
+
+def _fit_head_widths(aset: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Give the task's head copy the output width saved with it (its own number of labels).
+
+    A head copy starts as a copy of the base model's head, which has the width of whatever task
+    the base was loaded for; tasks with other label counts can share that base. Only a
+    ``Linear``'s output width changes (weight rows and bias), its input must match; any other
+    mismatch is left for the caller to report.
+    """
+    for mod_name, module in aset.named_modules():
+        if not mod_name.startswith("head.") or not isinstance(module, nn.Linear):
+            continue
+        w, b = tensors.get(f"{mod_name}.weight"), tensors.get(f"{mod_name}.bias")
+        if w is None or w.ndim != 2 or w.shape[1] != module.in_features or w.shape[0] == module.out_features:
+            continue
+        if (b is None) != (module.bias is None) or (b is not None and tuple(b.shape) != (w.shape[0],)):
+            continue
+        grad = module.weight.requires_grad
+        ref = module.weight
+        module.weight = nn.Parameter(torch.empty(w.shape, dtype=ref.dtype, device=ref.device), requires_grad=grad)
+        if b is not None:
+            module.bias = nn.Parameter(torch.empty(b.shape, dtype=ref.dtype, device=ref.device), requires_grad=grad)
+        module.out_features = w.shape[0]
 
 
 def _sha256(file: Path) -> str:

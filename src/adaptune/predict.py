@@ -1,7 +1,9 @@
-"""Use a finished run: predictions for new texts, and metrics on a dataset split.
+"""Use finished runs: predictions for new texts, and metrics on a dataset split.
 
 A run folder is self-contained (``config.json``, ``task.json``, ``tokenizer/``, and ``adapter/``
 or ``model/``), so this needs nothing but its path and the base model it names.
+:class:`Predictor` serves one run; :class:`MultiTaskPredictor` serves several adapter runs on one
+shared base, each text naming its task, rows of different tasks in the same forward pass.
 """
 
 from __future__ import annotations
@@ -14,11 +16,38 @@ from typing import Any
 import numpy as np
 import torch
 
-from adaptune.data import Split, encode
+from adaptune.data import Split, bucket_batches, collate, encode
 from adaptune.errors import ConfigError, DataError
+from adaptune.inject import set_active
 from adaptune.io import load_adapter
 from adaptune.models import load_classifier, load_tokenizer
 from adaptune.train import TrainConfig, evaluate, pick_device
+
+
+def read_run(run: Path) -> tuple[TrainConfig, dict[str, Any]]:
+    """A finished classification or regression run's training configuration and task description.
+
+    Raises:
+        ConfigError: not a finished run folder, or a language-model run.
+    """
+    for need in ("config.json", "task.json", "tokenizer"):
+        if not (run / need).exists():
+            raise ConfigError(f"{run} is not a finished run folder (no {need}); train one with 'adaptune train'")
+    config = TrainConfig.from_dict(json.loads((run / "config.json").read_text(encoding="utf-8"))["train"])
+    task = json.loads((run / "task.json").read_text(encoding="utf-8"))
+    if task.get("task_type") == "causal-lm":
+        raise ConfigError(f"{run} is a language-model run: generate with 'adaptune generate {run}' "
+                          "(or adaptune.generate.Generator); 'adaptune eval' gives its perplexity")
+    return config, task
+
+
+def _row(task: dict[str, Any], text: str, out: np.ndarray) -> dict[str, Any]:
+    """One prediction: a score for regression, else the label and every class probability."""
+    if task["task_type"] == "regression":
+        return {"text": text, "score": float(out)}
+    names = task["label_names"]
+    return {"text": text, "label": names[int(out.argmax())],
+            "probabilities": {n: round(float(x), 6) for n, x in zip(names, out)}}
 
 
 class Predictor:
@@ -40,14 +69,7 @@ class Predictor:
 
     def __init__(self, run_dir: str | os.PathLike, device: str = "auto") -> None:
         run = Path(run_dir)
-        for need in ("config.json", "task.json", "tokenizer"):
-            if not (run / need).exists():
-                raise ConfigError(f"{run} is not a finished run folder (no {need}); train one with 'adaptune train'")
-        self.config = TrainConfig.from_dict(json.loads((run / "config.json").read_text(encoding="utf-8"))["train"])
-        self.task = json.loads((run / "task.json").read_text(encoding="utf-8"))
-        if self.task.get("task_type") == "causal-lm":
-            raise ConfigError(f"{run} is a language-model run: generate with 'adaptune generate {run}' "
-                              "(or adaptune.generate.Generator); 'adaptune eval' gives its perplexity")
+        self.config, self.task = read_run(run)
         self.device = pick_device(device)
         self.tokenizer = load_tokenizer(str(run / "tokenizer"))
         labels = self.task["label_names"]
@@ -76,12 +98,8 @@ class Predictor:
         enc = encode(self._split(texts, text_pairs), self.tokenizer, self.task["max_length"])
         _, outs = evaluate(self.model, enc, **self._eval_kw(batch_size))
         if self.task["task_type"] == "regression":
-            return [{"text": t, "score": float(s)} for t, s in zip(texts, np.atleast_1d(outs))]
-        names = self.label_names
-        return [
-            {"text": t, "label": names[int(p.argmax())], "probabilities": {n: round(float(x), 6) for n, x in zip(names, p)}}
-            for t, p in zip(texts, outs)
-        ]
+            outs = np.atleast_1d(outs)
+        return [_row(self.task, t, o) for t, o in zip(texts, outs)]
 
     def evaluate(self, split: Split, label_names: list[str] | None, batch_size: int = 64) -> dict[str, float]:
         """Metrics on ``split``, whose class ids refer to ``label_names`` (remapped to this task's)."""
@@ -100,3 +118,94 @@ class Predictor:
     def _eval_kw(self, batch_size: int) -> dict[str, Any]:
         num = 1 if self.task["task_type"] == "regression" else len(self.label_names)
         return dict(task_type=self.task["task_type"], num_labels=num, batch_size=batch_size, pad_id=self.tokenizer.pad_token_id, device=self.device)
+
+
+class MultiTaskPredictor:
+    """Several adapter runs on one shared base model: each text names its task.
+
+    The base is loaded once; every run adds its adapter, layer-norm and head copies (heads may
+    have different numbers of labels). A batch whose rows belong to different tasks runs in one
+    forward pass (:func:`adaptune.set_active` with one name per row); each row's result equals
+    that of its own run's :class:`Predictor` up to float rounding.
+
+    Args:
+        runs: task name -> run folder (a list of folders: each named after its folder).
+        device: ``"auto"``, ``"cpu"`` or ``"cuda[:i]"``.
+
+    Raises:
+        ConfigError: a folder is not a finished adapter run, the runs name different base
+            models, or two tasks share a name.
+        AdapterFileError: an adapter does not fit the base model.
+
+    Example:
+        >>> p = MultiTaskPredictor({"sentiment": "runs/reviews", "topic": "runs/topics"})
+        >>> [r["label"] for r in p.predict(["Tasty!", "Stock prices fell"], ["sentiment", "topic"])]
+        ['great', 'business']
+    """
+
+    def __init__(self, runs: dict[str, str | os.PathLike] | list[str | os.PathLike], device: str = "auto") -> None:
+        if not isinstance(runs, dict):
+            paths = [Path(r) for r in runs]
+            names = [p.resolve().name for p in paths]
+            twice = sorted({n for n in names if names.count(n) > 1})
+            if twice:
+                raise ConfigError(f"two runs would both be called {twice[0]!r}; name them (name=folder)")
+            runs = dict(zip(names, paths))
+        if not runs:
+            raise ConfigError("no runs given: pass at least one run folder")
+        self.tasks: dict[str, dict[str, Any]] = {}
+        configs = {}
+        for name, folder in runs.items():
+            folder = Path(folder)
+            configs[name], self.tasks[name] = read_run(folder)
+            if not (folder / "adapter").is_dir():
+                raise ConfigError(f"{folder} is not an adapter run (no adapter/); serve it alone with 'adaptune predict {folder}'")
+        models = {c.model for c in configs.values()}
+        if len(models) > 1:
+            raise ConfigError(f"the runs were trained on different base models ({', '.join(sorted(models))}); "
+                              "tasks served together must share one base")
+        first = next(iter(runs))
+        self.device = pick_device(device)
+        self.tokenizer = load_tokenizer(str(Path(runs[first]) / "tokenizer"))
+        self.model = load_classifier(configs[first].model, self._width(first))
+        for name, folder in runs.items():
+            load_adapter(self.model, Path(folder) / "adapter", name=name, activate=False)
+        self.model.to(self.device).eval()
+
+    def _width(self, name: str) -> int:
+        task = self.tasks[name]
+        return 1 if task["task_type"] == "regression" else len(task["label_names"])
+
+    @torch.no_grad()
+    def predict(self, texts: list[str], tasks: list[str], text_pairs: list[str | None] | None = None,
+                batch_size: int = 64) -> list[dict[str, Any]]:
+        """Like :meth:`Predictor.predict`, with each row's task; every result also names it."""
+        if len(tasks) != len(texts) or (text_pairs is not None and len(text_pairs) != len(texts)):
+            raise DataError(f"{len(texts)} texts need as many task names (and pairs, if given); got {len(tasks)}")
+        unknown = sorted(set(tasks) - set(self.tasks))
+        if unknown:
+            raise DataError(f"unknown task {unknown[0]!r}; this predictor serves {', '.join(self.tasks)}")
+        pairs = list(text_pairs) if text_pairs is not None else [None] * len(texts)
+        encoded: list[dict | None] = [None] * len(texts)
+        for name, task in self.tasks.items():  # each task's own max_length and pairing
+            idx = [i for i, t in enumerate(tasks) if t == name]
+            if not idx:
+                continue
+            if task["text_pair"] and any(pairs[i] is None for i in idx):
+                raise DataError(f"task {name!r} takes text pairs: give a second text for each of its inputs")
+            split = Split([texts[i] for i in idx], [pairs[i] for i in idx] if task["text_pair"] else None, [0] * len(idx))
+            for i, feature in zip(idx, encode(split, self.tokenizer, task["max_length"])):
+                encoded[i] = feature
+        results: list[dict[str, Any] | None] = [None] * len(texts)
+        for batch_idx in bucket_batches([len(e["input_ids"]) for e in encoded], batch_size, shuffle=False):
+            batch = {k: v.to(self.device) for k, v in collate([encoded[i] for i in batch_idx], self.tokenizer.pad_token_id).items()}
+            batch.pop("labels")
+            set_active(self.model, [tasks[i] for i in batch_idx])
+            logits = self.model(**batch).logits.float().cpu()  # (B, widest head), NaN past a row's own width
+            for row, i in enumerate(batch_idx):
+                task = self.tasks[tasks[i]]
+                own = logits[row, : self._width(tasks[i])]
+                out = own.squeeze(-1) if task["task_type"] == "regression" else own.softmax(-1)
+                results[i] = {"task": tasks[i], **_row(task, texts[i], out.numpy())}
+        set_active(self.model, None)
+        return results

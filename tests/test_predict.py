@@ -1,0 +1,80 @@
+"""Serving finished runs: several adapter tasks on one base, mixed in one batch (src/adaptune/predict.py)."""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+
+import pytest
+from conftest import write_reviews_csv
+
+from adaptune import ConfigError, DataError
+from adaptune.cli import main
+from adaptune.predict import MultiTaskPredictor, Predictor
+
+
+def _train(model_dir, data, out, *extra):
+    args = ["train", "--quiet", "-o", str(out), "--model", str(model_dir), "--data", str(data), "--text-column", "review",
+            "--label-column", "score", "--epochs", "1", "--batch-size", "8", "--device", "cpu", *extra]
+    assert main(args) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model_dir, tmp_path_factory):
+    """Two adapter runs on one tiny base: 2 labels / max 16 tokens, and 3 labels / max 8 tokens."""
+    tmp = tmp_path_factory.mktemp("serve")
+    two = _train(tiny_model_dir, write_reviews_csv(tmp / "two.csv", n=40), tmp / "two", "--max-length", "16")
+    three = _train(tiny_model_dir, write_reviews_csv(tmp / "three.csv", n=60, classes=3), tmp / "three",
+                   "--max-length", "8", "--adapter", "pfeiffer")
+    full = _train(tiny_model_dir, tmp / "two.csv", tmp / "full", "--max-length", "16", "--strategy", "full")
+    return {"two": two, "three": three, "full": full}
+
+
+TEXTS = ["this coffee is great and tasty", "stale bland and soggy, a long review that runs past eight tokens for sure",
+         "okay average", "lovely", "plain fine okay okay"]
+TASKS = ["two", "three", "three", "two", "three"]
+
+
+def test_mixed_rows_equal_each_run_served_alone(runs):
+    multi = MultiTaskPredictor({"two": runs["two"], "three": runs["three"]}, device="cpu")
+    rows = multi.predict(TEXTS, TASKS, batch_size=4)  # batches mix the two tasks
+    alone = {name: Predictor(runs[name], device="cpu") for name in ("two", "three")}
+    for text, task, row in zip(TEXTS, TASKS, rows):
+        ref = alone[task].predict([text])[0]
+        assert row["task"] == task and row["text"] == text and row["label"] == ref["label"]
+        assert set(row["probabilities"]) == set(ref["probabilities"])  # each task its own labels (2 or 3)
+        for label, p in ref["probabilities"].items():
+            assert row["probabilities"][label] == pytest.approx(p, abs=1e-5)
+    assert {len(r["probabilities"]) for r in rows} == {2, 3}
+
+
+def test_runs_named_after_their_folders_and_bad_input(runs):
+    multi = MultiTaskPredictor([runs["two"], runs["three"]], device="cpu")
+    assert list(multi.tasks) == ["two", "three"]
+    with pytest.raises(DataError, match="unknown task 'four'"):
+        multi.predict(["x"], ["four"])
+    with pytest.raises(DataError, match="as many task names"):
+        multi.predict(["x", "y"], ["two"])
+    with pytest.raises(ConfigError, match="not an adapter run"):
+        MultiTaskPredictor([runs["two"], runs["full"]], device="cpu")
+    with pytest.raises(ConfigError, match="both be called 'two'"):
+        MultiTaskPredictor([runs["two"], runs["two"]], device="cpu")
+
+
+def test_cli_serves_several_runs(runs, capsys, monkeypatch):
+    lines = "".join(f"{task}\t{text}\n" for task, text in zip(TASKS, TEXTS))
+    monkeypatch.setattr(sys, "stdin", io.StringIO(lines))
+    assert main(["predict", str(runs["two"]), "--also", f"three={runs['three']}", "--json", "--device", "cpu"]) == 0
+    rows = [json.loads(ln) for ln in capsys.readouterr().out.strip().splitlines()]
+    assert [r["task"] for r in rows] == TASKS and [r["text"] for r in rows] == TEXTS
+    assert main(["predict", str(runs["two"]), "--also", f"three={runs['three']}", "two\tgreat", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out.strip().split("\t")
+    assert out[0] == "two" and out[1] in ("good", "bad") and out[-1] == "great"
+
+
+def test_cli_rejects_a_line_without_a_known_task(runs, capsys):
+    assert main(["predict", str(runs["two"]), "--also", str(runs["three"]), "just a text", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "line 1: expected 'TASK" in err[0] and "two, three" in err[0]
