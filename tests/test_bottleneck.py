@@ -148,3 +148,20 @@ def test_add_to_works_under_torch_func_and_autocast():
         out = b.add_to(h1)
     assert "AddBottleneck" not in type(out.grad_fn).__name__
     out.float().sum().backward()  # no dtype clash in backward
+
+
+def test_second_order_gradients_raise_and_unknown_activations_take_autograd():
+    """Double backward through the one-node adapter raises (it would be wrong); an activation the
+    hand-written backward does not know (here Sigmoid) runs autograd's own graph of the plain ops."""
+    torch.manual_seed(3)
+    b = Bottleneck(8, AdapterConfig(size=2, init_std=0.5))
+    h = torch.randn(2, 3, 8, requires_grad=True)
+    (g,) = torch.autograd.grad(b.add_to(h).pow(2).sum(), h, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad|doesn't require grad"):
+        g.pow(2).sum().backward()
+    b.act = torch.nn.Sigmoid()
+    out = b.add_to(h)
+    assert "AddBottleneck" not in type(out.grad_fn).__name__
+    got = torch.autograd.grad(out.sum(), h)[0]
+    want = torch.autograd.grad((h + b(h)).sum(), h)[0]
+    torch.testing.assert_close(got, want)

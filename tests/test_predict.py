@@ -29,7 +29,8 @@ def runs(tiny_model_dir, tmp_path_factory):
     three = _train(tiny_model_dir, write_reviews_csv(tmp / "three.csv", n=60, classes=3), tmp / "three",
                    "--max-length", "8", "--adapter", "pfeiffer")
     full = _train(tiny_model_dir, tmp / "two.csv", tmp / "full", "--max-length", "16", "--strategy", "full")
-    return {"two": two, "three": three, "full": full}
+    nohead = _train(tiny_model_dir, tmp / "two.csv", tmp / "nohead", "--max-length", "16", "--no-train-head")
+    return {"two": two, "three": three, "full": full, "nohead": nohead}
 
 
 TEXTS = ["this coffee is great and tasty", "stale bland and soggy, a long review that runs past eight tokens for sure",
@@ -59,7 +60,7 @@ def test_runs_named_after_their_folders_and_bad_input(runs):
         multi.predict(["x", "y"], ["two"])
     with pytest.raises(ConfigError, match="not an adapter run"):
         MultiTaskPredictor([runs["two"], runs["full"]], device="cpu")
-    with pytest.raises(ConfigError, match="both be called 'two'"):
+    with pytest.raises(ConfigError, match="both be called 'two'.*dict"):
         MultiTaskPredictor([runs["two"], runs["two"]], device="cpu")
 
 
@@ -77,4 +78,26 @@ def test_cli_serves_several_runs(runs, capsys, monkeypatch):
 def test_cli_rejects_a_line_without_a_known_task(runs, capsys):
     assert main(["predict", str(runs["two"]), "--also", str(runs["three"]), "just a text", "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "line 1: expected 'TASK" in err[0] and "two, three" in err[0]
+    assert len(err) == 1 and "line 1: expected TASK<tab>TEXT" in err[0] and "two, three" in err[0]
+
+
+def test_a_run_without_its_own_head_is_refused(runs, capsys):
+    """Its predictions came from a random base head that was not saved: serving it would be wrong."""
+    for load in (lambda: Predictor(runs["nohead"], device="cpu"),
+                 lambda: MultiTaskPredictor([runs["two"], runs["nohead"]], device="cpu")):
+        with pytest.raises(ConfigError, match="without a head of its own"):
+            load()
+    assert main(["predict", str(runs["nohead"]), "tasty", "--device", "cpu"]) == 2
+    assert "without a head of its own" in capsys.readouterr().err
+
+
+def test_cli_stray_words_and_unusable_names(runs, tmp_path, capsys):
+    texts = tmp_path / "texts.txt"
+    texts.write_text("two\tgreat\n")
+    # words after --file would silently replace the file's lines: still an error
+    with pytest.raises(SystemExit):
+        main(["predict", str(runs["two"]), "--also", str(runs["three"]), "-f", str(texts), "stray"])
+    assert "unrecognized arguments: stray" in capsys.readouterr().err
+    assert main(["predict", str(runs["two"]), "--also", f"1st={runs['three']}", "two\tgreat", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "task name '1st' (given) is not usable" in err[0]

@@ -67,7 +67,7 @@ class Bottleneck(nn.Module):
         hand-written backward.
         Equal to ``h + self(x)`` up to float rounding (the sum is formed in another order).
         """
-        if (torch.is_grad_enabled() and not torch.is_autocast_enabled(h.device.type)
+        if (torch.is_grad_enabled() and type(self.act) in _ACT_BACKWARD and not torch.is_autocast_enabled(h.device.type)
                 and not torch._C._are_functorch_transforms_active()):  # torch.func: autograd's own graph
             return _AddBottleneck.apply(h, x, self.down.weight, self.down.bias, self.up.weight, self.up.bias,
                                         self.act, self.scale)
@@ -79,17 +79,15 @@ class Bottleneck(nn.Module):
         return out.view(h.shape)
 
 
-def _act_backward(act: nn.Module, grad: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """The gradient at the activation's input ``z``, given the gradient at its output."""
-    if isinstance(act, nn.GELU):
-        return torch.ops.aten.gelu_backward(grad, z, approximate=act.approximate)
-    if isinstance(act, nn.ReLU):
-        return torch.ops.aten.threshold_backward(grad, z, 0)
-    if isinstance(act, nn.SiLU):
-        return torch.ops.aten.silu_backward(grad, z)
-    if isinstance(act, nn.Tanh):
-        return torch.ops.aten.tanh_backward(grad, torch.tanh(z))
-    return grad  # identity
+# The gradient at an activation's input z, given the gradient at its output (exact types only:
+# a subclass or another module takes autograd's own graph).
+_ACT_BACKWARD = {
+    nn.GELU: lambda act, grad, z: torch.ops.aten.gelu_backward(grad, z, approximate=act.approximate),
+    nn.ReLU: lambda act, grad, z: torch.ops.aten.threshold_backward(grad, z, 0),
+    nn.SiLU: lambda act, grad, z: torch.ops.aten.silu_backward(grad, z),
+    nn.Tanh: lambda act, grad, z: torch.ops.aten.tanh_backward(grad, torch.tanh(z)),
+    nn.Identity: lambda act, grad, z: grad,
+}
 
 
 class _AddBottleneck(torch.autograd.Function):
@@ -98,8 +96,10 @@ class _AddBottleneck(torch.autograd.Function):
     Against autograd's graph of the same ops it keeps less (h or x, and the pre-activation; the
     activation is recomputed in backward, (B*T, m), cheap), needs no separate sum for the two
     gradients reaching a sequential adapter's h (its skip and its down-projection: one ``addmm``
-    onto the incoming gradient), and skips gradients nobody asked for. The adapter's own
-    fwd + bwd runs ~20 % faster on one CPU thread at (4096, 384), m = 64, and launches fewer kernels.
+    onto the incoming gradient), and skips gradients nobody asked for. The adapter's own fwd + bwd
+    runs ~20 % faster on one CPU thread at (4096, 384), m = 64. Its backward is not itself
+    differentiable: a second-order gradient (``create_graph=True``) through it raises instead of
+    coming out wrong.
     """
 
     @staticmethod
@@ -115,6 +115,7 @@ class _AddBottleneck(torch.autograd.Function):
         return out.view(h.shape)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # no graph of the backward: double backward raises
     def backward(ctx, grad):
         inp, z, w_down, w_up = ctx.saved_tensors
         need = ctx.needs_input_grad  # h, x, w_down, b_down, w_up, b_up, act, scale
@@ -127,7 +128,7 @@ class _AddBottleneck(torch.autograd.Function):
             g_bu = gs.sum(0)
         want_inp = need[1] if ctx.parallel else need[0]
         if want_inp or need[2] or need[3]:
-            gz = _act_backward(ctx.act, gs.mm(w_up), z)  # (B*T, m)
+            gz = _ACT_BACKWARD[type(ctx.act)](ctx.act, gs.mm(w_up), z)  # (B*T, m)
             if need[2]:
                 g_wd = gz.t().mm(inp)  # (m, d)
             if need[3]:

@@ -233,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # texts after an option (predict RUN --also RUN2 TEXT ...) are texts too
-        if getattr(args, "command", None) == "predict" and not any(e.startswith("-") for e in extra):
+        if (getattr(args, "command", None) == "predict" and args.file is None
+                and not any(e.startswith("-") for e in extra)):
             args.texts = [*args.texts, *extra]
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")

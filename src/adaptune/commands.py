@@ -94,11 +94,17 @@ def predict(args: argparse.Namespace) -> int:
 
 def _named_runs(specs: list[str]) -> dict[str, Path]:
     """``FOLDER`` or ``NAME=FOLDER`` arguments -> task name -> run folder."""
+    from adaptune.inject import _NAME
+
     runs: dict[str, Path] = {}
     for spec in specs:
         name, sep, folder = spec.partition("=")
-        if not sep or Path(spec).exists():
+        given = bool(sep) and not Path(spec).exists()
+        if not given:
             name, folder = Path(spec).resolve().name, spec
+        if not _NAME.match(name):
+            raise ConfigError(f"task name {name!r} ({'given' if given else 'the folder name of ' + spec}) is not usable: "
+                              "use letters, digits, '_' and '-', not starting with a digit; name it with NAME=FOLDER")
         if name in runs:
             raise ConfigError(f"two runs are called {name!r}; name them apart with NAME=FOLDER")
         runs[name] = Path(folder)
@@ -114,7 +120,8 @@ def _predict_many(args: argparse.Namespace, lines: list[str]) -> int:
         fields = line.split(args.pair_sep)
         task = pred.tasks.get(fields[0])
         if task is None or len(fields) != (3 if task["text_pair"] else 2):
-            raise DataError(f"line {n}: expected 'TASK{args.pair_sep!r}TEXT' (a pair task: a third field, the pair) "
+            sep = "<tab>" if args.pair_sep == "\t" else args.pair_sep
+            raise DataError(f"line {n}: expected TASK{sep}TEXT (a pair task: TASK{sep}TEXT{sep}PAIR) "
                             f"with TASK one of {', '.join(pred.tasks)}; got {line[:60]!r}")
         tasks.append(fields[0])
         texts.append(fields[1])

@@ -19,7 +19,7 @@ import torch
 from adaptune.data import Split, bucket_batches, collate, encode
 from adaptune.errors import ConfigError, DataError
 from adaptune.inject import set_active
-from adaptune.io import load_adapter
+from adaptune.io import load_adapter, read_adapter_config
 from adaptune.models import load_classifier, load_tokenizer
 from adaptune.train import TrainConfig, evaluate, pick_device
 
@@ -38,6 +38,9 @@ def read_run(run: Path) -> tuple[TrainConfig, dict[str, Any]]:
     if task.get("task_type") == "causal-lm":
         raise ConfigError(f"{run} is a language-model run: generate with 'adaptune generate {run}' "
                           "(or adaptune.generate.Generator); 'adaptune eval' gives its perplexity")
+    if (run / "adapter").is_dir() and not read_adapter_config(run / "adapter")["config"].train_head:
+        raise ConfigError(f"{run} was trained without a head of its own (--no-train-head): its predictions came "
+                          "from the base model's randomly initialised head, which was not saved; train it again with a head")
     return config, task
 
 
@@ -133,9 +136,10 @@ class MultiTaskPredictor:
         device: ``"auto"``, ``"cpu"`` or ``"cuda[:i]"``.
 
     Raises:
-        ConfigError: a folder is not a finished adapter run, the runs name different base
-            models, or two tasks share a name.
-        AdapterFileError: an adapter does not fit the base model.
+        ConfigError: a folder is not a finished adapter run (with a head of its own), or two
+            tasks share a name.
+        AdapterFileError: an adapter does not fit the base model (runs trained on another base
+            are refused by its weight fingerprint).
 
     Example:
         >>> p = MultiTaskPredictor({"sentiment": "runs/reviews", "topic": "runs/topics"})
@@ -149,7 +153,7 @@ class MultiTaskPredictor:
             names = [p.resolve().name for p in paths]
             twice = sorted({n for n in names if names.count(n) > 1})
             if twice:
-                raise ConfigError(f"two runs would both be called {twice[0]!r}; name them (name=folder)")
+                raise ConfigError(f"two runs would both be called {twice[0]!r}; name them: pass a dict {{name: folder}}")
             runs = dict(zip(names, paths))
         if not runs:
             raise ConfigError("no runs given: pass at least one run folder")
@@ -160,10 +164,6 @@ class MultiTaskPredictor:
             configs[name], self.tasks[name] = read_run(folder)
             if not (folder / "adapter").is_dir():
                 raise ConfigError(f"{folder} is not an adapter run (no adapter/); serve it alone with 'adaptune predict {folder}'")
-        models = {c.model for c in configs.values()}
-        if len(models) > 1:
-            raise ConfigError(f"the runs were trained on different base models ({', '.join(sorted(models))}); "
-                              "tasks served together must share one base")
         first = next(iter(runs))
         self.device = pick_device(device)
         self.tokenizer = load_tokenizer(str(Path(runs[first]) / "tokenizer"))
@@ -197,15 +197,17 @@ class MultiTaskPredictor:
             for i, feature in zip(idx, encode(split, self.tokenizer, task["max_length"])):
                 encoded[i] = feature
         results: list[dict[str, Any] | None] = [None] * len(texts)
-        for batch_idx in bucket_batches([len(e["input_ids"]) for e in encoded], batch_size, shuffle=False):
-            batch = {k: v.to(self.device) for k, v in collate([encoded[i] for i in batch_idx], self.tokenizer.pad_token_id).items()}
-            batch.pop("labels")
-            set_active(self.model, [tasks[i] for i in batch_idx])
-            logits = self.model(**batch).logits.float().cpu()  # (B, widest head), NaN past a row's own width
-            for row, i in enumerate(batch_idx):
-                task = self.tasks[tasks[i]]
-                own = logits[row, : self._width(tasks[i])]
-                out = own.squeeze(-1) if task["task_type"] == "regression" else own.softmax(-1)
-                results[i] = {"task": tasks[i], **_row(task, texts[i], out.numpy())}
-        set_active(self.model, None)
+        try:
+            for batch_idx in bucket_batches([len(e["input_ids"]) for e in encoded], batch_size, shuffle=False):
+                batch = collate([encoded[i] for i in batch_idx], self.tokenizer.pad_token_id)
+                batch = {k: v.to(self.device) for k, v in batch.items() if k != "labels"}
+                set_active(self.model, [tasks[i] for i in batch_idx])
+                logits = self.model(**batch).logits.float().cpu()  # (B, widest head), NaN past a row's own width
+                for row, i in enumerate(batch_idx):
+                    task = self.tasks[tasks[i]]
+                    own = logits[row, : self._width(tasks[i])]
+                    out = own.squeeze(-1) if task["task_type"] == "regression" else own.softmax(-1)
+                    results[i] = {"task": tasks[i], **_row(task, texts[i], out.numpy())}
+        finally:
+            set_active(self.model, None)
         return results
