@@ -44,6 +44,11 @@ def read_run(run: Path) -> tuple[TrainConfig, dict[str, Any]]:
     return config, task
 
 
+def _num_outputs(task: dict[str, Any]) -> int:
+    """Width of the task's head: 1 for regression, else one output per label."""
+    return 1 if task["task_type"] == "regression" else len(task["label_names"])
+
+
 def _row(task: dict[str, Any], text: str, out: np.ndarray) -> dict[str, Any]:
     """One prediction: a score for regression, else the label and every class probability."""
     if task["task_type"] == "regression":
@@ -75,8 +80,7 @@ class Predictor:
         self.config, self.task = read_run(run)
         self.device = pick_device(device)
         self.tokenizer = load_tokenizer(str(run / "tokenizer"))
-        labels = self.task["label_names"]
-        num_labels = 1 if self.task["task_type"] == "regression" else len(labels)
+        num_labels = _num_outputs(self.task)
         if (run / "adapter").is_dir():
             self.model = load_classifier(self.config.model, num_labels)
             load_adapter(self.model, run / "adapter")
@@ -119,8 +123,7 @@ class Predictor:
         return evaluate(self.model, enc, **self._eval_kw(batch_size))[0]
 
     def _eval_kw(self, batch_size: int) -> dict[str, Any]:
-        num = 1 if self.task["task_type"] == "regression" else len(self.label_names)
-        return dict(task_type=self.task["task_type"], num_labels=num, batch_size=batch_size, pad_id=self.tokenizer.pad_token_id, device=self.device)
+        return dict(task_type=self.task["task_type"], num_labels=_num_outputs(self.task), batch_size=batch_size, pad_id=self.tokenizer.pad_token_id, device=self.device)
 
 
 class MultiTaskPredictor:
@@ -167,14 +170,10 @@ class MultiTaskPredictor:
         first = next(iter(runs))
         self.device = pick_device(device)
         self.tokenizer = load_tokenizer(str(Path(runs[first]) / "tokenizer"))
-        self.model = load_classifier(configs[first].model, self._width(first))
+        self.model = load_classifier(configs[first].model, _num_outputs(self.tasks[first]))
         for name, folder in runs.items():
             load_adapter(self.model, Path(folder) / "adapter", name=name, activate=False)
         self.model.to(self.device).eval()
-
-    def _width(self, name: str) -> int:
-        task = self.tasks[name]
-        return 1 if task["task_type"] == "regression" else len(task["label_names"])
 
     @torch.no_grad()
     def predict(self, texts: list[str], tasks: list[str], text_pairs: list[str | None] | None = None,
@@ -205,7 +204,7 @@ class MultiTaskPredictor:
                 logits = self.model(**batch).logits.float().cpu()  # (B, widest head), NaN past a row's own width
                 for row, i in enumerate(batch_idx):
                     task = self.tasks[tasks[i]]
-                    own = logits[row, : self._width(tasks[i])]
+                    own = logits[row, : _num_outputs(task)]
                     out = own.squeeze(-1) if task["task_type"] == "regression" else own.softmax(-1)
                     results[i] = {"task": tasks[i], **_row(task, texts[i], out.numpy())}
         finally:
