@@ -18,6 +18,10 @@ leaking into it.
           ``set_active(model, None)`` (the plain base).
 - mixed:  --tasks adapters (each with its own norms and head); one batch whose rows cycle through
           the tasks vs the same batch all on one task; reported as throughput mixed / single.
+- small:  one short sentence (--small-batch x --small-length, default 1 x 16): inference overhead of
+          the active adapter and the training step adapters / full. At this size every operator is
+          tiny and the time goes to Python and per-operator dispatch, not arithmetic: what single-text
+          serving on a CPU pays, and what a small model on a GPU pays in kernel launches.
 - memory: peak RSS of a fresh subprocess per strategy over --mem-steps training steps (VmHWM,
           reset after the model is built), adapters vs full, plain and lean; once with glibc's
           default heap (which keeps freed blocks and fragments) and once with every allocation of
@@ -42,7 +46,7 @@ import time
 
 import torch
 
-SECTIONS = ("train", "infer", "mixed", "memory")
+SECTIONS = ("train", "infer", "mixed", "small", "memory")
 
 
 def make_batch(batch: int, length: int, vocab: int, seed: int = 0, labels: bool = True) -> dict:
@@ -217,6 +221,41 @@ def section_mixed(args) -> dict:
             "max_abs_diff_vs_separate": worst}
 
 
+def section_small(args) -> dict:
+    from adaptune import set_active
+    from adaptune.train import training_step
+
+    model = _adapted_model(args.size, 1)
+    batch = make_batch(args.small_batch, args.small_length, 30000, labels=False)
+
+    def infer(name):
+        def fn():
+            set_active(model, name)
+            with torch.no_grad():
+                model(**batch)
+        return fn
+
+    fns = {"infer-base": infer(None), "infer-adapter": infer("task0")}
+    train_batch = make_batch(args.small_batch, args.small_length, 30000)
+    rounds = args.rounds * 40
+    for strategy in ("adapters", "full"):
+        m, opt, sched, cfg = build(strategy, args.size, False, rounds + 10, args.embedding_norm == "train")
+
+        def step(m=m, opt=opt, sched=sched, cfg=cfg):
+            training_step(m, train_batch, opt, sched, task_type="classification", max_grad_norm=cfg.max_grad_norm)
+
+        fns[f"train-{strategy}"] = step
+    times = alternate_times(fns, rounds, warmup=5)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    infer_paired, infer_interval = paired_ratio(times, "infer-adapter", "infer-base")
+    train_paired, train_interval = paired_ratio(times, "train-adapters", "train-full")
+    return {"seconds": med, "rounds": rounds, "shape": [args.small_batch, args.small_length],
+            "overhead": med["infer-adapter"] / med["infer-base"] - 1.0, "overhead_paired": infer_paired - 1.0,
+            "overhead_paired_interval": [r - 1.0 for r in infer_interval],
+            "train_ratio": med["train-adapters"] / med["train-full"], "train_ratio_paired": train_paired,
+            "train_ratio_paired_interval": train_interval}
+
+
 # ---- memory: one subprocess per variant --------------------------------------------------------
 
 
@@ -306,6 +345,14 @@ def report(name: str, res: dict, args) -> None:
               f"{res['throughput_ratio_paired']:.3f} ({res['throughput_ratio_paired_interval'][0]:.3f}-"
               f"{res['throughput_ratio_paired_interval'][1]:.3f}) | "
               f"max |diff| vs separate runs {res['max_abs_diff_vs_separate']:.2e}")
+    elif name == "small":
+        s, (lo, hi), (tlo, thi) = res["seconds"], res["overhead_paired_interval"], res["train_ratio_paired_interval"]
+        b, t = res["shape"]
+        print(f"small  {b}x{t} tokens, {res['rounds']} rounds, CPU ms: forward base {1e3 * s['infer-base']:.1f} adapter "
+              f"{1e3 * s['infer-adapter']:.1f} (overhead {100 * res['overhead']:+.1f} %, paired "
+              f"{100 * res['overhead_paired']:+.1f} %, {100 * lo:+.1f} to {100 * hi:+.1f} %) | train step adapters "
+              f"{1e3 * s['train-adapters']:.1f} full {1e3 * s['train-full']:.1f} (ratio {res['train_ratio']:.3f}, "
+              f"paired {res['train_ratio_paired']:.3f}, {tlo:.3f}-{thi:.3f})")
     elif name == "memory":
         b = res["bytes"]
         print("memory peak RSS MiB: " + ", ".join(f"{v} {b[v]['peak'] / mib:.0f} (runtime {b[v]['runtime'] / mib:.0f}, "
@@ -328,6 +375,8 @@ def main() -> None:
                         "(backward stops at the first adapter; the configuration of the issue's FLOP ideal 0.713)")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--length", type=int, default=128)
+    p.add_argument("--small-batch", type=int, default=1, help="rows of the 'small' section's batch")
+    p.add_argument("--small-length", type=int, default=16, help="tokens per row in the 'small' section")
     p.add_argument("--tasks", type=int, default=4, help="tasks in the mixed batch")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--mem-steps", type=int, default=3)

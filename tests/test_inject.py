@@ -115,25 +115,30 @@ def test_adapter_transforms_the_named_sub_layer_output(family, mode):
 
     def keep(key):
         def hook(module, args, kwargs, out=None):
-            seen[key] = (out[0] if isinstance(out, tuple) else out) if out is not None else _sub_layer_input(args, kwargs)
+            if out is None:
+                seen[key] = (args, kwargs)
+            else:
+                seen[key] = out[0] if isinstance(out, tuple) else out
 
         return hook
 
-    # Registered before the adapter's hooks, so they see the unmodified tensors.
     for slot in ("attn", "ffn"):
         paths = spec.slot(slot)
-        layer.get_submodule(paths.output).register_forward_hook(keep((slot, "out")), with_kwargs=True)
+        layer.get_submodule(paths.output).register_forward_pre_hook(keep((slot, "out-args")), with_kwargs=True)
         layer.get_submodule(paths.input).register_forward_pre_hook(keep((slot, "in")), with_kwargs=True)
+        # What the rest of the layer receives: the output module's output, adapter included.
+        layer.get_submodule(paths.output).register_forward_hook(keep((slot, "adapted")), with_kwargs=True)
     cfg = AdapterConfig(size=8, mode=mode, scale=4.0 if mode == "parallel" else 1.0, init_std=0.1)
     aset = add_adapter(model, "t", cfg)
-    # ... and this one after them, so it sees what the rest of the layer receives.
-    for slot in ("attn", "ffn"):
-        layer.get_submodule(spec.slot(slot).output).register_forward_hook(keep((slot, "adapted")), with_kwargs=True)
     outputs(model)
     for slot in ("attn", "ffn"):
         a = aset.bottleneck(1, slot)
-        with torch.no_grad():
-            branch = a(seen[(slot, "out")] if mode == "sequential" else seen[(slot, "in")])
+        out_mod = layer.get_submodule(spec.slot(slot).output)
+        args, kwargs = seen[(slot, "out-args")]
+        with torch.no_grad():  # the output module's own forward, without the adapter
+            raw = type(out_mod).forward(out_mod, *args, **kwargs)
+            seen[(slot, "out")] = raw[0] if isinstance(raw, tuple) else raw
+            branch = a(seen[(slot, "out")] if mode == "sequential" else _sub_layer_input(*seen[(slot, "in")]))
         assert branch.abs().max() > 0
         torch.testing.assert_close(seen[(slot, "adapted")], seen[(slot, "out")] + branch)
 

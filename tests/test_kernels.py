@@ -7,7 +7,7 @@ import torch
 from conftest import tiny_batch, tiny_model
 
 import adaptune.kernels as K
-from adaptune import add_adapter, train_strategy
+from adaptune import AdapterConfig, add_adapter, train_strategy
 
 
 def test_keep_mask_rate_and_shape():
@@ -91,7 +91,7 @@ def test_lean_model_matches_plain_outside_training_and_trains(family):
     model(**batch, labels=torch.tensor([0, 1, 1])).loss.backward()
     assert all(p.grad is not None for p in model.adaptune.parameters())
     K.use_lean_kernels(model, enable=False)
-    assert not any("forward" in m.__dict__ for m in model.modules() if isinstance(m, torch.nn.Dropout))
+    assert not any(isinstance(m, K.LeanDropout) for m in model.modules())
     assert getattr(model.config, "_attn_implementation", "sdpa") in ("sdpa", "eager")
     model.eval()
     with torch.no_grad():
@@ -119,3 +119,39 @@ def test_lean_training_step_equals_plain_when_dropout_keeps_everything(fixed_mas
     torch.testing.assert_close(out.logits, r.logits, rtol=1e-5, atol=1e-6)
     for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("lean_first", [True, False])
+def test_lean_dropout_runs_under_adapters_on_the_same_module_in_either_order(lean_first, monkeypatch):
+    """BERT's adapters sit on the output dropouts: both the lean kernel and the adapter must run there,
+    whichever came first, and switching lean kernels off (or removing the adapter) undoes only that."""
+    from adaptune import remove_adapter
+
+    calls = []
+    real = K.lean_dropout
+    monkeypatch.setattr(K, "lean_dropout", lambda x, p, training=True: calls.append(p) or real(x, p, training))
+    model, batch = tiny_model("bert"), tiny_batch()
+    with torch.no_grad():
+        base = model(**batch).logits
+    if lean_first:
+        K.use_lean_kernels(model)
+    add_adapter(model, "t", AdapterConfig(size=8, init_std=0.1))
+    if not lean_first:
+        K.use_lean_kernels(model)
+    slots = {id(model.bert.encoder.layer[i].get_submodule(p)) for i in range(4)
+             for p in ("attention.output.dropout", "output.dropout")}
+    assert all(type(m) is K.LeanDropout for m in model.modules() if id(m) in slots)
+    with torch.no_grad():
+        adapted = model(**batch).logits
+    assert len(calls) >= len(slots)  # every dropout ran lean, the adapted ones included
+    assert not torch.allclose(adapted, base)  # ... and the adapters ran too
+    calls.clear()
+    K.use_lean_kernels(model, enable=False)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, adapted)
+    assert not calls
+    K.use_lean_kernels(model)
+    remove_adapter(model, "t")
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, base)
+    assert len(calls) >= len(slots)

@@ -66,27 +66,35 @@ class Bottleneck(nn.Module):
         transforms off) the whole adapter is one autograd node, :class:`_AddBottleneck`, with a
         hand-written backward.
         Equal to ``h + self(x)`` up to float rounding (the sum is formed in another order).
+
+        Called twice per layer on every forward, so it reads its parts straight from the module's
+        dicts and runs a known nonlinearity as a function: ``nn.Module`` attribute lookups and
+        calls cost microseconds each, which is what a one-sentence forward on a CPU (or a small
+        model on a GPU, waiting on its host) spends its time on.
         """
-        if (torch.is_grad_enabled() and type(self.act) in _ACT_BACKWARD and not torch.is_autocast_enabled(h.device.type)
+        mods = self._modules
+        act, down, up = mods["act"], mods["down"]._parameters, mods["up"]._parameters
+        fns = _ACTS.get(type(act))
+        if (fns is not None and torch.is_grad_enabled() and not torch.is_autocast_enabled(h.device.type)
                 and not torch._C._are_functorch_transforms_active()):  # torch.func: autograd's own graph
-            return _AddBottleneck.apply(h, x, self.down.weight, self.down.bias, self.up.weight, self.up.bias,
-                                        self.act, self.scale)
-        x = h if x is None else x
-        a = self.act(F.linear(x, self.down.weight, self.down.bias))  # (B, T, d) -> (B, T, m)
-        a2 = a.reshape(-1, a.shape[-1])  # (B*T, m)
-        out = torch.addmm(h.reshape(-1, h.shape[-1]), a2, self.up.weight.t(), alpha=self.scale)  # (B*T, d)
-        out.add_(self.up.bias, alpha=self.scale)
+            return _AddBottleneck.apply(h, x, down["weight"], down["bias"], up["weight"], up["bias"], act, self.scale)
+        d = h.shape[-1]
+        z = torch.addmm(down["bias"], (h if x is None else x).reshape(-1, d), down["weight"].t())  # (B*T, m)
+        a = act(z) if fns is None else fns[0](act, z)
+        out = torch.addmm(h.reshape(-1, d), a, up["weight"].t(), alpha=self.scale)  # (B*T, d)
+        out.add_(up["bias"], alpha=self.scale)
         return out.view(h.shape)
 
 
-# The gradient at an activation's input z, given the gradient at its output (exact types only:
-# a subclass or another module takes autograd's own graph).
-_ACT_BACKWARD = {
-    nn.GELU: lambda act, grad, z: torch.ops.aten.gelu_backward(grad, z, approximate=act.approximate),
-    nn.ReLU: lambda act, grad, z: torch.ops.aten.threshold_backward(grad, z, 0),
-    nn.SiLU: lambda act, grad, z: torch.ops.aten.silu_backward(grad, z),
-    nn.Tanh: lambda act, grad, z: torch.ops.aten.tanh_backward(grad, torch.tanh(z)),
-    nn.Identity: lambda act, grad, z: grad,
+# Known nonlinearities (exact types only: a subclass or another module takes autograd's own graph):
+# (the activation of z, the gradient at z given the gradient at the activation's output).
+_ACTS = {
+    nn.GELU: (lambda act, z: F.gelu(z, approximate=act.approximate),
+              lambda act, grad, z: torch.ops.aten.gelu_backward(grad, z, approximate=act.approximate)),
+    nn.ReLU: (lambda act, z: torch.relu(z), lambda act, grad, z: torch.ops.aten.threshold_backward(grad, z, 0)),
+    nn.SiLU: (lambda act, z: F.silu(z), lambda act, grad, z: torch.ops.aten.silu_backward(grad, z)),
+    nn.Tanh: (lambda act, z: torch.tanh(z), lambda act, grad, z: torch.ops.aten.tanh_backward(grad, torch.tanh(z))),
+    nn.Identity: (lambda act, z: z, lambda act, grad, z: grad),
 }
 
 
@@ -107,7 +115,7 @@ class _AddBottleneck(torch.autograd.Function):
         d = h.shape[-1]
         inp = (h if x is None else x).reshape(-1, d)  # (B*T, d)
         z = torch.addmm(b_down, inp, w_down.t())  # (B*T, m), pre-activation
-        out = torch.addmm(h.reshape(-1, d), act(z), w_up.t(), alpha=scale)  # (B*T, d)
+        out = torch.addmm(h.reshape(-1, d), _ACTS[type(act)][0](act, z), w_up.t(), alpha=scale)  # (B*T, d)
         out.add_(b_up, alpha=scale)
         ctx.save_for_backward(inp, z, w_down, w_up)
         ctx.act, ctx.scale, ctx.parallel = act, scale, x is not None
@@ -123,12 +131,12 @@ class _AddBottleneck(torch.autograd.Function):
         gs = g if ctx.scale == 1.0 else g * ctx.scale
         grad_h = grad_x = g_wd = g_bd = g_wu = g_bu = None
         if need[4]:
-            g_wu = gs.t().mm(ctx.act(z))  # (d, m)
+            g_wu = gs.t().mm(_ACTS[type(ctx.act)][0](ctx.act, z))  # (d, m)
         if need[5]:
             g_bu = gs.sum(0)
         want_inp = need[1] if ctx.parallel else need[0]
         if want_inp or need[2] or need[3]:
-            gz = _ACT_BACKWARD[type(ctx.act)](ctx.act, gs.mm(w_up), z)  # (B*T, m)
+            gz = _ACTS[type(ctx.act)][1](ctx.act, gs.mm(w_up), z)  # (B*T, m)
             if need[2]:
                 g_wd = gz.t().mm(inp)  # (m, d)
             if need[3]:

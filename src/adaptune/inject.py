@@ -6,10 +6,10 @@ container at ``model.adaptune``. One set (or none) is active, or one set per bat
 batches, below). Nothing of the base model is replaced or renamed, so ``state_dict`` keys of the
 base stay as they were and loading code written for the plain model keeps working.
 
-- Sequential adapter (Houlsby): hook on the sub-layer's output module, ``out -> out + a(out)``,
-  the add fused into the up-projection (:meth:`Bottleneck.add_to`).
+- Sequential adapter (Houlsby): the sub-layer's output module gets a routed ``forward`` (below)
+  that returns ``out + a(out)``, the add fused into the up-projection (:meth:`Bottleneck.add_to`).
 - Parallel adapter (He et al.): a pre-hook on the sub-layer's input module keeps its input x;
-  the output hook adds ``scale * a(x)``.
+  the output module's routed forward adds ``scale * a(x)``.
 - Task copies of norms and head: the base module's ``forward`` (an instance attribute, not its
   class) is routed to the active task's copy, so the base module's own output is never computed
   and thrown away; with no active copy it runs as before. Removing the last adapter restores it.
@@ -57,10 +57,9 @@ def _fresh_copy(module: nn.Module) -> nn.Module:
     # Our hooks and routes hold the whole container: map them to None so deepcopy does not copy it.
     memo: dict[int, Any] = {}
     for m in module.modules():
-        if isinstance(m.__dict__.get("forward"), _Route):
+        if isinstance(m.__dict__.get("forward"), (_Route, _AdaptedOutput)):
             memo[id(m.__dict__["forward"])] = None
-        for hooks in (m._forward_hooks, m._forward_pre_hooks):
-            memo.update({id(h): None for h in hooks.values() if isinstance(h, (_OutputHook, _InputHook))})
+        memo.update({id(h): None for h in m._forward_pre_hooks.values() if isinstance(h, _InputHook)})
     twin = copy.deepcopy(module, memo)
     for m in twin.modules():
         m._forward_hooks.clear()
@@ -138,8 +137,9 @@ class AdapterSet(nn.Module):
         self.head = nn.ModuleDict({n: _fresh_copy(m) for n, m in head.items()})
 
     def bottleneck(self, layer: int, slot: str) -> Bottleneck | None:
-        per_layer = self.adapters[str(layer)] if str(layer) in self.adapters else None
-        return per_layer[slot] if per_layer is not None and slot in per_layer else None
+        # Straight from the ModuleDicts' dicts: this runs for every sub-layer of every forward.
+        per_layer = self._modules["adapters"]._modules.get(str(layer))
+        return None if per_layer is None else per_layer._modules.get(slot)
 
     def num_bottleneck_params(self) -> int:
         return sum(p.numel() for p in self.adapters.parameters())
@@ -205,20 +205,13 @@ class AdapterContainer(nn.Module):
         if self._groups is not None:
             return None
         name = self._single()
-        return self.sets[name] if name is not None else None
+        return self._modules["sets"]._modules[name] if name is not None else None
 
     # ---- hooks ----------------------------------------------------------------------------
-    def _install(self, key: tuple, module: nn.Module, hook, *, pre: bool = False) -> None:
-        if key in self._hooks:
-            return
-        if pre:
-            self._hooks[key] = module.register_forward_pre_hook(hook, with_kwargs=True)
-        else:
-            self._hooks[key] = module.register_forward_hook(hook, with_kwargs=True)
-
-    def _route(self, key: tuple, module: nn.Module, group: str, name: str) -> None:
+    def _route(self, key: tuple, module: nn.Module, route) -> None:
+        """Make ``route`` the ``forward`` of ``module`` (once per key)."""
         if key not in self._hooks:
-            self._hooks[key] = _RoutedForward(module, _Route(self, module.forward, group, name))
+            self._hooks[key] = _RoutedForward(module, route)
 
     def install_hooks(self, model: nn.Module, aset: AdapterSet) -> None:
         """Put the hooks this set needs on the base modules (once per module)."""
@@ -228,16 +221,18 @@ class AdapterContainer(nn.Module):
             for slot in slots:
                 paths = self.spec.slot(slot)
                 out_mod = get_submodule(layers[i], paths.output, f"{slot} output module")
-                self._install(("out", i, slot), out_mod, _OutputHook(self, i, slot))
-                if aset.config.mode == "parallel":
+                self._route(("out", i, slot), out_mod, _AdaptedOutput(self, out_mod, i, slot))
+                if aset.config.mode == "parallel" and ("in", i, slot) not in self._hooks:
                     in_mod = get_submodule(layers[i], paths.input, f"{slot} input module")
-                    self._install(("in", i, slot), in_mod, _InputHook(self, i, slot), pre=True)
+                    self._hooks[("in", i, slot)] = in_mod.register_forward_pre_hook(_InputHook(self, i, slot),
+                                                                                     with_kwargs=True)
         base = backbone(model)
         for key, path in aset.norm_paths.items():
-            self._route(("norm", key), get_submodule(base, path, "layer norm"), "norms", key)
+            norm = get_submodule(base, path, "layer norm")
+            self._route(("norm", key), norm, _Route(self, norm.forward, "norms", key))
         heads = head_modules(model)
         for name in aset.head:
-            self._route(("head", name), heads[name], "head", name)
+            self._route(("head", name), heads[name], _Route(self, heads[name].forward, "head", name))
 
     def remove_hooks(self) -> None:
         for handle in reversed(list(self._hooks.values())):
@@ -259,11 +254,11 @@ class AdapterContainer(nn.Module):
     def _bottleneck(self, name: str | None, layer: int, slot: str) -> Bottleneck | None:
         if name is None or layer in self.skip_layers:
             return None
-        return self.sets[name].bottleneck(layer, slot)
+        return self._modules["sets"]._modules[name].bottleneck(layer, slot)
 
     def _on_output(self, layer: int, slot: str, out):
-        """Forward hook of a sub-layer's output module: add the active adapter(s)."""
-        x_in = self._stash.pop((layer, slot), None)
+        """After a sub-layer's output module: its output with the active adapter(s) added, or None."""
+        x_in = self._stash.pop((layer, slot), None) if self._stash else None
         h = out[0] if isinstance(out, tuple) else out
         if self._groups is None:
             aset = self.active_set()
@@ -301,8 +296,8 @@ class AdapterContainer(nn.Module):
         """
         if self._groups is None:
             aset = self.active_set()
-            table = None if aset is None else getattr(aset, group)
-            return table[key](*args, **kwargs) if table is not None and key in table else base_forward(*args, **kwargs)
+            copy_ = None if aset is None else aset._modules[group]._modules.get(key)
+            return base_forward(*args, **kwargs) if copy_ is None else copy_(*args, **kwargs)
         x, rest = args[0], args[1:]
         self._check_batch(x.shape[0])
         by_module: dict[int, tuple[Any, list[int]]] = {}
@@ -326,12 +321,25 @@ class AdapterContainer(nn.Module):
 # would be shared and keep running the original's adapters).
 
 
-class _OutputHook:
-    def __init__(self, container: AdapterContainer, layer: int, slot: str) -> None:
-        self.container, self.layer, self.slot = container, layer, slot
+class _AdaptedOutput:
+    """The new ``forward`` of a sub-layer's output module: its own forward, then the adapter(s).
 
-    def __call__(self, module, args, kwargs, out):
-        return self.container._on_output(self.layer, self.slot, out)
+    A routed forward rather than a forward hook: a module with hooks takes ``nn.Module``'s slow
+    call path on every call, which costs more than a small adapter's arithmetic on a one-sentence
+    forward. The module's own forward is its class's, looked up at each call (so a class swapped
+    later, as :func:`adaptune.use_lean_kernels` does to dropouts, takes effect), unless other code
+    had set one on the instance before the adapter came.
+    """
+
+    def __init__(self, container: AdapterContainer, module: nn.Module, layer: int, slot: str) -> None:
+        self.container, self.module, self.layer, self.slot = container, module, layer, slot
+        self.own = module.__dict__.get("forward")
+
+    def __call__(self, *args, **kwargs):
+        m = self.module
+        out = type(m).forward(m, *args, **kwargs) if self.own is None else self.own(*args, **kwargs)
+        adapted = self.container._on_output(self.layer, self.slot, out)
+        return out if adapted is None else adapted
 
 
 class _InputHook:

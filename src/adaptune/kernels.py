@@ -122,15 +122,14 @@ def lean_sdpa_attention(module, query, key, value, attention_mask, dropout: floa
     return out.transpose(1, 2).contiguous(), None  # (B, Tq, H, dh), no attention weights
 
 
-class _DropoutForward:
-    """A dropout module's routed ``forward`` (an object, not a closure, so ``copy.deepcopy`` of the
-    model gives the copy a forward that reads the copy's ``p`` and ``training``)."""
+class LeanDropout(nn.Dropout):
+    """``nn.Dropout`` running :func:`lean_dropout`. :func:`use_lean_kernels` swaps a plain dropout's
+    class to this one and back: no new module, no state, no ``forward`` set on the instance (where
+    it would collide with adapters' routed forwards on the same module), and ``copy.deepcopy`` of
+    the model keeps it."""
 
-    def __init__(self, module: nn.Dropout) -> None:
-        self.module = module
-
-    def __call__(self, x):
-        return lean_dropout(x, self.module.p, self.module.training)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return lean_dropout(x, self.p, self.training)
 
 
 def use_lean_kernels(model: nn.Module, enable: bool = True) -> int:
@@ -149,14 +148,12 @@ def use_lean_kernels(model: nn.Module, enable: bool = True) -> int:
     """
     changed = 0
     for m in model.modules():
-        if isinstance(m, nn.Dropout) and type(m).forward is nn.Dropout.forward:
-            routed = isinstance(m.__dict__.get("forward"), _DropoutForward)
-            if enable and not routed and "forward" not in m.__dict__:
-                m.forward = _DropoutForward(m)
-                changed += 1
-            elif not enable and routed:
-                del m.forward
-                changed += 1
+        if enable and type(m) is nn.Dropout:
+            m.__class__ = LeanDropout
+            changed += 1
+        elif not enable and type(m) is LeanDropout:
+            m.__class__ = nn.Dropout
+            changed += 1
     config = getattr(model, "config", None)
     current = getattr(config, "_attn_implementation", None)
     if hasattr(model, "set_attn_implementation") and current in ("sdpa", _ATTN_NAME):
@@ -172,4 +169,4 @@ def use_lean_kernels(model: nn.Module, enable: bool = True) -> int:
     return changed
 
 
-__all__ = ["keep_mask", "lean_dropout", "lean_sdpa_attention", "use_lean_kernels"]
+__all__ = ["LeanDropout", "keep_mask", "lean_dropout", "lean_sdpa_attention", "use_lean_kernels"]
