@@ -231,3 +231,43 @@ def test_compiled_training_steps_equal_eager_ones():
 def test_compile_option_is_checked(kw, needle):
     with pytest.raises(ConfigError, match=needle):
         TrainConfig(**kw)
+
+
+@pytest.mark.parametrize("strategy", ["adapters", "full"])
+def test_optimizer_is_fused_adamw_and_steps_like_the_per_tensor_loop(strategy):
+    """make_optimizer picks torch's fused AdamW on the CPU (one kernel over every tensor); given the
+    same gradients, three steps (warm-up schedule, clipping, both weight-decay groups) move the
+    weights as AdamW's plain per-tensor loop does."""
+    import copy
+
+    from conftest import tiny_batch, tiny_model
+
+    from adaptune import AdapterConfig, add_adapter, train_strategy
+    from adaptune.train import _loss, make_optimizer
+
+    model = tiny_model("bert")
+    if strategy == "adapters":
+        add_adapter(model, "t", AdapterConfig.preset("houlsby", size=4))
+    train_strategy(model, strategy)
+    twin = copy.deepcopy(model)
+    cfg = TrainConfig(lr=1e-2, weight_decay=0.1)
+    opt, sched = make_optimizer(model, cfg, 10)
+    assert all(g["fused"] for g in opt.param_groups)
+    ref, ref_sched = make_optimizer(twin, cfg, 10)
+    for g in ref.param_groups:
+        g["fused"], g["foreach"] = None, False
+    trained = [(p, q) for p, q in zip(model.parameters(), twin.parameters()) if p.requires_grad]
+    start = [p.detach().clone() for p, _ in trained]
+    batch = tiny_batch()
+    for _ in range(3):
+        _loss(model(**batch).logits, torch.tensor([0, 1, 1]), "classification").backward()
+        torch.nn.utils.clip_grad_norm_([p for p, _ in trained], 1.0)
+        for p, q in trained:
+            q.grad = p.grad.clone()
+        for o, sc in ((opt, sched), (ref, ref_sched)):
+            o.step()
+            sc.step()
+            o.zero_grad(set_to_none=True)
+    for (p, q), p0 in zip(trained, start):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
+    assert sum(not torch.equal(p, p0) for (p, _), p0 in zip(trained, start)) > len(trained) // 2  # they did move

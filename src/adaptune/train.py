@@ -270,7 +270,14 @@ def _optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate)
+    # torch's fused AdamW (one kernel over all tensors) where it exists: on a CPU torch otherwise
+    # runs a Python loop over the tensors, 5-6 x slower for full fine-tuning of MiniLM and ~4 x for
+    # an adapter set's hundred small tensors. Same update, up to float rounding.
+    fused = all(p.device.type in ("cpu", "cuda") and p.dtype in _FUSED_DTYPES for p in params) or None
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, fused=fused)
+
+
+_FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @torch.no_grad()
