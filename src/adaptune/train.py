@@ -249,8 +249,8 @@ def training_step(model, batch: dict[str, torch.Tensor], optimizer, scheduler, *
     if not finite.item():
         return loss.item() if not torch.isfinite(loss) else float("nan")
     loss.backward()
-    if max_grad_norm > 0:
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_grad_norm)
+    if max_grad_norm > 0:  # the optimizer's tensors are the trained ones (no walk over every module)
+        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], max_grad_norm)
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
