@@ -165,3 +165,29 @@ def test_second_order_gradients_raise_and_unknown_activations_take_autograd():
     got = torch.autograd.grad(out.sum(), h)[0]
     want = torch.autograd.grad((h + b(h)).sum(), h)[0]
     torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("wrap", ["weight_norm", "parametrize"])
+def test_add_to_uses_computed_weights_of_reparametrised_projections(wrap):
+    """add_to reads plain parameters from the module dicts for speed; projections whose weight is
+    computed (weight norm, torch.nn.utils.parametrize) must still work, gradients included."""
+    torch.manual_seed(0)
+    b = Bottleneck(16, AdapterConfig(size=4, init_std=0.1))
+    for lin in (b.down, b.up):
+        if wrap == "weight_norm":
+            torch.nn.utils.parametrizations.weight_norm(lin)
+        else:
+            torch.nn.utils.parametrize.register_parametrization(lin, "weight", _Doubled())
+    assert "weight" not in b.down._parameters
+    h = torch.randn(2, 3, 16, requires_grad=True)
+    out = b.add_to(h)
+    torch.testing.assert_close(out, h + b(h))
+    out.sum().backward()
+    assert h.grad is not None and all(p.grad is not None for p in b.parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(b.add_to(h), h + b(h))
+
+
+class _Doubled(torch.nn.Module):
+    def forward(self, w):
+        return 2 * w

@@ -46,9 +46,9 @@ def perturb(module, std=0.2, seed=1):
 
 
 def hook_count(model):
-    """Forward hooks on the model. Take the baseline after a first forward: transformers adds its
-    own output-recording hooks lazily on the first call."""
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+    """Forward hooks and instance ``forward``s (routed modules) on the model. Take the baseline after
+    a first forward: transformers adds its own output-recording hooks lazily on the first call."""
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + ("forward" in m.__dict__) for m in model.modules())
 
 
 def rel_change(new, old):
@@ -456,6 +456,47 @@ def test_wrong_path_names_the_path_and_adds_nothing(field, value, path):
     # The corrected table now takes effect (it is not shadowed by the failed attempt).
     add_adapter(model, "t", AdapterConfig(init_std=0.0), arch=ARCHITECTURES["bert"])
     assert list_adapters(model)[0]["num_adapters"] == 8
+
+
+def test_an_output_module_that_is_also_a_copied_norm_is_refused_and_adds_nothing():
+    """A table whose adapter output is a layer norm the adapters also copy: either route would
+    silently bypass the other, so it is an error, whichever of two sets brings which."""
+    overlap = dataclasses.replace(ARCHITECTURES["bert"], ffn=SlotSpec(output="output.LayerNorm", input="intermediate",
+                                                                      norm="output.LayerNorm"))
+    model = tiny_model("bert")
+    outputs(model)
+    hooks0 = hook_count(model)
+    with pytest.raises(ArchitectureError, match="both a sub-layer output and a layer norm"):
+        add_adapter(model, "t", "houlsby", arch=overlap)
+    assert list_adapters(model) == [] and hook_count(model) == hooks0
+    add_adapter(model, "bare", AdapterConfig(train_layer_norms=False, train_head=False), arch=overlap)
+    with pytest.raises(ArchitectureError, match="both a sub-layer output and a layer norm"):
+        add_adapter(model, "t", "houlsby")
+    assert [r["name"] for r in list_adapters(model)] == ["bare"]
+
+
+def test_removing_an_adapter_under_another_wrapper_keeps_the_wrapper(family):
+    """Code that wrapped a routed module's forward after the adapter came (device-placement hooks
+    do) keeps its wrapper when the adapter is removed; the adapter inside no longer runs."""
+    model = tiny_model(family)
+    logits0, hidden0 = outputs(model)
+    perturb(add_adapter(model, "t", "houlsby"))
+    calls = []
+    wrapped = []
+    for m in model.modules():
+        if "forward" in m.__dict__:
+            def wrapper(*args, inner=m.forward, **kwargs):
+                calls.append(1)
+                return inner(*args, **kwargs)
+            m.forward = wrapper
+            wrapped.append((m, wrapper))
+    adapted = outputs(model)[1]
+    assert calls and not torch.allclose(adapted, hidden0, atol=1e-3)
+    remove_adapter(model, "t")
+    assert all(m.__dict__.get("forward") is w for m, w in wrapped)
+    calls.clear()
+    logits, hidden = outputs(model)
+    assert calls and torch.equal(hidden, hidden0) and torch.equal(logits, logits0)
 
 
 def test_wrong_parallel_input_path_is_reported():

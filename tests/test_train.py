@@ -271,3 +271,59 @@ def test_optimizer_is_fused_adamw_and_steps_like_the_per_tensor_loop(strategy):
     for (p, q), p0 in zip(trained, start):
         torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
     assert sum(not torch.equal(p, p0) for (p, _), p0 in zip(trained, start)) > len(trained) // 2  # they did move
+
+
+def test_training_step_clips_exactly_the_trained_tensors(monkeypatch):
+    from conftest import tiny_batch, tiny_model
+
+    from adaptune import add_adapter, train_strategy
+    from adaptune.train import make_optimizer, training_step
+
+    model = tiny_model("bert")
+    add_adapter(model, "t", "houlsby")
+    train_strategy(model, "adapters")
+    opt, sched = make_optimizer(model, TrainConfig(), 10)
+    seen = []
+    real = torch.nn.utils.clip_grad_norm_
+
+    def spy(params, max_norm, *args, **kwargs):
+        params = list(params)
+        seen.append(({id(p) for p in params}, max_norm, [p.grad.norm().item() for p in params]))
+        return real(params, max_norm, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
+    training_step(model, {**tiny_batch(), "labels": torch.tensor([0, 1, 1])}, opt, sched,
+                  task_type="classification", max_grad_norm=0.5)
+    (ids, max_norm, norms), = seen
+    assert ids == {id(p) for p in model.parameters() if p.requires_grad} and max_norm == 0.5
+    assert all(n > 0 for n in norms)  # clipped after backward, before the step
+
+
+def test_resume_runs_the_update_the_way_this_process_chose(tmp_path):
+    """A checkpoint saved by a per-tensor AdamW (an older run, or another device) resumes on the
+    fused one this process built, and the other way round; the optimizer state comes back either way."""
+    from conftest import tiny_batch, tiny_model
+
+    from adaptune import add_adapter, train_strategy
+    from adaptune.checkpoint import load_checkpoint, save_checkpoint
+    from adaptune.train import make_optimizer, training_step
+
+    for saved_fused in (False, True):
+        model = tiny_model("bert")
+        add_adapter(model, "t", "houlsby")
+        train_strategy(model, "adapters")
+        opt, sched = make_optimizer(model, TrainConfig(), 10)
+        for g in opt.param_groups:
+            g["fused"] = saved_fused or None
+        training_step(model, {**tiny_batch(), "labels": torch.tensor([0, 1, 1])}, opt, sched,
+                      task_type="classification", max_grad_norm=1.0)
+        save_checkpoint(tmp_path / f"ck{saved_fused}", model, opt, sched, {"step": 1})
+        fresh, fresh_sched = make_optimizer(model, TrainConfig(), 10)
+        if saved_fused:  # this process chose the per-tensor loop
+            for g in fresh.param_groups:
+                g["fused"] = None
+        assert load_checkpoint(tmp_path / f"ck{saved_fused}", model, fresh, fresh_sched) == {"step": 1}
+        assert all(bool(g["fused"]) is not saved_fused for g in fresh.param_groups)
+        for p in fresh.param_groups[0]["params"]:
+            torch.testing.assert_close(fresh.state[p]["exp_avg"], opt.state[p]["exp_avg"])
+            assert float(fresh.state[p]["step"]) == 1.0

@@ -73,17 +73,25 @@ class Bottleneck(nn.Module):
         model on a GPU, waiting on its host) spends its time on.
         """
         mods = self._modules
-        act, down, up = mods["act"], mods["down"]._parameters, mods["up"]._parameters
+        act, (w_down, b_down), (w_up, b_up) = mods["act"], _weight_bias(mods["down"]), _weight_bias(mods["up"])
         fns = _ACTS.get(type(act))
         if (fns is not None and torch.is_grad_enabled() and not torch.is_autocast_enabled(h.device.type)
                 and not torch._C._are_functorch_transforms_active()):  # torch.func: autograd's own graph
-            return _AddBottleneck.apply(h, x, down["weight"], down["bias"], up["weight"], up["bias"], act, self.scale)
+            return _AddBottleneck.apply(h, x, w_down, b_down, w_up, b_up, act, self.scale)
         d = h.shape[-1]
-        z = torch.addmm(down["bias"], (h if x is None else x).reshape(-1, d), down["weight"].t())  # (B*T, m)
+        z = torch.addmm(b_down, (h if x is None else x).reshape(-1, d), w_down.t())  # (B*T, m)
         a = act(z) if fns is None else fns[0](act, z)
-        out = torch.addmm(h.reshape(-1, d), a, up["weight"].t(), alpha=self.scale)  # (B*T, d)
-        out.add_(up["bias"], alpha=self.scale)
+        out = torch.addmm(h.reshape(-1, d), a, w_up.t(), alpha=self.scale)  # (B*T, d)
+        out.add_(b_up, alpha=self.scale)
         return out.view(h.shape)
+
+
+def _weight_bias(linear: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """A Linear's weight and bias: from its parameter dict when they are plain parameters, else as
+    attributes (``torch.nn.utils.parametrize``, pruning and weight norm compute them)."""
+    p = linear._parameters
+    w, b = p.get("weight"), p.get("bias")
+    return (w, b) if w is not None and b is not None else (linear.weight, linear.bias)
 
 
 # Known nonlinearities (exact types only: a subclass or another module takes autograd's own graph):

@@ -92,6 +92,9 @@ def save_checkpoint(folder: Path, model: nn.Module, optimizer, scheduler, progre
     atomic_write_dir(folder, fill, overwrite=True)
 
 
+_HOW = ("fused", "foreach", "capturable", "differentiable")  # optimizer settings of the process, not the run
+
+
 def load_checkpoint(folder: Path, model: nn.Module, optimizer, scheduler, rank: int = 0) -> dict[str, Any] | None:
     """Restore the state saved by :func:`save_checkpoint`; returns its progress dict, or None."""
     if not (folder / STATE).is_file() or not (folder / META).is_file():
@@ -114,7 +117,9 @@ def load_checkpoint(folder: Path, model: nn.Module, optimizer, scheduler, rank: 
         if key.startswith("optim."):
             _, idx, name = key.split(".", 2)
             state.setdefault(int(idx), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    # How the update runs (fused, foreach) is this process's choice for its device, not the saved one's.
+    groups = [{**saved, **{k: now[k] for k in _HOW if k in now}} for saved, now in zip(meta["param_groups"], optimizer.param_groups)]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
     scheduler.load_state_dict(meta["scheduler"])
     torch.set_rng_state(tensors.get(f"rng.torch.rank{rank}", tensors["rng.torch"]))
     if meta.get("cuda_rng") and torch.cuda.is_available():

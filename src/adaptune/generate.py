@@ -4,8 +4,8 @@ One :class:`Generator` holds one base model in memory. Adapters from run folders
 folders) are added to it under names and switched per call — ``adapter="chat"``, another name,
 or ``None`` for the plain base model — without reloading anything. Generation itself is
 ``transformers``' ``generate`` (greedy, or sampling with temperature / top-k / top-p); the adapters
-act inside every forward step through their hooks, so the KV cache and every decoding option of
-``transformers`` work unchanged.
+act inside every forward step (routed forwards of the base's modules), so the KV cache and every
+decoding option of ``transformers`` work unchanged.
 
 Example::
 

@@ -72,19 +72,26 @@ def _fresh_copy(module: nn.Module) -> nn.Module:
 
 
 class _RoutedForward:
-    """Handle for a module whose ``forward`` we routed: ``remove()`` puts the old one back."""
+    """Handle for a module whose ``forward`` we routed: ``remove()`` puts the old one back.
+
+    Only if ours is still the module's ``forward``: code that wrapped it since (device-placement
+    hooks, another library's patch) keeps its wrapper, and our route inside it turns inert (a plain
+    pass-through to the forward it wraps).
+    """
 
     def __init__(self, module: nn.Module, route) -> None:
-        self.module = module
+        self.module, self.route = module, route
         self.had_own = "forward" in module.__dict__  # e.g. a forward patched by another library
         self.previous = module.forward
         module.forward = route
 
     def remove(self) -> None:
-        if self.had_own:
+        if self.module.__dict__.get("forward") is not self.route:
+            self.route.inert = True
+        elif self.had_own:
             self.module.forward = self.previous
         else:
-            self.module.__dict__.pop("forward", None)
+            del self.module.forward
 
 
 def _rows_index(rows: list[int], device: torch.device) -> torch.Tensor | slice:
@@ -146,7 +153,8 @@ class AdapterSet(nn.Module):
 
 
 class AdapterContainer(nn.Module):
-    """Holds every task's :class:`AdapterSet` and the hooks that route through the active one(s).
+    """Holds every task's :class:`AdapterSet` and the routed forwards (and, for parallel adapters,
+    pre-hooks) that run the base through the active one(s).
 
     ``active`` is a name, ``None`` (the plain base), or a tuple with one name (or ``None``) per
     batch row; assigning it validates the names and precomputes the row groups.
@@ -210,8 +218,14 @@ class AdapterContainer(nn.Module):
     # ---- hooks ----------------------------------------------------------------------------
     def _route(self, key: tuple, module: nn.Module, route) -> None:
         """Make ``route`` the ``forward`` of ``module`` (once per key)."""
-        if key not in self._hooks:
-            self._hooks[key] = _RoutedForward(module, route)
+        if key in self._hooks:
+            return
+        if isinstance(module.__dict__.get("forward"), (_Route, _AdaptedOutput)):
+            # One module both an adapter's output and a copied norm (or head): the copy would
+            # replace the adapted forward, or the adapter run on the base module's output.
+            raise ArchitectureError(f"module {type(module).__name__} is both a sub-layer output and a layer norm or "
+                                    "head that adapters copy; place the adapter on another module in the ArchSpec")
+        self._hooks[key] = _RoutedForward(module, route)
 
     def install_hooks(self, model: nn.Module, aset: AdapterSet) -> None:
         """Put the hooks this set needs on the base modules (once per module)."""
@@ -331,6 +345,8 @@ class _AdaptedOutput:
     had set one on the instance before the adapter came.
     """
 
+    inert = False  # set when removed while wrapped by other code: then only the module's own forward
+
     def __init__(self, container: AdapterContainer, module: nn.Module, layer: int, slot: str) -> None:
         self.container, self.module, self.layer, self.slot = container, module, layer, slot
         self.own = module.__dict__.get("forward")
@@ -338,7 +354,7 @@ class _AdaptedOutput:
     def __call__(self, *args, **kwargs):
         m = self.module
         out = type(m).forward(m, *args, **kwargs) if self.own is None else self.own(*args, **kwargs)
-        adapted = self.container._on_output(self.layer, self.slot, out)
+        adapted = None if self.inert else self.container._on_output(self.layer, self.slot, out)
         return out if adapted is None else adapted
 
 
@@ -352,10 +368,14 @@ class _InputHook:
 
 
 class _Route:
+    inert = False  # as in _AdaptedOutput
+
     def __init__(self, container: AdapterContainer, base_forward, group: str, key: str) -> None:
         self.container, self.base_forward, self.group, self.key = container, base_forward, group, key
 
     def __call__(self, *args, **kwargs):
+        if self.inert:
+            return self.base_forward(*args, **kwargs)
         return self.container._routed_call(self.base_forward, self.group, self.key, args, kwargs)
 
 

@@ -9,12 +9,12 @@ Two costs of a training step that no FLOP count shows, and that weigh most on ad
   which keeps the softmax, the float dropout mask and the dropped probabilities: three
   B·H·T² float tensors per layer (72 MiB at batch 32 × 128 on all-MiniLM-L6-v2).
 
-:func:`use_lean_kernels` routes a model's dropout modules and (where the model uses the
-``sdpa`` attention interface of ``transformers``) its attention through functions that draw
-16-bit random numbers four at a time from 64-bit draws and keep a 1-byte mask; attention keeps
-q, k, v, the softmax and that mask, and recomputes the dropped probabilities in backward (one
-elementwise product). Dropout's rate is rounded to a multiple of 1/65536 (0.1 -> 0.100006).
-The distribution is dropout's, but the random stream is not torch's, so a seeded run differs from
+:func:`use_lean_kernels` turns a model's dropout modules into :class:`LeanDropout` and routes
+(where the model uses the ``sdpa`` attention interface of ``transformers``) its attention through
+functions that draw 16-bit random numbers four at a time from 64-bit draws and keep a 1-byte
+mask; attention keeps q, k, v, the softmax and that mask, and recomputes the dropped
+probabilities in backward (one elementwise product). Dropout's rate is rounded to a multiple of
+1/65536 (0.1 -> 0.100006). The distribution is dropout's, but the random stream is not torch's, so a seeded run differs from
 one without these kernels. Outside training, at p = 0, or on other devices, the plain modules and
 SDPA run unchanged. It applies to any model, adapter tuning and full fine-tuning alike, so
 comparisons between strategies stay fair when both use it.
