@@ -22,6 +22,9 @@ leaking into it.
           the active adapter and the training step adapters / full. At this size every operator is
           tiny and the time goes to Python and per-operator dispatch, not arithmetic: what single-text
           serving on a CPU pays, and what a small model on a GPU pays in kernel launches.
+- host:   a random LLaMA as deep as SmolLM2 (30 layers) but 64 wide, batch 2 x 8: forward with the
+          adapter vs the plain base, and the training step adapters vs full. The arithmetic is
+          negligible, so this is the host-side work per step, what a small model on a GPU waits on.
 - memory: peak RSS of a fresh subprocess per strategy over --mem-steps training steps (VmHWM,
           reset after the model is built), adapters vs full, plain and lean; once with glibc's
           default heap (which keeps freed blocks and fragments) and once with every allocation of
@@ -46,7 +49,7 @@ import time
 
 import torch
 
-SECTIONS = ("train", "infer", "mixed", "small", "memory")
+SECTIONS = ("train", "infer", "mixed", "small", "host", "memory")
 
 
 def make_batch(batch: int, length: int, vocab: int, seed: int = 0, labels: bool = True) -> dict:
@@ -167,20 +170,23 @@ def _adapted_model(size: int, tasks: int):
     return model
 
 
-def section_infer(args) -> dict:
+def forward_fn(model, batch: dict, adapters):
+    """A call that runs one no-grad forward of ``batch`` through ``adapters`` (a name, a per-row list, None)."""
     from adaptune import set_active
 
+    def fn():
+        set_active(model, adapters)
+        with torch.no_grad():
+            model(**batch)
+    return fn
+
+
+def section_infer(args) -> dict:
     model = _adapted_model(args.size, 1)
     batch = make_batch(args.batch, args.length, 30000, labels=False)
 
-    def run(name):
-        def fn():
-            set_active(model, name)
-            with torch.no_grad():
-                model(**batch)
-        return fn
-
-    times = alternate_times({"base": run(None), "adapter": run("task0")}, args.rounds * 2)
+    times = alternate_times({"base": forward_fn(model, batch, None), "adapter": forward_fn(model, batch, "task0")},
+                            args.rounds * 2)
     med = {k: statistics.median(v) for k, v in times.items()}
     paired, interval = paired_ratio(times, "adapter", "base")
     return {"seconds": med, "times": times, "overhead": med["adapter"] / med["base"] - 1.0,
@@ -195,14 +201,8 @@ def section_mixed(args) -> dict:
     batch = make_batch(args.batch, args.length, 30000, labels=False)
     rows = [f"task{i % args.tasks}" for i in range(args.batch)]
 
-    def run(names):
-        def fn():
-            set_active(model, names)
-            with torch.no_grad():
-                model(**batch)
-        return fn
-
-    times = alternate_times({"single": run("task0"), "mixed": run(rows)}, args.rounds * 2)
+    times = alternate_times({"single": forward_fn(model, batch, "task0"), "mixed": forward_fn(model, batch, rows)},
+                            args.rounds * 2)
     med = {k: statistics.median(v) for k, v in times.items()}
     paired, interval = paired_ratio(times, "single", "mixed")
     # Equality: each row of the mixed batch against the same rows run on their own task.
@@ -222,20 +222,12 @@ def section_mixed(args) -> dict:
 
 
 def section_small(args) -> dict:
-    from adaptune import set_active
     from adaptune.train import training_step
 
     model = _adapted_model(args.size, 1)
     batch = make_batch(args.small_batch, args.small_length, 30000, labels=False)
 
-    def infer(name):
-        def fn():
-            set_active(model, name)
-            with torch.no_grad():
-                model(**batch)
-        return fn
-
-    fns = {"infer-base": infer(None), "infer-adapter": infer("task0")}
+    fns = {"infer-base": forward_fn(model, batch, None), "infer-adapter": forward_fn(model, batch, "task0")}
     train_batch = make_batch(args.small_batch, args.small_length, 30000)
     rounds = args.rounds * 40
     for strategy in ("adapters", "full"):
@@ -252,6 +244,45 @@ def section_small(args) -> dict:
     return {"seconds": med, "rounds": rounds, "shape": [args.small_batch, args.small_length],
             "overhead": med["infer-adapter"] / med["infer-base"] - 1.0, "overhead_paired": infer_paired - 1.0,
             "overhead_paired_interval": [r - 1.0 for r in infer_interval],
+            "train_ratio": med["train-adapters"] / med["train-full"], "train_ratio_paired": train_paired,
+            "train_ratio_paired_interval": train_interval}
+
+
+def section_host(args) -> dict:
+    import transformers as T
+
+    from adaptune import AdapterConfig, add_adapter
+    from adaptune.train import TrainConfig, make_optimizer, training_step
+    from adaptune.trainable import train_strategy
+
+    def model_for(strategy: str):
+        torch.manual_seed(0)
+        cfg = T.LlamaConfig(hidden_size=64, num_hidden_layers=30, num_attention_heads=4, num_key_value_heads=2,
+                            intermediate_size=128, vocab_size=100, pad_token_id=0, num_labels=2)
+        m = T.AutoModelForSequenceClassification.from_config(cfg)
+        if strategy == "adapters":
+            add_adapter(m, "task", AdapterConfig.preset("houlsby", size=16))
+        train_strategy(m, strategy)
+        return m
+
+    g = torch.Generator().manual_seed(0)
+    batch = {"input_ids": torch.randint(3, 100, (2, 8), generator=g), "attention_mask": torch.ones(2, 8, dtype=torch.long)}
+    labels = torch.tensor([0, 1])
+    served = model_for("adapters").eval()
+
+    fns = {"infer-base": forward_fn(served, batch, None), "infer-adapter": forward_fn(served, batch, "task")}
+    for strategy in ("adapters", "full"):
+        m = model_for(strategy).train()
+        opt, sched = make_optimizer(m, TrainConfig(strategy=strategy), 10**6)
+        fns[f"train-{strategy}"] = (lambda m=m, opt=opt, sched=sched: training_step(
+            m, {**batch, "labels": labels}, opt, sched, task_type="classification", max_grad_norm=1.0))
+    rounds = args.rounds * 20
+    times = alternate_times(fns, rounds, warmup=5)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    infer_paired, infer_interval = paired_ratio(times, "infer-adapter", "infer-base")
+    train_paired, train_interval = paired_ratio(times, "train-adapters", "train-full")
+    return {"seconds": med, "rounds": rounds, "infer_ratio": med["infer-adapter"] / med["infer-base"],
+            "infer_ratio_paired": infer_paired, "infer_ratio_paired_interval": infer_interval,
             "train_ratio": med["train-adapters"] / med["train-full"], "train_ratio_paired": train_paired,
             "train_ratio_paired_interval": train_interval}
 
@@ -353,6 +384,13 @@ def report(name: str, res: dict, args) -> None:
               f"{100 * res['overhead_paired']:+.1f} %, {100 * lo:+.1f} to {100 * hi:+.1f} %) | train step adapters "
               f"{1e3 * s['train-adapters']:.1f} full {1e3 * s['train-full']:.1f} (ratio {res['train_ratio']:.3f}, "
               f"paired {res['train_ratio_paired']:.3f}, {tlo:.3f}-{thi:.3f})")
+    elif name == "host":
+        s, (lo, hi), (tlo, thi) = res["seconds"], res["infer_ratio_paired_interval"], res["train_ratio_paired_interval"]
+        print(f"host   30-layer 64-wide LLaMA, 2x8 tokens, {res['rounds']} rounds, CPU ms: forward base "
+              f"{1e3 * s['infer-base']:.1f} adapter {1e3 * s['infer-adapter']:.1f} (ratio {res['infer_ratio']:.3f}, paired "
+              f"{res['infer_ratio_paired']:.3f}, {lo:.3f}-{hi:.3f}) | train step adapters {1e3 * s['train-adapters']:.1f} "
+              f"full {1e3 * s['train-full']:.1f} (ratio {res['train_ratio']:.3f}, paired {res['train_ratio_paired']:.3f}, "
+              f"{tlo:.3f}-{thi:.3f})")
     elif name == "memory":
         b = res["bytes"]
         print("memory peak RSS MiB: " + ", ".join(f"{v} {b[v]['peak'] / mib:.0f} (runtime {b[v]['runtime'] / mib:.0f}, "
