@@ -237,13 +237,17 @@ def section_small(args) -> dict:
             training_step(m, train_batch, opt, sched, task_type="classification", max_grad_norm=cfg.max_grad_norm)
 
         fns[f"train-{strategy}"] = step
+    return _infer_and_train(fns, rounds, f"{args.small_batch}x{args.small_length} tokens")
+
+
+def _infer_and_train(fns: dict, rounds: int, what: str) -> dict:
+    """Time ``infer-base``/``infer-adapter`` and ``train-adapters``/``train-full`` in turn; both ratios."""
     times = alternate_times(fns, rounds, warmup=5)
     med = {k: statistics.median(v) for k, v in times.items()}
     infer_paired, infer_interval = paired_ratio(times, "infer-adapter", "infer-base")
     train_paired, train_interval = paired_ratio(times, "train-adapters", "train-full")
-    return {"seconds": med, "rounds": rounds, "shape": [args.small_batch, args.small_length],
-            "overhead": med["infer-adapter"] / med["infer-base"] - 1.0, "overhead_paired": infer_paired - 1.0,
-            "overhead_paired_interval": [r - 1.0 for r in infer_interval],
+    return {"what": what, "seconds": med, "rounds": rounds, "infer_ratio": med["infer-adapter"] / med["infer-base"],
+            "infer_ratio_paired": infer_paired, "infer_ratio_paired_interval": infer_interval,
             "train_ratio": med["train-adapters"] / med["train-full"], "train_ratio_paired": train_paired,
             "train_ratio_paired_interval": train_interval}
 
@@ -276,15 +280,7 @@ def section_host(args) -> dict:
         opt, sched = make_optimizer(m, TrainConfig(strategy=strategy), 10**6)
         fns[f"train-{strategy}"] = (lambda m=m, opt=opt, sched=sched: training_step(
             m, {**batch, "labels": labels}, opt, sched, task_type="classification", max_grad_norm=1.0))
-    rounds = args.rounds * 20
-    times = alternate_times(fns, rounds, warmup=5)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    infer_paired, infer_interval = paired_ratio(times, "infer-adapter", "infer-base")
-    train_paired, train_interval = paired_ratio(times, "train-adapters", "train-full")
-    return {"seconds": med, "rounds": rounds, "infer_ratio": med["infer-adapter"] / med["infer-base"],
-            "infer_ratio_paired": infer_paired, "infer_ratio_paired_interval": infer_interval,
-            "train_ratio": med["train-adapters"] / med["train-full"], "train_ratio_paired": train_paired,
-            "train_ratio_paired_interval": train_interval}
+    return _infer_and_train(fns, args.rounds * 20, "30-layer 64-wide LLaMA, 2x8 tokens")
 
 
 # ---- memory: one subprocess per variant --------------------------------------------------------
@@ -376,21 +372,13 @@ def report(name: str, res: dict, args) -> None:
               f"{res['throughput_ratio_paired']:.3f} ({res['throughput_ratio_paired_interval'][0]:.3f}-"
               f"{res['throughput_ratio_paired_interval'][1]:.3f}) | "
               f"max |diff| vs separate runs {res['max_abs_diff_vs_separate']:.2e}")
-    elif name == "small":
-        s, (lo, hi), (tlo, thi) = res["seconds"], res["overhead_paired_interval"], res["train_ratio_paired_interval"]
-        b, t = res["shape"]
-        print(f"small  {b}x{t} tokens, {res['rounds']} rounds, CPU ms: forward base {1e3 * s['infer-base']:.1f} adapter "
-              f"{1e3 * s['infer-adapter']:.1f} (overhead {100 * res['overhead']:+.1f} %, paired "
-              f"{100 * res['overhead_paired']:+.1f} %, {100 * lo:+.1f} to {100 * hi:+.1f} %) | train step adapters "
-              f"{1e3 * s['train-adapters']:.1f} full {1e3 * s['train-full']:.1f} (ratio {res['train_ratio']:.3f}, "
-              f"paired {res['train_ratio_paired']:.3f}, {tlo:.3f}-{thi:.3f})")
-    elif name == "host":
+    elif name in ("small", "host"):
         s, (lo, hi), (tlo, thi) = res["seconds"], res["infer_ratio_paired_interval"], res["train_ratio_paired_interval"]
-        print(f"host   30-layer 64-wide LLaMA, 2x8 tokens, {res['rounds']} rounds, CPU ms: forward base "
-              f"{1e3 * s['infer-base']:.1f} adapter {1e3 * s['infer-adapter']:.1f} (ratio {res['infer_ratio']:.3f}, paired "
-              f"{res['infer_ratio_paired']:.3f}, {lo:.3f}-{hi:.3f}) | train step adapters {1e3 * s['train-adapters']:.1f} "
-              f"full {1e3 * s['train-full']:.1f} (ratio {res['train_ratio']:.3f}, paired {res['train_ratio_paired']:.3f}, "
-              f"{tlo:.3f}-{thi:.3f})")
+        print(f"{name:<6} {res['what']}, {res['rounds']} rounds, CPU ms: forward base {1e3 * s['infer-base']:.1f} adapter "
+              f"{1e3 * s['infer-adapter']:.1f} (overhead {100 * (res['infer_ratio'] - 1):+.1f} %, paired "
+              f"{100 * (res['infer_ratio_paired'] - 1):+.1f} %, {100 * (lo - 1):+.1f} to {100 * (hi - 1):+.1f} %) | "
+              f"train step adapters {1e3 * s['train-adapters']:.1f} full {1e3 * s['train-full']:.1f} "
+              f"(ratio {res['train_ratio']:.3f}, paired {res['train_ratio_paired']:.3f}, {tlo:.3f}-{thi:.3f})")
     elif name == "memory":
         b = res["bytes"]
         print("memory peak RSS MiB: " + ", ".join(f"{v} {b[v]['peak'] / mib:.0f} (runtime {b[v]['runtime'] / mib:.0f}, "
