@@ -14,10 +14,10 @@ Two costs of a training step that no FLOP count shows, and that weigh most on ad
 functions that draw 16-bit random numbers four at a time from 64-bit draws and keep a 1-byte
 mask; attention keeps q, k, v, the softmax and that mask, and recomputes the dropped
 probabilities in backward (one elementwise product). Dropout's rate is rounded to a multiple of
-1/65536 (0.1 -> 0.100006). The distribution is dropout's, but the random stream is not torch's, so a seeded run differs from
-one without these kernels. Outside training, at p = 0, or on other devices, the plain modules and
-SDPA run unchanged. It applies to any model, adapter tuning and full fine-tuning alike, so
-comparisons between strategies stay fair when both use it.
+1/65536 (0.1 -> 0.100006). The distribution is dropout's, but the random stream is not torch's,
+so a seeded run differs from one without these kernels. Outside training, at p = 0, or on other
+devices, the plain modules and SDPA run unchanged. It applies to any model, adapter tuning and
+full fine-tuning alike, so comparisons between strategies stay fair when both use it.
 """
 
 from __future__ import annotations
