@@ -26,12 +26,19 @@ leaking into it.
           adapter vs the plain base, and the training step adapters vs full. The arithmetic is
           negligible, so this is the host-side work per step, what a small model on a GPU waits on.
 - memory: peak RSS of a fresh subprocess per strategy over --mem-steps training steps (VmHWM,
-          reset after the model is built), adapters vs full, plain and lean; once with glibc's
-          default heap (which keeps freed blocks and fragments) and once with every allocation of
-          128 KiB or more in its own mapping (MALLOC_MMAP_THRESHOLD_), where the peak RSS is the
-          peak of live tensors plus the process.
+          reset after the model is built), adapters vs full, plain and lean; once with the heap as
+          ``train`` runs it (:func:`adaptune.keep_freed_memory`: freed blocks kept for reuse) and
+          once with every allocation of 128 KiB or more in its own mapping
+          (MALLOC_MMAP_THRESHOLD_), where the peak RSS is the peak of live tensors plus the process.
+- heap:   what :func:`adaptune.keep_freed_memory` buys: fresh subprocesses with it and without it
+          (glibc's default), back to back, --heap-repeats pairs; the training step of both
+          strategies in one process, the adapter's inference forward in another (as a serving
+          process runs it), with page faults per call.
 
-Run:  .venv/bin/python bench/adapter_speed.py [--only train,infer,mixed,memory] [--rounds 5]
+Every other section runs inside ``keep_freed_memory``, as the library's training loop and command
+line do.
+
+Run:  .venv/bin/python bench/adapter_speed.py [--only train,infer,mixed,small,host,memory,heap] [--rounds 5]
       [--size 64] [--batch 32] [--length 128] [--threads 1] [--json out.json]
 """
 
@@ -49,7 +56,7 @@ import time
 
 import torch
 
-SECTIONS = ("train", "infer", "mixed", "small", "host", "memory")
+SECTIONS = ("train", "infer", "mixed", "small", "host", "memory", "heap")
 
 
 def make_batch(batch: int, length: int, vocab: int, seed: int = 0, labels: bool = True) -> dict:
@@ -295,6 +302,7 @@ def _status_kib(field: str) -> int:
 
 
 def memory_worker(args) -> dict:
+    from adaptune import keep_freed_memory
     from adaptune.train import training_step
 
     for module in ("transformers.models.bert.modeling_bert", "adaptune.train", "adaptune.kernels"):
@@ -311,8 +319,9 @@ def memory_worker(args) -> dict:
         reset = True
     except OSError:
         reset = False
-    for _ in range(args.mem_steps):
-        training_step(model, batch, opt, sched, task_type="classification", max_grad_norm=cfg.max_grad_norm)
+    with keep_freed_memory():  # as train() runs (does nothing under MALLOC_MMAP_THRESHOLD_)
+        for _ in range(args.mem_steps):
+            training_step(model, batch, opt, sched, task_type="classification", max_grad_norm=cfg.max_grad_norm)
     return {"runtime": runtime, "before": before, "peak": _status_kib("VmHWM") * 1024, "hwm_reset": reset}
 
 
@@ -343,6 +352,74 @@ def section_memory(args) -> dict:
             # optimizer state (what torch.cuda.max_memory_allocated counts on a GPU)
             res[f"training_ratio_{lean}_{alloc}"] = (a["peak"] - a["runtime"]) / (f["peak"] - f["runtime"])
     return res
+
+
+# ---- heap: keep_freed_memory on and off, one subprocess each ---------------------------------------
+
+
+def heap_worker(args) -> dict:
+    """Median CPU seconds and page faults per call of each variant, in this (fresh) process: the
+    training steps of both strategies (``--heap-worker train``) or the adapter's forward alone, as a
+    serving process runs it (``--heap-worker infer``)."""
+    import resource
+
+    from adaptune import keep_freed_memory
+    from adaptune.train import training_step
+
+    fns = {}
+    if args.heap_worker == "train":
+        batch = make_batch(args.batch, args.length, 30000)
+        for strategy in ("adapters", "full"):
+            model, opt, sched, cfg = build(strategy, args.size, False, 2 * args.rounds + 2, args.embedding_norm == "train")
+            fns[f"train-{strategy}"] = (lambda m=model, o=opt, s=sched, c=cfg: training_step(
+                m, batch, o, s, task_type="classification", max_grad_norm=c.max_grad_norm))
+    else:
+        served = _adapted_model(args.size, 1)
+        fns["infer-adapter"] = forward_fn(served, make_batch(args.batch, args.length, 30000, labels=False), "task0")
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    faults: dict[str, list[int]] = {k: [] for k in fns}
+    with keep_freed_memory() as applied:
+        for r in range(args.rounds + 1):
+            for k, fn in fns.items():
+                f0, c = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.process_time()
+                fn()
+                if r:  # the first round warms up
+                    times[k].append(time.process_time() - c)
+                    faults[k].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+    return {"kept": applied, "seconds": {k: statistics.median(v) for k, v in times.items()},
+            "faults": {k: statistics.median(v) for k, v in faults.items()}, "peak_rss": _status_kib("VmHWM") * 1024}
+
+
+def section_heap(args) -> dict:
+    passed = ["--size", str(args.size), "--embedding-norm", args.embedding_norm, "--batch", str(args.batch),
+              "--length", str(args.length), "--threads", str(args.threads), "--rounds", str(args.rounds)]
+    runs: dict[str, list[dict]] = {"kept": [], "default": []}
+    for _ in range(args.heap_repeats):
+        pair: dict[str, dict] = {"kept": {}, "default": {}}
+        for what in ("train", "infer"):
+            for label, flag in (("default", "0"), ("kept", "1")):
+                out = subprocess.run([sys.executable, os.path.abspath(__file__), "--heap-worker", what, *passed],
+                                     capture_output=True, text=True, env={**os.environ, "ADAPTUNE_KEEP_FREED_MEMORY": flag})
+                if out.returncode != 0:
+                    sys.exit(f"heap worker ({what}, {label}) failed:\n{out.stderr[-3000:]}")
+                res = json.loads(out.stdout.strip().splitlines()[-1])
+                if res["kept"] != (label == "kept"):
+                    sys.exit(f"keep_freed_memory {'did not apply' if label == 'kept' else 'applied unasked'} in the "
+                             f"{label} worker (not glibc, or MALLOC_* set in the environment?)")
+                for key in ("seconds", "faults"):
+                    pair[label].setdefault(key, {}).update(res[key])
+                pair[label].setdefault("peak_rss", {})[what] = res["peak_rss"]
+        for label in runs:
+            runs[label].append(pair[label])
+    variants = list(runs["kept"][0]["seconds"])
+    # each repeat ran a default and a kept process back to back: the ratio of that pair, median over repeats
+    ratios = {v: statistics.median(k["seconds"][v] / d["seconds"][v] for k, d in zip(runs["kept"], runs["default"]))
+              for v in variants}
+    return {"runs": runs, "kept_over_default": ratios,
+            "seconds": {lab: {v: statistics.median(r["seconds"][v] for r in rs) for v in variants} for lab, rs in runs.items()},
+            "faults": {lab: {v: statistics.median(r["faults"][v] for r in rs) for v in variants} for lab, rs in runs.items()},
+            "peak_rss": {lab: {w: statistics.median(r["peak_rss"][w] for r in rs) for w in ("train", "infer")}
+                         for lab, rs in runs.items()}}
 
 
 def report(name: str, res: dict, args) -> None:
@@ -383,15 +460,25 @@ def report(name: str, res: dict, args) -> None:
         b = res["bytes"]
         print("memory peak RSS MiB: " + ", ".join(f"{v} {b[v]['peak'] / mib:.0f} (runtime {b[v]['runtime'] / mib:.0f}, "
                                                    f"model built {b[v]['before'] / mib:.0f})" for v in b))
-        for alloc, what in (("default", "glibc's default heap"), ("exact", "live tensors (each large one mapped apart)")):
+        for alloc, what in (("default", "heap as train() runs it"), ("exact", "live tensors (each large one mapped apart)")):
             print(f"memory ratio adapters/full peak, {what}: plain {res[f'peak_ratio_plain_{alloc}']:.3f} | "
                   f"lean (both) {res[f'peak_ratio_lean_{alloc}']:.3f} | above the runtime (Python + libraries): "
                   f"plain {res[f'training_ratio_plain_{alloc}']:.3f} lean {res[f'training_ratio_lean_{alloc}']:.3f} | "
                   f"increment over the loaded model: plain {res[f'increment_ratio_plain_{alloc}']:.3f} "
                   f"lean {res[f'increment_ratio_lean_{alloc}']:.3f}")
+    elif name == "heap":
+        s, f = res["seconds"], res["faults"]
+        print(f"heap   {args.heap_repeats} process pairs x {args.rounds} rounds, kept / glibc default: " + " | ".join(
+            f"{v} {s['kept'][v]:.3f} / {s['default'][v]:.3f} s (paired {res['kept_over_default'][v]:.3f}), "
+            f"page faults {f['kept'][v]:.0f} / {f['default'][v]:.0f}" for v in s["kept"]))
+        print("heap   peak RSS MiB, kept / default: " + " | ".join(
+            f"{w} process {res['peak_rss']['kept'][w] / mib:.0f} / {res['peak_rss']['default'][w] / mib:.0f}"
+            for w in ("train", "infer")))
 
 
 def main() -> None:
+    from adaptune import keep_freed_memory
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--only", default=",".join(SECTIONS), help="comma-separated subset of " + ",".join(SECTIONS))
     p.add_argument("--rounds", type=int, default=5, help="timed rounds per figure (inference: twice as many)")
@@ -407,12 +494,17 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--mem-steps", type=int, default=3)
     p.add_argument("--mem-repeats", type=int, default=1)
+    p.add_argument("--heap-repeats", type=int, default=3, help="process pairs (default heap, kept) of the heap section")
     p.add_argument("--json", help="also write the results to this file")
     p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--heap-worker", choices=("train", "infer"), help=argparse.SUPPRESS)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if args.worker:
         print(json.dumps(memory_worker(args)), flush=True)
+        return
+    if args.heap_worker:
+        print(json.dumps(heap_worker(args)), flush=True)
         return
     print(f"model all-MiniLM-L6-v2 | Houlsby m={args.size} (+ norm and head copies; embedding norm {args.embedding_norm}) | random {args.batch}x{args.length} | "
           f"torch {torch.__version__} cpu, {torch.get_num_threads()} threads | median CPU time of {args.rounds} rounds, "
@@ -422,7 +514,8 @@ def main() -> None:
         if name not in SECTIONS:
             sys.exit(f"unknown section {name!r}; choose from {', '.join(SECTIONS)}")
         t0 = time.perf_counter()
-        results[name] = globals()[f"section_{name}"](args)
+        with keep_freed_memory():  # as the library's training loop and command line run
+            results[name] = globals()[f"section_{name}"](args)
         report(name, results[name], args)
         print(f"       ({time.perf_counter() - t0:.0f} s)", flush=True)
     if args.json:

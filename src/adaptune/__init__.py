@@ -10,6 +10,7 @@ from adaptune.architectures import ARCHITECTURES, ArchSpec, SlotSpec
 from adaptune.bottleneck import Bottleneck
 from adaptune.config import PRESETS, AdapterConfig
 from adaptune.errors import AdapterFileError, AdaptuneError, ArchitectureError, ConfigError, DataError, TrainingError
+from adaptune.heap import keep_freed_memory
 from adaptune.inject import active_adapter, add_adapter, list_adapters, remove_adapter, set_active, using_adapters
 from adaptune.kernels import use_lean_kernels
 from adaptune.io import fingerprint, load_adapter, read_adapter_config, save_adapter
@@ -34,6 +35,7 @@ __all__ = [
     "add_adapter",
     "count_parameters",
     "fingerprint",
+    "keep_freed_memory",
     "list_adapters",
     "load_adapter",
     "read_adapter_config",

@@ -241,8 +241,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         from adaptune import commands
+        from adaptune.heap import keep_freed_memory
 
-        return getattr(commands, args.command.replace("-", "_"))(args) or 0
+        # this process's CPU work reuses freed memory instead of faulting it back in; it exits after
+        with keep_freed_memory(give_back=False):
+            return getattr(commands, args.command.replace("-", "_"))(args) or 0
     except AdaptuneError as e:
         if args.debug:
             raise

@@ -45,6 +45,7 @@ from adaptune.config import PRESETS, AdapterConfig
 from adaptune.data import bucket_batches, collate, encode, load_task_data
 from adaptune.distributed import Dist, setup, teardown
 from adaptune.errors import ConfigError, TrainingError
+from adaptune.heap import keep_freed_memory
 from adaptune.inject import active_adapter, add_adapter, set_active
 from adaptune.io import atomic_write_dir, save_adapter
 from adaptune.kernels import use_lean_kernels
@@ -358,7 +359,8 @@ def train(cfg: TrainConfig, output_dir: str | os.PathLike, *, resume: bool = Fal
         return json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     dd = setup(cfg.device)
     try:
-        return _train(cfg, out, resume, quiet, dd)
+        with keep_freed_memory():  # each step's activations reuse the last step's memory (CPU, glibc)
+            return _train(cfg, out, resume, quiet, dd)
     finally:
         if dd.enabled:
             teardown()

@@ -1,0 +1,135 @@
+"""keep_freed_memory: freed CPU memory is reused inside the block, handed back after, and user choices win."""
+
+import pytest
+
+from adaptune import heap, keep_freed_memory
+
+glibc_only = pytest.mark.skipif(heap._glibc() is None, reason="needs glibc's own malloc, untuned")
+
+
+# Run in a fresh interpreter: how glibc treats freed memory outside the block depends on what the
+# process did before (its adaptive thresholds, what else lies on the heap).
+_PROBE = r"""
+import ctypes, json, resource, torch
+from adaptune import keep_freed_memory
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in
+                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MallInfo2
+
+def mapped_apart():  # bytes glibc holds in separate mmap regions (given back to the kernel on free)
+    return libc.mallinfo2().hblkhd
+
+def churn_faults(rounds=3):
+    # allocate, write and free 96 MiB as 24 MiB tensors (an activation-sized churn), after a few
+    # warm-up rounds (the heap's layout settles)
+    def churn():
+        blocks = [torch.ones(6 << 20) for _ in range(4)]
+        del blocks
+    for _ in range(4):
+        churn()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(rounds):
+        churn()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+def rss_kib():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+def mapped_for(mib):
+    before = mapped_apart()
+    t = torch.ones(mib << 18)
+    return mapped_apart() - before
+
+out = {"mapped_default": mapped_for(28)}  # a fresh process maps a 28 MiB block apart
+with keep_freed_memory() as applied:
+    out["applied"] = applied
+    with keep_freed_memory() as inner:
+        out["inner_applied"] = inner
+    # (after the inner block ended) larger than any block freed so far, and more than the heap has
+    # free: glibc's own rule would map it apart
+    out["mapped_inside"] = mapped_for(30)
+    out["inside"] = churn_faults()
+    blocks = [torch.ones(6 << 20) for _ in range(8)]  # 192 MiB, kept once freed
+    del blocks
+    out["rss_kept"] = rss_kib()
+out["rss_after"] = rss_kib()
+print(json.dumps(out))
+"""
+
+
+@glibc_only
+def test_freed_memory_is_reused_inside_and_handed_back_after():
+    import json
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    assert out["applied"] and out["inner_applied"]
+    # glibc's default puts a large block in its own mapping, unmapped (and faulted in anew) each
+    # time; inside the block it comes from the heap, which keeps it (the inner block's end changed nothing)
+    assert out["mapped_default"] >= 28 << 20, out
+    assert out["mapped_inside"] == 0, out
+    # 3 rounds x 96 MiB = 73,728 pages written; the kept memory takes them without page faults
+    assert out["inside"] < 2_000, out
+    assert out["rss_kept"] - out["rss_after"] > 100 << 10, out  # leaving gave > 100 MiB back
+
+
+@pytest.mark.parametrize("env", [{"ADAPTUNE_KEEP_FREED_MEMORY": "0"}, {"MALLOC_TRIM_THRESHOLD_": "131072"},
+                                 {"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=131072"},
+                                 {"LD_PRELOAD": "/usr/lib/libjemalloc.so.2"}])
+def test_user_choices_and_other_allocators_are_left_alone(monkeypatch, env):
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with keep_freed_memory() as applied:
+        assert not applied
+
+
+def test_train_runs_inside_the_block(monkeypatch, tmp_path):
+    """The training loop is wrapped (its steps are where the memory churns)."""
+    import adaptune.train as train_mod
+
+    monkeypatch.setattr(heap, "_glibc", lambda: None)  # only the wrapping is checked: leave this process's malloc be
+    seen = []
+
+    def fake_train(cfg, out, resume, quiet, dd):
+        seen.append(heap._depth)
+        return {}
+
+    monkeypatch.setattr(train_mod, "_train", fake_train)
+    train_mod.train(train_mod.TrainConfig(limit_train=8), tmp_path / "run")
+    assert seen == [heap._depth + 1]
+
+
+def test_cli_commands_run_inside_the_block(monkeypatch):
+    from adaptune import cli, commands
+
+    monkeypatch.setattr(heap, "_glibc", lambda: None)
+    seen = []
+    monkeypatch.setattr(commands, "params", lambda args: seen.append(heap._depth) or 0)
+    assert cli.main(["params"]) == 0
+    assert seen == [heap._depth + 1]
+
+
+@glibc_only
+def test_a_child_forked_inside_starts_outside():
+    import os
+
+    with keep_freed_memory():
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: report, then leave without running the parent's cleanup
+            os.write(write, f"{heap._depth} {heap._libc is None}".encode())
+            os._exit(0)
+        os.close(write)
+        reported = os.read(read, 100).decode()
+        os.waitpid(pid, 0)
+        os.close(read)
+        assert heap._depth >= 1  # the parent is still inside
+    assert reported == "0 True"
