@@ -133,3 +133,18 @@ def test_a_child_forked_inside_starts_outside():
         os.close(read)
         assert heap._depth >= 1  # the parent is still inside
     assert reported == "0 True"
+
+
+def test_batched_inference_runs_inside_the_block(monkeypatch):
+    """Predictor.predict and evaluation go through train.evaluate."""
+    from conftest import tiny_model
+
+    from adaptune.train import evaluate
+
+    monkeypatch.setattr(heap, "_glibc", lambda: None)
+    model = tiny_model("bert")
+    seen = []
+    model.register_forward_pre_hook(lambda module, args: seen.append(heap._depth))
+    encoded = [{"input_ids": [1, 5, 6, 2], "attention_mask": [1, 1, 1, 1], "label": 0}] * 3
+    evaluate(model, encoded, task_type="classification", num_labels=2, batch_size=2, pad_id=0, device="cpu")
+    assert seen and set(seen) == {heap._depth + 1}

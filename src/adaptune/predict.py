@@ -18,6 +18,7 @@ import torch
 
 from adaptune.data import Split, bucket_batches, collate, encode
 from adaptune.errors import ConfigError, DataError
+from adaptune.heap import keep_freed_memory
 from adaptune.inject import set_active
 from adaptune.io import load_adapter, read_adapter_config
 from adaptune.models import load_classifier, load_tokenizer
@@ -176,6 +177,7 @@ class MultiTaskPredictor:
         self.model.to(self.device).eval()
 
     @torch.no_grad()
+    @keep_freed_memory(give_back=False)  # batch after batch reuses the memory
     def predict(self, texts: list[str], tasks: list[str], text_pairs: list[str | None] | None = None,
                 batch_size: int = 64) -> list[dict[str, Any]]:
         """Like :meth:`Predictor.predict`, with each row's task; every result also names it."""

@@ -282,6 +282,7 @@ _FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @torch.no_grad()
+@keep_freed_memory(give_back=False)  # batch after batch reuses the memory (Predictor.predict serves through here)
 def evaluate(model, encoded: list[dict], *, task_type: str, num_labels: int, batch_size: int, pad_id: int, device,
              dd: Dist | None = None, precision: str = "fp32") -> tuple[dict, np.ndarray]:
     """Metrics on an encoded split, and the raw outputs (probabilities, or scores for regression).
