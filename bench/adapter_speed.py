@@ -415,11 +415,11 @@ def section_heap(args) -> dict:
     # each repeat ran a default and a kept process back to back: the ratio of that pair, median over repeats
     ratios = {v: statistics.median(k["seconds"][v] / d["seconds"][v] for k, d in zip(runs["kept"], runs["default"]))
               for v in variants}
-    return {"runs": runs, "kept_over_default": ratios,
-            "seconds": {lab: {v: statistics.median(r["seconds"][v] for r in rs) for v in variants} for lab, rs in runs.items()},
-            "faults": {lab: {v: statistics.median(r["faults"][v] for r in rs) for v in variants} for lab, rs in runs.items()},
-            "peak_rss": {lab: {w: statistics.median(r["peak_rss"][w] for r in rs) for w in ("train", "infer")}
-                         for lab, rs in runs.items()}}
+    def medians(key: str, names) -> dict:  # per label and name, the median over the repeats
+        return {lab: {n: statistics.median(r[key][n] for r in rs) for n in names} for lab, rs in runs.items()}
+
+    return {"runs": runs, "kept_over_default": ratios, "seconds": medians("seconds", variants),
+            "faults": medians("faults", variants), "peak_rss": medians("peak_rss", ("train", "infer"))}
 
 
 def report(name: str, res: dict, args) -> None:

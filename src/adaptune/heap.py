@@ -12,10 +12,11 @@ full fine-tuning (kept: 0 and 2,300; the step time unchanged within noise).
 from the heap) and stops trimming while it is active, so freed blocks are reused by the next step.
 The peak barely moves, since what is kept is memory the job used anyway; the heap fragments a
 little more (peak RSS of a training process, glibc's default → kept: adapters 1,767 → 1,798 MiB,
-full fine-tuning 2,097 → 2,193 MiB). The setting is the whole process's, other threads included. Leaving the outermost block hands what is free back to
-the kernel (``malloc_trim``) and lets glibc trim its heap again above 64 MiB free. glibc cannot go
-back to its adaptive thresholds once set, so the process keeps a fixed 32 MiB mmap threshold and a
-64 MiB trim threshold after it, about where glibc's own rule would have taken them for this work.
+full fine-tuning 2,097 → 2,193 MiB). The setting is the whole process's, other threads included.
+Leaving the outermost block hands what is free back to the kernel (``malloc_trim``) and lets glibc
+trim its heap again above 64 MiB free. glibc cannot go back to its adaptive thresholds once set,
+so the process keeps a fixed 32 MiB mmap threshold and a 64 MiB trim threshold after it, about
+where glibc's own rule would have taken them for this work.
 A child forked inside the block (a ``fork`` DataLoader worker) starts outside it, with trimming on.
 
 It does nothing on other C libraries (macOS, Windows, musl), under a preloaded allocator (jemalloc,
