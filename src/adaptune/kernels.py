@@ -13,7 +13,7 @@ Two costs of a training step that no FLOP count shows, and that weigh most on ad
 (where the model uses the ``sdpa`` attention interface of ``transformers``) its attention through
 functions that draw 16-bit random numbers four at a time from 64-bit draws and keep a 1-byte
 mask; attention keeps q, k, v, the softmax and that mask, and recomputes the dropped
-probabilities in backward (one elementwise product). Dropout's rate is rounded to a multiple of
+probabilities in backward (one elementwise pass). Dropout's rate is rounded to a multiple of
 1/65536 (0.1 -> 0.100006). The distribution is dropout's, but the random stream is not torch's,
 so a seeded run differs from one without these kernels. Outside training, at p = 0, or on other
 devices, the plain modules and SDPA run unchanged. It applies to any model, adapter tuning and
@@ -62,11 +62,19 @@ def lean_dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tens
 
 
 class _AttentionDropout(torch.autograd.Function):
-    """softmax(q kᵀ · scale + bias) with dropout, times v; keeps q, k, v, the softmax and the mask."""
+    """softmax(q kᵀ · scale + bias) with dropout, times v; keeps q · scale, k, v, the softmax and the mask.
+
+    The scale multiplies q (B·H·T·dh) rather than the scores (B·H·T²), and the backward pass gets
+    the softmax gradient from one product with the dropped probabilities instead of masking the
+    probabilities' gradient and calling the softmax backward: with P the softmax, D = keep ⊙ P and
+    G = dO·Vᵀ / (1 - p), dS = D ⊙ G - P ⊙ rowsum(D ⊙ G). Two fewer passes over a B·H·T² tensor
+    forward and backward, and one mask application instead of two.
+    """
 
     @staticmethod
     def forward(ctx, q, k, v, bias, dead, scale: float, p: float):
-        s = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)  # (B, H, Tq, Tk)
+        q = q * scale
+        s = torch.matmul(q, k.transpose(-1, -2))  # (B, H, Tq, Tk)
         if bias is not None:
             s.add_(bias)
         probs = torch.softmax(s, dim=-1)
@@ -81,13 +89,14 @@ class _AttentionDropout(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, probs, keep = ctx.saved_tensors
+        q, k, v, probs, keep = ctx.saved_tensors  # q already scaled
         g = grad_out.mul(ctx.keep_scale)
-        grad_v = torch.matmul(torch.where(keep, probs, 0.0).transpose(-1, -2), g)
-        grad_p = torch.where(keep, torch.matmul(g, v.transpose(-1, -2)), 0.0)
-        grad_s = torch._softmax_backward_data(grad_p, probs, -1, probs.dtype).mul_(ctx.scale)
-        del grad_p
-        grad_q = torch.matmul(grad_s, k)
+        dropped = torch.where(keep, probs, 0.0)
+        grad_v = torch.matmul(dropped.transpose(-1, -2), g)
+        grad_s = torch.matmul(g, v.transpose(-1, -2)).mul_(dropped)  # P ⊙ dL/dP
+        del dropped
+        grad_s.addcmul_(probs, grad_s.sum(-1, keepdim=True), value=-1.0)  # the softmax's Jacobian
+        grad_q = torch.matmul(grad_s, k).mul_(ctx.scale)
         grad_k = torch.matmul(grad_s.transpose(-1, -2), q)
         return grad_q, grad_k, grad_v, None, None, None, None
 
