@@ -60,9 +60,9 @@ class Bottleneck(nn.Module):
     def add_to(self, h: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
         """``h + self(x)`` (``x`` defaults to ``h``: the sequential adapter), without a separate add.
 
-        The up-projection accumulates straight onto ``h`` in one ``addmm`` (C = h, beta = 1), and
-        its bias is added in place to that fresh result, so the adapted hidden state costs one
-        (B*T, d) allocation instead of two. When gradients are recorded (autocast and ``torch.func``
+        ``h`` plus the up-projection's bias is formed in one pass, and the up-projection
+        accumulates onto it in place (``addmm_``, beta = 1), so the adapted hidden state costs one
+        (B*T, d) allocation and no separate add. When gradients are recorded (autocast and ``torch.func``
         transforms off) the whole adapter is one autograd node, :class:`_AddBottleneck`, with a
         hand-written backward.
         Equal to ``h + self(x)`` up to float rounding (the sum is formed in another order).
@@ -75,15 +75,18 @@ class Bottleneck(nn.Module):
         mods = self._modules
         act, (w_down, b_down), (w_up, b_up) = mods["act"], _weight_bias(mods["down"]), _weight_bias(mods["up"])
         fns = _ACTS.get(type(act))
-        if (fns is not None and torch.is_grad_enabled() and not torch.is_autocast_enabled(h.device.type)
-                and not torch._C._are_functorch_transforms_active()):  # torch.func: autograd's own graph
+        plain = not torch.is_autocast_enabled(h.device.type) and not torch._C._are_functorch_transforms_active()
+        if fns is not None and plain and torch.is_grad_enabled():  # (torch.func: autograd's own graph)
             return _AddBottleneck.apply(h, x, w_down, b_down, w_up, b_up, act, self.scale)
         d = h.shape[-1]
         z = torch.addmm(b_down, (h if x is None else x).reshape(-1, d), w_down.t())  # (B*T, m)
         a = act(z) if fns is None else fns[0](act, z)
-        out = torch.addmm(h.reshape(-1, d), a, w_up.t(), alpha=self.scale)  # (B*T, d)
-        out.add_(b_up, alpha=self.scale)
-        return out.view(h.shape)
+        if plain:
+            out = torch.add(h.reshape(-1, d), b_up, alpha=self.scale)  # (B*T, d): h + bias in one pass
+            return out.addmm_(a, w_up.t(), alpha=self.scale).view(h.shape)
+        # autocast casts addmm's operands, not addmm_'s; vmap cannot write batched rows into h's copy
+        out = torch.addmm(h.reshape(-1, d), a, w_up.t(), alpha=self.scale)
+        return out.add_(b_up, alpha=self.scale).view(h.shape)
 
 
 def _weight_bias(linear: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,8 +126,8 @@ class _AddBottleneck(torch.autograd.Function):
         d = h.shape[-1]
         inp = (h if x is None else x).reshape(-1, d)  # (B*T, d)
         z = torch.addmm(b_down, inp, w_down.t())  # (B*T, m), pre-activation
-        out = torch.addmm(h.reshape(-1, d), _ACTS[type(act)][0](act, z), w_up.t(), alpha=scale)  # (B*T, d)
-        out.add_(b_up, alpha=scale)
+        out = torch.add(h.reshape(-1, d), b_up, alpha=scale)  # (B*T, d)
+        out.addmm_(_ACTS[type(act)][0](act, z), w_up.t(), alpha=scale)
         ctx.save_for_backward(inp, z, w_down, w_up)
         ctx.act, ctx.scale, ctx.parallel = act, scale, x is not None
         ctx.shape, ctx.x_shape = h.shape, None if x is None else x.shape
