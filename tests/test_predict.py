@@ -101,3 +101,18 @@ def test_cli_stray_words_and_unusable_names(runs, tmp_path, capsys):
     assert main(["predict", str(runs["two"]), "--also", f"1st={runs['three']}", "two\tgreat", "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "task name '1st' (given) is not usable" in err[0]
+
+
+def test_name_runs_names_folders_or_takes_given_names(tmp_path):
+    from adaptune.predict import name_runs
+
+    (tmp_path / "reviews").mkdir()
+    assert name_runs([tmp_path / "reviews", f"topic={tmp_path / 'news'}"]) == {
+        "reviews": tmp_path / "reviews", "topic": tmp_path / "news"}
+    with pytest.raises(ConfigError, match="both be called 'reviews'"):
+        name_runs([tmp_path / "reviews", f"reviews={tmp_path / 'other'}"])
+    with pytest.raises(ConfigError, match="'2nd' \\(given\\) is not usable"):
+        name_runs([f"2nd={tmp_path / 'news'}"])
+    (tmp_path / "9lives").mkdir()
+    with pytest.raises(ConfigError, match="folder name of .*9lives"):
+        name_runs([tmp_path / "9lives"])

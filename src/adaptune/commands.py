@@ -92,29 +92,10 @@ def predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def _named_runs(specs: list[str]) -> dict[str, Path]:
-    """``FOLDER`` or ``NAME=FOLDER`` arguments -> task name -> run folder."""
-    from adaptune.inject import _NAME
-
-    runs: dict[str, Path] = {}
-    for spec in specs:
-        name, sep, folder = spec.partition("=")
-        given = bool(sep) and not Path(spec).exists()
-        if not given:
-            name, folder = Path(spec).resolve().name, spec
-        if not _NAME.match(name):
-            raise ConfigError(f"task name {name!r} ({'given' if given else 'the folder name of ' + spec}) is not usable: "
-                              "use letters, digits, '_' and '-', not starting with a digit; name it with NAME=FOLDER")
-        if name in runs:
-            raise ConfigError(f"two runs are called {name!r}; name them apart with NAME=FOLDER")
-        runs[name] = Path(folder)
-    return runs
-
-
 def _predict_many(args: argparse.Namespace, lines: list[str]) -> int:
-    from adaptune.predict import MultiTaskPredictor
+    from adaptune.predict import MultiTaskPredictor, name_runs
 
-    pred = MultiTaskPredictor(_named_runs([args.run, *args.also]), device=args.device)
+    pred = MultiTaskPredictor(name_runs([args.run, *args.also]), device=args.device)
     tasks, texts, pairs = [], [], []
     for n, line in enumerate(lines, 1):
         fields = line.split(args.pair_sep)

@@ -127,6 +127,30 @@ class Predictor:
         return dict(task_type=self.task["task_type"], num_labels=_num_outputs(self.task), batch_size=batch_size, pad_id=self.tokenizer.pad_token_id, device=self.device)
 
 
+def name_runs(specs: list[str | os.PathLike]) -> dict[str, Path]:
+    """Run folders -> {task name: folder}: each named after its folder, or ``"NAME=FOLDER"`` to name it.
+
+    Raises:
+        ConfigError: a name is not usable as an adapter name, or two runs would share one.
+    """
+    from adaptune.inject import _NAME
+
+    runs: dict[str, Path] = {}
+    for spec in map(os.fspath, specs):
+        name, sep, folder = spec.partition("=")
+        given = bool(sep) and not Path(spec).exists()
+        if not given:
+            name, folder = Path(spec).resolve().name, spec
+        if not _NAME.match(name):
+            raise ConfigError(f"task name {name!r} ({'given' if given else 'the folder name of ' + spec}) is not usable: "
+                              "use letters, digits, '_' and '-', not starting with a digit; name it with NAME=FOLDER")
+        if name in runs:
+            raise ConfigError(f"two runs would both be called {name!r}; name them apart with NAME=FOLDER "
+                              "(in Python: a dict {name: folder})")
+        runs[name] = Path(folder)
+    return runs
+
+
 class MultiTaskPredictor:
     """Several adapter runs on one shared base model: each text names its task.
 
@@ -136,7 +160,7 @@ class MultiTaskPredictor:
     that of its own run's :class:`Predictor` up to float rounding.
 
     Args:
-        runs: task name -> run folder (a list of folders: each named after its folder).
+        runs: task name -> run folder, or a list of folders (see :func:`name_runs`).
         device: ``"auto"``, ``"cpu"`` or ``"cuda[:i]"``.
 
     Raises:
@@ -153,12 +177,7 @@ class MultiTaskPredictor:
 
     def __init__(self, runs: dict[str, str | os.PathLike] | list[str | os.PathLike], device: str = "auto") -> None:
         if not isinstance(runs, dict):
-            paths = [Path(r) for r in runs]
-            names = [p.resolve().name for p in paths]
-            twice = sorted({n for n in names if names.count(n) > 1})
-            if twice:
-                raise ConfigError(f"two runs would both be called {twice[0]!r}; name them: pass a dict {{name: folder}}")
-            runs = dict(zip(names, paths))
+            runs = name_runs(runs)
         if not runs:
             raise ConfigError("no runs given: pass at least one run folder")
         self.tasks: dict[str, dict[str, Any]] = {}
