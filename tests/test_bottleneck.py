@@ -191,3 +191,16 @@ def test_add_to_uses_computed_weights_of_reparametrised_projections(wrap):
 class _Doubled(torch.nn.Module):
     def forward(self, w):
         return 2 * w
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_flop_counters_see_both_projections(grad):
+    """The up-projection accumulates in place; torch's FlopCounterMode must still count it (it does
+    not know ``addmm_``), or FLOP-based comparisons of adapters come out low."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    b = Bottleneck(8, AdapterConfig(size=2, init_std=0.1))
+    h = torch.randn(3, 5, 8, requires_grad=grad)
+    with FlopCounterMode(display=False) as counter, torch.set_grad_enabled(grad):
+        b.add_to(h)
+    assert counter.get_total_flops() == 2 * (2 * 15 * 8 * 2)  # down and up: 2 * rows * d * m each

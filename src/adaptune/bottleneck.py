@@ -61,7 +61,8 @@ class Bottleneck(nn.Module):
         """``h + self(x)`` (``x`` defaults to ``h``: the sequential adapter), without a separate add.
 
         ``h`` plus the up-projection's bias is formed in one pass, and the up-projection
-        accumulates onto it in place (``addmm_``, beta = 1), so the adapted hidden state costs one
+        accumulates onto it in place (``addmm`` with ``out`` = its input, beta = 1; FLOP counters
+        see an ``addmm``, which they do not for ``addmm_``), so the adapted hidden state costs one
         (B*T, d) allocation and no separate add. When gradients are recorded (autocast and ``torch.func``
         transforms off) the whole adapter is one autograd node, :class:`_AddBottleneck`, with a
         hand-written backward.
@@ -81,10 +82,10 @@ class Bottleneck(nn.Module):
         d = h.shape[-1]
         z = torch.addmm(b_down, (h if x is None else x).reshape(-1, d), w_down.t())  # (B*T, m)
         a = act(z) if fns is None else fns[0](act, z)
-        if plain:
+        if plain and not torch.is_grad_enabled():
             out = torch.add(h.reshape(-1, d), b_up, alpha=self.scale)  # (B*T, d): h + bias in one pass
-            return out.addmm_(a, w_up.t(), alpha=self.scale).view(h.shape)
-        # autocast casts addmm's operands, not addmm_'s; vmap cannot write batched rows into h's copy
+            return torch.addmm(out, a, w_up.t(), alpha=self.scale, out=out).view(h.shape)  # accumulates in place
+        # out= records no gradient, autocast casts no out= operands, vmap cannot write batched rows into h's copy
         out = torch.addmm(h.reshape(-1, d), a, w_up.t(), alpha=self.scale)
         return out.add_(b_up, alpha=self.scale).view(h.shape)
 
@@ -127,7 +128,7 @@ class _AddBottleneck(torch.autograd.Function):
         inp = (h if x is None else x).reshape(-1, d)  # (B*T, d)
         z = torch.addmm(b_down, inp, w_down.t())  # (B*T, m), pre-activation
         out = torch.add(h.reshape(-1, d), b_up, alpha=scale)  # (B*T, d)
-        out.addmm_(_ACTS[type(act)][0](act, z), w_up.t(), alpha=scale)
+        torch.addmm(out, _ACTS[type(act)][0](act, z), w_up.t(), alpha=scale, out=out)
         ctx.save_for_backward(inp, z, w_down, w_up)
         ctx.act, ctx.scale, ctx.parallel = act, scale, x is not None
         ctx.shape, ctx.x_shape = h.shape, None if x is None else x.shape
