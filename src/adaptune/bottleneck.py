@@ -83,11 +83,18 @@ class Bottleneck(nn.Module):
         z = torch.addmm(b_down, (h if x is None else x).reshape(-1, d), w_down.t())  # (B*T, m)
         a = act(z) if fns is None else fns[0](act, z)
         if plain and not torch.is_grad_enabled():
-            out = torch.add(h.reshape(-1, d), b_up, alpha=self.scale)  # (B*T, d): h + bias in one pass
-            return torch.addmm(out, a, w_up.t(), alpha=self.scale, out=out).view(h.shape)  # accumulates in place
+            return _up_onto(h.reshape(-1, d), a, w_up, b_up, self.scale).view(h.shape)
         # out= records no gradient, autocast casts no out= operands, vmap cannot write batched rows into h's copy
         out = torch.addmm(h.reshape(-1, d), a, w_up.t(), alpha=self.scale)
         return out.add_(b_up, alpha=self.scale).view(h.shape)
+
+
+def _up_onto(h: torch.Tensor, a: torch.Tensor, w_up: torch.Tensor, b_up: torch.Tensor, scale: float) -> torch.Tensor:
+    """``h + scale * (a @ w_upᵀ + b_up)`` as a new (B*T, d) tensor: h plus the bias in one pass, the
+    product accumulated into it (``addmm`` with ``out``: FLOP counters see it, unlike ``addmm_``).
+    Records no gradient."""
+    out = torch.add(h, b_up, alpha=scale)
+    return torch.addmm(out, a, w_up.t(), alpha=scale, out=out)
 
 
 def _weight_bias(linear: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,8 +134,7 @@ class _AddBottleneck(torch.autograd.Function):
         d = h.shape[-1]
         inp = (h if x is None else x).reshape(-1, d)  # (B*T, d)
         z = torch.addmm(b_down, inp, w_down.t())  # (B*T, m), pre-activation
-        out = torch.add(h.reshape(-1, d), b_up, alpha=scale)  # (B*T, d)
-        torch.addmm(out, _ACTS[type(act)][0](act, z), w_up.t(), alpha=scale, out=out)
+        out = _up_onto(h.reshape(-1, d), _ACTS[type(act)][0](act, z), w_up, b_up, scale)  # (B*T, d)
         ctx.save_for_backward(inp, z, w_down, w_up)
         ctx.act, ctx.scale, ctx.parallel = act, scale, x is not None
         ctx.shape, ctx.x_shape = h.shape, None if x is None else x.shape

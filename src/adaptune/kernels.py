@@ -76,7 +76,7 @@ class _AttentionDropout(torch.autograd.Function):
     def forward(ctx, q, k, v, bias, dead, scale: float, p: float):
         # contiguous (B, H, T, dh) once: transformers hands over transposed views, which every
         # matmul below (and in backward) would otherwise copy again
-        q = torch.mul(q, scale, out=torch.empty(q.shape, dtype=q.dtype, device=q.device))
+        q = torch.mul(q, scale, out=torch.empty_like(q, memory_format=torch.contiguous_format))
         k, v = k.contiguous(), v.contiguous()
         s = torch.matmul(q, k.transpose(-1, -2))  # (B, H, Tq, Tk)
         if bias is not None:
@@ -94,8 +94,7 @@ class _AttentionDropout(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, probs, keep = ctx.saved_tensors  # q already scaled
-        g = torch.mul(grad_out, ctx.keep_scale, out=torch.empty(grad_out.shape, dtype=grad_out.dtype,
-                                                               device=grad_out.device))
+        g = torch.mul(grad_out, ctx.keep_scale, out=torch.empty_like(grad_out, memory_format=torch.contiguous_format))
         dropped = torch.where(keep, probs, 0.0)
         grad_v = torch.matmul(dropped.transpose(-1, -2), g)
         grad_s = torch.matmul(g, v.transpose(-1, -2)).mul_(dropped)  # P ⊙ dL/dP

@@ -19,7 +19,7 @@ import torch
 from adaptune.data import Split, bucket_batches, collate, encode
 from adaptune.errors import ConfigError, DataError
 from adaptune.heap import keep_freed_memory
-from adaptune.inject import set_active
+from adaptune.inject import _NAME, set_active
 from adaptune.io import load_adapter, read_adapter_config
 from adaptune.models import load_classifier, load_tokenizer
 from adaptune.train import TrainConfig, evaluate, pick_device
@@ -133,8 +133,6 @@ def name_runs(specs: list[str | os.PathLike]) -> dict[str, Path]:
     Raises:
         ConfigError: a name is not usable as an adapter name, or two runs would share one.
     """
-    from adaptune.inject import _NAME
-
     runs: dict[str, Path] = {}
     for spec in map(os.fspath, specs):
         name, sep, folder = spec.partition("=")
