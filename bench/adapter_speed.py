@@ -38,8 +38,15 @@ leaking into it.
 Every other section runs inside ``keep_freed_memory``, as the library's training loop and command
 line do.
 
+--processes N runs each speed section (train, infer, mixed, small, host) in N fresh processes, one
+after another, and computes its figures from all their rounds. A process settles into a speed of
+its own (the plain base forward is fast in some processes and slow in others, throughout), which
+more rounds in one process never average out; the pooled 90 % intervals resample whole processes
+first, then rounds within them, so that effect shows in their width. Each process's paired median
+is printed as it finishes.
+
 Run:  .venv/bin/python bench/adapter_speed.py [--only train,infer,mixed,small,host,memory,heap] [--rounds 5]
-      [--size 64] [--batch 32] [--length 128] [--threads 1] [--json out.json]
+      [--processes 1] [--size 64] [--batch 32] [--length 128] [--threads 1] [--json out.json]
 """
 
 from __future__ import annotations
@@ -100,21 +107,32 @@ def alternate_times(fns: dict, rounds: int, warmup: int = 1) -> dict[str, list[f
     return times
 
 
-def bootstrap_interval(values: list[float], level: float = 0.9, draws: int = 4000) -> list[float]:
+def bootstrap_interval(values: list[float], level: float = 0.9, draws: int = 4000,
+                       groups: list[int] | None = None) -> list[float]:
     """A ``level`` bootstrap interval of the median of ``values`` (percentiles of resampled medians).
 
+    ``groups``: ``values`` came from consecutive processes with these many rounds each. Then whole
+    processes are resampled first and rounds within each (a cluster bootstrap), so a process-level
+    effect (a process whose base forward is fast throughout) widens the interval instead of hiding.
     On a noisy shared machine this says whether a goal is met or merely touched by one run.
     """
     rng = random.Random(0)
-    meds = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(draws))
+    starts = [sum((groups or [len(values)])[:i]) for i in range(len(groups or [len(values)]))]
+    clusters = [values[a:a + n] for a, n in zip(starts, groups or [len(values)])]
+    meds = []
+    for _ in range(draws):
+        picked = rng.choices(clusters, k=len(clusters)) if groups else clusters
+        meds.append(statistics.median(v for c in picked for v in rng.choices(c, k=len(c))))
+    meds.sort()
     lo = int((1 - level) / 2 * draws)
     return [meds[lo], meds[draws - 1 - lo]]
 
 
-def paired_ratio(times: dict[str, list[float]], a: str, b: str) -> tuple[float, list[float]]:
+def paired_ratio(times: dict[str, list[float]], a: str, b: str,
+                 groups: list[int] | None = None) -> tuple[float, list[float]]:
     """Median of each round's a/b (the pair ran back to back, under the same load) and its interval."""
     ratios = [x / y for x, y in zip(times[a], times[b])]
-    return statistics.median(ratios), bootstrap_interval(ratios)
+    return statistics.median(ratios), bootstrap_interval(ratios, groups=groups)
 
 
 def step_flops(model, batch: dict) -> int:
@@ -148,13 +166,14 @@ def section_train(args) -> dict:
             fns[f"{'lean' if lean else 'plain'}-{strategy}"] = fn
     times = alternate_times(fns, args.rounds)
     del fns
+    return {"times": times, "flops": flops, "flop_ideal": flops["adapters"] / flops["full"], **train_figures(times)}
+
+
+def train_figures(times: dict[str, list[float]], groups: list[int] | None = None) -> dict:
     med = {k: statistics.median(v) for k, v in times.items()}
-
-    plain_paired, plain_interval = paired_ratio(times, "plain-adapters", "plain-full")
-    lean_paired, lean_interval = paired_ratio(times, "lean-adapters", "lean-full")
-
-    return {"seconds": med, "times": times,
-            "flops": flops, "flop_ideal": flops["adapters"] / flops["full"],
+    plain_paired, plain_interval = paired_ratio(times, "plain-adapters", "plain-full", groups)
+    lean_paired, lean_interval = paired_ratio(times, "lean-adapters", "lean-full", groups)
+    return {"seconds": med,
             "ratio_plain": med["plain-adapters"] / med["plain-full"],
             "ratio_lean": med["lean-adapters"] / med["lean-full"],
             "ratio_plain_paired": plain_paired, "ratio_plain_paired_interval": plain_interval,
@@ -194,11 +213,14 @@ def section_infer(args) -> dict:
 
     times = alternate_times({"base": forward_fn(model, batch, None), "adapter": forward_fn(model, batch, "task0")},
                             args.rounds * 2)
+    return {"times": times, "flop_ideal": args.size / (3 * 384), **infer_figures(times)}
+
+
+def infer_figures(times: dict[str, list[float]], groups: list[int] | None = None) -> dict:
     med = {k: statistics.median(v) for k, v in times.items()}
-    paired, interval = paired_ratio(times, "adapter", "base")
-    return {"seconds": med, "times": times, "overhead": med["adapter"] / med["base"] - 1.0,
-            "overhead_paired": paired - 1.0, "overhead_paired_interval": [r - 1.0 for r in interval],
-            "flop_ideal": args.size / (3 * 384)}
+    paired, interval = paired_ratio(times, "adapter", "base", groups)
+    return {"seconds": med, "overhead": med["adapter"] / med["base"] - 1.0,
+            "overhead_paired": paired - 1.0, "overhead_paired_interval": [r - 1.0 for r in interval]}
 
 
 def section_mixed(args) -> dict:
@@ -210,8 +232,6 @@ def section_mixed(args) -> dict:
 
     times = alternate_times({"single": forward_fn(model, batch, "task0"), "mixed": forward_fn(model, batch, rows)},
                             args.rounds * 2)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    paired, interval = paired_ratio(times, "single", "mixed")
     # Equality: each row of the mixed batch against the same rows run on their own task.
     set_active(model, rows)
     with torch.no_grad():
@@ -223,9 +243,14 @@ def section_mixed(args) -> dict:
         with torch.no_grad():
             alone = model(**{k: v[idx] for k, v in batch.items()}).logits
         worst = max(worst, (mixed[idx] - alone).abs().max().item())
-    return {"seconds": med, "times": times, "throughput_ratio": med["single"] / med["mixed"],
-            "throughput_ratio_paired": paired, "throughput_ratio_paired_interval": interval, "tasks": args.tasks,
-            "max_abs_diff_vs_separate": worst}
+    return {"times": times, "tasks": args.tasks, "max_abs_diff_vs_separate": worst, **mixed_figures(times)}
+
+
+def mixed_figures(times: dict[str, list[float]], groups: list[int] | None = None) -> dict:
+    med = {k: statistics.median(v) for k, v in times.items()}
+    paired, interval = paired_ratio(times, "single", "mixed", groups)
+    return {"seconds": med, "throughput_ratio": med["single"] / med["mixed"],
+            "throughput_ratio_paired": paired, "throughput_ratio_paired_interval": interval}
 
 
 def section_small(args) -> dict:
@@ -250,10 +275,14 @@ def section_small(args) -> dict:
 def _infer_and_train(fns: dict, rounds: int, what: str) -> dict:
     """Time ``infer-base``/``infer-adapter`` and ``train-adapters``/``train-full`` in turn; both ratios."""
     times = alternate_times(fns, rounds, warmup=5)
+    return {"what": what, "times": times, **infer_and_train_figures(times)}
+
+
+def infer_and_train_figures(times: dict[str, list[float]], groups: list[int] | None = None) -> dict:
     med = {k: statistics.median(v) for k, v in times.items()}
-    infer_paired, infer_interval = paired_ratio(times, "infer-adapter", "infer-base")
-    train_paired, train_interval = paired_ratio(times, "train-adapters", "train-full")
-    return {"what": what, "seconds": med, "rounds": rounds, "infer_ratio": med["infer-adapter"] / med["infer-base"],
+    infer_paired, infer_interval = paired_ratio(times, "infer-adapter", "infer-base", groups)
+    train_paired, train_interval = paired_ratio(times, "train-adapters", "train-full", groups)
+    return {"seconds": med, "rounds": len(times["infer-base"]), "infer_ratio": med["infer-adapter"] / med["infer-base"],
             "infer_ratio_paired": infer_paired, "infer_ratio_paired_interval": infer_interval,
             "train_ratio": med["train-adapters"] / med["train-full"], "train_ratio_paired": train_paired,
             "train_ratio_paired_interval": train_interval}
@@ -422,8 +451,56 @@ def section_heap(args) -> dict:
             "faults": medians("faults", variants), "peak_rss": medians("peak_rss", ("train", "infer"))}
 
 
+# ---- speed sections in several fresh processes ----------------------------------------------------
+
+# Per speed section: its figures from the rounds' times, and the paired figures each process shows.
+SPEED_FIGURES = {"train": (train_figures, ("ratio_plain_paired", "ratio_lean_paired")),
+                 "infer": (infer_figures, ("overhead_paired",)),
+                 "mixed": (mixed_figures, ("throughput_ratio_paired",)),
+                 "small": (infer_and_train_figures, ("infer_ratio_paired", "train_ratio_paired")),
+                 "host": (infer_and_train_figures, ("infer_ratio_paired", "train_ratio_paired"))}
+
+
+def _fmt(key: str, value: float) -> str:
+    return f"{100 * value:+.1f} %" if key.startswith("overhead") else f"{value:.3f}"
+
+
+def section_in_processes(name: str, args) -> dict:
+    """Section ``name`` run in ``--processes`` fresh processes one after another, its figures computed
+    from all their rounds (intervals by a cluster bootstrap over processes).
+
+    A process settles into a speed of its own (where its buffers landed; the plain base forward is
+    bimodal across processes), so one process's figure is one draw of a process-level effect, which
+    more rounds in the same process do not average out.
+    """
+    figures, headline = SPEED_FIGURES[name]
+    passed = ["--rounds", str(args.rounds), "--size", str(args.size), "--embedding-norm", args.embedding_norm,
+              "--batch", str(args.batch), "--length", str(args.length), "--small-batch", str(args.small_batch),
+              "--small-length", str(args.small_length), "--tasks", str(args.tasks), "--threads", str(args.threads)]
+    runs = []
+    for i in range(args.processes):
+        out = subprocess.run([sys.executable, os.path.abspath(__file__), "--section-worker", name, *passed],
+                             capture_output=True, text=True)
+        if out.returncode != 0:
+            sys.exit(f"{name} process {i + 1} failed:\n{out.stderr[-3000:]}")
+        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        print(f"       process {i + 1}/{args.processes}: " + ", ".join(f"{k} {_fmt(k, runs[-1][k])}" for k in headline),
+              flush=True)
+    times = {k: [t for r in runs for t in r["times"][k]] for k in runs[0]["times"]}
+    groups = [len(next(iter(r["times"].values()))) for r in runs]
+    res = {**runs[0], "times": times, **figures(times, groups),
+           "per_process": {k: [r[k] for r in runs] for k in headline}}
+    if name == "mixed":
+        res["max_abs_diff_vs_separate"] = max(r["max_abs_diff_vs_separate"] for r in runs)
+    return res
+
+
 def report(name: str, res: dict, args) -> None:
     mib = 2**20
+    if "per_process" in res:
+        print(f"{name:<6} pooled over {len(next(iter(res['per_process'].values())))} processes (intervals resample "
+              "processes, then rounds); each process's paired median: " + " | ".join(
+                  f"{k} " + " ".join(_fmt(k, v) for v in vs) for k, vs in res["per_process"].items()))
     if name == "train":
         s = res["seconds"]
         print(f"train  step CPU s: plain adapters {s['plain-adapters']:.3f} full {s['plain-full']:.3f} | "
@@ -495,10 +572,16 @@ def main() -> None:
     p.add_argument("--mem-steps", type=int, default=3)
     p.add_argument("--mem-repeats", type=int, default=1)
     p.add_argument("--heap-repeats", type=int, default=3, help="process pairs (default heap, kept) of the heap section")
+    p.add_argument("--processes", type=int, default=1,
+                   help="run each speed section (train, infer, mixed, small, host) in this many fresh processes "
+                        "and pool their rounds (default 1: in this process)")
     p.add_argument("--json", help="also write the results to this file")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--heap-worker", choices=("train", "infer"), help=argparse.SUPPRESS)
+    p.add_argument("--section-worker", choices=tuple(SPEED_FIGURES), help=argparse.SUPPRESS)
     args = p.parse_args()
+    if min(args.rounds, args.processes, args.threads) < 1:
+        p.error("--rounds, --processes and --threads must be at least 1")
     torch.set_num_threads(args.threads)
     if args.worker:
         print(json.dumps(memory_worker(args)), flush=True)
@@ -506,16 +589,24 @@ def main() -> None:
     if args.heap_worker:
         print(json.dumps(heap_worker(args)), flush=True)
         return
+    if args.section_worker:
+        with keep_freed_memory():
+            print(json.dumps(globals()[f"section_{args.section_worker}"](args)), flush=True)
+        return
     print(f"model all-MiniLM-L6-v2 | Houlsby m={args.size} (+ norm and head copies; embedding norm {args.embedding_norm}) | random {args.batch}x{args.length} | "
           f"torch {torch.__version__} cpu, {torch.get_num_threads()} threads | median CPU time of {args.rounds} rounds, "
-          "variants alternating", flush=True)
+          "variants alternating" + (f", in each of {args.processes} fresh processes" if args.processes > 1 else ""),
+          flush=True)
     results = {}
     for name in args.only.split(","):
         if name not in SECTIONS:
             sys.exit(f"unknown section {name!r}; choose from {', '.join(SECTIONS)}")
         t0 = time.perf_counter()
-        with keep_freed_memory():  # as the library's training loop and command line run
-            results[name] = globals()[f"section_{name}"](args)
+        if args.processes > 1 and name in SPEED_FIGURES:
+            results[name] = section_in_processes(name, args)
+        else:
+            with keep_freed_memory():  # as the library's training loop and command line run
+                results[name] = globals()[f"section_{name}"](args)
         report(name, results[name], args)
         print(f"       ({time.perf_counter() - t0:.0f} s)", flush=True)
     if args.json:
