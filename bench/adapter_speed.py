@@ -117,8 +117,10 @@ def bootstrap_interval(values: list[float], level: float = 0.9, draws: int = 400
     On a noisy shared machine this says whether a goal is met or merely touched by one run.
     """
     rng = random.Random(0)
-    starts = [sum((groups or [len(values)])[:i]) for i in range(len(groups or [len(values)]))]
-    clusters = [values[a:a + n] for a, n in zip(starts, groups or [len(values)])]
+    clusters, start = [], 0
+    for n in groups or [len(values)]:
+        clusters.append(values[start:start + n])
+        start += n
     meds = []
     for _ in range(draws):
         picked = rng.choices(clusters, k=len(clusters)) if groups else clusters
@@ -469,9 +471,9 @@ def section_in_processes(name: str, args) -> dict:
     """Section ``name`` run in ``--processes`` fresh processes one after another, its figures computed
     from all their rounds (intervals by a cluster bootstrap over processes).
 
-    A process settles into a speed of its own (where its buffers landed; the plain base forward is
-    bimodal across processes), so one process's figure is one draw of a process-level effect, which
-    more rounds in the same process do not average out.
+    A process settles into a speed of its own (the plain base forward is fast in some processes and
+    slow in others, throughout), so one process's figure is one draw of a process-level effect,
+    which more rounds in the same process do not average out.
     """
     figures, headline = SPEED_FIGURES[name]
     passed = ["--rounds", str(args.rounds), "--size", str(args.size), "--embedding-norm", args.embedding_norm,
