@@ -324,6 +324,21 @@ def section_host(args) -> dict:
 # ---- memory: one subprocess per variant --------------------------------------------------------
 
 
+def _forwarded(args, *names: str) -> list[str]:
+    """``--name value`` for each of ``args``' options ``names``, for a worker process of this script."""
+    return [x for n in names for x in (f"--{n.replace('_', '-')}", str(getattr(args, n)))]
+
+
+def _run_worker(argv: list[str], what: str, env: dict[str, str] | None = None) -> dict:
+    """This script in a fresh process with ``argv`` (and ``env`` added to the environment): the JSON
+    its last line prints. Exits with the worker's error output, named ``what``, if it fails."""
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), *argv], capture_output=True, text=True,
+                         env={**os.environ, **(env or {})})
+    if out.returncode != 0:
+        sys.exit(f"{what} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def _status_kib(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
@@ -357,8 +372,7 @@ def memory_worker(args) -> dict:
 
 
 def section_memory(args) -> dict:
-    passed = ["--size", str(args.size), "--embedding-norm", args.embedding_norm, "--batch", str(args.batch), "--length", str(args.length),
-              "--threads", str(args.threads), "--mem-steps", str(args.mem_steps)]
+    passed = _forwarded(args, "size", "embedding_norm", "batch", "length", "threads", "mem_steps")
     runs: dict[str, list[dict]] = {}
     # "exact": every allocation of 128 KiB or more gets its own mapping and goes back to the OS when
     # freed, so the peak RSS is the peak of live tensors (plus the process), free of how glibc's heap
@@ -367,11 +381,8 @@ def section_memory(args) -> dict:
     for _ in range(args.mem_repeats):
         for alloc, env in allocators.items():
             for variant in ("adapters:plain", "full:plain", "adapters:lean", "full:lean"):
-                out = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", variant, *passed],
-                                     capture_output=True, text=True, env={**os.environ, **env})
-                if out.returncode != 0:
-                    sys.exit(f"memory worker {variant} failed:\n{out.stderr[-3000:]}")
-                runs.setdefault(f"{variant}:{alloc}", []).append(json.loads(out.stdout.strip().splitlines()[-1]))
+                runs.setdefault(f"{variant}:{alloc}", []).append(
+                    _run_worker(["--worker", variant, *passed], f"memory worker {variant}", env))
     med = {v: {k: statistics.median(r[k] for r in rs) for k in ("runtime", "before", "peak")} for v, rs in runs.items()}
     res = {"bytes": med}
     for alloc in allocators:
@@ -422,18 +433,14 @@ def heap_worker(args) -> dict:
 
 
 def section_heap(args) -> dict:
-    passed = ["--size", str(args.size), "--embedding-norm", args.embedding_norm, "--batch", str(args.batch),
-              "--length", str(args.length), "--threads", str(args.threads), "--rounds", str(args.rounds)]
+    passed = _forwarded(args, "size", "embedding_norm", "batch", "length", "threads", "rounds")
     runs: dict[str, list[dict]] = {"kept": [], "default": []}
     for _ in range(args.heap_repeats):
         pair: dict[str, dict] = {"kept": {}, "default": {}}
         for what in ("train", "infer"):
             for label, flag in (("default", "0"), ("kept", "1")):
-                out = subprocess.run([sys.executable, os.path.abspath(__file__), "--heap-worker", what, *passed],
-                                     capture_output=True, text=True, env={**os.environ, "ADAPTUNE_KEEP_FREED_MEMORY": flag})
-                if out.returncode != 0:
-                    sys.exit(f"heap worker ({what}, {label}) failed:\n{out.stderr[-3000:]}")
-                res = json.loads(out.stdout.strip().splitlines()[-1])
+                res = _run_worker(["--heap-worker", what, *passed], f"heap worker ({what}, {label})",
+                                  {"ADAPTUNE_KEEP_FREED_MEMORY": flag})
                 if res["kept"] != (label == "kept"):
                     sys.exit(f"keep_freed_memory {'did not apply' if label == 'kept' else 'applied unasked'} in the "
                              f"{label} worker (not glibc, or MALLOC_* set in the environment?)")
@@ -476,16 +483,11 @@ def section_in_processes(name: str, args) -> dict:
     which more rounds in the same process do not average out.
     """
     figures, headline = SPEED_FIGURES[name]
-    passed = ["--rounds", str(args.rounds), "--size", str(args.size), "--embedding-norm", args.embedding_norm,
-              "--batch", str(args.batch), "--length", str(args.length), "--small-batch", str(args.small_batch),
-              "--small-length", str(args.small_length), "--tasks", str(args.tasks), "--threads", str(args.threads)]
+    passed = _forwarded(args, "rounds", "size", "embedding_norm", "batch", "length", "small_batch", "small_length",
+                        "tasks", "threads")
     runs = []
     for i in range(args.processes):
-        out = subprocess.run([sys.executable, os.path.abspath(__file__), "--section-worker", name, *passed],
-                             capture_output=True, text=True)
-        if out.returncode != 0:
-            sys.exit(f"{name} process {i + 1} failed:\n{out.stderr[-3000:]}")
-        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        runs.append(_run_worker(["--section-worker", name, *passed], f"{name} process {i + 1}"))
         print(f"       process {i + 1}/{args.processes}: " + ", ".join(f"{k} {_fmt(k, runs[-1][k])}" for k in headline),
               flush=True)
     times = {k: [t for r in runs for t in r["times"][k]] for k in runs[0]["times"]}
@@ -555,9 +557,16 @@ def report(name: str, res: dict, args) -> None:
             for w in ("train", "infer")))
 
 
-def main() -> None:
+def run_section(name: str, args) -> dict:
+    """Section ``name`` in this process, inside ``keep_freed_memory`` as the library's training loop
+    and command line run."""
     from adaptune import keep_freed_memory
 
+    with keep_freed_memory():
+        return globals()[f"section_{name}"](args)
+
+
+def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--only", default=",".join(SECTIONS), help="comma-separated subset of " + ",".join(SECTIONS))
     p.add_argument("--rounds", type=int, default=5, help="timed rounds per figure (inference: twice as many)")
@@ -592,8 +601,7 @@ def main() -> None:
         print(json.dumps(heap_worker(args)), flush=True)
         return
     if args.section_worker:
-        with keep_freed_memory():
-            print(json.dumps(globals()[f"section_{args.section_worker}"](args)), flush=True)
+        print(json.dumps(run_section(args.section_worker, args)), flush=True)
         return
     print(f"model all-MiniLM-L6-v2 | Houlsby m={args.size} (+ norm and head copies; embedding norm {args.embedding_norm}) | random {args.batch}x{args.length} | "
           f"torch {torch.__version__} cpu, {torch.get_num_threads()} threads | median CPU time of {args.rounds} rounds, "
@@ -607,8 +615,7 @@ def main() -> None:
         if args.processes > 1 and name in SPEED_FIGURES:
             results[name] = section_in_processes(name, args)
         else:
-            with keep_freed_memory():  # as the library's training loop and command line run
-                results[name] = globals()[f"section_{name}"](args)
+            results[name] = run_section(name, args)
         report(name, results[name], args)
         print(f"       ({time.perf_counter() - t0:.0f} s)", flush=True)
     if args.json:
