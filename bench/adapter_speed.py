@@ -15,7 +15,9 @@ leaking into it.
           model and batch by torch's ``FlopCounterMode``. ``--embedding-norm frozen`` keeps BERT's
           embedding LayerNorm frozen, so backward stops at the first adapter.
 - infer:  forward pass in eval mode under no_grad, the same model with the adapter active vs
-          ``set_active(model, None)`` (the plain base).
+          ``set_active(model, None)`` (the plain base); where the adapter's C kernel runs
+          (:mod:`adaptune.adapter_gemm`: one thread, a C compiler), also the adapter with torch's
+          products instead. ``ADAPTUNE_NATIVE=0`` turns the kernel off for every section.
 - mixed:  --tasks adapters (each with its own norms and head); one batch whose rows cycle through
           the tasks vs the same batch all on one task; reported as throughput mixed / single.
 - small:  one short sentence (--small-batch x --small-length, default 1 x 16): inference overhead of
@@ -209,20 +211,41 @@ def forward_fn(model, batch: dict, adapters):
     return fn
 
 
+def without_adapter_kernel(fn):
+    """``fn`` run with the adapter's C kernel off (torch's products for the adapter instead)."""
+    from adaptune import adapter_gemm
+
+    def off():
+        previous = adapter_gemm.set_enabled(False)
+        try:
+            fn()
+        finally:
+            adapter_gemm.set_enabled(previous)
+    return off
+
+
 def section_infer(args) -> dict:
+    from adaptune import adapter_gemm
+
     model = _adapted_model(args.size, 1)
     batch = make_batch(args.batch, args.length, 30000, labels=False)
-
-    times = alternate_times({"base": forward_fn(model, batch, None), "adapter": forward_fn(model, batch, "task0")},
-                            args.rounds * 2)
+    fns = {"base": forward_fn(model, batch, None), "adapter": forward_fn(model, batch, "task0")}
+    if adapter_gemm.available() and torch.get_num_threads() == 1:  # the kernel runs: also time the adapter without it
+        fns["adapter-torch"] = without_adapter_kernel(fns["adapter"])
+    times = alternate_times(fns, args.rounds * 2)
     return {"times": times, "flop_ideal": args.size / (3 * 384), **infer_figures(times)}
 
 
 def infer_figures(times: dict[str, list[float]], groups: list[int] | None = None) -> dict:
     med = {k: statistics.median(v) for k, v in times.items()}
     paired, interval = paired_ratio(times, "adapter", "base", groups)
-    return {"seconds": med, "overhead": med["adapter"] / med["base"] - 1.0,
-            "overhead_paired": paired - 1.0, "overhead_paired_interval": [r - 1.0 for r in interval]}
+    out = {"seconds": med, "overhead": med["adapter"] / med["base"] - 1.0,
+           "overhead_paired": paired - 1.0, "overhead_paired_interval": [r - 1.0 for r in interval]}
+    if "adapter-torch" in times:  # the same adapter with torch's products instead of the C kernel
+        paired, interval = paired_ratio(times, "adapter-torch", "base", groups)
+        out.update(overhead_torch=med["adapter-torch"] / med["base"] - 1.0, overhead_torch_paired=paired - 1.0,
+                   overhead_torch_paired_interval=[r - 1.0 for r in interval])
+    return out
 
 
 def section_mixed(args) -> dict:
@@ -524,6 +547,11 @@ def report(name: str, res: dict, args) -> None:
               f"overhead {100 * res['overhead']:+.1f} % (FLOP ideal {100 * res['flop_ideal']:.1f} %) | median of each "
               f"round's pair {100 * res['overhead_paired']:+.1f} % (90 % interval "
               f"{100 * res['overhead_paired_interval'][0]:+.1f} to {100 * res['overhead_paired_interval'][1]:+.1f} %)")
+        if "overhead_torch" in res:
+            lo, hi = res["overhead_torch_paired_interval"]
+            print(f"infer  the adapter with torch's products instead of its C kernel: {res['seconds']['adapter-torch']:.3f} s"
+                  f" | overhead {100 * res['overhead_torch']:+.1f} %, paired {100 * res['overhead_torch_paired']:+.1f} % "
+                  f"({100 * lo:+.1f} to {100 * hi:+.1f} %)")
     elif name == "mixed":
         print(f"mixed  forward CPU s: single task {res['seconds']['single']:.3f} {res['tasks']} tasks "
               f"{res['seconds']['mixed']:.3f} | throughput mixed/single {res['throughput_ratio']:.3f}, paired "

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from adaptune import adapter_gemm
 from adaptune.config import AdapterConfig
 
 _ACTIVATIONS = {
@@ -80,19 +81,40 @@ class Bottleneck(nn.Module):
         if fns is not None and plain and torch.is_grad_enabled():  # (torch.func: autograd's own graph)
             return _AddBottleneck.apply(h, x, w_down, b_down, w_up, b_up, act, self.scale)
         d = h.shape[-1]
+        if plain and not torch.is_grad_enabled():
+            z = _down((h if x is None else x).reshape(-1, d), w_down, b_down)
+            a = act(z) if fns is None else fns[0](act, z)
+            return _up_onto(h.reshape(-1, d), a, w_up, b_up, self.scale).view(h.shape)
         z = torch.addmm(b_down, (h if x is None else x).reshape(-1, d), w_down.t())  # (B*T, m)
         a = act(z) if fns is None else fns[0](act, z)
-        if plain and not torch.is_grad_enabled():
-            return _up_onto(h.reshape(-1, d), a, w_up, b_up, self.scale).view(h.shape)
         # out= records no gradient, autocast casts no out= operands, vmap cannot write batched rows into h's copy
         out = torch.addmm(h.reshape(-1, d), a, w_up.t(), alpha=self.scale)
         return out.add_(b_up, alpha=self.scale).view(h.shape)
 
 
+def _down(x: torch.Tensor, w_down: torch.Tensor, b_down: torch.Tensor) -> torch.Tensor:
+    """``x @ w_downᵀ + b_down``, (B*T, m): the adapter kernel where it applies, else ``addmm``.
+    Records no gradient."""
+    z = adapter_gemm.linear(x, w_down, b_down)
+    return torch.addmm(b_down, x, w_down.t()) if z is None else z
+
+
+def _matmul(x: torch.Tensor, w: torch.Tensor, onto: torch.Tensor | None = None) -> torch.Tensor:
+    """``onto + x @ w`` (``onto`` None: ``x @ w``): the adapter kernel where it applies, else torch."""
+    out = adapter_gemm.matmul(x, w, onto)
+    if out is not None:
+        return out
+    return x.mm(w) if onto is None else torch.addmm(onto, x, w)
+
+
 def _up_onto(h: torch.Tensor, a: torch.Tensor, w_up: torch.Tensor, b_up: torch.Tensor, scale: float) -> torch.Tensor:
-    """``h + scale * (a @ w_upᵀ + b_up)`` as a new (B*T, d) tensor: h plus the bias in one pass, the
+    """``h + scale * (a @ w_upᵀ + b_up)`` as a new (B*T, d) tensor. The adapter kernel starts its
+    sums from h and the bias where it applies; else h plus the bias is formed in one pass and the
     product accumulated into it (``addmm`` with ``out``: FLOP counters see it, unlike ``addmm_``).
     Records no gradient."""
+    out = adapter_gemm.linear(a, w_up, b_up, onto=h, scale=scale)
+    if out is not None:
+        return out
     out = torch.add(h, b_up, alpha=scale)
     return torch.addmm(out, a, w_up.t(), alpha=scale, out=out)
 
@@ -133,7 +155,7 @@ class _AddBottleneck(torch.autograd.Function):
     def forward(ctx, h, x, w_down, b_down, w_up, b_up, act, scale):
         d = h.shape[-1]
         inp = (h if x is None else x).reshape(-1, d)  # (B*T, d)
-        z = torch.addmm(b_down, inp, w_down.t())  # (B*T, m), pre-activation
+        z = _down(inp, w_down, b_down)  # (B*T, m), pre-activation
         out = _up_onto(h.reshape(-1, d), _ACTS[type(act)][0](act, z), w_up, b_up, scale)  # (B*T, d)
         ctx.save_for_backward(inp, z, w_down, w_up)
         ctx.act, ctx.scale, ctx.parallel = act, scale, x is not None
@@ -154,15 +176,15 @@ class _AddBottleneck(torch.autograd.Function):
             g_bu = gs.sum(0)
         want_inp = need[1] if ctx.parallel else need[0]
         if want_inp or need[2] or need[3]:
-            gz = _ACTS[type(ctx.act)][1](ctx.act, gs.mm(w_up), z)  # (B*T, m)
+            gz = _ACTS[type(ctx.act)][1](ctx.act, _matmul(gs, w_up), z)  # (B*T, m)
             if need[2]:
                 g_wd = gz.t().mm(inp)  # (m, d)
             if need[3]:
                 g_bd = gz.sum(0)
             if ctx.parallel:
-                grad_x = gz.mm(w_down).view(ctx.x_shape) if need[1] else None
+                grad_x = _matmul(gz, w_down).view(ctx.x_shape) if need[1] else None
             elif need[0]:
-                grad_h = torch.addmm(g, gz, w_down).view(ctx.shape)  # skip + down-projection, one op
+                grad_h = _matmul(gz, w_down, onto=g).view(ctx.shape)  # skip + down-projection, one op
         if ctx.parallel and need[0]:
             grad_h = grad
         return grad_h, grad_x, g_wd, g_bd, g_wu, g_bu, None, None

@@ -1,0 +1,146 @@
+"""The adapter's C kernel for its skinny products (src/adaptune/adapter_gemm.py, csrc/adapter_gemm.c)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from adaptune import AdapterConfig, Bottleneck, adapter_gemm
+
+needs_kernel = pytest.mark.skipif(not adapter_gemm.available(), reason="no C compiler or no AVX2 CPU here")
+
+
+@pytest.fixture
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 5, 6, 7, 13, 300])
+@pytest.mark.parametrize("k,n", [(1, 16), (7, 48), (64, 384), (384, 64)])
+def test_products_equal_torch_for_every_tile_shape(one_thread, rows, k, n):
+    """Full 6-row tiles and the tail rows; with and without the hidden state and bias; scaled."""
+    g = torch.Generator().manual_seed(rows * 1000 + k)
+    x, h = torch.randn(rows, k, generator=g), torch.randn(rows, n, generator=g)
+    w, b = torch.randn(n, k, generator=g), torch.randn(n, generator=g)
+    close = dict(rtol=1e-5, atol=1e-5 * k ** 0.5)
+    torch.testing.assert_close(adapter_gemm.linear(x, w), x @ w.t(), **close)
+    torch.testing.assert_close(adapter_gemm.linear(x, w, b), torch.addmm(b, x, w.t()), **close)
+    torch.testing.assert_close(adapter_gemm.linear(x, w, b, onto=h, scale=-0.5),
+                               h - 0.5 * torch.addmm(b, x, w.t()), **close)
+    torch.testing.assert_close(adapter_gemm.matmul(x, w.t().contiguous()), x @ w.t(), **close)
+    torch.testing.assert_close(adapter_gemm.matmul(x, w.t(), onto=h), torch.addmm(h, x, w.t()), **close)
+
+
+@needs_kernel
+def test_strided_rows_and_inputs_left_untouched(one_thread):
+    """Rows of a wider matrix (row stride > K) are read in place; no operand is written."""
+    wide, h = torch.randn(50, 40), torch.randn(50, 32)
+    x = wide[:, 3:27]  # 24 columns, row stride 40
+    w, b = torch.randn(32, 24), torch.randn(32)
+    copies = [t.clone() for t in (wide, h, w, b)]
+    torch.testing.assert_close(adapter_gemm.linear(x, w, b, onto=h), h + torch.addmm(b, x, w.t()))
+    for t, c in zip((wide, h, w, b), copies):
+        assert torch.equal(t, c)
+
+
+@needs_kernel
+def test_a_rows_result_does_not_depend_on_the_other_rows(one_thread):
+    """Mixed-task batches run each task's rows apart; they must equal the same rows of a whole batch."""
+    x, h, w, b = torch.randn(101, 64), torch.randn(101, 384), torch.randn(384, 64), torch.randn(384)
+    whole = adapter_gemm.linear(x, w, b, onto=h)
+    idx = torch.tensor([0, 3, 4, 50, 99, 100])
+    assert torch.equal(adapter_gemm.linear(x[idx], w, b, onto=h[idx]), whole[idx])
+
+
+@needs_kernel
+def test_declines_where_it_does_not_apply(one_thread):
+    """None (the caller runs torch) for widths not a multiple of 16, other dtypes, more threads,
+    operands needing a gradient, FLOP counters, and when turned off."""
+    x, w = torch.randn(8, 32), torch.randn(16, 32)
+    assert adapter_gemm.linear(x, w) is not None
+    assert adapter_gemm.linear(x, torch.randn(12, 32)) is None
+    assert adapter_gemm.linear(x.double(), w.double()) is None
+    assert adapter_gemm.linear(x, w.requires_grad_()) is None
+    with torch.no_grad():
+        assert adapter_gemm.linear(x, w) is not None
+    with FlopCounterMode(display=False):
+        assert adapter_gemm.linear(x, w.detach()) is None
+    torch.set_num_threads(2)
+    assert adapter_gemm.linear(x, w.detach()) is None
+    torch.set_num_threads(1)
+    previous = adapter_gemm.set_enabled(False)
+    try:
+        assert adapter_gemm.linear(x, w.detach()) is None
+    finally:
+        adapter_gemm.set_enabled(previous)
+
+
+@needs_kernel
+@pytest.mark.parametrize("parallel", [False, True])
+def test_adapter_uses_the_kernel_and_matches_torch_with_gradients(one_thread, monkeypatch, parallel):
+    """add_to (forward, one-node backward, and no-grad inference) gives torch's values and gradients
+    within float tolerance while the kernel runs four products of each adapter pass."""
+    torch.manual_seed(0)
+    b = Bottleneck(48, AdapterConfig(size=16, init_std=0.3, scale=2.0))
+    h = torch.randn(3, 7, 48, requires_grad=True)
+    x = torch.randn(3, 7, 48, requires_grad=True) if parallel else None
+    calls = []
+    run = adapter_gemm._run
+    monkeypatch.setattr(adapter_gemm, "_run", lambda *a: calls.append(a[3]) or run(*a))
+
+    fused = b.add_to(h, x)
+    g = torch.randn_like(fused)
+    leaves = [t for t in (h, x, *b.parameters()) if t is not None]
+    grads = torch.autograd.grad(fused, leaves, g)
+    with torch.no_grad():
+        served = b.add_to(h, x)
+    assert calls == [16, 48, 16, 48, 16, 48]  # down, up; their input gradients; down, up again
+
+    previous = adapter_gemm.set_enabled(False)
+    try:
+        plain = h + b(h if x is None else x)
+        torch.testing.assert_close(fused, plain)
+        torch.testing.assert_close(served, plain)
+        torch.testing.assert_close(grads, torch.autograd.grad(plain, leaves, g))
+    finally:
+        adapter_gemm.set_enabled(previous)
+
+
+def test_without_a_compiler_torch_runs_and_nothing_is_left(tmp_path, monkeypatch, one_thread):
+    """A failing compiler: the kernel is unavailable, the adapter still runs, no file is left behind."""
+    broken = tmp_path / "cc"
+    broken.write_text("#!/bin/sh\necho 'cc: error: no such thing' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    monkeypatch.setenv("CC", str(broken))
+    monkeypatch.setenv("ADAPTUNE_CACHE", str(tmp_path / "cache"))
+    adapter_gemm._library.cache_clear()
+    try:
+        assert not adapter_gemm.available()
+        assert adapter_gemm.linear(torch.randn(8, 32), torch.randn(16, 32)) is None
+        b = Bottleneck(32, AdapterConfig(size=16, init_std=0.3))
+        h = torch.randn(2, 3, 32)
+        torch.testing.assert_close(b.add_to(h), h + b(h))
+        assert list((tmp_path / "cache" / "kernels").iterdir()) == []
+    finally:
+        adapter_gemm._library.cache_clear()
+
+
+@needs_kernel
+def test_built_once_into_the_cache(tmp_path, monkeypatch):
+    """The first use compiles into $ADAPTUNE_CACHE/kernels; later loads reuse that file."""
+    monkeypatch.setenv("ADAPTUNE_CACHE", str(tmp_path))
+    adapter_gemm._library.cache_clear()
+    try:
+        assert adapter_gemm.available()
+        built = list((tmp_path / "kernels").glob("adapter_gemm-*.so"))
+        assert len(built) == 1
+        stamp = built[0].stat().st_mtime_ns
+        adapter_gemm._library.cache_clear()
+        assert adapter_gemm.available() and built[0].stat().st_mtime_ns == stamp
+    finally:
+        adapter_gemm._library.cache_clear()
