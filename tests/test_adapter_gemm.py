@@ -12,7 +12,9 @@ needs_kernel = pytest.mark.skipif(not adapter_gemm.available(), reason="no C com
 
 
 @pytest.fixture
-def one_thread():
+def one_thread(monkeypatch):
+    """One torch thread, and the kernel on for any number of rows (the suite's inputs are small)."""
+    monkeypatch.setattr(adapter_gemm, "MIN_ROWS", 0)
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -58,11 +60,14 @@ def test_a_rows_result_does_not_depend_on_the_other_rows(one_thread):
 
 
 @needs_kernel
-def test_declines_where_it_does_not_apply(one_thread):
+def test_declines_where_it_does_not_apply(one_thread, monkeypatch):
     """None (the caller runs torch) for widths not a multiple of 16, other dtypes, more threads,
-    operands needing a gradient, FLOP counters, and when turned off."""
+    fewer rows than MIN_ROWS, operands needing a gradient, FLOP counters, and when turned off."""
     x, w = torch.randn(8, 32), torch.randn(16, 32)
     assert adapter_gemm.linear(x, w) is not None
+    monkeypatch.setattr(adapter_gemm, "MIN_ROWS", 9)
+    assert adapter_gemm.linear(x, w) is None and adapter_gemm.linear(torch.randn(9, 32), w) is not None
+    monkeypatch.setattr(adapter_gemm, "MIN_ROWS", 0)
     assert adapter_gemm.linear(x, torch.randn(12, 32)) is None
     assert adapter_gemm.linear(x.double(), w.double()) is None
     assert adapter_gemm.linear(x, w.requires_grad_()) is None
@@ -91,7 +96,7 @@ def test_adapter_uses_the_kernel_and_matches_torch_with_gradients(one_thread, mo
     x = torch.randn(3, 7, 48, requires_grad=True) if parallel else None
     calls = []
     run = adapter_gemm._run
-    monkeypatch.setattr(adapter_gemm, "_run", lambda *a: calls.append(a[3]) or run(*a))
+    monkeypatch.setattr(adapter_gemm, "_run", lambda *a: calls.append(a[4]) or run(*a))
 
     fused = b.add_to(h, x)
     g = torch.randn_like(fused)
@@ -131,6 +136,20 @@ def test_without_a_compiler_torch_runs_and_nothing_is_left(tmp_path, monkeypatch
 
 
 @needs_kernel
+def test_weights_changed_in_place_are_seen(one_thread):
+    """Nothing of a weight is kept between calls: changes in place, also through ``.data`` (which
+    no version counter sees, as checkpoint restores do), show in the next product."""
+    x, w = torch.randn(20, 32), torch.nn.Parameter(torch.randn(16, 32))
+    with torch.no_grad():
+        first = adapter_gemm.linear(x, w)
+        w.mul_(-2.0)
+        torch.testing.assert_close(adapter_gemm.linear(x, w), -2.0 * first)
+        w.data.copy_(torch.randn(16, 32))
+        torch.testing.assert_close(adapter_gemm.linear(x, w), x @ w.t())
+        torch.testing.assert_close(adapter_gemm.matmul(x, w.t()), x @ w.t())
+
+
+@needs_kernel
 def test_built_once_into_the_cache(tmp_path, monkeypatch):
     """The first use compiles into $ADAPTUNE_CACHE/kernels; later loads reuse that file."""
     monkeypatch.setenv("ADAPTUNE_CACHE", str(tmp_path))
@@ -144,3 +163,16 @@ def test_built_once_into_the_cache(tmp_path, monkeypatch):
         assert adapter_gemm.available() and built[0].stat().st_mtime_ns == stamp
     finally:
         adapter_gemm._library.cache_clear()
+
+
+@needs_kernel
+def test_mismatched_shapes_are_left_to_torch(one_thread):
+    """Operands that do not fit together never reach the C code (it would read past them): None,
+    and torch then raises its own error."""
+    x = torch.randn(8, 32)
+    assert adapter_gemm.linear(x, torch.randn(16, 31)) is None
+    assert adapter_gemm.linear(x, torch.randn(16, 32), torch.randn(15)) is None
+    assert adapter_gemm.linear(x, torch.randn(16, 32), onto=torch.randn(7, 16)) is None
+    assert adapter_gemm.matmul(x, torch.randn(31, 16)) is None
+    assert adapter_gemm.matmul(x, torch.randn(32, 16), onto=torch.randn(8, 32)) is None
+    assert adapter_gemm.linear(x, torch.randn(16)) is None

@@ -6,15 +6,17 @@ d. BLAS libraries reach 55-65 GFLOP/s on a transformer's wide products on this p
 in ``csrc/adapter_gemm.c`` packs only the small weight, reads the large operand in place, and
 starts each sum from the hidden state it adds onto (and the bias), so the adapter's add costs no
 separate pass. Four of an adapter's six products use it (the down- and up-projections and their
-input gradients); the two weight gradients stay with torch, which is as fast there.
+input gradients). The two weight gradients contract over all B*T rows, so both their operands are
+large and need packing either way; they stay with torch, which is faster there.
 
 It is compiled on first use with the system's C compiler (``$CC``, else ``cc``/``gcc``/``clang``)
 into ``~/.cache/adaptune/kernels`` (``$ADAPTUNE_CACHE`` overrides) and checked against torch once.
-Without a compiler, on other CPUs, with more than one torch thread (torch's own products then run
+Every call returns ``None``, and the caller runs torch's product, without a compiler, on other
+CPUs, for fewer than ``MIN_ROWS`` rows, with more than one torch thread (torch's products then run
 in parallel), for other dtypes and devices, under ``FlopCounterMode`` and other dispatch modes,
-while ``torch.compile`` traces, or with ``ADAPTUNE_NATIVE=0``, every call returns
-``None`` and the caller runs torch's product instead. Results equal torch's up to float rounding
-(the sums run in another order); each row's result is independent of the other rows.
+while ``torch.compile`` traces, or with ``ADAPTUNE_NATIVE=0``. Results equal torch's up to float
+rounding (the sums run in another order); each row's result is independent of the other rows.
+Nothing of a weight is kept between calls, so changes to it are always seen.
 """
 
 from __future__ import annotations
@@ -39,6 +41,12 @@ logger = logging.getLogger(__name__)
 _SOURCE = Path(__file__).with_name("csrc") / "adapter_gemm.c"
 _FLAGS = ("-O3", "-mavx2", "-mfma", "-shared", "-fPIC")
 _enabled = os.environ.get("ADAPTUNE_NATIVE", "1") != "0"
+# Below this many rows (B*T tokens) torch runs the product: the checks, the foreign call and the
+# packing of the weight (~30 us a call) cost as much as the kernel saves. Measured at d = 384,
+# m = 64, one thread, kernel / torch, one adapter's no-grad forward: 1.09 at 256 rows, 1.01 at
+# 512, 0.97 at 1024, 0.88-0.92 at 2048-4096; its forward + backward: 1.01-1.05 up to 1024 rows,
+# 1.00 at 2048, 0.92 at 4096.
+MIN_ROWS = 2048
 
 
 def set_enabled(enabled: bool) -> bool:
@@ -99,8 +107,9 @@ def _library() -> ctypes.CDLL | None:
         logger.info("adapter kernel: not built (%s); using torch's products", e)
         return None
     vp, long = ctypes.c_void_p, ctypes.c_long
-    lib.adaptune_gemm.argtypes = [long, long, long, vp, long, vp, vp, long, vp, long, vp]
-    lib.adaptune_gemm.restype = None
+    lib.adaptune_gemm.argtypes = [long, long, long, vp, long, vp, long, ctypes.c_int, ctypes.c_float,
+                                  vp, long, vp, long, vp]
+    lib.adaptune_gemm.restype = ctypes.c_int
     if not _agrees(lib):
         logger.warning("adapter kernel: results differ from torch's on this machine; using torch's products")
         return None
@@ -108,27 +117,25 @@ def _library() -> ctypes.CDLL | None:
 
 
 def _agrees(lib: ctypes.CDLL) -> bool:
-    """One small product with every path of the kernel (full and tail tiles, H, bias) against torch."""
+    """Small products through every path of the kernel (full and tail tiles, both weight layouts,
+    H, bias, scale) against torch."""
     g = torch.Generator().manual_seed(0)
     x, w, h, b = (torch.randn(s, generator=g) for s in ((13, 7), (32, 7), (13, 32), (32,)))
-    got = _run(lib, x, pack(w, transpose=True), 32, h, b)
-    return torch.allclose(got, torch.addmm(h + b, x, w.t()), rtol=1e-5, atol=1e-5)
+    got = _run(lib, x, w, True, 32, h, b, 0.5), _run(lib, x, w.t().contiguous(), False, 32, None, None)
+    want = h + 0.5 * torch.addmm(b, x, w.t()), x @ w.t()
+    return all(g is not None and torch.allclose(g, t, rtol=1e-5, atol=1e-5) for g, t in zip(got, want))
 
 
-def pack(w: torch.Tensor, transpose: bool) -> torch.Tensor:
-    """B = wᵀ (``transpose``) or w, as N/16 contiguous panels of K x 16 (N: B's columns)."""
-    b = w.t() if transpose else w  # (K, N)
-    k, n = b.shape
-    return b.reshape(k, n // 16, 16).transpose(0, 1).contiguous()
-
-
-def _run(lib, x, panels, n, onto, bias) -> torch.Tensor:
+def _run(lib, x, w, transposed: bool, n: int, onto, bias, scale: float = 1.0) -> torch.Tensor | None:
+    """The kernel's ``onto + scale * (bias + x @ B)``, B = wᵀ (``transposed``) or w; None if it
+    could not get memory for the packed weight."""
     m, k = x.shape
+    w = w.detach().contiguous()
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    lib.adaptune_gemm(m, n, k, x.data_ptr(), x.stride(0), panels.data_ptr(), out.data_ptr(), n,
-                      None if onto is None else onto.data_ptr(), 0 if onto is None else onto.stride(0),
-                      None if bias is None else bias.data_ptr())
-    return out
+    failed = lib.adaptune_gemm(m, n, k, x.data_ptr(), x.stride(0), w.data_ptr(), w.stride(0), transposed, scale,
+                               out.data_ptr(), n, None if onto is None else onto.data_ptr(),
+                               0 if onto is None else onto.stride(0), None if bias is None else bias.data_ptr())
+    return None if failed else out
 
 
 def _rows(t: torch.Tensor, cols: int) -> bool:
@@ -137,14 +144,17 @@ def _rows(t: torch.Tensor, cols: int) -> bool:
             and (t.stride(1) == 1 or cols == 1) and t.stride(0) >= cols)
 
 
-def _usable(x: torch.Tensor, n: int, w: torch.Tensor, bias: torch.Tensor | None = None,
+def _usable(x: torch.Tensor, w: torch.Tensor, k: int, n: int, bias: torch.Tensor | None = None,
             onto: torch.Tensor | None = None) -> ctypes.CDLL | None:
-    """The loaded kernel when it applies to these operands (B with ``n`` columns), else None."""
+    """The loaded kernel when it applies to these operands (x: (M, k) times a k x n matrix from w;
+    bias: (n,); onto: (M, n)), else None."""
     if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
         return None  # compilers, FLOP counters and fake tensors see torch's ops, not a C call
-    if not _enabled or n % 16 or torch.get_num_threads() != 1:
+    if not _enabled or n % 16 or x.dim() != 2 or x.shape[0] < MIN_ROWS or torch.get_num_threads() != 1:
         return None
-    if not _rows(x, x.shape[-1]) or x.shape[1] == 0 or (onto is not None and not _rows(onto, n)):
+    if not _rows(x, k) or k == 0 or w.dim() != 2 or (bias is not None and bias.shape != (n,)):
+        return None
+    if onto is not None and (onto.shape != (x.shape[0], n) or not _rows(onto, n)):
         return None
     ts = [t for t in (x, w, bias, onto) if t is not None]
     if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in ts):
@@ -157,20 +167,20 @@ def _usable(x: torch.Tensor, n: int, w: torch.Tensor, bias: torch.Tensor | None 
 def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, onto: torch.Tensor | None = None,
            scale: float = 1.0) -> torch.Tensor | None:
     """``onto + scale * (x @ wᵀ + bias)`` as a new (M, N) tensor, or None where the kernel does not
-    apply. x: (M, K); w: (N, K); bias: (N,) or None; onto: (M, N) or None."""
-    lib = _usable(x, w.shape[0], w, bias, onto)
+    apply (the caller then runs torch). x: (M, K); w: (N, K); bias: (N,) or None; onto: (M, N) or None."""
+    n, k = w.shape if w.dim() == 2 else (0, 0)
+    lib = _usable(x, w, k, n, bias, onto)
     if lib is None:
         return None
-    if scale != 1.0:
-        w, bias = w * scale, None if bias is None else bias * scale
-    return _run(lib, x, pack(w, transpose=True), w.shape[0], onto, None if bias is None else bias.contiguous())
+    return _run(lib, x, w, True, n, onto, None if bias is None else bias.detach().contiguous(), scale)
 
 
 def matmul(x: torch.Tensor, w: torch.Tensor, onto: torch.Tensor | None = None) -> torch.Tensor | None:
-    """``onto + x @ w`` as a new (M, N) tensor, or None where the kernel does not apply. x: (M, K);
-    w: (K, N); onto: (M, N) or None."""
-    lib = _usable(x, w.shape[1], w, None, onto)
-    return None if lib is None else _run(lib, x, pack(w, transpose=False), w.shape[1], onto, None)
+    """``onto + x @ w`` as a new (M, N) tensor, or None where the kernel does not apply (the caller
+    then runs torch). x: (M, K); w: (K, N); onto: (M, N) or None."""
+    k, n = w.shape if w.dim() == 2 else (0, 0)
+    lib = _usable(x, w, k, n, None, onto)
+    return None if lib is None else _run(lib, x, w, False, n, onto, None)
 
 
-__all__ = ["available", "linear", "matmul", "pack", "set_enabled"]
+__all__ = ["MIN_ROWS", "available", "linear", "matmul", "set_enabled"]

@@ -1,19 +1,20 @@
 /* The adapter's skinny matrix products on one CPU thread (AVX2 + FMA, fp32).
  *
- * C (M x N) = H (or 0) + bias (or 0) + A (M x K) @ B, where B comes packed as N/16 panels of
- * K x 16 (``adaptune.adapter_gemm.pack``). An adapter's products have one small side (m = 8..256),
+ * C (M x N) = H (or 0) + scale * (bias (or 0) + A (M x K) @ B), B packed first into N/16 panels
+ * of K x 16. An adapter's products have one small side (m = 8..256),
  * where BLAS libraries spend a large share of the time packing the large operand (4096 x 384 at
  * batch 32 x 128) for only m columns of output. Here only the small weight is packed (once per
  * call, a few KiB), the large operand is read in place, a row at a time, and H (the hidden state
  * an adapter adds onto) and the bias are loaded straight into the accumulators, so the sum costs
  * no separate pass.
  *
- * The kernel: a 6 x 16 tile of C in twelve 8-wide registers; for every k, two loads of the B
+ * The tile: 6 x 16 of C in twelve 8-wide registers; for every k, two loads of the B
  * panel, six broadcasts of A, twelve fused multiply-adds. Each row of C is summed over k in order
  * from H + bias, so a row's result does not depend on the other rows of the batch (mixed-task
  * batches give the same rows as single-task ones).
  */
 #include <immintrin.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define INIT(r)                                                                              \
@@ -58,10 +59,9 @@ static void tile(const float *const *a, const float *panel, long K, const float 
     STORE(0) STORE(1) STORE(2) STORE(3) STORE(4) STORE(5)
 }
 
-/* C = H + bias + A @ B. A: M x K, row stride lda. Bp: (N / 16) x K x 16. C: row stride ldc.
- * H: row stride ldh, or NULL; it may be C itself. bias: N floats, or NULL. N % 16 == 0. */
-void adaptune_gemm(long M, long N, long K, const float *A, long lda, const float *Bp, float *C,
-                   long ldc, const float *H, long ldh, const float *bias) {
+/* C = H + bias + A @ B with B packed: the loop over tiles. */
+static void gemm_packed(long M, long N, long K, const float *A, long lda, const float *Bp, float *C,
+                        long ldc, const float *H, long ldh, const float *bias) {
     float tail_in[96], tail_out[96];
     for (long i = 0; i < M; i += 6) {
         int rows = M - i < 6 ? (int)(M - i) : 6;
@@ -83,4 +83,32 @@ void adaptune_gemm(long M, long N, long K, const float *A, long lda, const float
             }
         }
     }
+}
+
+/* C (M x N, row stride ldc) = H (or nothing) + scale * (bias (or nothing) + A @ B).
+ * A: M x K, row stride lda. B is K x N, given as W: W itself (K x N, row stride ldw) or, with
+ * w_transposed, Wᵀ of a W stored N x K (row stride ldw), as a Linear's weight is. H: row stride
+ * ldh; it may be C itself. N % 16 == 0. Packs scale * B into N/16 panels of K x 16 (and the
+ * scaled bias) first. Returns 0, or -1 when that memory cannot be had (nothing written). */
+int adaptune_gemm(long M, long N, long K, const float *A, long lda, const float *W, long ldw, int w_transposed,
+                  float scale, float *C, long ldc, const float *H, long ldh, const float *bias) {
+    float *Bp = malloc(sizeof(float) * (size_t)(K * N + N));
+    if (!Bp) return -1;
+    float *sbias = bias ? Bp + K * N : 0;
+    for (long j0 = 0; j0 < N; j0 += 16) {
+        float *panel = Bp + j0 * K;
+        if (w_transposed) {  /* 16 rows of W read side by side: their lines stay in L1, the panel is written in order */
+            const float *w = W + j0 * ldw;
+            for (long k = 0; k < K; k++)
+                for (long j = 0; j < 16; j++) panel[16 * k + j] = scale * w[j * ldw + k];
+        } else {
+            for (long k = 0; k < K; k++)
+                for (long j = 0; j < 16; j++) panel[16 * k + j] = scale * W[k * ldw + j0 + j];
+        }
+    }
+    if (bias)
+        for (long j = 0; j < N; j++) sbias[j] = scale * bias[j];
+    gemm_packed(M, N, K, A, lda, Bp, C, ldc, H, ldh, sbias);
+    free(Bp);
+    return 0;
 }
