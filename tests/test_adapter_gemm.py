@@ -61,8 +61,8 @@ def test_a_rows_result_does_not_depend_on_the_other_rows(one_thread):
 
 @needs_kernel
 def test_declines_where_it_does_not_apply(one_thread, monkeypatch):
-    """None (the caller runs torch) for widths not a multiple of 16, other dtypes, more threads,
-    fewer rows than MIN_ROWS, operands needing a gradient, FLOP counters, and when turned off."""
+    """None (the caller runs torch) for widths not a multiple of 16, other dtypes, fewer rows than
+    MIN_ROWS, operands needing a gradient, FLOP counters, and when turned off."""
     x, w = torch.randn(8, 32), torch.randn(16, 32)
     assert adapter_gemm.linear(x, w) is not None
     monkeypatch.setattr(adapter_gemm, "MIN_ROWS", 9)
@@ -75,9 +75,6 @@ def test_declines_where_it_does_not_apply(one_thread, monkeypatch):
         assert adapter_gemm.linear(x, w) is not None
     with FlopCounterMode(display=False):
         assert adapter_gemm.linear(x, w.detach()) is None
-    torch.set_num_threads(2)
-    assert adapter_gemm.linear(x, w.detach()) is None
-    torch.set_num_threads(1)
     previous = adapter_gemm.set_enabled(False)
     try:
         assert adapter_gemm.linear(x, w.detach()) is None
@@ -163,6 +160,19 @@ def test_built_once_into_the_cache(tmp_path, monkeypatch):
         assert adapter_gemm.available() and built[0].stat().st_mtime_ns == stamp
     finally:
         adapter_gemm._library.cache_clear()
+
+
+@needs_kernel
+def test_threads_split_rows_without_changing_a_bit(one_thread, monkeypatch):
+    """Built with OpenMP on torch's own runtime, more torch threads give the same bits as one;
+    without that, more than one thread leaves the product to torch."""
+    x, h, w, b = torch.randn(1000, 64), torch.randn(1000, 384), torch.randn(384, 64), torch.randn(384)
+    one = adapter_gemm.linear(x, w, b, onto=h)
+    torch.set_num_threads(2)
+    if adapter_gemm._library().parallel:
+        assert torch.equal(adapter_gemm.linear(x, w, b, onto=h), one)
+    monkeypatch.setattr(adapter_gemm._library(), "parallel", False)
+    assert adapter_gemm.linear(x, w, b, onto=h) is None
 
 
 @needs_kernel

@@ -1,7 +1,7 @@
-"""The adapter's skinny matrix products through a small C kernel (one CPU thread, AVX2 + FMA, fp32).
+"""The adapter's skinny matrix products through a small C kernel (CPU, AVX2 + FMA, fp32).
 
 An adapter multiplies the (B*T, d) hidden state by d x m and m x d weights with m much smaller than
-d. BLAS libraries reach 55-65 GFLOP/s on a transformer's wide products on this project's CPU but
+d. BLAS libraries reach 50-65 GFLOP/s on a transformer's wide products on this project's CPU but
 35-45 on these skinny ones: they pack the large operand for only m columns of output. The kernel
 in ``csrc/adapter_gemm.c`` packs only the small weight, reads the large operand in place, and
 starts each sum from the hidden state it adds onto (and the bias), so the adapter's add costs no
@@ -11,12 +11,15 @@ large and need packing either way; they stay with torch, which is faster there.
 
 It is compiled on first use with the system's C compiler (``$CC``, else ``cc``/``gcc``/``clang``)
 into ``~/.cache/adaptune/kernels`` (``$ADAPTUNE_CACHE`` overrides) and checked against torch once.
-Every call returns ``None``, and the caller runs torch's product, without a compiler, on other
-CPUs, for fewer than ``MIN_ROWS`` rows, with more than one torch thread (torch's products then run
-in parallel), for other dtypes and devices, under ``FlopCounterMode`` and other dispatch modes,
-while ``torch.compile`` traces, or with ``ADAPTUNE_NATIVE=0``. Results equal torch's up to float
-rounding (the sums run in another order); each row's result is independent of the other rows.
-Nothing of a weight is kept between calls, so changes to it are always seen.
+Built with OpenMP where the compiler has it, it splits the rows over ``torch.get_num_threads()``
+threads of torch's own OpenMP runtime (the loader shares the library torch mapped); built without,
+or where that runtime would be a second one, it runs at one torch thread only. Every call returns
+``None``, and the caller runs torch's product, without a compiler, on other CPUs, for fewer than
+``MIN_ROWS`` rows, for other dtypes and devices, under ``FlopCounterMode`` and other dispatch
+modes, while ``torch.compile`` traces, or with ``ADAPTUNE_NATIVE=0``. Results equal torch's up to
+float rounding (the sums run in another order); each row is summed by one thread in one order, so
+its result depends neither on the other rows nor on the thread count. Nothing of a weight is kept
+between calls, so changes to it are always seen.
 """
 
 from __future__ import annotations
@@ -45,7 +48,8 @@ _enabled = os.environ.get("ADAPTUNE_NATIVE", "1") != "0"
 # packing of the weight (~30 us a call) cost as much as the kernel saves. Measured at d = 384,
 # m = 64, one thread, kernel / torch, one adapter's no-grad forward: 1.09 at 256 rows, 1.01 at
 # 512, 0.97 at 1024, 0.88-0.92 at 2048-4096; its forward + backward: 1.01-1.05 up to 1024 rows,
-# 1.00 at 2048, 0.92 at 4096.
+# 1.00 at 2048, 0.92 at 4096. At two threads: forward 0.94 at 1024-2048, 0.88 at 4096; forward +
+# backward 1.04 at 1024, 1.00 at 2048, 0.95 at 4096.
 MIN_ROWS = 2048
 
 
@@ -58,8 +62,10 @@ def set_enabled(enabled: bool) -> bool:
 
 
 def available() -> bool:
-    """Whether the kernel is built and loaded here (building it on first call)."""
-    return _library() is not None
+    """Whether the kernel is built and loaded here (building it on first call) and runs at torch's
+    current thread count."""
+    lib = _library()
+    return lib is not None and (torch.get_num_threads() == 1 or lib.parallel)
 
 
 def _cache_dir() -> Path:
@@ -67,9 +73,9 @@ def _cache_dir() -> Path:
     return Path(root) if root else Path.home() / ".cache" / "adaptune"
 
 
-def _compile(cc: str, out_dir: Path) -> Path:
+def _compile(cc: str, flags: tuple[str, ...], out_dir: Path) -> Path:
     """The shared library for this source, compiler and flags, built once per machine."""
-    key = hashlib.sha256(_SOURCE.read_bytes() + "\0".join((cc, *_FLAGS)).encode()).hexdigest()[:16]
+    key = hashlib.sha256(_SOURCE.read_bytes() + "\0".join((cc, *flags)).encode()).hexdigest()[:16]
     target = out_dir / f"adapter_gemm-{key}.so"
     if target.exists():
         return target
@@ -77,7 +83,7 @@ def _compile(cc: str, out_dir: Path) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
     os.close(fd)
     try:
-        run = subprocess.run([cc, *_FLAGS, "-o", tmp, str(_SOURCE)], capture_output=True, text=True, timeout=120)
+        run = subprocess.run([cc, *flags, "-o", tmp, str(_SOURCE)], capture_output=True, text=True, timeout=120)
         if run.returncode != 0:
             raise OSError(f"{cc} failed: {run.stderr.strip().splitlines()[-1:] or run.returncode}")
         os.replace(tmp, target)  # whole or not at all, also when two processes build at once
@@ -85,6 +91,29 @@ def _compile(cc: str, out_dir: Path) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return target
+
+
+def _build(cc: str) -> Path:
+    """Built with OpenMP where the compiler has it (rows split over torch's threads), else without."""
+    error: Exception = OSError("not built")
+    for flags in ((*_FLAGS, "-fopenmp"), _FLAGS):
+        try:
+            try:
+                return _compile(cc, flags, _cache_dir() / "kernels")
+            except PermissionError:
+                return _compile(cc, flags, Path(tempfile.gettempdir()) / f"adaptune-{os.getuid()}" / "kernels")
+        except (OSError, subprocess.SubprocessError) as e:
+            error = e
+    raise error
+
+
+def _openmp_runtimes() -> set[str]:
+    """The OpenMP runtime files mapped into this process (Linux; empty elsewhere)."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return set()
+    return {line.split()[-1] for line in maps.splitlines() if any(n in line for n in ("libgomp", "libiomp", "libomp"))}
 
 
 @functools.cache
@@ -97,19 +126,19 @@ def _library() -> ctypes.CDLL | None:
     if cc is None:
         logger.info("adapter kernel: no C compiler found; using torch's products")
         return None
+    before = _openmp_runtimes()
     try:
-        try:
-            path = _compile(cc, _cache_dir() / "kernels")
-        except PermissionError:
-            path = _compile(cc, Path(tempfile.gettempdir()) / f"adaptune-{os.getuid()}" / "kernels")
-        lib = ctypes.CDLL(str(path))
+        lib = ctypes.CDLL(str(_build(cc)))
     except (OSError, subprocess.SubprocessError) as e:
         logger.info("adapter kernel: not built (%s); using torch's products", e)
         return None
     vp, long = ctypes.c_void_p, ctypes.c_long
     lib.adaptune_gemm.argtypes = [long, long, long, vp, long, vp, long, ctypes.c_int, ctypes.c_float,
-                                  vp, long, vp, long, vp]
+                                  vp, long, vp, long, vp, ctypes.c_int]
     lib.adaptune_gemm.restype = ctypes.c_int
+    # More than one thread only where its OpenMP is torch's own (the loader shares a library already
+    # mapped under the same name): a second runtime's threads would fight torch's for the cores.
+    lib.parallel = bool(lib.adaptune_parallel()) and len(before) == 1 and _openmp_runtimes() == before
     if not _agrees(lib):
         logger.warning("adapter kernel: results differ from torch's on this machine; using torch's products")
         return None
@@ -134,7 +163,8 @@ def _run(lib, x, w, transposed: bool, n: int, onto, bias, scale: float = 1.0) ->
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     failed = lib.adaptune_gemm(m, n, k, x.data_ptr(), x.stride(0), w.data_ptr(), w.stride(0), transposed, scale,
                                out.data_ptr(), n, None if onto is None else onto.data_ptr(),
-                               0 if onto is None else onto.stride(0), None if bias is None else bias.data_ptr())
+                               0 if onto is None else onto.stride(0), None if bias is None else bias.data_ptr(),
+                               torch.get_num_threads() if lib.parallel else 1)
     return None if failed else out
 
 
@@ -150,7 +180,7 @@ def _usable(x: torch.Tensor, w: torch.Tensor, k: int, n: int, bias: torch.Tensor
     bias: (n,); onto: (M, n)), else None."""
     if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
         return None  # compilers, FLOP counters and fake tensors see torch's ops, not a C call
-    if not _enabled or n % 16 or x.dim() != 2 or x.shape[0] < MIN_ROWS or torch.get_num_threads() != 1:
+    if not _enabled or n % 16 or x.dim() != 2 or x.shape[0] < MIN_ROWS:
         return None
     if not _rows(x, k) or k == 0 or w.dim() != 2 or (bias is not None and bias.shape != (n,)):
         return None
@@ -161,7 +191,8 @@ def _usable(x: torch.Tensor, w: torch.Tensor, k: int, n: int, bias: torch.Tensor
         return None
     if torch.is_grad_enabled() and any(t.requires_grad for t in ts):
         return None  # the kernel records no autograd graph
-    return _library()
+    lib = _library()
+    return None if lib is None or (torch.get_num_threads() > 1 and not lib.parallel) else lib
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, onto: torch.Tensor | None = None,

@@ -66,9 +66,9 @@ class Bottleneck(nn.Module):
         see an ``addmm``, which they do not for ``addmm_``), so the adapted hidden state costs one
         (B*T, d) allocation and no separate add. When gradients are recorded (autocast and ``torch.func``
         transforms off) the whole adapter is one autograd node, :class:`_AddBottleneck`, with a
-        hand-written backward. On one CPU thread, from 2,048 rows, the down- and up-projections and
-        their input gradients run through the adapter's C kernel (:mod:`adaptune.adapter_gemm`),
-        which starts the up-projection's sums from h and the bias.
+        hand-written backward. On a CPU, from 2,048 rows, the down- and up-projections and their
+        input gradients run through the adapter's C kernel (:mod:`adaptune.adapter_gemm`), which
+        starts the up-projection's sums from h and the bias.
         Equal to ``h + self(x)`` up to float rounding (the sum is formed in another order).
 
         Called twice per layer on every forward, so it reads its parts straight from the module's

@@ -1,4 +1,4 @@
-/* The adapter's skinny matrix products on one CPU thread (AVX2 + FMA, fp32).
+/* The adapter's skinny matrix products on the CPU (AVX2 + FMA, fp32; rows over OpenMP threads).
  *
  * C (M x N) = H (or 0) + scale * (bias (or 0) + A (M x K) @ B), B packed first into N/16 panels
  * of K x 16. An adapter's products have one small side (m = 8..256),
@@ -61,9 +61,11 @@ static void tile(const float *const *a, const float *panel, long K, const float 
 
 /* C = H + bias + A @ B with B packed: the loop over tiles. */
 static void gemm_packed(long M, long N, long K, const float *A, long lda, const float *Bp, float *C,
-                        long ldc, const float *H, long ldh, const float *bias) {
-    float tail_in[96], tail_out[96];
+                        long ldc, const float *H, long ldh, const float *bias, int threads) {
+    (void)threads;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
     for (long i = 0; i < M; i += 6) {
+        float tail_in[96], tail_out[96];
         int rows = M - i < 6 ? (int)(M - i) : 6;
         const float *a[6];
         for (int r = 0; r < 6; r++) a[r] = A + (i + (r < rows ? r : 0)) * lda; /* past M: row i again, discarded */
@@ -89,9 +91,11 @@ static void gemm_packed(long M, long N, long K, const float *A, long lda, const 
  * A: M x K, row stride lda. B is K x N, given as W: W itself (K x N, row stride ldw) or, with
  * w_transposed, Wᵀ of a W stored N x K (row stride ldw), as a Linear's weight is. H: row stride
  * ldh; it may be C itself. N % 16 == 0. Packs scale * B into N/16 panels of K x 16 (and the
- * scaled bias) first. Returns 0, or -1 when that memory cannot be had (nothing written). */
+ * scaled bias) first. Rows are split over ``threads`` OpenMP threads when built with OpenMP (each row
+ * is summed by one thread, in the same order whatever the count). Returns 0, or -1 when that
+ * memory cannot be had (nothing written). */
 int adaptune_gemm(long M, long N, long K, const float *A, long lda, const float *W, long ldw, int w_transposed,
-                  float scale, float *C, long ldc, const float *H, long ldh, const float *bias) {
+                  float scale, float *C, long ldc, const float *H, long ldh, const float *bias, int threads) {
     float *Bp = malloc(sizeof(float) * (size_t)(K * N + N));
     if (!Bp) return -1;
     float *sbias = bias ? Bp + K * N : 0;
@@ -108,7 +112,16 @@ int adaptune_gemm(long M, long N, long K, const float *A, long lda, const float 
     }
     if (bias)
         for (long j = 0; j < N; j++) sbias[j] = scale * bias[j];
-    gemm_packed(M, N, K, A, lda, Bp, C, ldc, H, ldh, sbias);
+    gemm_packed(M, N, K, A, lda, Bp, C, ldc, H, ldh, sbias, threads);
     free(Bp);
     return 0;
+}
+
+/* 1 when built with OpenMP (rows split over threads), else 0 (one thread only). */
+int adaptune_parallel(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
 }
