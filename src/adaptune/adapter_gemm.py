@@ -85,7 +85,7 @@ def _compile(cc: str, flags: tuple[str, ...], out_dir: Path) -> Path:
     try:
         run = subprocess.run([cc, *flags, "-o", tmp, str(_SOURCE)], capture_output=True, text=True, timeout=120)
         if run.returncode != 0:
-            raise OSError(f"{cc} failed: {run.stderr.strip().splitlines()[-1:] or run.returncode}")
+            raise OSError(f"{cc} failed: {(run.stderr.strip().splitlines() or [f'exit {run.returncode}'])[-1]}")
         os.replace(tmp, target)  # whole or not at all, also when two processes build at once
     finally:
         if os.path.exists(tmp):
