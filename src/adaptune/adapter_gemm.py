@@ -39,6 +39,8 @@ from pathlib import Path
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
+from adaptune.convert import cache_dir
+
 logger = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).with_name("csrc") / "adapter_gemm.c"
@@ -68,11 +70,6 @@ def available() -> bool:
     return lib is not None and (torch.get_num_threads() == 1 or lib.parallel)
 
 
-def _cache_dir() -> Path:
-    root = os.environ.get("ADAPTUNE_CACHE")
-    return Path(root) if root else Path.home() / ".cache" / "adaptune"
-
-
 def _compile(cc: str, flags: tuple[str, ...], out_dir: Path) -> Path:
     """The shared library for this source, compiler and flags, built once per machine."""
     key = hashlib.sha256(_SOURCE.read_bytes() + "\0".join((cc, *flags)).encode()).hexdigest()[:16]
@@ -99,7 +96,7 @@ def _build(cc: str) -> Path:
     for flags in ((*_FLAGS, "-fopenmp"), _FLAGS):
         try:
             try:
-                return _compile(cc, flags, _cache_dir() / "kernels")
+                return _compile(cc, flags, cache_dir() / "kernels")
             except PermissionError:
                 return _compile(cc, flags, Path(tempfile.gettempdir()) / f"adaptune-{os.getuid()}" / "kernels")
         except (OSError, subprocess.SubprocessError) as e:

@@ -25,6 +25,7 @@ SMOLLM2_FOLDER = "SmolLM2-135M-Instruct"
 
 
 def cache_dir() -> Path:
+    """Where adaptune keeps what it builds once per machine: converted models, compiled kernels."""
     return Path(os.environ.get("ADAPTUNE_CACHE") or Path.home() / ".cache" / "adaptune")
 
 
