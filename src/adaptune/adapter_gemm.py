@@ -149,7 +149,7 @@ def _agrees(lib: ctypes.CDLL) -> bool:
     x, w, h, b = (torch.randn(s, generator=g) for s in ((13, 7), (32, 7), (13, 32), (32,)))
     got = _run(lib, x, w, True, 32, h, b, 0.5), _run(lib, x, w.t().contiguous(), False, 32, None, None)
     want = h + 0.5 * torch.addmm(b, x, w.t()), x @ w.t()
-    return all(g is not None and torch.allclose(g, t, rtol=1e-5, atol=1e-5) for g, t in zip(got, want))
+    return all(r is not None and torch.allclose(r, t, rtol=1e-5, atol=1e-5) for r, t in zip(got, want))
 
 
 def _run(lib, x, w, transposed: bool, n: int, onto, bias, scale: float = 1.0) -> torch.Tensor | None:
@@ -166,9 +166,9 @@ def _run(lib, x, w, transposed: bool, n: int, onto, bias, scale: float = 1.0) ->
 
 
 def _rows(t: torch.Tensor, cols: int) -> bool:
-    """A CPU fp32 matrix of ``cols`` columns whose rows are contiguous (any row stride)."""
-    return (t.dim() == 2 and t.shape[1] == cols and t.dtype == torch.float32 and t.device.type == "cpu"
-            and (t.stride(1) == 1 or cols == 1) and t.stride(0) >= cols)
+    """A matrix of ``cols`` columns whose rows are contiguous (any row stride); dtype and device are
+    checked with the other operands in ``_usable``."""
+    return t.dim() == 2 and t.shape[1] == cols and (t.stride(1) == 1 or cols == 1) and t.stride(0) >= cols
 
 
 def _usable(x: torch.Tensor, w: torch.Tensor, k: int, n: int, bias: torch.Tensor | None = None,
