@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from adaptune import AdapterConfig, Bottleneck, adapter_gemm
+from adaptune import AdapterConfig, Bottleneck, adapter_gemm, native
 
 needs_kernel = pytest.mark.skipif(not adapter_gemm.available(), reason="no C compiler or no AVX2 CPU here")
 
@@ -120,7 +120,7 @@ def test_without_a_compiler_torch_runs_and_nothing_is_left(tmp_path, monkeypatch
     broken.chmod(0o755)
     monkeypatch.setenv("CC", str(broken))
     monkeypatch.setenv("ADAPTUNE_CACHE", str(tmp_path / "cache"))
-    adapter_gemm._library.cache_clear()
+    native.library.cache_clear()
     try:
         assert not adapter_gemm.available()
         assert adapter_gemm.linear(torch.randn(8, 32), torch.randn(16, 32)) is None
@@ -129,7 +129,7 @@ def test_without_a_compiler_torch_runs_and_nothing_is_left(tmp_path, monkeypatch
         torch.testing.assert_close(b.add_to(h), h + b(h))
         assert list((tmp_path / "cache" / "kernels").iterdir()) == []
     finally:
-        adapter_gemm._library.cache_clear()
+        native.library.cache_clear()
 
 
 @needs_kernel
@@ -150,16 +150,16 @@ def test_weights_changed_in_place_are_seen(one_thread):
 def test_built_once_into_the_cache(tmp_path, monkeypatch):
     """The first use compiles into $ADAPTUNE_CACHE/kernels; later loads reuse that file."""
     monkeypatch.setenv("ADAPTUNE_CACHE", str(tmp_path))
-    adapter_gemm._library.cache_clear()
+    native.library.cache_clear()
     try:
         assert adapter_gemm.available()
-        built = list((tmp_path / "kernels").glob("adapter_gemm-*.so"))
+        built = list((tmp_path / "kernels").glob("adaptune_native-*.so"))
         assert len(built) == 1
         stamp = built[0].stat().st_mtime_ns
-        adapter_gemm._library.cache_clear()
+        native.library.cache_clear()
         assert adapter_gemm.available() and built[0].stat().st_mtime_ns == stamp
     finally:
-        adapter_gemm._library.cache_clear()
+        native.library.cache_clear()
 
 
 @needs_kernel
@@ -169,9 +169,9 @@ def test_threads_split_rows_without_changing_a_bit(one_thread, monkeypatch):
     x, h, w, b = torch.randn(1000, 64), torch.randn(1000, 384), torch.randn(384, 64), torch.randn(384)
     one = adapter_gemm.linear(x, w, b, onto=h)
     torch.set_num_threads(2)
-    if adapter_gemm._library().parallel:
+    if native.library().parallel:
         assert torch.equal(adapter_gemm.linear(x, w, b, onto=h), one)
-    monkeypatch.setattr(adapter_gemm._library(), "parallel", False)
+    monkeypatch.setattr(native.library(), "parallel", False)
     assert adapter_gemm.linear(x, w, b, onto=h) is None
 
 

@@ -1,4 +1,5 @@
-"""Lean dropout and attention (src/adaptune/kernels.py): same results as the plain math, given the same mask."""
+"""Lean dropout and attention (src/adaptune/kernels.py, csrc/attention.c): same results as the plain math,
+given the same mask."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import torch
 from conftest import tiny_batch, tiny_model
 
 import adaptune.kernels as K
-from adaptune import AdapterConfig, add_adapter, train_strategy
+from adaptune import AdapterConfig, add_adapter, native, train_strategy
 
 
 def test_keep_mask_rate_and_shape():
@@ -155,3 +156,144 @@ def test_lean_dropout_runs_under_adapters_on_the_same_module_in_either_order(lea
     with torch.no_grad():
         torch.testing.assert_close(model(**batch).logits, base)
     assert len(calls) >= len(slots)
+
+
+# ---- the C attention kernel (csrc/attention.c): the same math, its own dropout draws ----
+
+needs_native = pytest.mark.skipif(native.library() is None, reason="no C compiler or no AVX2 CPU here")
+
+
+@pytest.fixture
+def kernel_masks(monkeypatch):
+    """Records the kept mask of every C attention forward (and proves the kernel ran)."""
+    masks = []
+    real = K._attention_forward
+
+    def spy(*args, **kwargs):
+        result = real(*args, **kwargs)
+        masks.append(result[2])
+        return result
+
+    monkeypatch.setattr(K, "_attention_forward", spy)
+    return masks
+
+
+def _heads_view(b, t, h, d, g=None):
+    """(B, H, T, d) transposed out of a (B, T, H, d) tensor, as a projection hands it over."""
+    return torch.randn(b, t, h, d, generator=g).transpose(1, 2).requires_grad_()
+
+
+@needs_native
+@pytest.mark.parametrize("case", ["padding", "causal", "dead-row", "none"])
+@pytest.mark.parametrize("t,d", [(5, 16), (37, 32), (128, 32), (20, 64)])
+def test_native_attention_equals_the_math_with_gradients(kernel_masks, case, t, d):
+    """Tail rows and columns (T not a multiple of 6, 8 or 16), every mask kind, head sizes 16-64:
+    values and the gradients of q, k and v equal the math given the kernel's own kept mask."""
+    g = torch.Generator().manual_seed(t * 100 + d)
+    b, h, p = 2, 3, 0.2
+    q, k, v = (_heads_view(b, t, h, d, g) for _ in range(3))
+    mask = torch.ones(b, 1, t, t, dtype=torch.bool)
+    if case == "padding":
+        mask[0, ..., -2:] = False
+    elif case == "causal":
+        mask = torch.ones(t, t, dtype=torch.bool).tril()
+    elif case == "dead-row":
+        mask[1, 0, 2, :] = False
+    elif case == "none":
+        mask = None
+
+    class Module(torch.nn.Module):
+        is_causal = case == "causal"
+
+    out, _ = K.lean_sdpa_attention(Module().train(), q, k, v, None if case == "causal" else mask, dropout=p)
+    (keep,) = kernel_masks
+    assert keep.shape == (b, h, t, t) and keep.dtype == torch.bool
+    ref = _reference_attention(q, k, v, mask, keep, p, d**-0.5).transpose(1, 2)
+    torch.testing.assert_close(out, ref)
+    grad = torch.randn_like(out)
+    got, want = torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)
+    torch.testing.assert_close(got, want)
+    assert all(x.shape == y.shape for x, y in zip(got, (q, k, v)))
+
+
+@needs_native
+def test_native_dropout_rate_and_seeding(kernel_masks):
+    """Kept with probability 1 - p; fresh draws per call; torch.manual_seed repeats a run."""
+    q = k = v = _heads_view(4, 128, 4, 16)
+    module = torch.nn.Module().train()
+    torch.manual_seed(3)
+    first, _ = K.lean_sdpa_attention(module, q, k, v, None, dropout=0.3, is_causal=False)
+    second, _ = K.lean_sdpa_attention(module, q, k, v, None, dropout=0.3, is_causal=False)
+    torch.manual_seed(3)
+    again, _ = K.lean_sdpa_attention(module, q, k, v, None, dropout=0.3, is_causal=False)
+    a, b, c = kernel_masks
+    assert abs(a.float().mean().item() - 0.7) < 0.005  # 262,144 draws: sd 0.0009
+    assert not torch.equal(a, b) and torch.equal(a, c) and torch.equal(first, again)
+    assert not torch.equal(first, second)
+
+
+@needs_native
+def test_native_attention_same_bits_at_any_thread_count(kernel_masks):
+    """Pairs of (batch, head) split over threads: each has its own random stream, so two threads
+    give one thread's bits, forward and backward."""
+    if not native.library().parallel:
+        pytest.skip("the kernels were built without a shared OpenMP runtime: one thread only")
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            q, k, v = (_heads_view(3, 40, 4, 32, torch.Generator().manual_seed(i)) for i in range(3))
+            torch.manual_seed(0)
+            out, _ = K.lean_sdpa_attention(torch.nn.Module().train(), q, k, v, None, dropout=0.1, is_causal=True)
+            results.append((out, *torch.autograd.grad(out.square().sum(), (q, k, v))))
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(x, y) for x, y in zip(*results))
+
+
+def test_torch_attention_runs_where_the_kernel_does_not_apply(kernel_masks):
+    """Head size not a multiple of 16, or the kernel switched off: the torch version, same math."""
+    q, k, v = (_heads_view(2, 9, 2, 8) for _ in range(3))
+    module = torch.nn.Module().train()
+    K.lean_sdpa_attention(module, q, k, v, None, dropout=0.1, is_causal=False)
+    q, k, v = (_heads_view(2, 9, 2, 16) for _ in range(3))
+    previous = K.set_native_attention(False)
+    try:
+        out, _ = K.lean_sdpa_attention(module, q, k, v, None, dropout=0.1, is_causal=False)
+    finally:
+        K.set_native_attention(previous)
+    assert kernel_masks == [] and out.shape == (2, 9, 2, 16)
+
+
+@needs_native
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_native_training_step_equals_plain_when_dropout_keeps_everything(kernel_masks, family):
+    """A model whose heads are 16 wide (so the kernel runs), p small enough that every draw is
+    kept (1e-6 rounds to 0 / 65536): a lean forward and backward equal the plain model's, values
+    and every gradient; for LLaMA through the causal mask and grouped key-value heads."""
+    import transformers as T
+
+    def build():
+        torch.manual_seed(0)
+        if family == "bert":
+            cfg = T.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                               vocab_size=100, attention_probs_dropout_prob=1e-6, hidden_dropout_prob=1e-6)
+        else:
+            cfg = T.LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                intermediate_size=64, vocab_size=100, attention_dropout=1e-6, pad_token_id=0)
+        return T.AutoModelForSequenceClassification.from_config(cfg)
+
+    model, ref = build(), build()
+    batch, labels = tiny_batch(length=23), torch.tensor([0, 1, 1])
+    ref.eval()
+    r = ref(**batch, labels=labels)
+    r.loss.backward()
+    K.use_lean_kernels(model)
+    model.train()
+    out = model(**batch, labels=labels)
+    out.loss.backward()
+    assert len(kernel_masks) == 2 and all(m.all() for m in kernel_masks)
+    torch.testing.assert_close(out.logits, r.logits, rtol=1e-5, atol=1e-6)
+    for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=n)
