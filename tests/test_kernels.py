@@ -22,13 +22,16 @@ def test_keep_mask_rate_and_shape():
 
 @pytest.fixture
 def fixed_mask(monkeypatch):
-    """Every keep_mask call returns the same seeded draw, so lean and reference use one mask."""
+    """The torch versions (not the C kernels, which draw their own masks), every keep_mask call
+    returning the same seeded draw, so lean and reference use one mask."""
     def fixed(shape, p, device):
         g = torch.Generator().manual_seed(7)
         return torch.rand(tuple(shape), generator=g) >= p
 
     monkeypatch.setattr(K, "keep_mask", fixed)
-    return fixed
+    previous = K.set_native(False)
+    yield fixed
+    K.set_native(previous)
 
 
 def test_dropout_equals_mask_times_scale_with_gradient(fixed_mask):
@@ -258,11 +261,11 @@ def test_torch_attention_runs_where_the_kernel_does_not_apply(kernel_masks):
     module = torch.nn.Module().train()
     K.lean_sdpa_attention(module, q, k, v, None, dropout=0.1, is_causal=False)
     q, k, v = (_heads_view(2, 9, 2, 16) for _ in range(3))
-    previous = K.set_native_attention(False)
+    previous = K.set_native(False)
     try:
         out, _ = K.lean_sdpa_attention(module, q, k, v, None, dropout=0.1, is_causal=False)
     finally:
-        K.set_native_attention(previous)
+        K.set_native(previous)
     assert kernel_masks == [] and out.shape == (2, 9, 2, 16)
 
 
@@ -297,3 +300,42 @@ def test_native_training_step_equals_plain_when_dropout_keeps_everything(kernel_
     torch.testing.assert_close(out.logits, r.logits, rtol=1e-5, atol=1e-6)
     for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=n)
+
+
+@needs_native
+def test_native_dropout_scales_what_it_keeps_with_gradient():
+    """The C dropout: every entry either x / (1 - p) or 0, about 1 - p of them kept (a size that
+    leaves a tail block), and the gradient masked and scaled the same way."""
+    x = torch.randn(3, 8195, requires_grad=True)
+    y = K.lean_dropout(x, 0.25)
+    assert y.grad_fn is not None and "NativeDropout" in type(y.grad_fn).__name__
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.75) < 0.01
+    torch.testing.assert_close(y[kept], x[kept] / 0.75)
+    g = torch.randn_like(y)
+    (grad,) = torch.autograd.grad(y, x, g)
+    torch.testing.assert_close(grad, torch.where(kept, g / 0.75, 0.0))
+
+
+@needs_native
+def test_native_dropout_seeding_threads_and_fallback():
+    """torch.manual_seed repeats the draws, fresh calls differ, two threads give one thread's bits,
+    and a non-contiguous input takes the torch version (still a dropout)."""
+    x = torch.randn(64, 1000)
+    torch.manual_seed(1)
+    a, b = K.lean_dropout(x, 0.1), K.lean_dropout(x, 0.1)
+    torch.manual_seed(1)
+    assert torch.equal(K.lean_dropout(x, 0.1), a) and not torch.equal(a, b)
+    if native.library().parallel:
+        before = torch.get_num_threads()
+        torch.set_num_threads(2)
+        try:
+            torch.manual_seed(1)
+            assert torch.equal(K.lean_dropout(x, 0.1), a)
+        finally:
+            torch.set_num_threads(before)
+    xt = x.t().requires_grad_()
+    y = K.lean_dropout(xt, 0.1)
+    assert "NativeDropout" not in type(y.grad_fn).__name__
+    kept = y != 0
+    torch.testing.assert_close(y[kept], xt[kept] / 0.9)

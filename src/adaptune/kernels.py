@@ -36,7 +36,7 @@ from torch import nn
 from adaptune import native
 
 _ATTN_NAME = "adaptune_lean_sdpa"
-_native_attention = True
+_native = True
 
 
 def keep_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.device) -> torch.Tensor:
@@ -61,12 +61,55 @@ class _Dropout(torch.autograd.Function):
         return torch.where(keep, grad, 0.0).mul_(ctx.scale), None
 
 
+def _seed() -> int:
+    """A 64-bit seed for a C kernel's random stream, drawn from torch's generator."""
+    return int(torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64)) % 2**64
+
+
+class _NativeDropout(torch.autograd.Function):
+    """:class:`_Dropout` through the C kernel (``csrc/dropout.c``): the mask drawn and applied in one pass."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, p: float) -> torch.Tensor:
+        lib = native.library()
+        out, keep = torch.empty_like(x), torch.empty(x.shape, dtype=torch.bool)
+        lib.adaptune_dropout(x.numel(), x.data_ptr(), out.data_ptr(), keep.data_ptr(), p, _seed(), native.threads(lib))
+        ctx.save_for_backward(keep)
+        ctx.p = p
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (keep,) = ctx.saved_tensors
+        lib = native.library()
+        grad = grad.contiguous()
+        out = torch.empty_like(grad)
+        lib.adaptune_dropout_backward(grad.numel(), grad.data_ptr(), keep.data_ptr(), ctx.p, out.data_ptr(),
+                                      native.threads(lib))
+        return out, None
+
+
+def native_dropout_agrees(lib: ctypes.CDLL) -> bool:
+    """The C dropout on a tail-sized input: kept entries scaled, the rest 0, the rate about 1 - p,
+    and its gradient masked the same way."""
+    x = torch.randn(8195, generator=torch.Generator().manual_seed(0))
+    out, keep, grad = torch.empty_like(x), torch.empty(x.shape, dtype=torch.bool), torch.empty_like(x)
+    lib.adaptune_dropout(x.numel(), x.data_ptr(), out.data_ptr(), keep.data_ptr(), 0.25, 7, 1)
+    lib.adaptune_dropout_backward(x.numel(), x.data_ptr(), keep.data_ptr(), 0.25, grad.data_ptr(), 1)
+    want = torch.where(keep, x / 0.75, 0.0)
+    return (abs(float(keep.float().mean()) - 0.75) < 0.03 and torch.allclose(out, want)
+            and torch.allclose(grad, want))
+
+
 def lean_dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
-    """``F.dropout(x, p, training)`` with a 1-byte kept mask (CPU); elsewhere ``F.dropout`` itself."""
+    """``F.dropout(x, p, training)`` with a 1-byte kept mask (CPU; drawn and applied in C where the
+    C kernels load); elsewhere ``F.dropout`` itself."""
     if not training or p == 0.0 or x.device.type != "cpu":
         return nn.functional.dropout(x, p, training)
     if p == 1.0:
         return x * 0.0
+    if _native and x.dtype == torch.float32 and x.is_contiguous() and native.usable() is not None:
+        return _NativeDropout.apply(x, p)
     return _Dropout.apply(x, p)
 
 
@@ -161,8 +204,7 @@ class _NativeAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, bias, scale: float, p: float):
         lib = native.library()
-        seed = int(torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64)) % 2**64  # torch's generator
-        result = _attention_forward(lib, q, k, v, bias, scale, p, seed)
+        result = _attention_forward(lib, q, k, v, bias, scale, p, _seed())
         if result is None:
             raise MemoryError("attention kernel: out of memory for its scratch space")
         out, probs, keep = result
@@ -179,18 +221,18 @@ class _NativeAttention(torch.autograd.Function):
         return gq, gk, gv, None, None, None
 
 
-def set_native_attention(enabled: bool) -> bool:
-    """Use the C attention kernel where it applies (the default) or always the torch version;
-    returns the previous setting."""
-    global _native_attention
-    previous, _native_attention = _native_attention, bool(enabled)
+def set_native(enabled: bool) -> bool:
+    """Use the C kernels for attention and dropout where they apply (the default), or always the
+    torch versions; returns the previous setting."""
+    global _native
+    previous, _native = _native, bool(enabled)
     return previous
 
 
 def _native_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """fp32 CPU tensors, rows contiguous, head size a multiple of 16, the C kernels usable now."""
     ts = [q, k, v] + ([] if bias is None else [bias])
-    return (_native_attention and q.shape[-1] % 16 == 0 and k.shape[2] == v.shape[2]
+    return (_native and q.shape[-1] % 16 == 0 and k.shape[2] == v.shape[2]
             and all(t.dtype == torch.float32 and t.device.type == "cpu" and t.stride(-1) == 1 for t in ts)
             and native.usable() is not None)
 
@@ -299,4 +341,4 @@ def use_lean_kernels(model: nn.Module, enable: bool = True) -> int:
     return changed
 
 
-__all__ = ["LeanDropout", "keep_mask", "lean_dropout", "lean_sdpa_attention", "set_native_attention", "use_lean_kernels"]
+__all__ = ["LeanDropout", "keep_mask", "lean_dropout", "lean_sdpa_attention", "set_native", "use_lean_kernels"]

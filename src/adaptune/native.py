@@ -2,7 +2,8 @@
 
 - ``csrc/adapter_gemm.c``: the adapter's skinny products (used by :mod:`adaptune.adapter_gemm`);
 - ``csrc/attention.c``: attention with dropout for training (used by :mod:`adaptune.kernels`);
-- ``csrc/tile.h``: the register tile both multiply with.
+- ``csrc/dropout.c``: dropout drawn and applied in one pass (used by :mod:`adaptune.kernels`);
+- ``csrc/tile.h``: the register tile the products use; ``csrc/dropout.h``: the random draws.
 
 They are compiled together with the system's C compiler (``$CC``, else ``cc``/``gcc``/``clang``)
 into one shared library in ``~/.cache/adaptune/kernels`` (``$ADAPTUNE_CACHE`` overrides), named by
@@ -97,6 +98,9 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.adaptune_attention_backward.argtypes = [long] * 5 + strided * 3 + [vp, vp, f32, f32] + strided * 4 + [i32]
     for fn in (lib.adaptune_gemm, lib.adaptune_attention_forward, lib.adaptune_attention_backward):
         fn.restype = ctypes.c_int
+    lib.adaptune_dropout.argtypes = [long, vp, vp, vp, f32, u64, i32]
+    lib.adaptune_dropout_backward.argtypes = [long, vp, vp, f32, vp, i32]
+    lib.adaptune_dropout.restype = lib.adaptune_dropout_backward.restype = None
 
 
 @functools.cache
@@ -125,7 +129,7 @@ def library() -> ctypes.CDLL | None:
     from adaptune import adapter_gemm, kernels  # their checks use their own wrappers
 
     with torch.inference_mode(False), torch.enable_grad():  # the first call may come from inside either
-        agrees = adapter_gemm.agrees(lib) and kernels.native_attention_agrees(lib)
+        agrees = adapter_gemm.agrees(lib) and kernels.native_attention_agrees(lib) and kernels.native_dropout_agrees(lib)
     if not agrees:
         logger.warning("C kernels: results differ from torch's on this machine; using torch's operators")
         return None

@@ -12,9 +12,8 @@
  * Backward: G = dO Vᵀ; dV = Dᵀ dO; dS = D * G - P * rowsum(D * G); dQ = scale * dS K;
  * dK = scale * dSᵀ Q.
  *
- * Dropout draws: 64-bit splitmix64 numbers, four 16-bit lanes each (two numbers per eight entries), a lane kept when >= p * 65536
- * (p rounded to a multiple of 1/65536). Each pair has its own stream, from the seed and its index,
- * so results depend neither on the thread count nor on the order pairs run.
+ * Dropout draws come from dropout.h. Each pair has its own random stream, from the seed and its
+ * index, so results depend neither on the thread count nor on the order pairs run.
  *
  * Tensors are given by a base pointer and strides (in floats) over batch, head and row; the last
  * dimension is contiguous. A bias stride of 0 broadcasts.
@@ -23,6 +22,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+#include "dropout.h"
 #include "tile.h"
 
 /* exp(x) for x <= 0 (the softmax's shifted scores), 0 below -87 and for -inf. Cody-Waite range
@@ -45,13 +45,6 @@ static inline __m256 exp_nonpositive(__m256 x) {
     y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
     __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
     return _mm256_and_ps(_mm256_mul_ps(y, _mm256_castsi256_ps(e)), valid);
-}
-
-static inline uint64_t splitmix64(uint64_t *state) {
-    uint64_t z = (*state += 0x9E3779B97F4A7C15ull);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
 }
 
 static inline float hsum(__m256 v) {
@@ -96,45 +89,6 @@ static float exp_row(float *row, float mx, long n) {
         s = _mm256_add_ps(s, e);
     }
     return hsum(s);
-}
-
-/* row[j] = keep[j] ? probs[j] * keep_scale : 0 for j < n, keep[j] = 1 with probability
- * 1 - threshold / 65536: eight 16-bit lanes from two draws per eight entries. */
-static void dropout_row(float *row, const float *probs, uint8_t *keep, long n, uint32_t threshold,
-                        float keep_scale, uint64_t *state) {
-    const __m128i thr = _mm_set1_epi16((short)(uint16_t)(threshold > 65535 ? 65535 : threshold));
-    const __m256 ks = _mm256_set1_ps(keep_scale);
-    const __m128i one = _mm_set1_epi8(1);
-    for (long j = 0; j < n; j += 8) {
-        uint64_t z0 = splitmix64(state), z1 = splitmix64(state);
-        __m128i lanes = _mm_set_epi64x((long long)z1, (long long)z0);
-        __m128i kept = _mm_cmpeq_epi16(_mm_max_epu16(lanes, thr), lanes); /* lane >= threshold */
-        if (threshold > 65535) kept = _mm_setzero_si128();
-        if (j + 8 <= n) {
-            __m256 mask = _mm256_castsi256_ps(_mm256_cvtepi16_epi32(kept));
-            _mm256_storeu_ps(row + j, _mm256_and_ps(_mm256_mul_ps(_mm256_loadu_ps(probs + j), ks), mask));
-            _mm_storel_epi64((__m128i *)(keep + j), _mm_and_si128(_mm_packs_epi16(kept, kept), one));
-        } else {
-            uint16_t bits[8];
-            _mm_storeu_si128((__m128i *)bits, kept);
-            for (long l = 0; j + l < n; l++) {
-                keep[j + l] = bits[l] != 0;
-                row[j + l] = bits[l] ? probs[j + l] * keep_scale : 0.0f;
-            }
-        }
-    }
-}
-
-/* row[j] = keep[j] ? probs[j] * keep_scale : 0 for j < n. */
-static void dropped_row(float *row, const float *probs, const uint8_t *keep, long n, float keep_scale) {
-    const __m256 ks = _mm256_set1_ps(keep_scale);
-    long j = 0;
-    for (; j + 8 <= n; j += 8) {
-        __m256i k8 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(keep + j)));
-        __m256 mask = _mm256_castsi256_ps(_mm256_cmpgt_epi32(k8, _mm256_setzero_si256()));
-        _mm256_storeu_ps(row + j, _mm256_and_ps(_mm256_mul_ps(_mm256_loadu_ps(probs + j), ks), mask));
-    }
-    for (; j < n; j++) row[j] = keep[j] ? probs[j] * keep_scale : 0.0f;
 }
 
 #define STRIDES(t) long t##_b, long t##_h, long t##_t
