@@ -53,11 +53,8 @@ def _reference_attention(q, k, v, mask, keep, p, scale):
     return (probs * keep / (1 - p)) @ v
 
 
-@pytest.mark.parametrize("case", ["padding", "causal", "dead-row", "none"])
-def test_attention_equals_the_math_with_gradients(fixed_mask, case):
-    torch.manual_seed(0)
-    b, h, t, d, p = 2, 3, 5, 4, 0.2
-    q, k, v = (torch.randn(b, h, t, d, requires_grad=True) for _ in range(3))
+def _mask_case(case: str, b: int, t: int):
+    """The boolean mask of a test case (None for causal and none) and an attention module for it."""
     mask = torch.ones(b, 1, t, t, dtype=torch.bool)
     if case == "padding":
         mask[0, ..., -2:] = False
@@ -71,6 +68,15 @@ def test_attention_equals_the_math_with_gradients(fixed_mask, case):
     class Module(torch.nn.Module):
         is_causal = case == "causal"
 
+    return mask, Module
+
+
+@pytest.mark.parametrize("case", ["padding", "causal", "dead-row", "none"])
+def test_attention_equals_the_math_with_gradients(fixed_mask, case):
+    torch.manual_seed(0)
+    b, h, t, d, p = 2, 3, 5, 4, 0.2
+    q, k, v = (torch.randn(b, h, t, d, requires_grad=True) for _ in range(3))
+    mask, Module = _mask_case(case, b, t)
     module = Module().train()
     out, _ = K.lean_sdpa_attention(module, q, k, v, None if case == "causal" else mask, dropout=p)
     keep = fixed_mask((b, h, t, t), p, q.device)
@@ -195,19 +201,7 @@ def test_native_attention_equals_the_math_with_gradients(kernel_masks, case, t, 
     g = torch.Generator().manual_seed(t * 100 + d)
     b, h, p = 2, 3, 0.2
     q, k, v = (_heads_view(b, t, h, d, g) for _ in range(3))
-    mask = torch.ones(b, 1, t, t, dtype=torch.bool)
-    if case == "padding":
-        mask[0, ..., -2:] = False
-    elif case == "causal":
-        mask = torch.ones(t, t, dtype=torch.bool).tril()
-    elif case == "dead-row":
-        mask[1, 0, 2, :] = False
-    elif case == "none":
-        mask = None
-
-    class Module(torch.nn.Module):
-        is_causal = case == "causal"
-
+    mask, Module = _mask_case(case, b, t)
     out, _ = K.lean_sdpa_attention(Module().train(), q, k, v, None if case == "causal" else mask, dropout=p)
     (keep,) = kernel_masks
     assert keep.shape == (b, h, t, t) and keep.dtype == torch.bool
