@@ -108,17 +108,10 @@ def test_lean_model_matches_plain_outside_training_and_trains(family):
         assert torch.equal(model(**batch).logits, plain)
 
 
-def test_lean_training_step_equals_plain_when_dropout_keeps_everything(fixed_mask, monkeypatch):
-    """Every element kept (p ~ 0, yet on the training path): a lean forward and backward equal the
-    plain model's, values and every gradient."""
-    monkeypatch.setattr(K, "keep_mask", lambda shape, p, device: torch.ones(tuple(shape), dtype=torch.bool))
-    model = tiny_model("bert")
-    for m in model.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 1e-7  # training path taken, scale 1/(1 - 1e-7)
-    model.config.attention_probs_dropout_prob = 1e-7
-    ref = tiny_model("bert")
-    batch, labels = tiny_batch(), torch.tensor([0, 1, 1])
+def _assert_lean_step_equals_plain(model, ref, batch):
+    """``model`` under the lean kernels in training mode, ``ref`` (its twin) plain in eval mode:
+    one forward and backward each give the same logits and every parameter's gradient."""
+    labels = torch.tensor([0, 1, 1])
     ref.eval()
     r = ref(**batch, labels=labels)
     r.loss.backward()
@@ -129,6 +122,18 @@ def test_lean_training_step_equals_plain_when_dropout_keeps_everything(fixed_mas
     torch.testing.assert_close(out.logits, r.logits, rtol=1e-5, atol=1e-6)
     for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_lean_training_step_equals_plain_when_dropout_keeps_everything(fixed_mask, monkeypatch):
+    """Every element kept (p ~ 0, yet on the training path): a lean forward and backward equal the
+    plain model's, values and every gradient."""
+    monkeypatch.setattr(K, "keep_mask", lambda shape, p, device: torch.ones(tuple(shape), dtype=torch.bool))
+    model = tiny_model("bert")
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 1e-7  # training path taken, scale 1/(1 - 1e-7)
+    model.config.attention_probs_dropout_prob = 1e-7
+    _assert_lean_step_equals_plain(model, tiny_model("bert"), tiny_batch())
 
 
 @pytest.mark.parametrize("lean_first", [True, False])
@@ -281,19 +286,8 @@ def test_native_training_step_equals_plain_when_dropout_keeps_everything(kernel_
                                 intermediate_size=64, vocab_size=100, attention_dropout=1e-6, pad_token_id=0)
         return T.AutoModelForSequenceClassification.from_config(cfg)
 
-    model, ref = build(), build()
-    batch, labels = tiny_batch(length=23), torch.tensor([0, 1, 1])
-    ref.eval()
-    r = ref(**batch, labels=labels)
-    r.loss.backward()
-    K.use_lean_kernels(model)
-    model.train()
-    out = model(**batch, labels=labels)
-    out.loss.backward()
+    _assert_lean_step_equals_plain(build(), build(), tiny_batch(length=23))
     assert len(kernel_masks) == 2 and all(m.all() for m in kernel_masks)
-    torch.testing.assert_close(out.logits, r.logits, rtol=1e-5, atol=1e-6)
-    for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
-        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=n)
 
 
 @needs_native
