@@ -121,43 +121,44 @@ int adaptune_attention_forward(long B, long H, long Tq, long Tk, long dh, const 
 #pragma omp parallel num_threads(threads) if (threads > 1) reduction(| : failed)
     {
         scratch w;
-        if (scratch_get(&w, Tq, Tp, dh)) {
-            failed = 1;
-        } else {
+        int no_memory = scratch_get(&w, Tq, Tp, dh);
+        failed |= no_memory;
+        /* every thread reaches the loop (a worksharing loop must be met by all); one without
+         * scratch skips its pairs, and the call then reports the failure */
 #pragma omp for schedule(static)
-            for (long pair = 0; pair < B * H; pair++) {
-                long b = pair / H, h = pair % H;
-                const float *qp = AT(q, q, b, h), *kp = AT(k, k, b, h), *vp = AT(v, v, b, h);
-                const float *bp = bias ? AT(bias, bias, b, h) : 0;
-                float *P = probs + pair * Tq * Tk;
-                uint8_t *K8 = keep + pair * Tq * Tk;
-                uint64_t state = seed ^ (0xD1B54A32D192ED03ull * (uint64_t)(pair + 1));
-                /* S = scale Q Kᵀ (Tq x Tp; columns past Tk are 0 and ignored) */
-                pack_panels(dh, Tk, kp, k_t, 1, scale, w.panels);
-                for (long i = 0; i < Tq; i += 6) row_block(i, Tq, Tp, dh, qp, q_t, 0, w.panels, w.s, Tp, 0, 0, 0);
-                for (long i = 0; i < Tq; i++) {
-                    float *row = w.s + i * Tp;
-                    float mx = add_row(row, row, bp ? bp + i * bias_t : 0, Tk);
-                    for (long j = Tk; j < Tp; j++) row[j] = -INFINITY;
-                    float *Pi = P + i * Tk;
-                    uint8_t *Ki = K8 + i * Tk;
-                    if (mx == -INFINITY) {  /* every key masked: the row attends to nothing */
-                        memset(row, 0, sizeof(float) * (size_t)Tp);
-                        memset(Pi, 0, sizeof(float) * (size_t)Tk);
-                    } else {
-                        float inv = 1.0f / exp_row(row, mx, Tp);
-                        for (long j = 0; j < Tk; j++) Pi[j] = row[j] * inv;
-                    }
-                    dropout_row(row, Pi, Ki, Tk, threshold, keep_scale, &state);
-                    for (long j = Tk; j < Tp; j++) row[j] = 0.0f;
+        for (long pair = 0; pair < B * H; pair++) {
+            if (no_memory) continue;
+            long b = pair / H, h = pair % H;
+            const float *qp = AT(q, q, b, h), *kp = AT(k, k, b, h), *vp = AT(v, v, b, h);
+            const float *bp = bias ? AT(bias, bias, b, h) : 0;
+            float *P = probs + pair * Tq * Tk;
+            uint8_t *K8 = keep + pair * Tq * Tk;
+            uint64_t state = seed ^ (0xD1B54A32D192ED03ull * (uint64_t)(pair + 1));
+            /* S = scale Q Kᵀ (Tq x Tp; columns past Tk are 0 and ignored) */
+            pack_panels(dh, Tk, kp, k_t, 1, scale, w.panels);
+            for (long i = 0; i < Tq; i += 6) row_block(i, Tq, Tp, dh, qp, q_t, 0, w.panels, w.s, Tp, 0, 0, 0);
+            for (long i = 0; i < Tq; i++) {
+                float *row = w.s + i * Tp;
+                float mx = add_row(row, row, bp ? bp + i * bias_t : 0, Tk);
+                for (long j = Tk; j < Tp; j++) row[j] = -INFINITY;
+                float *Pi = P + i * Tk;
+                uint8_t *Ki = K8 + i * Tk;
+                if (mx == -INFINITY) {  /* every key masked: the row attends to nothing */
+                    memset(row, 0, sizeof(float) * (size_t)Tp);
+                    memset(Pi, 0, sizeof(float) * (size_t)Tk);
+                } else {
+                    float inv = 1.0f / exp_row(row, mx, Tp);
+                    for (long j = 0; j < Tk; j++) Pi[j] = row[j] * inv;
                 }
-                /* O = D V */
-                pack_panels(Tk, dh, vp, v_t, 0, 1.0f, w.panels);
-                float *op = AT(out, out, b, h);
-                for (long i = 0; i < Tq; i += 6) row_block(i, Tq, dh, Tk, w.s, Tp, 0, w.panels, op, out_t, 0, 0, 0);
+                dropout_row(row, Pi, Ki, Tk, threshold, keep_scale, &state);
+                for (long j = Tk; j < Tp; j++) row[j] = 0.0f;
             }
-            free(w.s);
+            /* O = D V */
+            pack_panels(Tk, dh, vp, v_t, 0, 1.0f, w.panels);
+            float *op = AT(out, out, b, h);
+            for (long i = 0; i < Tq; i += 6) row_block(i, Tq, dh, Tk, w.s, Tp, 0, w.panels, op, out_t, 0, 0, 0);
         }
+        free(w.s);
     }
     return failed ? -1 : 0;
 }
@@ -175,57 +176,58 @@ int adaptune_attention_backward(long B, long H, long Tq, long Tk, long dh, const
 #pragma omp parallel num_threads(threads) if (threads > 1) reduction(| : failed)
     {
         scratch w;
-        if (scratch_get(&w, Tq, Tp, dh)) {
-            failed = 1;
-        } else {
+        int no_memory = scratch_get(&w, Tq, Tp, dh);
+        failed |= no_memory;
+        /* every thread reaches the loop (a worksharing loop must be met by all); one without
+         * scratch skips its pairs, and the call then reports the failure */
 #pragma omp for schedule(static)
-            for (long pair = 0; pair < B * H; pair++) {
-                long b = pair / H, h = pair % H;
-                const float *qp = AT(q, q, b, h), *kp = AT(k, k, b, h), *vp = AT(v, v, b, h);
-                const float *gop = AT(go, go, b, h);
-                const float *P = probs + pair * Tq * Tk;
-                const uint8_t *K8 = keep + pair * Tq * Tk;
-                /* D (Tq x Tp, zero past Tk) */
-                for (long i = 0; i < Tq; i++) {
-                    float *row = w.s + i * Tp;
-                    dropped_row(row, P + i * Tk, K8 + i * Tk, Tk, keep_scale);
-                    for (long j = Tk; j < Tp; j++) row[j] = 0.0f;
-                }
-                /* dV = Dᵀ dO */
-                pack_panels(Tq, dh, gop, go_t, 0, 1.0f, w.panels);
-                for (long j = 0; j < Tk; j += 6)
-                    row_block(j, Tk, dh, Tq, w.s, Tp, 1, w.panels, AT(gv, gv, b, h), gv_t, 0, 0, 0);
-                /* G = dO Vᵀ, then dS = D * G - P * rowsum(D * G) in place */
-                pack_panels(dh, Tk, vp, v_t, 1, 1.0f, w.panels);
-                for (long i = 0; i < Tq; i += 6) row_block(i, Tq, Tp, dh, gop, go_t, 0, w.panels, w.g, Tp, 0, 0, 0);
-                for (long i = 0; i < Tq; i++) {
-                    float *g = w.g + i * Tp, *d = w.s + i * Tp;
-                    const float *Pi = P + i * Tk;
-                    __m256 acc = _mm256_setzero_ps();
-                    long j = 0;
-                    for (; j + 8 <= Tk; j += 8) {
-                        __m256 x = _mm256_mul_ps(_mm256_loadu_ps(g + j), _mm256_loadu_ps(d + j));
-                        _mm256_storeu_ps(g + j, x);
-                        acc = _mm256_add_ps(acc, x);
-                    }
-                    float sum = hsum(acc);
-                    for (; j < Tk; j++) sum += (g[j] *= d[j]);
-                    __m256 s = _mm256_set1_ps(sum);
-                    for (j = 0; j + 8 <= Tk; j += 8)
-                        _mm256_storeu_ps(g + j, _mm256_fnmadd_ps(_mm256_loadu_ps(Pi + j), s, _mm256_loadu_ps(g + j)));
-                    for (; j < Tk; j++) g[j] -= Pi[j] * sum;
-                    for (j = Tk; j < Tp; j++) g[j] = 0.0f;
-                }
-                /* dQ = scale dS K; dK = scale dSᵀ Q */
-                pack_panels(Tk, dh, kp, k_t, 0, scale, w.panels);
-                for (long i = 0; i < Tq; i += 6)
-                    row_block(i, Tq, dh, Tk, w.g, Tp, 0, w.panels, AT(gq, gq, b, h), gq_t, 0, 0, 0);
-                pack_panels(Tq, dh, qp, q_t, 0, scale, w.panels);
-                for (long j = 0; j < Tk; j += 6)
-                    row_block(j, Tk, dh, Tq, w.g, Tp, 1, w.panels, AT(gk, gk, b, h), gk_t, 0, 0, 0);
+        for (long pair = 0; pair < B * H; pair++) {
+            if (no_memory) continue;
+            long b = pair / H, h = pair % H;
+            const float *qp = AT(q, q, b, h), *kp = AT(k, k, b, h), *vp = AT(v, v, b, h);
+            const float *gop = AT(go, go, b, h);
+            const float *P = probs + pair * Tq * Tk;
+            const uint8_t *K8 = keep + pair * Tq * Tk;
+            /* D (Tq x Tp, zero past Tk) */
+            for (long i = 0; i < Tq; i++) {
+                float *row = w.s + i * Tp;
+                dropped_row(row, P + i * Tk, K8 + i * Tk, Tk, keep_scale);
+                for (long j = Tk; j < Tp; j++) row[j] = 0.0f;
             }
-            free(w.s);
+            /* dV = Dᵀ dO */
+            pack_panels(Tq, dh, gop, go_t, 0, 1.0f, w.panels);
+            for (long j = 0; j < Tk; j += 6)
+                row_block(j, Tk, dh, Tq, w.s, Tp, 1, w.panels, AT(gv, gv, b, h), gv_t, 0, 0, 0);
+            /* G = dO Vᵀ, then dS = D * G - P * rowsum(D * G) in place */
+            pack_panels(dh, Tk, vp, v_t, 1, 1.0f, w.panels);
+            for (long i = 0; i < Tq; i += 6) row_block(i, Tq, Tp, dh, gop, go_t, 0, w.panels, w.g, Tp, 0, 0, 0);
+            for (long i = 0; i < Tq; i++) {
+                float *g = w.g + i * Tp, *d = w.s + i * Tp;
+                const float *Pi = P + i * Tk;
+                __m256 acc = _mm256_setzero_ps();
+                long j = 0;
+                for (; j + 8 <= Tk; j += 8) {
+                    __m256 x = _mm256_mul_ps(_mm256_loadu_ps(g + j), _mm256_loadu_ps(d + j));
+                    _mm256_storeu_ps(g + j, x);
+                    acc = _mm256_add_ps(acc, x);
+                }
+                float sum = hsum(acc);
+                for (; j < Tk; j++) sum += (g[j] *= d[j]);
+                __m256 s = _mm256_set1_ps(sum);
+                for (j = 0; j + 8 <= Tk; j += 8)
+                    _mm256_storeu_ps(g + j, _mm256_fnmadd_ps(_mm256_loadu_ps(Pi + j), s, _mm256_loadu_ps(g + j)));
+                for (; j < Tk; j++) g[j] -= Pi[j] * sum;
+                for (j = Tk; j < Tp; j++) g[j] = 0.0f;
+            }
+            /* dQ = scale dS K; dK = scale dSᵀ Q */
+            pack_panels(Tk, dh, kp, k_t, 0, scale, w.panels);
+            for (long i = 0; i < Tq; i += 6)
+                row_block(i, Tq, dh, Tk, w.g, Tp, 0, w.panels, AT(gq, gq, b, h), gq_t, 0, 0, 0);
+            pack_panels(Tq, dh, qp, q_t, 0, scale, w.panels);
+            for (long j = 0; j < Tk; j += 6)
+                row_block(j, Tk, dh, Tq, w.g, Tp, 1, w.panels, AT(gk, gk, b, h), gk_t, 0, 0, 0);
         }
+        free(w.s);
     }
     return failed ? -1 : 0;
 }
