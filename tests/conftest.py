@@ -170,3 +170,27 @@ def write_chat_jsonl(path, n: int = 64, seed: int = 0):
         for r in chat_pairs(n, seed):
             f.write(json.dumps(r) + "\n")
     return path
+
+
+@pytest.fixture
+def gelu_calls(monkeypatch):
+    """Counts the C GELU's forward and backward calls (and proves the kernel ran)."""
+    from adaptune import native
+
+    lib = native.library()
+    calls = {"forward": 0, "backward": 0}
+
+    class Spy:
+        def __getattr__(self, name):
+            real = getattr(lib, name)
+            if name not in ("adaptune_gelu", "adaptune_gelu_backward"):
+                return real
+
+            def counted(*args):
+                calls["backward" if name.endswith("backward") else "forward"] += 1
+                return real(*args)
+            return counted
+
+    monkeypatch.setattr(native, "usable", lambda: Spy())
+    monkeypatch.setattr(native, "threads", lambda lib: 1)
+    return calls

@@ -84,16 +84,27 @@ def test_declines_where_it_does_not_apply(one_thread, monkeypatch):
 
 @needs_kernel
 @pytest.mark.parametrize("parallel", [False, True])
-def test_adapter_uses_the_kernel_and_matches_torch_with_gradients(one_thread, monkeypatch, parallel):
+@pytest.mark.parametrize("act", ["relu", "gelu"])
+def test_adapter_uses_the_kernel_and_matches_torch_with_gradients(one_thread, monkeypatch, parallel, act):
     """add_to (forward, one-node backward, and no-grad inference) gives torch's values and gradients
-    within float tolerance while the kernel runs four products of each adapter pass."""
+    within float tolerance while the kernel runs: with the exact GELU, the whole adapter in one call
+    each way; with another nonlinearity, four products of each adapter pass."""
     torch.manual_seed(0)
-    b = Bottleneck(48, AdapterConfig(size=16, init_std=0.3, scale=2.0))
+    b = Bottleneck(48, AdapterConfig(size=16, init_std=0.3, scale=2.0, nonlinearity=act))
     h = torch.randn(3, 7, 48, requires_grad=True)
     x = torch.randn(3, 7, 48, requires_grad=True) if parallel else None
     calls = []
     run = adapter_gemm._run
     monkeypatch.setattr(adapter_gemm, "_run", lambda *a: calls.append(a[4]) or run(*a))
+    def spy(name, real):
+        def call(*args):
+            result = real(*args)
+            calls.append(name if result is not None else "declined")
+            return result
+        return call
+
+    for name in ("adapter_forward", "adapter_backward"):
+        monkeypatch.setattr(adapter_gemm, name, spy(name, getattr(adapter_gemm, name)))
 
     fused = b.add_to(h, x)
     g = torch.randn_like(fused)
@@ -101,7 +112,10 @@ def test_adapter_uses_the_kernel_and_matches_torch_with_gradients(one_thread, mo
     grads = torch.autograd.grad(fused, leaves, g)
     with torch.no_grad():
         served = b.add_to(h, x)
-    assert calls == [16, 48, 16, 48, 16, 48]  # down, up; their input gradients; down, up again
+    if act == "gelu":
+        assert calls == ["adapter_forward", "adapter_backward", "adapter_forward"]
+    else:
+        assert calls == [16, 48, 16, 48, 16, 48]  # down, up; their input gradients; down, up again
 
     previous = adapter_gemm.set_enabled(False)
     try:
@@ -186,3 +200,63 @@ def test_mismatched_shapes_are_left_to_torch(one_thread):
     assert adapter_gemm.matmul(x, torch.randn(31, 16)) is None
     assert adapter_gemm.matmul(x, torch.randn(32, 16), onto=torch.randn(8, 32)) is None
     assert adapter_gemm.linear(x, torch.randn(16)) is None
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows,m", [(5, 16), (13, 64), (20, 256)])
+@pytest.mark.parametrize("parallel", [False, True])
+@pytest.mark.parametrize("frozen", ["none", "adapter", "input", "down"])
+def test_fused_adapter_equals_autograd_of_the_plain_ops(one_thread, monkeypatch, rows, m, parallel, frozen):
+    """The whole-adapter kernels (exact GELU): tail blocks of rows, bottlenecks up to MAX_M, both
+    modes, any part frozen; values and every gradient asked for equal autograd's of h + b(x)."""
+    calls = []
+    for name in ("adapter_forward", "adapter_backward"):
+        real = getattr(adapter_gemm, name)
+        monkeypatch.setattr(adapter_gemm, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
+    torch.manual_seed(rows)
+    b = Bottleneck(32, AdapterConfig(size=m, init_std=0.2, scale=0.5))
+    h = torch.randn(rows, 32, requires_grad=frozen != "input")
+    x = torch.randn(rows, 32, requires_grad=frozen != "input") if parallel else None
+    if frozen == "adapter":
+        b.requires_grad_(False)
+    elif frozen == "down":
+        b.down.requires_grad_(False)
+    out = b.add_to(h, x)
+    plain = h + b(h if x is None else x)
+    torch.testing.assert_close(out, plain)
+    leaves = [t for t in (h, x, *b.parameters()) if t is not None and t.requires_grad]
+    g = torch.randn_like(out)
+    torch.testing.assert_close(torch.autograd.grad(out, leaves, g), torch.autograd.grad(plain, leaves, g))
+    assert calls == ["adapter_forward", "adapter_backward"]  # every case wants the input's or down's gradient
+
+
+@needs_kernel
+def test_fused_adapter_declines_what_it_cannot_take(one_thread):
+    """A bottleneck wider than MAX_M, a width that is not a multiple of 16, or float64: None (the
+    caller runs the products one by one)."""
+    x = torch.randn(12, 32)
+    for m, d, dtype in ((adapter_gemm.MAX_M + 16, 32, torch.float32), (24, 32, torch.float32),
+                        (16, 40, torch.float32), (16, 32, torch.float64)):
+        xs = torch.randn(12, d, dtype=dtype)
+        args = (torch.randn(m, d, dtype=dtype), torch.randn(m, dtype=dtype), torch.randn(d, m, dtype=dtype),
+                torch.randn(d, dtype=dtype))
+        assert adapter_gemm.adapter_forward(xs, xs, *args, 1.0) is None
+        assert adapter_gemm.adapter_backward(xs, torch.randn(12, m, dtype=dtype), args[0], args[2], 1.0, True,
+                                             True) is None
+    assert adapter_gemm.adapter_forward(x, x, torch.randn(16, 32), torch.randn(16), torch.randn(32, 16),
+                                        torch.randn(32), 1.0) is not None
+
+
+@needs_kernel
+def test_fused_adapter_same_bits_at_any_thread_count(one_thread):
+    """Blocks of six rows split over threads, each summed in one order: two threads give one's bits."""
+    if not native.library().parallel:
+        pytest.skip("the kernels were built without a shared OpenMP runtime: one thread only")
+    x, wd, bd, wu, bu = torch.randn(1001, 64), torch.randn(32, 64), torch.randn(32), torch.randn(64, 32), torch.randn(64)
+    g = torch.randn(1001, 64)
+    results = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        z, out = adapter_gemm.adapter_forward(x, x, wd, bd, wu, bu, 0.7)
+        results.append((z, out, *adapter_gemm.adapter_backward(g, z, wd, wu, 0.7, True, True)))
+    assert all(torch.equal(a, b) for a, b in zip(*results))

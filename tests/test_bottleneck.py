@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from adaptune import AdapterConfig, Bottleneck
+from adaptune import AdapterConfig, Bottleneck, kernels, native
 
 
 @pytest.mark.parametrize("d,m", [(32, 8), (32, 64), (384, 64), (5, 1)])
@@ -204,3 +204,29 @@ def test_flop_counters_see_both_projections(grad):
     with FlopCounterMode(display=False) as counter, torch.set_grad_enabled(grad):
         b.add_to(h)
     assert counter.get_total_flops() == 2 * (2 * 15 * 8 * 2)  # down and up: 2 * rows * d * m each
+
+
+@pytest.mark.skipif(native.library() is None, reason="no C compiler or no AVX2 CPU here")
+@pytest.mark.parametrize("grad", [True, False])
+def test_gelu_adapter_at_scale_uses_the_c_gelu_and_equals_the_plain_ops(gelu_calls, grad):
+    """From kernels.GELU_MIN_ENTRIES activations up, the adapter's exact GELU and its gradient run in C
+    (forward, and backward's recomputation and gradient): values and gradients equal h + b(h)."""
+    torch.manual_seed(2)
+    b = Bottleneck(48, AdapterConfig(size=64, init_std=0.5))
+    h = torch.randn(4, 80, 48, requires_grad=grad)  # 320 rows x m = 64: 20,480 activations
+    with torch.set_grad_enabled(grad):
+        fused = b.add_to(h)
+    plain = h + b(h)
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+    if grad:
+        g = torch.randn_like(plain)
+        leaves = [h, *b.parameters()]
+        torch.testing.assert_close(torch.autograd.grad(fused, leaves, g), torch.autograd.grad(plain, leaves, g),
+                                   rtol=1e-4, atol=1e-4)
+    assert gelu_calls == ({"forward": 2, "backward": 1} if grad else {"forward": 1, "backward": 0})
+    kernels.set_native(False)
+    try:
+        with torch.no_grad():
+            torch.testing.assert_close(b.add_to(h), plain, rtol=1e-5, atol=1e-5)
+    finally:
+        kernels.set_native(True)

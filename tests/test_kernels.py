@@ -1,5 +1,5 @@
-"""Lean dropout and attention (src/adaptune/kernels.py, csrc/attention.c): same results as the plain math,
-given the same mask."""
+"""Lean dropout, attention and GELU (src/adaptune/kernels.py, csrc/attention.c, csrc/gelu.c): same results
+as the plain math, given the same mask."""
 
 from __future__ import annotations
 
@@ -270,11 +270,15 @@ def test_torch_attention_runs_where_the_kernel_does_not_apply(kernel_masks):
 
 @needs_native
 @pytest.mark.parametrize("family", ["bert", "llama"])
-def test_native_training_step_equals_plain_when_dropout_keeps_everything(kernel_masks, family):
+def test_native_training_step_equals_plain_when_dropout_keeps_everything(kernel_masks, gelu_calls, monkeypatch,
+                                                                        family):
     """A model whose heads are 16 wide (so the kernel runs), p small enough that every draw is
     kept (1e-6 rounds to 0 / 65536): a lean forward and backward equal the plain model's, values
-    and every gradient; for LLaMA through the causal mask and grouped key-value heads."""
+    and every gradient; for LLaMA through the causal mask and grouped key-value heads, for BERT
+    through the C GELU as well (its size threshold lowered to this small model)."""
     import transformers as T
+
+    monkeypatch.setattr(K, "GELU_MIN_ENTRIES", 1)
 
     def build():
         torch.manual_seed(0)
@@ -288,6 +292,7 @@ def test_native_training_step_equals_plain_when_dropout_keeps_everything(kernel_
 
     _assert_lean_step_equals_plain(build(), build(), tiny_batch(length=23))
     assert len(kernel_masks) == 2 and all(m.all() for m in kernel_masks)
+    assert gelu_calls == ({"forward": 2, "backward": 2} if family == "bert" else {"forward": 0, "backward": 0})
 
 
 @needs_native
@@ -327,3 +332,84 @@ def test_native_dropout_seeding_threads_and_fallback():
     assert "NativeDropout" not in type(y.grad_fn).__name__
     kept = y != 0
     torch.testing.assert_close(y[kept], xt[kept] / 0.9)
+
+
+# ---- the C GELU (csrc/gelu.c): torch's exact GELU up to float rounding ----
+
+
+def _gelu_inputs(n: int) -> torch.Tensor:
+    """Tails, the steep middle and large values, in shuffled order (n not a multiple of 8)."""
+    g = torch.Generator().manual_seed(n)
+    x = torch.cat([torch.linspace(-12, 12, n // 2), 3 * torch.randn(n - n // 2, generator=g)])
+    return x[torch.randperm(n, generator=g)]
+
+
+@needs_native
+@pytest.mark.parametrize("shape", [(16387,), (3, 8195), (64, 1536)])
+def test_native_gelu_equals_torch_with_gradient(gelu_calls, shape):
+    """Forward and gradient of the lean GELU equal torch's exact GELU within float tolerance (the
+    absolute error of the erfc approximation is below 1e-6 everywhere), tail entries included."""
+    x = _gelu_inputs(int(torch.tensor(shape).prod())).view(shape).requires_grad_()
+    y = K.lean_gelu(x)
+    assert "NativeGELU" in type(y.grad_fn).__name__
+    want = torch.nn.functional.gelu(x)
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-6)
+    grad = torch.randn_like(y)
+    torch.testing.assert_close(torch.autograd.grad(y, x, grad)[0], torch.autograd.grad(want, x, grad)[0],
+                               rtol=1e-5, atol=1e-6)
+    assert gelu_calls == {"forward": 1, "backward": 1}
+
+
+@needs_native
+def test_native_gelu_same_bits_at_any_thread_count():
+    """Blocks split over threads, each entry computed on its own: two threads give one's bits."""
+    if not native.library().parallel:
+        pytest.skip("the kernels were built without a shared OpenMP runtime: one thread only")
+    x, grad = _gelu_inputs(100003), torch.randn(100003)
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            results.append((K.gelu(x), K.gelu_backward(grad, x)))
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+    torch.testing.assert_close(results[0][0], torch.nn.functional.gelu(x), rtol=1e-5, atol=1e-6)
+
+
+def test_torch_gelu_runs_where_the_kernel_does_not_apply(gelu_calls):
+    """Too few entries, float64, a transposed view, no gradient recorded through lean_gelu, or the
+    kernels switched off: torch's own GELU, bit for bit."""
+    small = torch.randn(100, requires_grad=True)
+    cases = [small, torch.randn(40000, dtype=torch.float64, requires_grad=True),
+             torch.randn(200, 200).t().requires_grad_()]
+    for x in cases:
+        assert torch.equal(K.lean_gelu(x), torch.nn.functional.gelu(x))
+    big = torch.randn(40000, requires_grad=True)
+    with torch.no_grad():
+        assert torch.equal(K.lean_gelu(big), torch.nn.functional.gelu(big))
+    previous = K.set_native(False)
+    try:
+        assert torch.equal(K.lean_gelu(big), torch.nn.functional.gelu(big))
+        assert torch.equal(K.gelu_backward(big.detach(), big.detach()),
+                           torch.ops.aten.gelu_backward(big.detach(), big.detach()))
+    finally:
+        K.set_native(previous)
+    assert gelu_calls == {"forward": 0, "backward": 0}
+
+
+def test_use_lean_kernels_routes_transformers_gelu_and_back():
+    """BERT's exact GELU modules call lean_gelu under the lean kernels and F.gelu again after;
+    other activations (the tanh approximation) are left alone."""
+    from transformers.activations import ACT2FN
+
+    model = tiny_model("bert")
+    tanh_gelu = ACT2FN["gelu_new"]
+    model.add_module("extra_act", tanh_gelu)
+    gelus = [m for m in model.modules() if type(m).__name__ == "GELUActivation"]
+    assert gelus
+    K.use_lean_kernels(model)
+    assert all(m.act is K.lean_gelu for m in gelus) and not hasattr(tanh_gelu, "act")
+    K.use_lean_kernels(model, enable=False)
+    assert all(m.act is torch.nn.functional.gelu for m in gelus)

@@ -35,6 +35,7 @@ _enabled = True
 # 1.00 at 2048, 0.92 at 4096. At two threads: forward 0.94 at 1024-2048, 0.88 at 4096; forward +
 # backward 1.04 at 1024, 1.00 at 2048, 0.95 at 4096.
 MIN_ROWS = 2048
+MAX_M = 256  # the widest bottleneck the fused adapter kernels take (csrc/adapter_gemm.c)
 
 
 def set_enabled(enabled: bool) -> bool:
@@ -118,4 +119,54 @@ def matmul(x: torch.Tensor, w: torch.Tensor, onto: torch.Tensor | None = None) -
     return None if lib is None else _run(lib, x, w, False, n, onto, None)
 
 
-__all__ = ["MIN_ROWS", "available", "linear", "matmul", "set_enabled"]
+def _adapter_usable(x: torch.Tensor, w_down: torch.Tensor, w_up: torch.Tensor, *others: torch.Tensor) -> ctypes.CDLL | None:
+    """The loaded kernel when the fused adapter kernels apply: x (M, d) and every other operand fp32
+    CPU, rows contiguous, d and m multiples of 16, m at most MAX_M, from MIN_ROWS rows, no gradient
+    recorded."""
+    m, d = w_down.shape if w_down.dim() == 2 else (0, 0)
+    if d % 16 or m > MAX_M or w_up.shape != (d, m) or any(t.dim() == 2 and not _rows(t, t.shape[1]) for t in others):
+        return None
+    if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in (w_up, *others)):
+        return None
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (w_up, *others)):
+        return None  # the kernel records no autograd graph
+    return _usable(x, w_down, d, m)
+
+
+def adapter_forward(x: torch.Tensor, h: torch.Tensor, w_down: torch.Tensor, b_down: torch.Tensor,
+                    w_up: torch.Tensor, b_up: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A whole adapter with the exact GELU in one kernel call: ``z = x @ w_downᵀ + b_down`` and
+    ``h + scale * (gelu(z) @ w_upᵀ + b_up)``, each block of rows in cache from the first product to
+    the last; or None where it does not apply (the caller runs the products one by one). x, h: (M, d)."""
+    lib = _adapter_usable(x, w_down, w_up, h, b_down, b_up)
+    if lib is None or h.shape != x.shape or b_down.shape != w_down.shape[:1] or b_up.shape != w_up.shape[:1]:
+        return None
+    (m, d), rows = w_down.shape, x.shape[0]
+    w_down, b_down, w_up, b_up = (t.detach().contiguous() for t in (w_down, b_down, w_up, b_up))
+    z, out = torch.empty(rows, m), torch.empty(rows, d)
+    failed = lib.adaptune_adapter_forward(rows, d, m, x.data_ptr(), x.stride(0), h.data_ptr(), h.stride(0),
+                                          w_down.data_ptr(), b_down.data_ptr(), w_up.data_ptr(), b_up.data_ptr(),
+                                          scale, z.data_ptr(), out.data_ptr(), d, native.threads(lib))
+    return None if failed else (z, out)
+
+
+def adapter_backward(g: torch.Tensor, z: torch.Tensor, w_down: torch.Tensor, w_up: torch.Tensor, scale: float,
+                     grad_in: bool, skip: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+    """The backward of :func:`adapter_forward` given g at its output: (gz, sa, grad_x) with gz the
+    gradient at z, sa = scale * gelu(z) (so the up-projection's weight gradient is gᵀ sa), and, with
+    ``grad_in``, the gradient reaching x through the down-projection (plus g itself with ``skip``: a
+    sequential adapter's input); or None where it does not apply."""
+    lib = _adapter_usable(g, w_down, w_up, z)
+    if lib is None or z.shape != (g.shape[0], w_down.shape[0]) or not z.is_contiguous():
+        return None
+    (m, d), rows = w_down.shape, g.shape[0]
+    w_down, w_up = w_down.detach().contiguous(), w_up.detach().contiguous()
+    gz, sa = torch.empty(rows, m), torch.empty(rows, m)
+    gx = torch.empty(rows, d) if grad_in else None
+    failed = lib.adaptune_adapter_backward(rows, d, m, g.data_ptr(), g.stride(0), z.data_ptr(), w_down.data_ptr(),
+                                           w_up.data_ptr(), scale, gz.data_ptr(), sa.data_ptr(),
+                                           None if gx is None else gx.data_ptr(), d, skip, native.threads(lib))
+    return None if failed else (gz, sa, gx)
+
+
+__all__ = ["MAX_M", "MIN_ROWS", "adapter_backward", "adapter_forward", "available", "linear", "matmul", "set_enabled"]

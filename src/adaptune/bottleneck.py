@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adaptune import adapter_gemm
+from adaptune import adapter_gemm, kernels
 from adaptune.config import AdapterConfig
 
 _ACTIVATIONS = {
@@ -84,6 +84,10 @@ class Bottleneck(nn.Module):
             return _AddBottleneck.apply(h, x, w_down, b_down, w_up, b_up, act, self.scale)
         d = h.shape[-1]
         if plain and not torch.is_grad_enabled():
+            fused = adapter_gemm.adapter_forward((h if x is None else x).reshape(-1, d), h.reshape(-1, d), w_down,
+                                                 b_down, w_up, b_up, self.scale) if _exact_gelu(act) else None
+            if fused is not None:
+                return fused[1].view(h.shape)
             z = _down((h if x is None else x).reshape(-1, d), w_down, b_down)
             a = act(z) if fns is None else fns[0](act, z)
             return _up_onto(h.reshape(-1, d), a, w_up, b_up, self.scale).view(h.shape)
@@ -132,13 +136,19 @@ def _weight_bias(linear: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
 # Known nonlinearities (exact types only: a subclass or another module takes autograd's own graph):
 # (the activation of z, the gradient at z given the gradient at the activation's output).
 _ACTS = {
-    nn.GELU: (lambda act, z: F.gelu(z, approximate=act.approximate),
-              lambda act, grad, z: torch.ops.aten.gelu_backward(grad, z, approximate=act.approximate)),
+    nn.GELU: (lambda act, z: kernels.gelu(z) if act.approximate == "none" else F.gelu(z, approximate=act.approximate),
+              lambda act, grad, z: kernels.gelu_backward(grad, z) if act.approximate == "none"
+              else torch.ops.aten.gelu_backward(grad, z, approximate=act.approximate)),
     nn.ReLU: (lambda act, z: torch.relu(z), lambda act, grad, z: torch.ops.aten.threshold_backward(grad, z, 0)),
     nn.SiLU: (lambda act, z: F.silu(z), lambda act, grad, z: torch.ops.aten.silu_backward(grad, z)),
     nn.Tanh: (lambda act, z: torch.tanh(z), lambda act, grad, z: torch.ops.aten.tanh_backward(grad, torch.tanh(z))),
     nn.Identity: (lambda act, z: z, lambda act, grad, z: grad),
 }
+
+
+def _exact_gelu(act: nn.Module) -> bool:
+    """Whether ``act`` is the exact GELU (what the fused adapter kernels compute)."""
+    return type(act) is nn.GELU and act.approximate == "none"
 
 
 class _AddBottleneck(torch.autograd.Function):
@@ -157,8 +167,13 @@ class _AddBottleneck(torch.autograd.Function):
     def forward(ctx, h, x, w_down, b_down, w_up, b_up, act, scale):
         d = h.shape[-1]
         inp = (h if x is None else x).reshape(-1, d)  # (B*T, d)
-        z = _down(inp, w_down, b_down)  # (B*T, m), pre-activation
-        out = _up_onto(h.reshape(-1, d), _ACTS[type(act)][0](act, z), w_up, b_up, scale)  # (B*T, d)
+        fused = adapter_gemm.adapter_forward(inp, h.reshape(-1, d), w_down, b_down, w_up, b_up, scale) \
+            if _exact_gelu(act) else None
+        if fused is not None:  # the whole adapter in one kernel call
+            z, out = fused
+        else:
+            z = _down(inp, w_down, b_down)  # (B*T, m), pre-activation
+            out = _up_onto(h.reshape(-1, d), _ACTS[type(act)][0](act, z), w_up, b_up, scale)  # (B*T, d)
         ctx.save_for_backward(inp, z, w_down, w_up)
         ctx.act, ctx.scale, ctx.parallel = act, scale, x is not None
         ctx.shape, ctx.x_shape = h.shape, None if x is None else x.shape
@@ -170,13 +185,25 @@ class _AddBottleneck(torch.autograd.Function):
         inp, z, w_down, w_up = ctx.saved_tensors
         need = ctx.needs_input_grad  # h, x, w_down, b_down, w_up, b_up, act, scale
         g = grad.reshape(-1, grad.shape[-1])  # (B*T, d)
-        gs = g if ctx.scale == 1.0 else g * ctx.scale
         grad_h = grad_x = g_wd = g_bd = g_wu = g_bu = None
+        want_inp = need[1] if ctx.parallel else need[0]
+        fused = adapter_gemm.adapter_backward(g, z, w_down, w_up, ctx.scale, want_inp, not ctx.parallel) \
+            if _exact_gelu(ctx.act) and (want_inp or need[2] or need[3]) else None
+        if fused is not None:  # both input-side products and the GELU's gradient in one kernel call
+            gz, sa, g_in = fused
+            g_wu = g.t().mm(sa) if need[4] else None  # sa = scale * gelu(z)
+            g_bu = g.sum(0).mul_(ctx.scale) if need[5] else None
+            g_wd = gz.t().mm(inp) if need[2] else None
+            g_bd = gz.sum(0) if need[3] else None
+            if ctx.parallel:
+                return grad if need[0] else None, g_in.view(ctx.x_shape) if need[1] else None, \
+                    g_wd, g_bd, g_wu, g_bu, None, None
+            return g_in.view(ctx.shape) if need[0] else None, None, g_wd, g_bd, g_wu, g_bu, None, None
+        gs = g if ctx.scale == 1.0 else g * ctx.scale
         if need[4]:
             g_wu = gs.t().mm(_ACTS[type(ctx.act)][0](ctx.act, z))  # (d, m)
         if need[5]:
             g_bu = gs.sum(0)
-        want_inp = need[1] if ctx.parallel else need[0]
         if want_inp or need[2] or need[3]:
             gz = _ACTS[type(ctx.act)][1](ctx.act, _matmul(gs, w_up), z)  # (B*T, m)
             if need[2]:

@@ -294,6 +294,77 @@ def lean_sdpa_attention(module, query, key, value, attention_mask, dropout: floa
     return out.transpose(1, 2).contiguous(), None  # (B, Tq, H, dh), no attention weights
 
 
+# Below this many entries torch's GELU costs no more than the foreign call into the C one.
+GELU_MIN_ENTRIES = 16384
+
+
+def _gelu_library(*tensors: torch.Tensor) -> ctypes.CDLL | None:
+    """The C kernels where the GELU may run there on these tensors now: fp32, CPU, contiguous, at
+    least ``GELU_MIN_ENTRIES``, no ``torch.func`` transform active; else None."""
+    if not _native or tensors[0].numel() < GELU_MIN_ENTRIES or torch._C._are_functorch_transforms_active():
+        return None
+    if any(t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous() for t in tensors):
+        return None
+    return native.usable()
+
+
+def gelu(z: torch.Tensor) -> torch.Tensor:
+    """The exact GELU, ``F.gelu(z)``, through the C kernel (``csrc/gelu.c``) where it applies; records
+    no gradient there, so a caller recording one (``z.requires_grad``) gets ``F.gelu``."""
+    lib = None if torch.is_grad_enabled() and z.requires_grad else _gelu_library(z)
+    if lib is None:
+        return nn.functional.gelu(z)
+    out = torch.empty_like(z)
+    lib.adaptune_gelu(z.numel(), z.data_ptr(), out.data_ptr(), native.threads(lib))
+    return out
+
+
+def gelu_backward(grad: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """The gradient at z of the exact GELU given ``grad`` at its output, through the C kernel where it
+    applies (``torch.ops.aten.gelu_backward`` elsewhere)."""
+    lib = _gelu_library(z, grad) if z.shape == grad.shape else None
+    if lib is None:
+        return torch.ops.aten.gelu_backward(grad, z)
+    out = torch.empty_like(z)
+    lib.adaptune_gelu_backward(z.numel(), z.data_ptr(), grad.data_ptr(), out.data_ptr(), native.threads(lib))
+    return out
+
+
+class _NativeGELU(torch.autograd.Function):
+    """The exact GELU, forward and gradient through the C kernel: one pass each, keeps its input."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        return gelu(x)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        (x,) = ctx.saved_tensors
+        return gelu_backward(grad.contiguous(), x)
+
+
+def lean_gelu(x: torch.Tensor) -> torch.Tensor:
+    """``F.gelu(x)`` (exact) for a ``transformers`` GELU module under :func:`use_lean_kernels`: when
+    a gradient is recorded through it and the C kernel applies, :class:`_NativeGELU`; otherwise (no
+    gradient: inference stays the plain model's, bit for bit) ``F.gelu`` itself."""
+    if torch.is_grad_enabled() and x.requires_grad and _gelu_library(x) is not None:
+        return _NativeGELU.apply(x)
+    return nn.functional.gelu(x)
+
+
+def native_gelu_agrees(lib: ctypes.CDLL) -> bool:
+    """The C GELU and its gradient against torch's over a tail-sized range of inputs."""
+    x = torch.linspace(-9.0, 9.0, 1003)
+    grad = torch.randn(1003, generator=torch.Generator().manual_seed(0))
+    out, grad_in = torch.empty_like(x), torch.empty_like(x)
+    lib.adaptune_gelu(x.numel(), x.data_ptr(), out.data_ptr(), 1)
+    lib.adaptune_gelu_backward(x.numel(), x.data_ptr(), grad.data_ptr(), grad_in.data_ptr(), 1)
+    return (torch.allclose(out, nn.functional.gelu(x), rtol=1e-5, atol=1e-6)
+            and torch.allclose(grad_in, torch.ops.aten.gelu_backward(grad, x), rtol=1e-5, atol=1e-6))
+
+
 class LeanDropout(nn.Dropout):
     """``nn.Dropout`` running :func:`lean_dropout`. :func:`use_lean_kernels` swaps a plain dropout's
     class to this one and back: no new module, no state, no ``forward`` set on the instance (where
@@ -305,7 +376,8 @@ class LeanDropout(nn.Dropout):
 
 
 def use_lean_kernels(model: nn.Module, enable: bool = True) -> int:
-    """Route ``model``'s dropout modules and sdpa attention through the lean kernels (or back).
+    """Route ``model``'s dropout modules, ``transformers``' exact GELU modules and sdpa attention
+    through the lean kernels (or back).
 
     Args:
         model: any ``nn.Module``; ``transformers`` models on the ``sdpa`` attention
@@ -313,11 +385,13 @@ def use_lean_kernels(model: nn.Module, enable: bool = True) -> int:
         enable: ``False`` restores the plain modules and attention.
 
     Returns:
-        How many modules (dropouts, plus 1 for the attention switch) were changed.
+        How many modules (dropouts, GELUs, plus 1 for the attention switch) were changed.
 
     Example:
         >>> use_lean_kernels(model)   # before training; adapters or full fine-tuning alike
     """
+    from transformers.activations import GELUActivation
+
     changed = 0
     for m in model.modules():
         if enable and type(m) is nn.Dropout:
@@ -325,6 +399,9 @@ def use_lean_kernels(model: nn.Module, enable: bool = True) -> int:
             changed += 1
         elif not enable and type(m) is LeanDropout:
             m.__class__ = nn.Dropout
+            changed += 1
+        elif type(m) is GELUActivation and m.act is (nn.functional.gelu if enable else lean_gelu):
+            m.act = lean_gelu if enable else nn.functional.gelu  # an attribute GELUActivation.forward calls
             changed += 1
     config = getattr(model, "config", None)
     current = getattr(config, "_attn_implementation", None)
@@ -341,4 +418,5 @@ def use_lean_kernels(model: nn.Module, enable: bool = True) -> int:
     return changed
 
 
-__all__ = ["LeanDropout", "keep_mask", "lean_dropout", "lean_sdpa_attention", "set_native", "use_lean_kernels"]
+__all__ = ["LeanDropout", "gelu", "gelu_backward", "keep_mask", "lean_dropout", "lean_gelu", "lean_sdpa_attention",
+           "set_native", "use_lean_kernels"]

@@ -3,7 +3,9 @@
 - ``csrc/adapter_gemm.c``: the adapter's skinny products (used by :mod:`adaptune.adapter_gemm`);
 - ``csrc/attention.c``: attention with dropout for training (used by :mod:`adaptune.kernels`);
 - ``csrc/dropout.c``: dropout drawn and applied in one pass (used by :mod:`adaptune.kernels`);
-- ``csrc/tile.h``: the register tile the products use; ``csrc/dropout.h``: the random draws.
+- ``csrc/gelu.c``: the exact GELU and its gradient (used by :mod:`adaptune.kernels` and the adapter);
+- ``csrc/tile.h``: the register tile the products use; ``csrc/dropout.h``: the random draws;
+  ``csrc/vmath.h``: vector exp and GELU.
 
 They are compiled together with the system's C compiler (``$CC``, else ``cc``/``gcc``/``clang``)
 into one shared library in ``~/.cache/adaptune/kernels`` (``$ADAPTUNE_CACHE`` overrides), named by
@@ -101,6 +103,12 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.adaptune_dropout.argtypes = [long, vp, vp, vp, f32, u64, i32]
     lib.adaptune_dropout_backward.argtypes = [long, vp, vp, f32, vp, i32]
     lib.adaptune_dropout.restype = lib.adaptune_dropout_backward.restype = None
+    lib.adaptune_adapter_forward.argtypes = [long, long, long, vp, long, vp, long, vp, vp, vp, vp, f32, vp, vp, long, i32]
+    lib.adaptune_adapter_backward.argtypes = [long, long, long, vp, long, vp, vp, vp, f32, vp, vp, vp, long, i32, i32]
+    lib.adaptune_adapter_forward.restype = lib.adaptune_adapter_backward.restype = ctypes.c_int
+    lib.adaptune_gelu.argtypes = [long, vp, vp, i32]
+    lib.adaptune_gelu_backward.argtypes = [long, vp, vp, vp, i32]
+    lib.adaptune_gelu.restype = lib.adaptune_gelu_backward.restype = None
 
 
 @functools.cache
@@ -129,7 +137,8 @@ def library() -> ctypes.CDLL | None:
     from adaptune import adapter_gemm, kernels  # their checks use their own wrappers
 
     with torch.inference_mode(False), torch.enable_grad():  # the first call may come from inside either
-        agrees = adapter_gemm.agrees(lib) and kernels.native_attention_agrees(lib) and kernels.native_dropout_agrees(lib)
+        agrees = (adapter_gemm.agrees(lib) and kernels.native_attention_agrees(lib)
+                  and kernels.native_dropout_agrees(lib) and kernels.native_gelu_agrees(lib))
     if not agrees:
         logger.warning("C kernels: results differ from torch's on this machine; using torch's operators")
         return None
