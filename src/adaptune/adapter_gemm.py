@@ -9,6 +9,15 @@ separate pass. Four of an adapter's six products use it (the down- and up-projec
 input gradients). The two weight gradients contract over all B*T rows, so both their operands are
 large and need packing either way; they stay with torch, which is faster there.
 
+With the exact GELU (the default nonlinearity) the whole adapter runs as one kernel call each way
+(:func:`adapter_forward`, :func:`adapter_backward`): six rows at a time, the down-projection, the
+GELU (``csrc/vmath.h``) and the up-projection onto h, so a block's rows of x and h are read once
+and stay in cache from the first product to the second, and the activation never goes to memory;
+backward likewise runs both input-side products and the GELU's gradient over one block of the
+incoming gradient, and hands torch the two weight gradients' operands. At 4096 x 384, m = 64, one
+thread: forward + backward 22.5 against 24.2 ms for the products one by one, the no-grad forward
+6.6 against 7.8 ms (paired 0.93 and 0.86; ``/tmp`` micro-benchmark, 40 alternating calls).
+
 It is built and loaded with the other C kernels (:mod:`adaptune.native`) and splits the rows over
 torch's threads where that library runs in parallel. Every call returns ``None``, and the caller
 runs torch's product, where the library is not loaded, for fewer than ``MIN_ROWS`` rows, for

@@ -1,4 +1,4 @@
-"""Lean dropout and attention for training on CPU: fewer random draws, less kept for backward.
+"""Lean dropout, attention and GELU for training on CPU: fewer random draws, less kept for backward.
 
 Two costs of a training step that no FLOP count shows, and that weigh most on adapter training
 (whose matrix products are about 2/3 of full fine-tuning's, so fixed costs are a larger share):
@@ -20,8 +20,11 @@ read in the layout the projections made, with no copies (:class:`_NativeAttentio
 the torch version's speed at 32 x 12 x 128 x 32). Dropout's rate is rounded to a multiple of
 1/65536 (0.1 -> 0.100006). The distribution is dropout's, but the random stream is not torch's
 (the C kernel's is seeded from torch's generator, so ``torch.manual_seed`` repeats it), so a
-seeded run differs from one without these kernels. Outside training, at p = 0, or on other
-devices, the plain modules and SDPA run unchanged. It applies to any model, adapter tuning and
+seeded run differs from one without these kernels. ``transformers``' exact GELU modules
+(BERT's feed-forward activation) run ``csrc/gelu.c`` when a gradient is recorded through them: one
+pass each way, the gradient about 1.6 x faster than torch's (at 4096 x 1536, one thread: 7.7 against
+12.2 ms; forward 7.0 against 8.2 ms), equal to torch's exact GELU within 1e-6 absolute. Outside
+training, at p = 0, or on other devices, the plain modules and SDPA run unchanged. It applies to any model, adapter tuning and
 full fine-tuning alike, so comparisons between strategies stay fair when both use it.
 """
 
