@@ -82,6 +82,23 @@ def test_declines_where_it_does_not_apply(one_thread, monkeypatch):
         adapter_gemm.set_enabled(previous)
 
 
+def _record_fused_calls(monkeypatch) -> list:
+    """A list that each call of the whole-adapter kernels appends to: its name where the kernel ran,
+    "declined" where it returned None (and the caller ran the products one by one)."""
+    calls = []
+
+    def spy(name, real):
+        def call(*args):
+            result = real(*args)
+            calls.append(name if result is not None else "declined")
+            return result
+        return call
+
+    for name in ("adapter_forward", "adapter_backward"):
+        monkeypatch.setattr(adapter_gemm, name, spy(name, getattr(adapter_gemm, name)))
+    return calls
+
+
 @needs_kernel
 @pytest.mark.parametrize("parallel", [False, True])
 @pytest.mark.parametrize("act", ["relu", "gelu"])
@@ -93,18 +110,9 @@ def test_adapter_uses_the_kernel_and_matches_torch_with_gradients(one_thread, mo
     b = Bottleneck(48, AdapterConfig(size=16, init_std=0.3, scale=2.0, nonlinearity=act))
     h = torch.randn(3, 7, 48, requires_grad=True)
     x = torch.randn(3, 7, 48, requires_grad=True) if parallel else None
-    calls = []
+    calls = _record_fused_calls(monkeypatch)
     run = adapter_gemm._run
     monkeypatch.setattr(adapter_gemm, "_run", lambda *a: calls.append(a[4]) or run(*a))
-    def spy(name, real):
-        def call(*args):
-            result = real(*args)
-            calls.append(name if result is not None else "declined")
-            return result
-        return call
-
-    for name in ("adapter_forward", "adapter_backward"):
-        monkeypatch.setattr(adapter_gemm, name, spy(name, getattr(adapter_gemm, name)))
 
     fused = b.add_to(h, x)
     g = torch.randn_like(fused)
@@ -209,10 +217,7 @@ def test_mismatched_shapes_are_left_to_torch(one_thread):
 def test_fused_adapter_equals_autograd_of_the_plain_ops(one_thread, monkeypatch, rows, m, parallel, frozen):
     """The whole-adapter kernels (exact GELU): tail blocks of rows, bottlenecks up to MAX_M, both
     modes, any part frozen; values and every gradient asked for equal autograd's of h + b(x)."""
-    calls = []
-    for name in ("adapter_forward", "adapter_backward"):
-        real = getattr(adapter_gemm, name)
-        monkeypatch.setattr(adapter_gemm, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
+    calls = _record_fused_calls(monkeypatch)
     torch.manual_seed(rows)
     b = Bottleneck(32, AdapterConfig(size=m, init_std=0.2, scale=0.5))
     h = torch.randn(rows, 32, requires_grad=frozen != "input")

@@ -84,11 +84,12 @@ class Bottleneck(nn.Module):
             return _AddBottleneck.apply(h, x, w_down, b_down, w_up, b_up, act, self.scale)
         d = h.shape[-1]
         if plain and not torch.is_grad_enabled():
-            fused = adapter_gemm.adapter_forward((h if x is None else x).reshape(-1, d), h.reshape(-1, d), w_down,
-                                                 b_down, w_up, b_up, self.scale) if _exact_gelu(act) else None
-            if fused is not None:
+            inp = (h if x is None else x).reshape(-1, d)
+            fused = adapter_gemm.adapter_forward(inp, h.reshape(-1, d), w_down, b_down, w_up, b_up, self.scale) \
+                if _exact_gelu(act) else None
+            if fused is not None:  # the whole adapter in one kernel call
                 return fused[1].view(h.shape)
-            z = _down((h if x is None else x).reshape(-1, d), w_down, b_down)
+            z = _down(inp, w_down, b_down)
             a = act(z) if fns is None else fns[0](act, z)
             return _up_onto(h.reshape(-1, d), a, w_up, b_up, self.scale).view(h.shape)
         z = torch.addmm(b_down, (h if x is None else x).reshape(-1, d), w_down.t())  # (B*T, m)
