@@ -22,38 +22,32 @@ static inline __m256 load(const float *x, long n) {
     return n < 8 ? _mm256_maskload_ps(x, lanes(n)) : _mm256_loadu_ps(x);
 }
 
-/* out = gelu(x) over n entries; out may be x. */
-void adaptune_gelu(long n, const float *x, float *out, int threads) {
+/* out = gelu(x) (grad NULL) or grad * gelu'(x) over n entries; out may be x or grad. */
+static void gelu_pass(long n, const float *x, const float *grad, float *out, int threads) {
     (void)threads;
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
     for (long start = 0; start < n; start += BLOCK) {
         long end = n - start < BLOCK ? n : start + BLOCK;
         for (long i = start; i < end; i += 8) {
-            __m256 g;
-            gelu_and_slope(load(x + i, end - i), &g, 0);
+            __m256 value, slope;
+            if (grad) {
+                gelu_and_slope(load(x + i, end - i), 0, &slope);
+                value = _mm256_mul_ps(load(grad + i, end - i), slope);
+            } else {
+                gelu_and_slope(load(x + i, end - i), &value, 0);
+            }
             if (end - i < 8)
-                _mm256_maskstore_ps(out + i, lanes(end - i), g);
+                _mm256_maskstore_ps(out + i, lanes(end - i), value);
             else
-                _mm256_storeu_ps(out + i, g);
+                _mm256_storeu_ps(out + i, value);
         }
     }
 }
 
+/* out = gelu(x) over n entries; out may be x. */
+void adaptune_gelu(long n, const float *x, float *out, int threads) { gelu_pass(n, x, 0, out, threads); }
+
 /* grad_in = grad * gelu'(x) over n entries; grad_in may be grad. */
 void adaptune_gelu_backward(long n, const float *x, const float *grad, float *grad_in, int threads) {
-    (void)threads;
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
-    for (long start = 0; start < n; start += BLOCK) {
-        long end = n - start < BLOCK ? n : start + BLOCK;
-        for (long i = start; i < end; i += 8) {
-            __m256 slope;
-            gelu_and_slope(load(x + i, end - i), 0, &slope);
-            if (end - i < 8) {
-                __m256i m = lanes(end - i);
-                _mm256_maskstore_ps(grad_in + i, m, _mm256_mul_ps(load(grad + i, end - i), slope));
-            } else {
-                _mm256_storeu_ps(grad_in + i, _mm256_mul_ps(_mm256_loadu_ps(grad + i), slope));
-            }
-        }
-    }
+    gelu_pass(n, x, grad, grad_in, threads);
 }
