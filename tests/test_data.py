@@ -45,7 +45,7 @@ def test_csv_binary_with_default_columns_and_test_file(tmp_path):
     train = write_csv(tmp_path / "train.csv", ["text", "label"], binary_rows(50))
     test = write_csv(tmp_path / "test.csv", ["text", "label"], binary_rows(10, start=100))
     data = load_task_data(str(train), test_file=str(test))
-    assert data.task_type == "classification" and data.metric == "accuracy"
+    assert data.task_type == "classification" and data.metric == "macro_f1"  # the selection default
     assert data.label_names == ["neg", "pos"]  # sorted order of the train labels
     assert (len(data.train), len(data.dev), len(data.test)) == (45, 5, 10)
     assert data.description == "train.csv, 45/5/10 train/dev/test"
@@ -231,7 +231,7 @@ def test_real_cola_mrpc_and_stsb_lines(tmp_path):
     data = load_task_data(str(mrpc))
     assert data.train.texts[0].startswith('Amrozi accused his brother , whom he called " the witness "')
     assert data.train.text_pairs[0].startswith("Referring to him") and data.train.labels == [1, 0]
-    assert data.metric == "f1"
+    assert data.metric == "f1" and data.positive == "1"  # GLUE scores MRPC with the F1 of class 1
 
     stsb = tmp_path / "STS-B"
     stsb.mkdir()

@@ -305,13 +305,16 @@ def test_list_adapters_counts():
     assert list_adapters(model) == []
     d, m = model.config.hidden_size, 8
     add_adapter(model, "a", AdapterConfig.preset("houlsby", size=m))
-    add_adapter(model, "b", AdapterConfig.preset("pfeiffer", size=m, layers=(0, -1), train_layer_norms=False, train_head=False))
+    add_adapter(model, "b", AdapterConfig.preset("pfeiffer", size=m, layers=(0, -1), train_layer_norms=False, train_head=False,
+                                                  train_pooler=False))
     rows = {r["name"]: r for r in list_adapters(model)}
     norm_numel = sum(p.numel() for n, p in model.bert.named_parameters() if "LayerNorm" in n)
     head_numel = sum(p.numel() for p in model.classifier.parameters())
+    pooler_numel = d * d + d
     assert rows["a"]["bottleneck_params"] == 8 * (2 * m * d + d + m)
     assert rows["a"]["norm_params"] == norm_numel and rows["a"]["head_params"] == head_numel
-    assert rows["a"]["params"] == 8 * (2 * m * d + d + m) + norm_numel + head_numel
+    assert rows["a"]["pooler_params"] == pooler_numel
+    assert rows["a"]["params"] == 8 * (2 * m * d + d + m) + norm_numel + head_numel + pooler_numel
     assert rows["b"]["num_adapters"] == 2
     assert rows["b"]["bottleneck_params"] == rows["b"]["params"] == 2 * (2 * m * d + d + m)
     assert rows["b"]["norm_params"] == rows["b"]["head_params"] == 0
@@ -425,6 +428,7 @@ def test_custom_arch_spec_matches_the_built_in_row():
         attn=SlotSpec(output="attention.output.dropout", input="attention", norm="attention.output.LayerNorm"),
         ffn=SlotSpec(output="output.dropout", input="intermediate", norm="output.LayerNorm"),
         extra_norms=("embeddings.LayerNorm",),
+        pooler="pooler",
     )
     a = add_adapter(custom, "t", "houlsby", arch=spec)
     perturb(a)
@@ -528,6 +532,8 @@ def _reference_twin(family, aset, spec):
     base = twin.base_model
     for key, path in aset.norm_paths.items():
         base.get_submodule(path).load_state_dict(aset.norms[key].state_dict())
+    for key, path in aset.pooler_paths.items():
+        base.get_submodule(path).load_state_dict(aset.pooler[key].state_dict())
     for name, mod in aset.head.items():
         getattr(twin, name).load_state_dict(mod.state_dict())
     layers = base.get_submodule(spec.layers)
@@ -569,6 +575,9 @@ def test_routed_norms_head_and_fused_add_equal_the_plain_path(family, preset):
     for name, mod in aset.head.items():
         for pname, p in mod.named_parameters():
             torch.testing.assert_close(p.grad, getattr(twin, name).get_parameter(pname).grad)
+    for key, path in aset.pooler_paths.items():
+        for pname, p in aset.pooler[key].named_parameters():
+            torch.testing.assert_close(p.grad, twin.base_model.get_submodule(path).get_parameter(pname).grad)
     for pname, p in aset.adapters.named_parameters():
         assert p.grad is not None and p.grad.abs().max() > 0, pname
     # The plain base is untouched: no gradient reached it.

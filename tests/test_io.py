@@ -131,6 +131,7 @@ def test_saved_keys_are_exactly_the_task_tensors(tmp_path):
             expected |= {f"norms.encoder-layer-{i}-{norm}.weight", f"norms.encoder-layer-{i}-{norm}.bias"}
     expected |= {"norms.embeddings-LayerNorm.weight", "norms.embeddings-LayerNorm.bias"}
     expected |= {"head.classifier.weight", "head.classifier.bias"}
+    expected |= {"pooler.pooler.dense.weight", "pooler.pooler.dense.bias"}  # BERT's pooler, part of the task head
     assert set(tensors) == expected
     assert tensors["adapters.0.attn.down.weight"].shape == (8, 32)
     assert tensors["adapters.3.ffn.up.weight"].shape == (32, 8)

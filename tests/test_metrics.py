@@ -8,7 +8,20 @@ import numpy as np
 import pytest
 
 from adaptune.errors import ConfigError
-from adaptune.metrics import PRIMARY_DEFAULT, accuracy, compute_metrics, f1, mcc, mse, pearson, spearman
+from adaptune.metrics import (
+    PRIMARY_DEFAULT,
+    accuracy,
+    compute_metrics,
+    default_positive,
+    f1,
+    macro_f1,
+    majority_baseline,
+    mcc,
+    mse,
+    pearson,
+    single_class_warning,
+    spearman,
+)
 
 # A small binary example: tp=2 (idx 0, 2), fp=1 (idx 3), fn=1 (idx 1), tn=2 (idx 4, 5).
 P = [1, 0, 1, 1, 0, 0]
@@ -83,12 +96,65 @@ def test_matches_scipy_and_sklearn_on_random_data():
 def test_compute_metrics_per_task_type():
     logits = np.array([[2.0, 1.0], [0.0, 3.0], [1.0, 0.0]])  # argmax: 0, 1, 0
     got = compute_metrics("classification", logits, [0, 1, 1], 2)
-    assert set(got) == {"accuracy", "f1", "mcc"} and got["accuracy"] == pytest.approx(2 / 3)
+    assert set(got) == {"accuracy", "macro_f1", "mcc", "f1", "majority_baseline", "predicted_classes"}
+    assert got["accuracy"] == pytest.approx(2 / 3)
     assert got == compute_metrics("classification", [0, 1, 0], [0, 1, 1], 2)
     assert all(type(v) is float for v in got.values())
     reg = compute_metrics("regression", np.array([[1.0], [2.0], [3.0]]), [1.0, 2.0, 3.5])
     assert set(reg) == {"pearson", "spearman", "mse"} and reg["spearman"] == pytest.approx(1.0)
-    assert PRIMARY_DEFAULT == {"classification": "accuracy", "regression": "spearman"}
+    assert PRIMARY_DEFAULT == {"classification": "macro_f1", "regression": "spearman"}
+    # f1 (of a positive class) exists for two-class tasks only
+    assert "f1" not in compute_metrics("classification", [0, 1, 2], [0, 1, 1], 3)
+
+
+def test_binary_f1_is_of_the_named_positive_class():
+    # 10 % positives (class 0 here, as when labels sort the minority first); the model finds 1 of 2
+    y = [0, 0] + [1] * 18
+    p = [0, 1] + [1] * 18
+    got = compute_metrics("classification", p, y, 2, positive=0)
+    assert got["f1"] == pytest.approx(2 * 1 / (2 * 1 + 0 + 1))  # tp 1, fp 0, fn 1
+    assert compute_metrics("classification", p, y, 2, positive=1)["f1"] == pytest.approx(2 * 18 / (2 * 18 + 1))
+    assert f1(p, y, 2, positive=0) == got["f1"]
+
+
+def test_default_positive_is_the_minority_training_class():
+    assert default_positive([1, 1, 1, 0], 2) == 0
+    assert default_positive([0, 0, 1], 2) == 1
+    assert default_positive([0, 1, 1, 0], 2) == 1  # a tie: class 1, GLUE's convention
+
+
+def test_a_majority_class_model_is_visible():
+    """90 % accuracy from always predicting the majority: macro-F1, MCC and the warning show it."""
+    y = [0] * 90 + [1] * 10
+    p = [0] * 100
+    got = compute_metrics("classification", p, y, 2, positive=1)
+    assert got["accuracy"] == pytest.approx(0.9) == got["majority_baseline"]
+    assert got["f1"] == 0.0 and got["mcc"] == 0.0
+    assert got["macro_f1"] == pytest.approx((2 * 90 / (2 * 90 + 10) + 0.0) / 2)  # ~0.47, not 0.9
+    assert got["predicted_classes"] == 1.0
+    warning = single_class_warning(got)
+    assert warning is not None and "single class" in warning and "0.9000" in warning
+    learned = compute_metrics("classification", [0] * 89 + [1] * 11, y, 2)
+    assert single_class_warning(learned) is None and learned["predicted_classes"] == 2.0
+
+
+def test_macro_f1_over_absent_classes():
+    # class 2 exists in the task but neither in this split nor in the predictions: left out
+    assert macro_f1([0, 1, 1], [0, 1, 0]) == pytest.approx((2 / 3 + 2 / 3) / 2)
+    # a class present in the labels but never predicted counts with F1 0
+    assert macro_f1([0, 0, 0], [0, 1, 2]) == pytest.approx((2 * 1 / (2 * 1 + 2 + 0) + 0 + 0) / 3)
+    # a class predicted but absent from the labels counts too (all its predictions are false positives)
+    assert macro_f1([0, 2], [0, 0]) == pytest.approx((2 / 3 + 0.0) / 2)
+    skm = pytest.importorskip("sklearn.metrics")
+    rng = np.random.default_rng(1)
+    y, p = rng.integers(0, 4, 50), rng.integers(0, 3, 50)  # class 3 never predicted
+    assert macro_f1(p, y) == pytest.approx(skm.f1_score(y, p, average="macro"))
+
+
+def test_majority_baseline():
+    assert majority_baseline([2, 2, 1, 0]) == 0.5
+    with pytest.raises(ValueError, match="no labels"):
+        majority_baseline([])
 
 
 def test_bad_calls_raise():

@@ -67,7 +67,7 @@ def test_adapters_strategy_with_sgd():
 
 def test_adapters_without_norm_and_head_copies_train_only_bottlenecks():
     model = tiny_model("bert")
-    add_adapter(model, "task", AdapterConfig(size=8, train_layer_norms=False, train_head=False))
+    add_adapter(model, "task", AdapterConfig(size=8, train_layer_norms=False, train_head=False, train_pooler=False))
     train_strategy(model, "adapters")
     changed = one_step(model)
     assert changed == {k for k in model.state_dict() if k.startswith("adaptune.sets.task.adapters.")}
@@ -93,7 +93,7 @@ def test_only_the_active_of_two_adapters_trains():
 # and what counts as a layer norm.
 NAMES = {
     "bert": dict(
-        layer="bert.encoder.layer.{}.", post=("bert.pooler.",), head=("classifier.",),
+        layer="bert.encoder.layer.{}.", post=("bert.pooler.",), head=("classifier.",), pooler=("bert.pooler.",),
         norm=lambda n: "LayerNorm" in n,
     ),
     "llama": dict(
@@ -111,10 +111,11 @@ NAMES = {
 }
 
 
-def expected_trainable(model, family, strategy, k=2):
+def expected_trainable(model, family, strategy, k=2, pooler=True):
     rule = NAMES[family]
     names = [n for n, _ in model.named_parameters()]
-    head = {n for n in names if n.startswith(rule["head"])}
+    # the pooler (BERT's) belongs to the task head unless train_pooler=False
+    head = {n for n in names if n.startswith(rule["head"] + (rule.get("pooler", ()) if pooler else ()))}
     if strategy == "full":
         return set(names)
     if strategy == "head":
@@ -137,12 +138,22 @@ def test_base_strategies_train_exactly_the_selection(family_, strategy):
     assert counts.adapters == 0
 
 
+@pytest.mark.parametrize("strategy", ["layernorm", "head"])
+def test_train_pooler_false_keeps_the_pooler_frozen(strategy):
+    model = tiny_model("bert")
+    expected = expected_trainable(model, "bert", strategy, pooler=False)
+    train_strategy(model, strategy, train_pooler=False)
+    assert not any(n.startswith("bert.pooler.") for n in expected)
+    assert trainable_names(model) == expected
+
+
 def test_train_strategy_freezes_what_an_earlier_call_unfroze():
     model = tiny_model("bert")
     train_strategy(model, "full")
     counts = train_strategy(model, "head")
-    assert trainable_names(model) == {"classifier.weight", "classifier.bias"}
-    assert counts.trainable == model.classifier.weight.numel() + model.classifier.bias.numel()
+    head = {"classifier.weight", "classifier.bias", "bert.pooler.dense.weight", "bert.pooler.dense.bias"}
+    assert trainable_names(model) == head
+    assert counts.trainable == sum(p.numel() for n, p in model.named_parameters() if n in head)
 
 
 def test_full_then_adapters_keeps_the_base_frozen():
@@ -163,7 +174,7 @@ def test_param_counts_and_percent():
     assert full.trainable == full.base == total and full.percent == 100.0
 
     d, m = model.config.hidden_size, 16
-    add_adapter(model, "t", AdapterConfig(size=m, train_layer_norms=False, train_head=False))
+    add_adapter(model, "t", AdapterConfig(size=m, train_layer_norms=False, train_head=False, train_pooler=False))
     counts = train_strategy(model, "adapters")
     assert counts.base == total  # adapters are not part of the base
     assert counts.adapters == counts.trainable == 8 * (2 * m * d + d + m)

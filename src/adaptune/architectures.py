@@ -41,7 +41,13 @@ class ArchSpec:
         attn: paths of the attention sub-layer.
         ffn: paths of the feed-forward sub-layer.
         extra_norms: layer norms outside the layers (embedding norm, final norm).
-        post: modules between the top layer and the head (pooler, final norm); top-k trains them.
+        post: modules between the top layer and the head that every model of the family has (a
+            final norm); top-k trains them.
+        pooler: the pooler between the top layer's first token and the head (BERT's dense + tanh),
+            for families whose classifiers read it. Optional on the loaded model: a family's
+            sequence classifier may be built without one (RoBERTa, XLM-R, ELECTRA and MPNet put
+            their own dense layer into the head), and a bare-encoder checkpoint may or may not
+            carry its weights. :func:`pooler_module` finds it or says there is none.
 
     Example (a custom model whose layers live at ``blocks``)::
 
@@ -55,6 +61,7 @@ class ArchSpec:
     ffn: SlotSpec
     extra_norms: tuple[str, ...] = ()
     post: tuple[str, ...] = ()
+    pooler: str | None = None
 
     def slot(self, name: str) -> SlotSpec:
         return {"attn": self.attn, "ffn": self.ffn}[name]
@@ -65,7 +72,7 @@ _BERT_LIKE = ArchSpec(
     attn=SlotSpec(output="attention.output.dropout", input="attention", norm="attention.output.LayerNorm"),
     ffn=SlotSpec(output="output.dropout", input="intermediate", norm="output.LayerNorm"),
     extra_norms=("embeddings.LayerNorm",),
-    post=("pooler",),
+    pooler="pooler",
 )
 
 _LLAMA_LIKE = ArchSpec(
@@ -86,7 +93,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         attn=SlotSpec(output="attention.dropout", input="attention", norm="attention.LayerNorm"),
         ffn=SlotSpec(output="output.dropout", input="intermediate", norm="output.LayerNorm"),
         extra_norms=("embeddings.LayerNorm",),
-        post=("pooler",),
+        pooler="pooler",
     ),
     "distilbert": ArchSpec(
         layers="transformer.layer",
@@ -169,6 +176,18 @@ def head_modules(model: nn.Module) -> dict[str, nn.Module]:
     }
 
 
+def pooler_module(model: nn.Module, spec: ArchSpec) -> nn.Module | None:
+    """The model's pooler (``spec.pooler``), or None when the family has none or this model was built
+    without it (``add_pooling_layer=False``, as RoBERTa-style sequence classifiers are)."""
+    if spec.pooler is None:
+        return None
+    try:
+        module = backbone(model).get_submodule(spec.pooler)
+    except AttributeError:  # this model was built without it
+        return None
+    return module if any(True for _ in module.parameters()) else None
+
+
 def input_norm_paths(spec: ArchSpec) -> list[str]:
     """The norms outside the layers that sit before the first one (``extra_norms`` not in ``post``),
     e.g. BERT's ``embeddings.LayerNorm``; LLaMA's and GPT-2's final norms are not among them."""
@@ -204,4 +223,5 @@ def model_identity(model: nn.Module, spec: ArchSpec) -> dict[str, object]:
     }
 
 
-__all__ = ["ArchSpec", "SlotSpec", "ARCHITECTURES", "spec_for", "backbone", "head_modules", "input_norm_paths", "layer_list", "norm_paths"]
+__all__ = ["ArchSpec", "SlotSpec", "ARCHITECTURES", "spec_for", "backbone", "head_modules", "input_norm_paths", "layer_list", "norm_paths",
+           "pooler_module"]

@@ -39,6 +39,9 @@ TRAIN_HELP: dict[str, str] = {
     "train_embedding_norm": "with --train-layer-norms, also train the norm before the first layer (BERT's "
                             "embeddings.LayerNorm, as the released code does); off: backward stops at the first adapter",
     "train_head": "train a per-task classification head (never the output layer of a causal LM)",
+    "train_pooler": "train the pooler (BERT's dense + tanh before the classifier) as part of the task head: a per-task "
+                    "copy with adapters, with the head for --strategy head/layernorm; --no-train-pooler keeps it frozen "
+                    "as the paper did (right only for a pooler pretrained on next-sentence prediction)",
     "top_k": "number of top layers trained by --strategy top-k",
     "epochs": "passes over the training data",
     "batch_size": "examples per step",
@@ -47,7 +50,8 @@ TRAIN_HELP: dict[str, str] = {
     "warmup": "fraction of steps with linear warm-up (then linear decay)",
     "max_grad_norm": "gradient clipping norm (0 = off)",
     "max_length": "truncate inputs to this many tokens",
-    "bucket": "batch texts of similar length together (dynamic padding)",
+    "bucket": "batch texts of similar length together: less padding, but where length tells the classes apart the "
+              "batches hold one class and adapters learn slower (default: on for causal LMs only)",
     "seed": "random seed (data order, dev carving, init, dropout)",
     "eval_every": "evaluate on dev every N steps (default: after each epoch)",
     "checkpoint_every": "write a resumable checkpoint every N steps",
@@ -59,6 +63,11 @@ TRAIN_HELP: dict[str, str] = {
                            "(needs --no-frozen-dropout; with adapters: --adapter-layers on top layers and --no-train-layer-norms)",
     "compile": "torch.compile the model for the training steps: none, default, reduce-overhead (CUDA graphs on a GPU), "
                "max-autotune; the first steps of each new batch shape compile",
+    "class_weights": "none, or balanced: weigh each class's loss by n / (classes x count) of the training labels",
+    "positive_label": "two-class tasks: the class whose F1 is reported (default: the less frequent training label; "
+                      "GLUE tasks: class 1)",
+    "metric": "dev metric that selects the best checkpoint (default: the task's own, else macro_f1 for classification, "
+              "spearman for regression); classification: macro_f1, accuracy, mcc, f1 (two classes)",
     "lean_kernels": "lean CPU dropout and attention-with-dropout kernels (adaptune.kernels), for every strategy alike",
 }
 
@@ -67,7 +76,7 @@ TRAIN_HELP: dict[str, str] = {
 COMPARE_TRAIN_OPTIONS = ("model", "text_column", "text_pair_column", "label_column", "task_type", "dev_fraction",
                          "limit_train", "limit_eval", "epochs", "batch_size", "weight_decay", "warmup", "max_grad_norm",
                          "max_length", "bucket", "device", "precision", "train_layer_norms", "train_embedding_norm",
-                         "train_head", "lean_kernels", "compile")
+                         "train_head", "train_pooler", "lean_kernels", "compile", "class_weights", "positive_label", "metric")
 
 
 def _add_config_options(p: argparse.ArgumentParser, cls, helps: dict[str, str], only: tuple[str, ...] | None = None) -> None:

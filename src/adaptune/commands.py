@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from adaptune.cli import _config_from, _print_json
+from adaptune.metrics import single_class_warning
 from adaptune.errors import ConfigError, DataError
 
 
@@ -29,12 +30,23 @@ def _summary(result: dict, where) -> None:
         print(f"{result['strategy']}: {_lm_line(result)}; trained {p['trainable']:,} of {p['base']:,} parameters "
               f"({p['percent_trained']:.2f} %); run folder {where}")
         return
-    test = result["test"][result["metric"]] if result.get("test") else None
-    print(
-        f"{result['strategy']}: dev {result['metric']} {result['dev'][result['metric']]:.4f}"
-        + (f", test {test:.4f}" if test is not None else "")
-        + f"; trained {p['trainable']:,} of {p['base']:,} parameters ({p['percent_trained']:.2f} %); run folder {where}"
-    )
+    print(f"{result['strategy']}: " + "; ".join(f"{split} {metric_line(result[split], result['metric'])}"
+                                                 for split in ("dev", "test") if result.get(split)))
+    print(f"  trained {p['trainable']:,} of {p['base']:,} parameters ({p['percent_trained']:.2f} %); run folder {where}"
+          + (f"; positive class {result['positive_label']!r}" if result.get("positive_label") else ""))
+    for warning in result.get("warnings", []):
+        print(f"warning: {warning}")
+
+
+def metric_line(metrics: dict, selected: str) -> str:
+    """``macro_f1 0.7512 (accuracy 0.8300, mcc 0.6131, majority baseline 0.6450)``: the selection
+    metric first, the others and the majority-class baseline beside it."""
+    selected = selected if selected in metrics else next(iter(metrics))  # a run from an older version
+    others = [k for k in ("macro_f1", "accuracy", "mcc", "f1", "pearson", "spearman", "mse") if k in metrics and k != selected]
+    beside = [f"{k} {metrics[k]:.4f}" for k in others]
+    if "majority_baseline" in metrics:
+        beside.append(f"majority baseline {metrics['majority_baseline']:.4f}")
+    return f"{selected} {metrics[selected]:.4f}" + (f" ({', '.join(beside)})" if beside else "")
 
 
 def eval(args: argparse.Namespace) -> int:  # noqa: A001 - the subcommand's name
@@ -59,7 +71,10 @@ def eval(args: argparse.Namespace) -> int:  # noqa: A001 - the subcommand's name
     if args.json:
         _print_json({"split": args.split, "examples": len(split), **metrics})
     else:
-        print(f"{args.split} ({len(split)} examples): " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        print(f"{args.split} ({len(split)} examples): {metric_line(metrics, pred.task.get('metric') or next(iter(metrics)))}")
+        warning = single_class_warning(metrics)
+        if warning:
+            print(f"warning: {warning}")
     return 0
 
 
@@ -155,6 +170,7 @@ def info(args: argparse.Namespace) -> int:
         "bottleneck_params": count("adapters."),
         "layer_norm_params": count("norms."),
         "head_params": count("head."),
+        "pooler_params": count("pooler."),
         "total_params": sum(_prod(s) for s in shapes.values()),
         "base": base,
         "adaptune_version": meta.get("adaptune_version"),
@@ -169,7 +185,8 @@ def info(args: argparse.Namespace) -> int:
     check = "ok" if per is not None and per * n_adapters == report["bottleneck_params"] else "MISMATCH"
     print(f"  adapters     {n_adapters} × (2·{m}·{d} + {d} + {m} = {per:,}) = {report['bottleneck_params']:,} parameters [2md+d+m {check}]")
     print(f"  layer norms  {report['layer_norm_params']:,} parameters")
-    print(f"  head         {report['head_params']:,} parameters")
+    print(f"  head         {report['head_params']:,} parameters"
+          + (f" + pooler {report['pooler_params']:,}" if report["pooler_params"] else ""))
     print(f"  total        {report['total_params']:,} parameters in the file")
     print(f"  base model   {base.get('model_type')}, hidden {d}, {base.get('num_layers')} layers, fingerprint {base.get('fingerprint')}")
     extra = meta.get("extra") or {}
@@ -207,7 +224,8 @@ def params(args: argparse.Namespace) -> int:
     print(f"{'strategy':<12}{'trainable':>14}{'% of base':>11}")
     counts = train_strategy(model, "adapters")
     print(f"{'adapters':<12}{counts.trainable:>14,}{counts.percent:>10.2f}%   "
-          f"(bottlenecks {row['bottleneck_params']:,} + layer norms {row['norm_params']:,} + head {row['head_params']:,})")
+          f"(bottlenecks {row['bottleneck_params']:,} + layer norms {row['norm_params']:,} + head {row['head_params']:,}"
+          + (f" + pooler {row['pooler_params']:,})" if row["pooler_params"] else ")"))
     set_active(model, None)
     for strategy, k in (("full", None), ("top-k", args.top_k), ("layernorm", None)) + ((("head", None),) if not causal else ()):
         counts = train_strategy(model, strategy, k=k)
@@ -237,15 +255,21 @@ def demo(args: argparse.Namespace) -> int:
         results[strategy] = run_train(cfg, run, resume=resume, quiet=args.quiet)
     metric = results["adapters"]["metric"]
     print()
-    print(f"| strategy | trained parameters | % of model | dev {metric} | test {metric} | train time |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print(f"| strategy | trained parameters | % of model | dev {metric} | test {metric} | test MCC | test accuracy | train time |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for strategy, r in results.items():
-        p = r["params"]
+        p, t = r["params"], r["test"]
         print(f"| {'Houlsby adapter m=64' if strategy == 'adapters' else 'full fine-tuning'} | {p['trainable']:,} | "
-              f"{p['percent_trained']:.2f} % | {r['dev'][metric]:.4f} | {r['test'][metric]:.4f} | {r['train_seconds']:.0f} s |")
+              f"{p['percent_trained']:.2f} % | {r['dev'][metric]:.4f} | {t[metric]:.4f} | {t['mcc']:.4f} | {t['accuracy']:.4f} | "
+              f"{r['train_seconds']:.0f} s |")
+    test = results["adapters"]["test"]
+    print(f"| majority-class baseline | 0 | 0.00 % | | | 0.0000 | {test['majority_baseline']:.4f} | |")
     gap = results["full"]["dev"][metric] - results["adapters"]["dev"][metric]
     print(f"\nadapter vs full on dev: {-gap:+.4f} {metric}, training {results['adapters']['params']['percent_trained']:.2f} % "
-          f"of the parameters. Runs in {out}/ (predict with: adaptune predict {out}/adapters \"Great coffee!\")")
+          f"of the parameters; positive class {results['adapters'].get('positive_label')!r}. "
+          f"Runs in {out}/ (predict with: adaptune predict {out}/adapters \"Great coffee!\")")
+    for warning in (w for r in results.values() for w in r.get("warnings", [])):
+        print(f"warning: {warning}")
     for note in results["adapters"].get("notes", []):
         print(f"note: {note}")
     return 0

@@ -17,6 +17,7 @@ import dataclasses
 import json
 import math
 import os
+import random
 import statistics
 import time
 from dataclasses import dataclass
@@ -318,10 +319,14 @@ class Timing:
     sizes: dict[str, tuple[int, int, int]]  # task -> (train, dev, test)
     num_layers: int
 
-    def full_step(self, batch_size: int, max_length: int) -> float:
-        # bucketing keeps padding low: about 10 % over the mean truncated length
-        mean = statistics.fmean(min(n, max_length) for n in self.lengths)
-        return self.seconds_per_token * batch_size * mean * 1.1
+    def full_step(self, batch_size: int, max_length: int, bucketed: bool = False) -> float:
+        truncated = [min(n, max_length) for n in self.lengths]
+        if bucketed:  # bucketing keeps padding low: about 10 % over the mean truncated length
+            return self.seconds_per_token * batch_size * statistics.fmean(truncated) * 1.1
+        # random batches pad to their longest example: its expected length, from seeded draws
+        rng = random.Random(0)
+        longest = statistics.fmean(max(rng.choices(truncated, k=batch_size)) for _ in range(200))
+        return self.seconds_per_token * batch_size * longest
 
 
 def estimate_minutes(cfg: CompareConfig, timing: Timing) -> float:
@@ -331,7 +336,7 @@ def estimate_minutes(cfg: CompareConfig, timing: Timing) -> float:
     full step per batch; the ablation is one dev pass per span of layers.
     """
     t = cfg.train
-    step = timing.full_step(t.batch_size, t.max_length)
+    step = timing.full_step(t.batch_size, t.max_length, t.bucketed)
     total = 0.0
     for task in cfg.tasks:
         n_train, n_dev, n_test = timing.sizes[task]
@@ -380,7 +385,7 @@ def fit_budget(cfg: CompareConfig, minutes: float, timing: Timing) -> tuple[Comp
     if cfg.train.limit_train and cfg.train.limit_train < largest:
         notes.append(f"budget: training data limited to {cfg.train.limit_train} examples per task")
     est = estimate_minutes(cfg, timing)
-    step = timing.full_step(cfg.train.batch_size, cfg.train.max_length)
+    step = timing.full_step(cfg.train.batch_size, cfg.train.max_length, cfg.train.bucketed)
     notes.append(f"budget: {minutes:g} min; estimated {est:.0f} min for {len(cfg.grid()) * len(cfg.tasks)} runs "
                  f"(from a measured full fine-tuning step of {step:.2f} s)")
     return cfg, notes

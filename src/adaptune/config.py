@@ -52,6 +52,12 @@ class AdapterConfig:
             first layer's attention block (about 2.6 % of an all-MiniLM-L6-v2 adapter step's
             FLOPs, and its saved activations). Models without such a norm are unaffected.
         train_head: give the task its own copy of the model's head (classifier) and train it.
+        train_pooler: give the task its own copy of the model's pooler (BERT's dense + tanh on the
+            first token, which its classifier reads) and train it as part of the head. The paper
+            kept BERT's pooler frozen, pretrained on next-sentence prediction; checkpoints made for
+            sentence embeddings (sentence-transformers) never trained theirs, and behind a frozen
+            untrained pooler adapters learned nothing on imbalanced tasks (docs/quality.md). Adds
+            d² + d parameters; models without a pooler are unaffected.
     """
 
     size: int = 64
@@ -65,6 +71,7 @@ class AdapterConfig:
     train_layer_norms: bool = True
     train_embedding_norm: bool = True
     train_head: bool = True
+    train_pooler: bool = True
 
     def __post_init__(self) -> None:
         # JSON gives lists; keep tuples so the config stays hashable and frozen.
@@ -74,7 +81,7 @@ class AdapterConfig:
                 object.__setattr__(self, "layers", tuple(operator.index(i) for i in self.layers))
             except TypeError:
                 raise ConfigError(f"layers must be None or a list of integer layer indices, got {self.layers!r}") from None
-        for flag in ("train_layer_norms", "train_embedding_norm", "train_head", "zero_init_up"):
+        for flag in ("train_layer_norms", "train_embedding_norm", "train_head", "train_pooler", "zero_init_up"):
             if not isinstance(getattr(self, flag), bool):  # the JSON string "false" would be truthy
                 raise ConfigError(f"{flag} must be true or false, got {getattr(self, flag)!r}")
         for num in ("init_std", "scale"):

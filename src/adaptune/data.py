@@ -57,6 +57,7 @@ class TaskData:
     metric: str
     description: str
     notes: list[str] = field(default_factory=list)
+    positive: str | None = None  # the source's fixed positive class of a two-class task (GLUE: "1"), else None
 
 
 # ----------------------------------------------------------------------------- columns and labels
@@ -264,7 +265,8 @@ def load_task_data(source: str, *, text_column=None, text_pair_column=None, labe
     sizes = [len(train), len(dev)] + ([len(test)] if test is not None else [])
     parts = "train/dev/test" if test is not None else "train/dev"
     description = f"{raw.what}, {'/'.join(map(str, sizes))} {parts}"
-    return TaskData(train, dev, test, ttype, names, raw.metric or PRIMARY_DEFAULT[ttype], description, notes)
+    return TaskData(train, dev, test, ttype, names, raw.metric or PRIMARY_DEFAULT[ttype], description, notes,
+                    raw.positive)
 
 
 # ----------------------------------------------------------------------------- tokens and batches

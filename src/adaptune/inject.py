@@ -37,6 +37,7 @@ from adaptune.architectures import (
     layer_list,
     model_identity,
     norm_paths,
+    pooler_module,
     spec_for,
 )
 from adaptune.bottleneck import Bottleneck
@@ -123,6 +124,7 @@ class AdapterSet(nn.Module):
         config: the :class:`AdapterConfig` it was built from.
         adapters: ``adapters[str(layer)][slot]`` is a :class:`Bottleneck`.
         norms: task copies of the layer norms, keyed by their path with dots as dashes.
+        pooler: the task's copy of the pooler (empty, or one entry keyed like ``norms``).
         head: task copies of the head modules, keyed by their attribute name on the model.
     """
 
@@ -133,6 +135,7 @@ class AdapterSet(nn.Module):
         layer_ids: list[int],
         norms: dict[str, nn.Module],
         head: dict[str, nn.Module],
+        pooler: dict[str, nn.Module] | None = None,
     ) -> None:
         super().__init__()
         self.config = config
@@ -141,6 +144,8 @@ class AdapterSet(nn.Module):
         )
         self.norms = nn.ModuleDict({_key(p): _fresh_copy(m) for p, m in norms.items()})
         self.norm_paths = {_key(p): p for p in norms}  # ModuleDict key -> path in the backbone
+        self.pooler = nn.ModuleDict({_key(p): _fresh_copy(m) for p, m in (pooler or {}).items()})
+        self.pooler_paths = {_key(p): p for p in pooler or {}}
         self.head = nn.ModuleDict({n: _fresh_copy(m) for n, m in head.items()})
 
     def bottleneck(self, layer: int, slot: str) -> Bottleneck | None:
@@ -244,6 +249,9 @@ class AdapterContainer(nn.Module):
         for key, path in aset.norm_paths.items():
             norm = get_submodule(base, path, "layer norm")
             self._route(("norm", key), norm, _Route(self, norm.forward, "norms", key))
+        for key, path in aset.pooler_paths.items():
+            pooler = get_submodule(base, path, "pooler")
+            self._route(("pooler", key), pooler, _Route(self, pooler.forward, "pooler", key))
         heads = head_modules(model)
         for name in aset.head:
             self._route(("head", name), heads[name], _Route(self, heads[name].forward, "head", name))
@@ -474,7 +482,8 @@ def _build_and_install(model: nn.Module, container: AdapterContainer, name: str,
     paths = norm_paths(model, spec, input_norms=config.train_embedding_norm) if config.train_layer_norms else []
     norms = {p: get_submodule(base, p, "layer norm") for p in paths}
     head = head_modules(model) if config.train_head else {}
-    aset = AdapterSet(config, hidden, layer_ids, norms, head)
+    pooler = pooler_module(model, spec) if config.train_pooler else None
+    aset = AdapterSet(config, hidden, layer_ids, norms, head, {spec.pooler: pooler} if pooler is not None else None)
     ref = next(base.parameters())
     aset.to(device=ref.device, dtype=ref.dtype if ref.is_floating_point() else None)
     container.sets[name] = aset
@@ -557,6 +566,7 @@ def list_adapters(model: nn.Module) -> list[dict[str, Any]]:
                 "bottleneck_params": aset.num_bottleneck_params(),
                 "norm_params": sum(p.numel() for p in aset.norms.parameters()),
                 "head_params": sum(p.numel() for p in aset.head.parameters()),
+                "pooler_params": sum(p.numel() for p in aset.pooler.parameters()),
                 "params": sum(p.numel() for p in aset.parameters()),
                 "config": aset.config,
             }

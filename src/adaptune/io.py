@@ -1,7 +1,7 @@
 """Save and load one task adapter: a folder with ``adapter.safetensors`` and ``adapter_config.json``.
 
-Only the task's own tensors are written (bottlenecks, and its layer-norm and head copies when it
-has them) — a few percent of the model. The JSON is stamped with the library version and the base
+Only the task's own tensors are written (bottlenecks, and its layer-norm, pooler and head copies
+when it has them) — a few percent of the model. The JSON is stamped with the library version and the base
 model's identity: type, hidden size, depth and a fingerprint of the base weights. Loading is
 strict: a different base, an unknown field, a missing, unexpected or mis-shaped tensor, or a
 damaged file is an :class:`AdapterFileError` that names the problem. Nothing is unpickled.
@@ -147,6 +147,8 @@ def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
         raise AdapterFileError(f"{cfg_file} has unknown field(s) {unknown}; it was written by another tool or version")
     if meta.get("format") != FORMAT:
         raise AdapterFileError(f"{cfg_file} has format {meta.get('format')!r}; this adaptune reads format {FORMAT}")
+    if isinstance(meta.get("config"), dict) and "train_pooler" not in meta["config"]:
+        meta["config"]["train_pooler"] = False  # written before the field existed: no pooler copy
     try:
         meta["config"] = AdapterConfig.from_dict(meta.get("config"))
     except AdaptuneError as e:

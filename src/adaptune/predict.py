@@ -124,7 +124,10 @@ class Predictor:
         return evaluate(self.model, enc, **self._eval_kw(batch_size))[0]
 
     def _eval_kw(self, batch_size: int) -> dict[str, Any]:
-        return dict(task_type=self.task["task_type"], num_labels=_num_outputs(self.task), batch_size=batch_size, pad_id=self.tokenizer.pad_token_id, device=self.device)
+        positive = self.task.get("positive_label")  # runs from before it was recorded: class 1
+        return dict(task_type=self.task["task_type"], num_labels=_num_outputs(self.task), batch_size=batch_size,
+                    pad_id=self.tokenizer.pad_token_id, device=self.device,
+                    positive=self.label_names.index(positive) if positive in (self.label_names or []) else 1)
 
 
 def name_runs(specs: list[str | os.PathLike]) -> dict[str, Path]:

@@ -42,6 +42,7 @@ class RawTask:
     task_type: str | None = None
     metric: str | None = None
     notes: list = field(default_factory=list)
+    positive: str | None = None  # the positive class a two-class benchmark scores F1 of (GLUE: "1")
 
 
 # ---------------------------------------------------------------------------------------- reading
@@ -146,7 +147,8 @@ def _from_glue(folder: Path, glue_task, dev_file, test_file) -> RawTask:
     dev = read(dev_file, True) if dev_file else read(task.dev_file)
     return RawTask(read(task.train_file), dev, read(test_file, True) if test_file else None,
                 f"GLUE {task.display} ({task.description})",
-                (task.text_column, task.text_pair_column, task.label_column), labels, task.task_type, task.metric)
+                (task.text_column, task.text_pair_column, task.label_column), labels, task.task_type, task.metric,
+                positive="1" if task.labels == ("0", "1") else None)
 
 
 def _import_datasets():

@@ -50,7 +50,7 @@ from adaptune.inject import active_adapter, add_adapter, set_active
 from adaptune.io import atomic_write_dir, save_adapter
 from adaptune.kernels import use_lean_kernels
 from adaptune.layer_cache import FrozenBelow
-from adaptune.metrics import compute_metrics
+from adaptune.metrics import METRICS, compute_metrics, default_positive, single_class_warning
 from adaptune.models import DEFAULT_MODEL, load_causal_lm, load_classifier, load_tokenizer, quiet_transformers
 from adaptune.trainable import STRATEGIES, train_strategy
 
@@ -58,6 +58,7 @@ ADAPTER_NAME = "task"
 CAUSAL_LM = "causal-lm"
 
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")  # TrainConfig.compile
+CLASS_WEIGHTS = ("none", "balanced")  # TrainConfig.class_weights
 # Learning rates that worked on the embedded reviews task with all-MiniLM-L6-v2 (see README):
 # adapters and the small-parameter baselines want a much higher rate than full fine-tuning.
 DEFAULT_LR = {"adapters": 1e-3, "full": 5e-5, "top-k": 1e-4, "layernorm": 1e-3, "head": 1e-3}
@@ -97,6 +98,7 @@ class TrainConfig:
     train_layer_norms: bool = True
     train_embedding_norm: bool = True
     train_head: bool = True
+    train_pooler: bool = True
     top_k: int | None = None
     epochs: int = 3
     batch_size: int = 32
@@ -105,7 +107,7 @@ class TrainConfig:
     warmup: float = 0.1
     max_grad_norm: float = 1.0
     max_length: int = 128
-    bucket: bool = True
+    bucket: bool | None = None
     seed: int = 0
     eval_every: int | None = None
     checkpoint_every: int = 50
@@ -116,6 +118,9 @@ class TrainConfig:
     cache_frozen_layers: bool = False
     lean_kernels: bool = False
     compile: str = "none"
+    class_weights: str = "none"
+    positive_label: str | None = None
+    metric: str | None = None
 
     def __post_init__(self) -> None:
         if self.adapter_layers is not None:
@@ -144,6 +149,11 @@ class TrainConfig:
         if self.compile != "none" and self.cache_frozen_layers:
             raise ConfigError("--compile and --cache-frozen-layers do not combine (the cache swaps modules per step); "
                               "drop one of them")
+        if self.class_weights not in CLASS_WEIGHTS:
+            raise ConfigError(f"class_weights must be one of {', '.join(CLASS_WEIGHTS)}, got {self.class_weights!r}")
+        if self.metric is not None and self.metric not in {m for ms in METRICS.values() for m in ms}:
+            known = ", ".join(f"{t}: {', '.join(ms)}" for t, ms in METRICS.items())
+            raise ConfigError(f"unknown selection metric {self.metric!r}; choose one of ({known})")
         if self.cache_frozen_layers and self.frozen_dropout:
             raise ConfigError("--cache-frozen-layers needs --no-frozen-dropout: kept outputs of the frozen lower layers "
                               "equal recomputed ones only when those layers run without dropout")
@@ -154,6 +164,13 @@ class TrainConfig:
         from adaptune.chat import is_chat_source
 
         return self.task_type == CAUSAL_LM or (self.task_type is None and is_chat_source(self.data))
+
+    @property
+    def bucketed(self) -> bool:
+        """Length-bucketed training batches: ``bucket``, else on for causal LMs only. Batches sorted by
+        length hold one class where length tells the class apart (plot summaries among review
+        snippets), and adapters then left the majority class an epoch later (docs/quality.md)."""
+        return self.bucket if self.bucket is not None else self.causal
 
     @property
     def learning_rate(self) -> float:
@@ -169,6 +186,7 @@ class TrainConfig:
             train_layer_norms=self.train_layer_norms,
             train_embedding_norm=self.train_embedding_norm,
             train_head=self.train_head and not self.causal,
+            train_pooler=self.train_pooler,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -201,16 +219,29 @@ def build_model(cfg: TrainConfig, num_labels: int):
     model = load_causal_lm(cfg.model) if cfg.causal else load_classifier(cfg.model, num_labels)
     if cfg.strategy == "adapters":
         add_adapter(model, ADAPTER_NAME, cfg.adapter_config())
-    counts = train_strategy(model, cfg.strategy, k=cfg.top_k)
+    counts = train_strategy(model, cfg.strategy, k=cfg.top_k, train_pooler=cfg.train_pooler)
     if cfg.lean_kernels:  # every strategy alike, so adapter-vs-full comparisons stay fair
         use_lean_kernels(model)
     return model, counts
 
 
-def _loss(logits: torch.Tensor, labels: torch.Tensor, task_type: str) -> torch.Tensor:
+def _loss(logits: torch.Tensor, labels: torch.Tensor, task_type: str, weight: torch.Tensor | None = None) -> torch.Tensor:
     if task_type == "regression":
         return F.mse_loss(logits.squeeze(-1).float(), labels.float())
-    return F.cross_entropy(logits.float(), labels)
+    if weight is None:
+        return F.cross_entropy(logits.float(), labels)
+    # Weighted examples averaged over the batch's count, not its total weight (torch's "mean" with a
+    # weight divides by the weights' sum, which cancels the weights in a batch of one class).
+    return F.cross_entropy(logits.float(), labels, weight=weight, reduction="none").mean()
+
+
+def balanced_class_weights(labels, num_labels: int) -> torch.Tensor:
+    """scikit-learn's "balanced" weights, n / (k · count_c): every class carries the same total weight
+    in the loss. A class absent from ``labels`` gets weight 0 (nothing of it to weigh)."""
+    counts = torch.bincount(torch.as_tensor(labels, dtype=torch.long), minlength=num_labels).double()
+    present = int((counts > 0).sum())
+    weights = torch.where(counts > 0, counts.sum() / (present * counts.clamp(min=1)), torch.zeros_like(counts))
+    return weights.float()
 
 
 def _lr_lambda(total: int, warmup_frac: float):
@@ -232,9 +263,10 @@ def autocast(device: torch.device, precision: str):
 
 
 def training_step(model, batch: dict[str, torch.Tensor], optimizer, scheduler, *, task_type: str, max_grad_norm: float,
-                  precision: str = "fp32") -> float:
+                  precision: str = "fp32", class_weight: torch.Tensor | None = None) -> float:
     """One optimisation step on ``batch`` (which holds ``labels``); returns the loss.
 
+    ``class_weight`` weighs the cross-entropy of each class (e.g. :func:`balanced_class_weights`).
     A non-finite loss is returned without touching the weights, for the caller to report.
     """
     batch = dict(batch)
@@ -243,7 +275,7 @@ def training_step(model, batch: dict[str, torch.Tensor], optimizer, scheduler, *
         if task_type == CAUSAL_LM:
             loss = lm_loss(model, batch, labels)
         else:
-            loss = _loss(model(**batch).logits, labels, task_type)
+            loss = _loss(model(**batch).logits, labels, task_type, class_weight)
     finite = torch.isfinite(loss.detach()).to(torch.int32)
     if torch.distributed.is_initialized():  # every rank must skip, or DDP's all-reduce would hang
         torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
@@ -284,8 +316,10 @@ _FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 @torch.no_grad()
 @keep_freed_memory(give_back=False)  # batch after batch reuses the memory (Predictor.predict serves through here)
 def evaluate(model, encoded: list[dict], *, task_type: str, num_labels: int, batch_size: int, pad_id: int, device,
-             dd: Dist | None = None, precision: str = "fp32") -> tuple[dict, np.ndarray]:
+             dd: Dist | None = None, precision: str = "fp32", positive: int = 1) -> tuple[dict, np.ndarray]:
     """Metrics on an encoded split, and the raw outputs (probabilities, or scores for regression).
+
+    ``positive`` is the class whose F1 a two-class task reports (see :mod:`adaptune.metrics`).
 
     Under torchrun (``dd``) each rank scores every N-th example and the outputs are gathered, so
     every rank returns the same metrics.
@@ -312,7 +346,7 @@ def evaluate(model, encoded: list[dict], *, task_type: str, num_labels: int, bat
     outs = np.stack(outputs) if outputs else np.zeros((0,))
     labels = np.array([e["label"] for e in encoded])
     preds = outs if task_type == "regression" else outs.argmax(-1)
-    return compute_metrics(task_type, preds, labels, num_labels), outs
+    return compute_metrics(task_type, preds, labels, num_labels, positive), outs
 
 
 def _check_run_dir(out: Path, cfg: TrainConfig, resume: bool) -> TrainConfig:
@@ -400,9 +434,13 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, quiet: bool, dd: Dist) -> 
     for note in data.notes:
         log(f"note: {note}")
     pad_id = tokenizer.pad_token_id
+    class_weight = None
+    if cfg.class_weights == "balanced" and data.task_type == "classification":
+        class_weight = balanced_class_weights([e["label"] for e in enc["train"]], data.num_labels).to(device)
+        log("note: class weights " + ", ".join(f"{n} {w:.3f}" for n, w in zip(data.task["label_names"], class_weight.tolist())))
 
     def batches_for(epoch: int) -> list[list[int]]:
-        if cfg.bucket:
+        if cfg.bucketed:
             return bucket_batches(lengths, cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch)
         g = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
         perm = torch.randperm(len(lengths), generator=g).tolist()
@@ -426,7 +464,7 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, quiet: bool, dd: Dist) -> 
             return evaluate_lm(model, enc[split], batch_size=cfg.batch_size * 2, pad_id=pad_id, device=device, dd=dd_or_none,
                                autocast_ctx=lambda: autocast(device, cfg.precision))
         return evaluate(model, enc[split], task_type=data.task_type, num_labels=data.num_labels, batch_size=cfg.batch_size * 2,
-                        pad_id=pad_id, device=device, dd=dd_or_none, precision=cfg.precision)[0]
+                        pad_id=pad_id, device=device, dd=dd_or_none, precision=cfg.precision, positive=data.positive)[0]
 
     if data.task_type == CAUSAL_LM and "base" not in progress:
         progress["base"] = _score_base(cfg, model, data, score, tokenizer, device, dd)
@@ -457,7 +495,7 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, quiet: bool, dd: Dist) -> 
             batch = {k: v.to(device) for k, v in collate([enc["train"][i] for i in idx], pad_id).items()}
             with frozen.step(idx) if frozen is not None else contextlib.nullcontext():
                 loss = training_step(net, batch, optimizer, scheduler, task_type=data.task_type,
-                                     max_grad_norm=cfg.max_grad_norm, precision=cfg.precision)
+                                     max_grad_norm=cfg.max_grad_norm, precision=cfg.precision, class_weight=class_weight)
             if not math.isfinite(loss):
                 raise TrainingError(
                     f"loss became {loss} at step {progress['step'] + 1}; lower the learning rate "
@@ -509,6 +547,10 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, quiet: bool, dd: Dist) -> 
         "history": progress["history"],
         "notes": data.notes,
     }
+    if data.task_type == "classification":
+        result["positive_label"] = data.task.get("positive_label")
+        result["warnings"] = [f"{split}: {w}" for split, m in (("dev", dev_metrics), ("test", test_metrics))
+                              if m is not None and (w := single_class_warning(m)) is not None]
     if "base" in progress:
         result["base"] = progress["base"]
     task = data.task
@@ -542,12 +584,17 @@ class _Prepared:
     notes: list[str]
     task: dict[str, Any]  # written to task.json (and beside the adapter)
     raw: Any = None
+    positive: int = 1  # the class a two-class task reports the F1 of
 
 
 def _prepare(cfg: TrainConfig, tokenizer) -> _Prepared:
     """Load and encode the data of ``cfg`` for its objective (classification/regression or causal LM)."""
     if cfg.causal:
         from adaptune.chat import encode_conversations, has_chat_template
+
+        if cfg.metric is not None or cfg.positive_label is not None or cfg.class_weights != "none":
+            raise ConfigError("--metric, --positive-label and --class-weights apply to classification and regression "
+                              "tasks; a causal LM is selected on its dev loss")
 
         chat = _load_data(cfg)
         enc, notes = {}, list(chat.notes)
@@ -564,9 +611,43 @@ def _prepare(cfg: TrainConfig, tokenizer) -> _Prepared:
     data = _load_data(cfg)
     enc = {name: encode(split, tokenizer, cfg.max_length) for name, split in (("train", data.train), ("dev", data.dev), ("test", data.test)) if split is not None}
     num_labels = 1 if data.task_type == "regression" else len(data.label_names)
-    task = {"task_type": data.task_type, "label_names": data.label_names, "metric": data.metric, "max_length": cfg.max_length,
+    metric = _selection_metric(cfg, data.task_type, data.metric, num_labels)
+    positive = _positive_class(cfg, data, num_labels)
+    task = {"task_type": data.task_type, "label_names": data.label_names, "metric": metric, "max_length": cfg.max_length,
             "text_pair": data.train.text_pairs is not None}
-    return _Prepared(enc, data.task_type, data.metric, True, num_labels, data.description, data.notes, task, raw=data)
+    if num_labels == 2:
+        task["positive_label"] = data.label_names[positive]
+    return _Prepared(enc, data.task_type, metric, metric != "mse", num_labels, data.description, data.notes, task,
+                     raw=data, positive=positive)
+
+
+def _selection_metric(cfg: TrainConfig, task_type: str, default: str, num_labels: int) -> str:
+    """The dev metric that picks the best checkpoint: ``cfg.metric``, else the task's own (GLUE's
+    official one, else macro-F1 for classification)."""
+    if cfg.metric is None:
+        return default
+    if cfg.metric not in METRICS[task_type] or (cfg.metric == "f1" and num_labels != 2):
+        allowed = [m for m in METRICS[task_type] if m != "f1" or num_labels == 2]
+        raise ConfigError(f"--metric {cfg.metric} does not apply to this {task_type} task; choose one of {', '.join(allowed)}")
+    return cfg.metric
+
+
+def _positive_class(cfg: TrainConfig, data, num_labels: int) -> int:
+    """Index of the positive class of a two-class task: ``--positive-label``, else the source's own
+    (GLUE: class 1), else the minority class of the training labels."""
+    if cfg.positive_label is not None:
+        if num_labels != 2:
+            raise ConfigError(f"--positive-label applies to two-class tasks; this one has {num_labels} "
+                              f"{'classes' if data.task_type == 'classification' else '(a regression)'}")
+        if cfg.positive_label not in data.label_names:
+            raise ConfigError(f"--positive-label {cfg.positive_label!r} is not a label of this task; "
+                              f"its labels are {', '.join(data.label_names)}")
+        return data.label_names.index(cfg.positive_label)
+    if num_labels != 2:
+        return 1
+    if data.positive is not None and data.positive in data.label_names:
+        return data.label_names.index(data.positive)
+    return default_positive(data.train.labels, 2)
 
 
 def _score_base(cfg: TrainConfig, model, data: _Prepared, score, tokenizer, device, dd: Dist) -> dict:

@@ -11,6 +11,12 @@ here; the training loop is the same for all of them and differs only in this sel
 - ``top-k``: the top k Transformer layers, the modules above them (pooler / final norm) and the head.
 - ``layernorm``: every layer norm of the base and the head.
 - ``head``: the head only.
+
+The pooler of BERT-style classifiers (dense + tanh on the first token, read by the classifier) is
+part of the task head unless ``train_pooler=False``: adapters then train a per-task copy of it, and
+``head`` / ``layernorm`` train it with the head. The paper's BERT kept its pooler, pretrained on
+next-sentence prediction, frozen; sentence-embedding checkpoints never trained theirs, and through
+a frozen untrained pooler the head sees an almost constant feature (docs/quality.md).
 """
 
 from __future__ import annotations
@@ -19,7 +25,16 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from adaptune.architectures import ArchSpec, backbone, get_submodule, head_modules, layer_list, norm_paths, spec_for
+from adaptune.architectures import (
+    ArchSpec,
+    backbone,
+    get_submodule,
+    head_modules,
+    layer_list,
+    norm_paths,
+    pooler_module,
+    spec_for,
+)
 from adaptune.errors import ConfigError
 from adaptune.inject import get_container
 
@@ -57,7 +72,8 @@ def _base_params(model: nn.Module):
     return [p for p in _unique(model.parameters()) if id(p) not in skip]
 
 
-def trainable_modules(model: nn.Module, strategy: str, *, k: int | None = None, arch: ArchSpec | None = None) -> list[nn.Module]:
+def trainable_modules(model: nn.Module, strategy: str, *, k: int | None = None, arch: ArchSpec | None = None,
+                      train_pooler: bool = True) -> list[nn.Module]:
     """The modules whose parameters train under ``strategy`` (see the module docstring)."""
     if strategy not in STRATEGIES:
         raise ConfigError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
@@ -74,22 +90,25 @@ def trainable_modules(model: nn.Module, strategy: str, *, k: int | None = None, 
     heads = list(head_modules(model).values())
     if strategy == "full":
         return [m for m in model.children() if m is not container]
+    spec = container.spec if container is not None else spec_for(model, arch)
+    pooler = pooler_module(model, spec)
     if strategy == "head":
         if not heads:
             raise ConfigError("strategy 'head' needs a model with a task head (e.g. AutoModelForSequenceClassification)")
-        return heads
-    spec = container.spec if container is not None else spec_for(model, arch)
+        return heads + ([pooler] if pooler is not None and train_pooler else [])
     base = backbone(model)
     if strategy == "layernorm":
-        return [get_submodule(base, p, "layer norm") for p in norm_paths(model, spec)] + heads
+        norms = [get_submodule(base, p, "layer norm") for p in norm_paths(model, spec)]
+        return norms + heads + ([pooler] if pooler is not None and train_pooler else [])
     layers = layer_list(model, spec)
     if k is None or not 1 <= k <= len(layers):
         raise ConfigError(f"strategy 'top-k' needs k between 1 and {len(layers)} (the model's layer count), got {k!r}")
     post = [get_submodule(base, p, "post-layer module") for p in spec.post]
-    return list(layers[len(layers) - k :]) + post + heads
+    return list(layers[len(layers) - k :]) + post + ([pooler] if pooler is not None else []) + heads
 
 
-def train_strategy(model: nn.Module, strategy: str, *, k: int | None = None, arch: ArchSpec | None = None) -> ParamCount:
+def train_strategy(model: nn.Module, strategy: str, *, k: int | None = None, arch: ArchSpec | None = None,
+                   train_pooler: bool = True) -> ParamCount:
     """Freeze everything, then unfreeze exactly what ``strategy`` trains.
 
     Args:
@@ -97,6 +116,8 @@ def train_strategy(model: nn.Module, strategy: str, *, k: int | None = None, arc
         strategy: one of ``adapters``, ``full``, ``top-k``, ``layernorm``, ``head``.
         k: number of top layers for ``top-k``.
         arch: placement table for a custom model family.
+        train_pooler: with ``head`` and ``layernorm``, train the pooler with the head (top-k and
+            full always train it; adapters follow their config's ``train_pooler``).
 
     Returns:
         The resulting :class:`ParamCount`.
@@ -104,7 +125,7 @@ def train_strategy(model: nn.Module, strategy: str, *, k: int | None = None, arc
     Raises:
         ConfigError: unknown strategy, missing k, or an adapter state that contradicts the strategy.
     """
-    modules = trainable_modules(model, strategy, k=k, arch=arch)
+    modules = trainable_modules(model, strategy, k=k, arch=arch, train_pooler=train_pooler)
     model.requires_grad_(False)
     for m in modules:
         m.requires_grad_(True)
