@@ -497,3 +497,13 @@ def test_bucket_batches_for_evaluation_sorts_longest_first():
     assert bucket_batches([], 4, shuffle=True) == []
     with pytest.raises(ValueError):
         bucket_batches(lengths, 0, shuffle=True)
+
+
+def test_json_lines_keep_unicode_line_separators_inside_strings(tmp_path):
+    """U+2028 and U+0085 are legal unescaped in JSON strings (tweets carry them); only "\\n" ends a line."""
+    path = tmp_path / "d.jsonl"
+    rows = [{"text": f"first part\u2028second part {i}\x85end", "label": "a" if i % 2 else "b"} for i in range(20)]
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    data = load_task_data(str(path))
+    assert len(data.train) + len(data.dev) == 20
+    assert all("\u2028" in t for t in data.train.texts)

@@ -57,9 +57,14 @@ DEFAULT_EPOCHS = 3
 HUB_PYTHON = ROOT / ".venv-adapterhub" / "bin" / "python"
 
 
+def _lines(path: Path) -> list[str]:
+    """The JSON Lines of a file (split at "\n" only: texts may hold U+2028, which splitlines cuts at)."""
+    return [line for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
+
+
 def _subset(task_dir: Path, limit: int, seed: int) -> Path:
     """The seeded training subset both libraries read (the whole train split when it is smaller)."""
-    rows = (task_dir / "train.jsonl").read_text(encoding="utf-8").splitlines()
+    rows = _lines(task_dir / "train.jsonl")
     if len(rows) <= limit:
         return task_dir / "train.jsonl"
     out = task_dir / f"train-{limit}-s{seed}.jsonl"
@@ -72,7 +77,7 @@ def _subset(task_dir: Path, limit: int, seed: int) -> Path:
 
 
 def _pair_columns(task_dir: Path) -> dict:
-    first = json.loads((task_dir / "dev.jsonl").read_text(encoding="utf-8").splitlines()[0])
+    first = json.loads(_lines(task_dir / "dev.jsonl")[0])
     return {"text_pair_column": "text_pair"} if "text_pair" in first else {}
 
 
@@ -105,11 +110,11 @@ def run_adapterhub(task: str, seed: int, train_file: Path, task_dir: Path) -> di
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     names = out["label_names"]
     ids = {n: i for i, n in enumerate(names)}
-    train_labels = [ids[json.loads(line)["label"]] for line in train_file.read_text(encoding="utf-8").splitlines()]
+    train_labels = [ids[json.loads(line)["label"]] for line in _lines(train_file)]
     positive = default_positive(train_labels, 2) if len(names) == 2 else 1
     scored = {}
     for split in ("dev", "test"):
-        labels = [ids[json.loads(line)["label"]] for line in (task_dir / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()]
+        labels = [ids[json.loads(line)["label"]] for line in _lines(task_dir / f"{split}.jsonl")]
         scored[split] = compute_metrics("classification", out[f"{split}_pred"], labels, len(names), positive)
     warnings = [f"{s}: {w}" for s, m in scored.items() if (w := single_class_warning(m))]
     return {**scored, "trainable": out["trainable"], "percent": 100 * out["trainable"] / out["base"],

@@ -81,7 +81,9 @@ def _read_json(path: Path) -> Table:
             raise DataError(f"{path} is not valid JSON ({e}); fix the file") from None
     else:
         records = []
-        for number, line in enumerate(text.splitlines(), start=1):
+        # Lines end at "\n" only: str.splitlines would also cut at U+2028 and other separators,
+        # which JSON allows unescaped inside strings.
+        for number, line in enumerate(text.split("\n"), start=1):
             try:
                 records += [json.loads(line)] if line.strip() else []
             except json.JSONDecodeError as e:
