@@ -110,6 +110,8 @@ def tables(runs: dict, mode: str, data_dir: Path) -> list[str]:
 
 
 def plot(runs: dict, mode: str, data_dir: Path, path: Path) -> None:
+    """Left: test macro-F1 per task and column, the majority-class predictor dashed. Right: the Houlsby
+    adapter minus full fine-tuning and minus AdapterHub, in points, with the ±1 point band."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -117,7 +119,7 @@ def plot(runs: dict, mode: str, data_dir: Path, path: Path) -> None:
 
     columns = [c for c in COLUMNS if any(k[0] == mode and k[2] == c for k in runs)]
     tasks = [t for t in TASKS if any(k[0] == mode and k[1] == t for k in runs)]
-    fig, ax = plt.subplots(figsize=(1.6 + 1.5 * len(tasks), 4.2))
+    fig, (ax, dx) = plt.subplots(1, 2, figsize=(4 + 2.2 * len(tasks), 4.6), gridspec_kw={"width_ratios": [2, 1]})
     width = 0.8 / len(columns)
     colours = plt.get_cmap("tab10")
     for j, c in enumerate(columns):
@@ -131,14 +133,31 @@ def plot(runs: dict, mode: str, data_dir: Path, path: Path) -> None:
                 errs.append((max(vals) - min(vals)) / 2)
         ax.bar(xs, ys, width, label=LABELS[c], color=colours(j), yerr=errs if any(errs) else None, capsize=2)
     for i, t in enumerate(tasks):
-        maj = _majority(runs, mode, t, data_dir)[0]
-        ax.hlines(maj, i - 0.45, i + 0.45, colors="black", linestyles="dashed", linewidth=1,
-                  label="majority-class predictor" if i == 0 else None)
+        ax.hlines(_majority(runs, mode, t, data_dir)[0], i - 0.45, i + 0.45, colors="black", linestyles="dashed",
+                  linewidth=1, label="majority-class predictor" if i == 0 else None)
     ax.set_xticks(range(len(tasks)), tasks)
     ax.set_ylabel("test macro-F1 (×100)")
     ax.set_ylim(0, 100)
-    ax.set_title(f"adaptune quality suite, {mode} mode (all-MiniLM-L6-v2, defaults)")
-    ax.legend(fontsize=8, loc="lower left", ncol=2)
+    ax.set_title("test macro-F1" + (" (bars: seed range)" if len({r["seed"] for v in runs.values() for r in v}) > 1 else ""))
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=3, frameon=False)
+    for j, other in enumerate(("full", "adapterhub")):
+        xs, ys, lo, hi = [], [], [], []
+        for i, t in enumerate(tasks):
+            mean, a, b, n = _paired(runs.get((mode, t, "houlsby"), []), runs.get((mode, t, other), []))
+            if n:
+                xs.append(i + (j - 0.5) * 0.3)
+                ys.append(mean)
+                lo.append(mean - a)
+                hi.append(b - mean)
+        dx.errorbar(xs, ys, yerr=[lo, hi], fmt="o", capsize=3, label=f"Houlsby − {LABELS[other]}")
+    dx.axhspan(-1, 1, color="grey", alpha=0.2, label="±1 point")
+    dx.axhline(0, color="black", linewidth=0.8)
+    dx.set_xticks(range(len(tasks)), tasks, rotation=30)
+    dx.set_xlim(-0.5, len(tasks) - 0.5)
+    dx.set_ylabel("macro-F1 difference (points)")
+    dx.set_title("adapter minus reference")
+    dx.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.22), frameon=False)
+    fig.suptitle(f"adaptune quality suite, {mode} mode: all-MiniLM-L6-v2, library defaults")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
