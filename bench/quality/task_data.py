@@ -17,7 +17,6 @@ removing duplicate texts, so no text is in two splits.
 
 from __future__ import annotations
 
-import csv
 import email
 import glob
 import html
