@@ -51,7 +51,7 @@ def test_two_processes_match_one_and_resume_after_a_rank_is_killed(setup):
 
     # rank 0 alone wrote the folder and printed the summary
     assert sorted(p.name for p in (tmp / "two").iterdir()) == ["adapter", "config.json", "metrics.json", "task.json", "tokenizer"]
-    assert two.stdout.count("adapters: dev accuracy") == 1
+    assert two.stdout.count("adapters: dev macro_f1") == 1
 
     # same format, same numbers (to float summation order: gradients are averaged across ranks)
     m1 = json.loads((tmp / "one" / "metrics.json").read_text())

@@ -347,15 +347,18 @@ def _gelu_inputs(n: int) -> torch.Tensor:
 @needs_native
 @pytest.mark.parametrize("shape", [(16387,), (3, 8195), (64, 1536)])
 def test_native_gelu_equals_torch_with_gradient(gelu_calls, shape):
-    """Forward and gradient of the lean GELU equal torch's exact GELU within float tolerance (the
-    absolute error of the erfc approximation is below 1e-6 everywhere), tail entries included."""
+    """Forward and gradient of the lean GELU equal the exact GELU within float tolerance (the
+    absolute error of the erfc approximation is below 1e-6 everywhere), tail entries included.
+    The reference is the exact GELU in float64: torch's own float32 GELU is itself up to 1.2e-6 off
+    it on some processors (an AVX-512 Xeon), more than this kernel."""
     x = _gelu_inputs(int(torch.tensor(shape).prod())).view(shape).requires_grad_()
     y = K.lean_gelu(x)
     assert "NativeGELU" in type(y.grad_fn).__name__
-    want = torch.nn.functional.gelu(x)
-    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-6)
+    x64 = x.detach().double().requires_grad_()
+    want = torch.nn.functional.gelu(x64)
+    torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-6)
     grad = torch.randn_like(y)
-    torch.testing.assert_close(torch.autograd.grad(y, x, grad)[0], torch.autograd.grad(want, x, grad)[0],
+    torch.testing.assert_close(torch.autograd.grad(y, x, grad)[0].double(), torch.autograd.grad(want, x64, grad.double())[0],
                                rtol=1e-5, atol=1e-6)
     assert gelu_calls == {"forward": 1, "backward": 1}
 
@@ -375,7 +378,7 @@ def test_native_gelu_same_bits_at_any_thread_count():
     finally:
         torch.set_num_threads(before)
     assert all(torch.equal(a, b) for a, b in zip(*results))
-    torch.testing.assert_close(results[0][0], torch.nn.functional.gelu(x), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(results[0][0].double(), torch.nn.functional.gelu(x.double()), rtol=1e-5, atol=1e-6)
 
 
 def test_torch_gelu_runs_where_the_kernel_does_not_apply(gelu_calls):

@@ -57,7 +57,9 @@ def test_adapter_run_writes_a_complete_reproducible_folder(tiny_model_dir, revie
 
 
 def test_full_fine_tuning_learns_the_task(tiny_model_dir, reviews, tmp_path):
-    result = train(_cfg(tiny_model_dir, reviews, strategy="full", epochs=5, lr=1e-3), tmp_path / "run", quiet=True)
+    # lr 3e-3 as elsewhere in this file: on random batches this randomly initialised tiny BERT stays at
+    # chance for 5 epochs at 1e-3 (it learned at 1e-3 only on the length-sorted batches of before)
+    result = train(_cfg(tiny_model_dir, reviews, strategy="full", epochs=5), tmp_path / "run", quiet=True)
     assert result["history"][0]["accuracy"] < 0.8 < result["dev"]["accuracy"]  # the words give the label away
 
 

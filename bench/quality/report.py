@@ -1,9 +1,9 @@
 """Tables and plots from the quality suite's results, written into docs/quality.md (between its
 ``<!-- results -->`` markers) and docs/quality-<mode>.png.
 
-    .venv/bin/python bench/quality/report.py [--out runs/quality] [--docs docs]
+    .venv/bin/python bench/quality/report.py [--results bench/quality/results] [--docs docs]
 
-Reads every ``OUT/results/*.json`` written by ``run.py``. Per task and column it shows test
+Reads every ``*.json`` that ``run.py`` wrote into the results folder. Per task and column it shows test
 macro-F1, MCC and accuracy beside the majority-class baseline; per task the verdict lines compare
 adaptune's Houlsby adapter with full fine-tuning and with AdapterHub's Houlsby adapter (with three
 seeds: the mean and the range of the paired differences, seed by seed).
@@ -31,10 +31,10 @@ LABELS = {"houlsby": "adaptune Houlsby", "houlsby-balanced": "Houlsby, balanced 
           "full": "full fine-tuning", "top-1": "top-1 layer", "head": "head only", "adapterhub": "AdapterHub Houlsby"}
 
 
-def load(out: Path) -> dict:
+def load(results: Path) -> dict:
     """{(mode, task, column): [result per seed, in seed order]}"""
     runs = defaultdict(list)
-    for f in sorted((out / "results").glob("*.json")):
+    for f in sorted(results.glob("*.json")):
         r = json.loads(f.read_text(encoding="utf-8"))
         runs[(r["mode"], r["task"], r["column"])].append(r)
     for v in runs.values():
@@ -46,7 +46,7 @@ def _majority(runs: dict, mode: str, task: str, data_dir: Path) -> tuple[float, 
     """Test macro-F1 and accuracy of always predicting the most frequent class (×100)."""
     first = next(v for k, v in runs.items() if k[0] == mode and k[1] == task)[0]
     acc = first["test"]["majority_baseline"]
-    classes = len(describe(data_dir / task)["train"]["labels"])
+    classes = first.get("classes") or len(describe(data_dir / task)["train"]["labels"])
     return 100 * (2 * acc / (1 + acc)) / classes, 100 * acc  # the majority class's F1; 0 for the others
 
 
@@ -165,14 +165,15 @@ def plot(runs: dict, mode: str, data_dir: Path, path: Path) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default=str(ROOT / "runs" / "quality"))
+    p.add_argument("--out", default=str(ROOT / "runs" / "quality"), help="the suite's data folder's parent")
+    p.add_argument("--results", default=str(HERE / "results"))
     p.add_argument("--docs", default=str(ROOT / "docs"))
     args = p.parse_args(argv)
     out, docs = Path(args.out), Path(args.docs)
-    runs = load(out)
+    runs = load(Path(args.results))
     if not runs:
-        raise SystemExit(f"no results in {out}/results; run bench/quality/run.py first")
-    lines = [START, "<!-- written by bench/quality/report.py from runs/quality/results; do not edit by hand -->", ""]
+        raise SystemExit(f"no results in {args.results}; run bench/quality/run.py first")
+    lines = [START, "<!-- written by bench/quality/report.py from bench/quality/results; do not edit by hand -->", ""]
     for mode in MODES:
         lines += tables(runs, mode, out / "data")
         if any(k[0] == mode for k in runs):

@@ -4,7 +4,9 @@ Every column trains through ``adaptune.train.train`` with the library's defaults
 and placement change), on the same seeded training subset, with the same epochs; AdapterHub's
 Houlsby adapter runs on the same files in its own venv (``adapterhub_worker.py``). One JSON file per
 run under ``OUT/results/``: an interrupted suite resumes run by run (a half-finished run resumes
-from its checkpoint), so the full mode can be completed over several sittings or on a GPU.
+from its checkpoint), so the full mode can be completed over several sittings or on a GPU. The
+results are kept in the repository (``bench/quality/results/``, a few KB each) so that a later
+sitting continues where the last one stopped; data and run folders stay under ``runs/quality``.
 
     .venv/bin/python bench/quality/run.py --mode fast            # ~45 min on 2 CPU cores
     .venv/bin/python bench/quality/run.py --mode full --tasks speeches trec
@@ -129,14 +131,15 @@ def main(argv=None) -> int:
     p.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
     p.add_argument("--columns", nargs="+", choices=COLUMNS, help="override the mode's columns")
     p.add_argument("--seeds", nargs="+", type=int, help="override the mode's seeds")
-    p.add_argument("--out", default=str(ROOT / "runs" / "quality"), help="data, runs and results (default: runs/quality)")
+    p.add_argument("--out", default=str(ROOT / "runs" / "quality"), help="data and run folders (default: runs/quality)")
+    p.add_argument("--results", default=str(HERE / "results"), help="one JSON per finished run (default: bench/quality/results)")
     args = p.parse_args(argv)
     mode = MODES[args.mode]
-    out = Path(args.out)
-    (out / "results").mkdir(parents=True, exist_ok=True)
+    out, results = Path(args.out), Path(args.results)
+    results.mkdir(parents=True, exist_ok=True)
     plan = [(t, c, s) for s in (args.seeds or mode["seeds"]) for t in args.tasks for c in (args.columns or mode["columns"])]
     for i, (task, column, seed) in enumerate(plan, 1):
-        result_file = out / "results" / f"{task}__{column}__n{mode['limit_train']}__s{seed}.json"
+        result_file = results / f"{task}__{column}__n{mode['limit_train']}__s{seed}.json"
         if result_file.is_file():
             continue
         task_dir = prepare(task, out / "data")
@@ -149,6 +152,7 @@ def main(argv=None) -> int:
             r = run_adaptune(task, column, seed, train_file, task_dir, out / "runs" / result_file.stem)
         r.update(task=task, column=column, seed=seed, mode=args.mode, limit_train=mode["limit_train"],
                  train_examples=sum(1 for _ in train_file.open(encoding="utf-8")),
+                 classes=len({json.loads(line)["label"] for line in _lines(train_file)}),
                  epochs=EPOCHS.get(task, DEFAULT_EPOCHS), wall_seconds=round(time.perf_counter() - t0, 1))
         tmp = result_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(r, indent=1) + "\n", encoding="utf-8")

@@ -188,6 +188,14 @@ def pooler_module(model: nn.Module, spec: ArchSpec) -> nn.Module | None:
     return module if any(True for _ in module.parameters()) else None
 
 
+def modules_above_layers(model: nn.Module, spec: ArchSpec) -> list[nn.Module]:
+    """The modules between the top layer and the head: ``spec.post`` and the pooler where the model
+    has one (:func:`pooler_module`)."""
+    post = [get_submodule(backbone(model), p, "post-layer module") for p in spec.post]
+    pooler = pooler_module(model, spec)
+    return post + ([pooler] if pooler is not None else [])
+
+
 def input_norm_paths(spec: ArchSpec) -> list[str]:
     """The norms outside the layers that sit before the first one (``extra_norms`` not in ``post``),
     e.g. BERT's ``embeddings.LayerNorm``; LLaMA's and GPT-2's final norms are not among them."""
@@ -224,4 +232,4 @@ def model_identity(model: nn.Module, spec: ArchSpec) -> dict[str, object]:
 
 
 __all__ = ["ArchSpec", "SlotSpec", "ARCHITECTURES", "spec_for", "backbone", "head_modules", "input_norm_paths", "layer_list", "norm_paths",
-           "pooler_module"]
+           "modules_above_layers", "pooler_module"]

@@ -39,7 +39,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
-from adaptune.architectures import ArchSpec, backbone, get_submodule, layer_list, model_identity, spec_for
+from adaptune.architectures import ArchSpec, backbone, layer_list, model_identity, modules_above_layers, spec_for
 from adaptune.errors import ArchitectureError, ConfigError
 from adaptune.inject import get_container
 
@@ -58,7 +58,7 @@ def find_cut(model: nn.Module, arch: ArchSpec | None = None) -> tuple[int, str]:
     layers = layer_list(model, spec)
     base = backbone(model)
     layer_of = {id(p): i for i, layer in enumerate(layers) for p in layer.parameters()}
-    above = {id(p) for path in spec.post for p in get_submodule(base, path, "post-layer module").parameters()}
+    above = {id(p) for m in modules_above_layers(model, spec) for p in m.parameters()}
     cut, what = len(layers), "nothing"
 
     def lower(j: int, name: str) -> None:
@@ -93,7 +93,7 @@ def lower_modules(model: nn.Module, cut: int, arch: ArchSpec | None = None) -> l
     layers = layer_list(model, spec)
     base = backbone(model)
     upper = {id(m) for layer in layers[cut:] for m in layer.modules()}
-    upper |= {id(m) for path in spec.post for m in get_submodule(base, path, "post-layer module").modules()}
+    upper |= {id(m) for top in modules_above_layers(model, spec) for m in top.modules()}
     upper.add(id(layers))
     out = [c for c in base.children() if not any(id(m) in upper for m in c.modules())]
     return out + list(layers[:cut])

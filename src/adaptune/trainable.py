@@ -31,6 +31,7 @@ from adaptune.architectures import (
     get_submodule,
     head_modules,
     layer_list,
+    modules_above_layers,
     norm_paths,
     pooler_module,
     spec_for,
@@ -103,8 +104,7 @@ def trainable_modules(model: nn.Module, strategy: str, *, k: int | None = None, 
     layers = layer_list(model, spec)
     if k is None or not 1 <= k <= len(layers):
         raise ConfigError(f"strategy 'top-k' needs k between 1 and {len(layers)} (the model's layer count), got {k!r}")
-    post = [get_submodule(base, p, "post-layer module") for p in spec.post]
-    return list(layers[len(layers) - k :]) + post + ([pooler] if pooler is not None else []) + heads
+    return list(layers[len(layers) - k :]) + modules_above_layers(model, spec) + heads
 
 
 def train_strategy(model: nn.Module, strategy: str, *, k: int | None = None, arch: ArchSpec | None = None,
