@@ -84,7 +84,9 @@ def tables(runs: dict, mode: str, data_dir: Path) -> list[str]:
             n = f" (n={len(rs)})" if len(rs) != len(seeds) else ""
             cells.append(f"{100 * _mean(rs, 'test', 'macro_f1'):.1f}{flag}{n}")
         lines.append(f"| {t} | {maj_f1:.1f} / {maj_acc:.1f} | " + " | ".join(cells) + " |")
-    lines += ["", "⚠: predicted a single class on dev or test (a collapse onto the majority class).", "",
+    collapsed = any(r["warnings"] for k, v in runs.items() if k[0] == mode for r in v)
+    lines += ["", "⚠: predicted a single class on dev or test (a collapse onto the majority class)." if collapsed
+              else "No run predicted a single class on dev or test.", "",
               "| task | column | macro-F1 | MCC | accuracy | F1 of positive class | trained parameters | % | train s |",
               "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for t in tasks:
