@@ -50,6 +50,12 @@ def _majority(runs: dict, mode: str, task: str, data_dir: Path) -> tuple[float, 
     return 100 * (2 * acc / (1 + acc)) / classes, 100 * acc  # the majority class's F1; 0 for the others
 
 
+def _present(runs: dict, mode: str) -> tuple[list[str], list[str]]:
+    """The columns and tasks with results in ``mode``, in the suite's order."""
+    return ([c for c in COLUMNS if any(k[0] == mode and k[2] == c for k in runs)],
+            [t for t in TASKS if any(k[0] == mode and k[1] == t for k in runs)])
+
+
 def _mean(rs, split, key):
     return statistics.fmean(r[split][key] for r in rs)
 
@@ -62,8 +68,7 @@ def _paired(a: list, b: list) -> tuple[float, float, float, int]:
 
 
 def tables(runs: dict, mode: str, data_dir: Path) -> list[str]:
-    columns = [c for c in COLUMNS if any(k[0] == mode and k[2] == c for k in runs)]
-    tasks = [t for t in TASKS if any(k[0] == mode and k[1] == t for k in runs)]
+    columns, tasks = _present(runs, mode)
     if not tasks:
         return []
     seeds = sorted({r["seed"] for k, v in runs.items() if k[0] == mode for r in v})
@@ -119,8 +124,7 @@ def plot(runs: dict, mode: str, data_dir: Path, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    columns = [c for c in COLUMNS if any(k[0] == mode and k[2] == c for k in runs)]
-    tasks = [t for t in TASKS if any(k[0] == mode and k[1] == t for k in runs)]
+    columns, tasks = _present(runs, mode)
     fig, (ax, dx) = plt.subplots(1, 2, figsize=(4 + 2.2 * len(tasks), 4.6), gridspec_kw={"width_ratios": [2, 1]})
     width = 0.8 / len(columns)
     colours = plt.get_cmap("tab10")

@@ -65,8 +65,12 @@ def f1(predictions, labels, num_labels: int | None = None, positive: int = 1) ->
         F1 in [0, 1].
     """
     p, y = _pair(predictions, labels)
-    binary = num_labels == 2 if num_labels is not None else set(np.union1d(p, y).tolist()) <= {0, 1}
-    return _f1_of(p, y, positive) if binary else macro_f1(p, y)
+    return _f1_of(p, y, positive) if _is_binary(p, y, num_labels) else macro_f1(p, y)
+
+
+def _is_binary(p: np.ndarray, y, num_labels: int | None) -> bool:
+    """Two classes: as ``num_labels`` says, else when every id is 0 or 1."""
+    return num_labels == 2 if num_labels is not None else set(np.union1d(p, y).tolist()) <= {0, 1}
 
 
 def macro_f1(predictions, labels) -> float:
@@ -180,8 +184,7 @@ def compute_metrics(task_type: str, predictions, labels, num_labels: int | None 
         if p.ndim == 2:
             p = p.argmax(axis=-1)
         out = {"accuracy": accuracy(p, labels), "macro_f1": macro_f1(p, labels), "mcc": mcc(p, labels)}
-        binary = num_labels == 2 if num_labels is not None else set(np.union1d(p, labels).tolist()) <= {0, 1}
-        if binary:
+        if _is_binary(p, labels, num_labels):
             out["f1"] = f1(p, labels, 2, positive)
         out["majority_baseline"] = majority_baseline(labels)
         out["predicted_classes"] = float(len(np.unique(p)))

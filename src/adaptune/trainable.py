@@ -92,15 +92,15 @@ def trainable_modules(model: nn.Module, strategy: str, *, k: int | None = None, 
     if strategy == "full":
         return [m for m in model.children() if m is not container]
     spec = container.spec if container is not None else spec_for(model, arch)
-    pooler = pooler_module(model, spec)
+    pooler = pooler_module(model, spec) if train_pooler else None
+    task_head = heads + ([pooler] if pooler is not None else [])  # the pooler belongs to the task head
     if strategy == "head":
         if not heads:
             raise ConfigError("strategy 'head' needs a model with a task head (e.g. AutoModelForSequenceClassification)")
-        return heads + ([pooler] if pooler is not None and train_pooler else [])
+        return task_head
     base = backbone(model)
     if strategy == "layernorm":
-        norms = [get_submodule(base, p, "layer norm") for p in norm_paths(model, spec)]
-        return norms + heads + ([pooler] if pooler is not None and train_pooler else [])
+        return [get_submodule(base, p, "layer norm") for p in norm_paths(model, spec)] + task_head
     layers = layer_list(model, spec)
     if k is None or not 1 <= k <= len(layers):
         raise ConfigError(f"strategy 'top-k' needs k between 1 and {len(layers)} (the model's layer count), got {k!r}")
