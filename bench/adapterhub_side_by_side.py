@@ -155,16 +155,38 @@ def worker(args) -> dict:
 # ---- driver -----------------------------------------------------------------------------------
 
 
-def run_worker(python: Path, lib: str, what: str, args) -> dict:
-    cmd = [str(python), os.path.abspath(__file__), "--worker", "--lib", lib, "--what", what, "--model-dir", args.model_dir,
-           "--size", str(args.size), "--rounds", str(args.rounds), "--threads", str(args.threads),
-           "--batch", str(args.batch), "--length", str(args.length)]
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src") if lib == "adaptune" else "", HF_HUB_OFFLINE="1",
+def parse_or_work(p: argparse.ArgumentParser, work) -> argparse.Namespace | None:
+    """Parse the command line (adding --json and the worker's hidden options); in a worker process
+    run ``work(args)`` and print its JSON (then None), else the arguments with the shipped model's folder."""
+    p.add_argument("--json", help="also write the figures to this JSON file")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--model-dir", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        print(json.dumps(work(args)), flush=True)
+        return None
+    from adaptune.models import resolve_model_path
+
+    args.model_dir = resolve_model_path("minilm")
+    return args
+
+
+def spawn(python: Path, script: str, worker_args: list[str], adaptune: bool, label: str) -> dict:
+    """Run ``script --worker ...`` in a fresh process of ``python`` (this checkout's adaptune on the
+    path when ``adaptune``); its last output line, as JSON."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src") if adaptune else "", HF_HUB_OFFLINE="1",
                TRANSFORMERS_VERBOSITY="error", TOKENIZERS_PARALLELISM="false")
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    out = subprocess.run([str(python), script, "--worker", *worker_args], capture_output=True, text=True, env=env)
     if out.returncode != 0:
-        sys.exit(f"{lib} {what} failed:\n{out.stderr[-3000:]}")
+        sys.exit(f"{label} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run_worker(python: Path, lib: str, what: str, args) -> dict:
+    worker_args = ["--lib", lib, "--what", what, "--model-dir", args.model_dir, "--size", str(args.size),
+                   "--rounds", str(args.rounds), "--threads", str(args.threads), "--batch", str(args.batch),
+                   "--length", str(args.length)]
+    return spawn(python, os.path.abspath(__file__), worker_args, lib == "adaptune", f"{lib} {what}")
 
 
 def main() -> None:
@@ -176,18 +198,11 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=2, help="times each library is measured, in turn")
     p.add_argument("--no-setup", action="store_true", help="fail instead of creating .venv-adapterhub")
-    p.add_argument("--json")
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--lib", help=argparse.SUPPRESS)
     p.add_argument("--what", help=argparse.SUPPRESS)
-    p.add_argument("--model-dir", help=argparse.SUPPRESS)
-    args = p.parse_args()
-    if args.worker:
-        print(json.dumps(worker(args)), flush=True)
+    args = parse_or_work(p, worker)
+    if args is None:
         return
-    from adaptune.models import resolve_model_path
-
-    args.model_dir = resolve_model_path("minilm")
     hub = ensure_hub_venv(not args.no_setup)
     pythons = {"adaptune": Path(sys.executable), "adapterhub": hub}
     mem_variants = {"adaptune": ["adapters", "adapters-bare", "full", "adapters:lean", "full:lean"],

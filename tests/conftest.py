@@ -194,3 +194,24 @@ def gelu_calls(monkeypatch):
     monkeypatch.setattr(native, "usable", lambda: Spy())
     monkeypatch.setattr(native, "threads", lambda lib: 1)
     return calls
+
+
+@pytest.fixture
+def one_thread(monkeypatch):
+    """One torch thread, and the adapter's C kernel on for any number of rows (the suite's inputs are small)."""
+    from adaptune import adapter_gemm
+
+    monkeypatch.setattr(adapter_gemm, "MIN_ROWS", 0)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def fake_compiler(folder, script: str):
+    """An executable ``cc`` in ``folder`` running the shell ``script`` (to stand in for a broken or hanging compiler)."""
+    cc = folder / "cc"
+    cc.write_text("#!/bin/sh\n" + script + "\n")
+    cc.chmod(0o755)
+    return cc
+

@@ -5,20 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
+from conftest import fake_compiler
 
 from adaptune import AdapterConfig, Bottleneck, adapter_gemm, native
 
 needs_kernel = pytest.mark.skipif(not adapter_gemm.available(), reason="no C compiler or no AVX2 CPU here")
-
-
-@pytest.fixture
-def one_thread(monkeypatch):
-    """One torch thread, and the kernel on for any number of rows (the suite's inputs are small)."""
-    monkeypatch.setattr(adapter_gemm, "MIN_ROWS", 0)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @needs_kernel
@@ -137,10 +128,7 @@ def test_adapter_uses_the_kernel_and_matches_torch_with_gradients(one_thread, mo
 
 def test_without_a_compiler_torch_runs_and_nothing_is_left(tmp_path, monkeypatch, one_thread):
     """A failing compiler: the kernel is unavailable, the adapter still runs, no file is left behind."""
-    broken = tmp_path / "cc"
-    broken.write_text("#!/bin/sh\necho 'cc: error: no such thing' >&2\nexit 1\n")
-    broken.chmod(0o755)
-    monkeypatch.setenv("CC", str(broken))
+    monkeypatch.setenv("CC", str(fake_compiler(tmp_path, "echo 'cc: error: no such thing' >&2\nexit 1")))
     monkeypatch.setenv("ADAPTUNE_CACHE", str(tmp_path / "cache"))
     native.library.cache_clear()
     try:

@@ -213,7 +213,14 @@ def test_baseline_strategies_train_a_causal_lm(llama_dir, chat_file, tmp_path, s
 
         train_strategy(model, strategy, k=extra.get("top_k"))
         assert not model.lm_head.weight.requires_grad
-    assert Generator(tmp_path / "run", device="cpu").generate("what colour is the sky?", max_new_tokens=4) is not None
+    # the run's saved model generates what a greedy decode of that model by hand gives, and it is
+    # not the base model's reply (the run changed the weights)
+    reply = Generator(tmp_path / "run", device="cpu").generate("what colour is the sky?", max_new_tokens=4)
+    tok = load_tokenizer(str(llama_dir))
+    trained = load_causal_lm(str(tmp_path / "run" / "model")).eval()
+    assert reply == _greedy(trained, tok, "what colour is the sky?", n=4)
+    base = load_causal_lm(str(llama_dir))
+    assert any(not torch.equal(a, b) for a, b in zip(trained.parameters(), base.parameters()))
 
 
 def test_head_strategy_is_refused_for_a_causal_lm(llama_dir, chat_file, tmp_path):

@@ -39,7 +39,7 @@ def run_dir(tiny_model_dir, tmp_path_factory):
 
 
 def test_every_command_has_help(capsys):
-    for cmd in ("train", "eval", "predict", "info", "params", "demo"):
+    for cmd in ("train", "eval", "predict", "info", "params", "demo", "build-kernels"):
         with pytest.raises(SystemExit) as e:
             build_parser().parse_args([cmd, "--help"])
         assert e.value.code == 0
@@ -50,6 +50,14 @@ def test_every_command_has_help(capsys):
     out = capsys.readouterr().out
     for option in ("--strategy", "--adapter-size", "--resume", "--max-length", "--lr", "--no-train-layer-norms"):
         assert option in out
+
+
+def test_switches_whose_default_the_run_decides():
+    """--bucket / --lean-kernels default to None (decided by the task or the device); both forms parse."""
+    parse = lambda *a: build_parser().parse_args(["train", "-o", "x", *a])  # noqa: E731
+    assert (parse().bucket, parse("--bucket").bucket, parse("--no-bucket").bucket) == (None, True, False)
+    assert (parse().lean_kernels, parse("--lean-kernels").lean_kernels,
+            parse("--no-lean-kernels").lean_kernels) == (None, True, False)
 
 
 def test_train_prints_a_summary_and_eval_agrees(run_dir, capsys):

@@ -416,3 +416,52 @@ def test_use_lean_kernels_routes_transformers_gelu_and_back():
     assert all(m.act is K.lean_gelu for m in gelus) and not hasattr(tanh_gelu, "act")
     K.use_lean_kernels(model, enable=False)
     assert all(m.act is torch.nn.functional.gelu for m in gelus)
+
+
+# ---- on by default for CPU training (issue 28) ----------------------------------------------------------
+
+
+def test_training_on_the_cpu_uses_the_lean_kernels_by_default(tiny_model_dir):
+    from adaptune.train import TrainConfig, build_model
+
+    cfg = TrainConfig(model=str(tiny_model_dir), device="cpu")
+    assert cfg.lean_kernels is None and cfg.lean_on(torch.device("cpu"))
+    model, _ = build_model(cfg, 2)
+    dropouts = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    assert dropouts and all(type(m) is K.LeanDropout for m in dropouts)
+    assert model.config._attn_implementation == K._ATTN_NAME
+    # on another device the plain modules train (the model is only built here, not moved)
+    other, _ = build_model(cfg, 2, torch.device("cuda"))
+    assert not any(isinstance(m, K.LeanDropout) for m in other.modules())
+    assert not TrainConfig(model=str(tiny_model_dir), lean_kernels=False).lean_on(torch.device("cpu"))
+    assert TrainConfig(model=str(tiny_model_dir), lean_kernels=True).lean_on(torch.device("cuda"))
+
+
+def test_no_lean_kernels_reproduces_torchs_dropout_stream(tiny_model_dir):
+    """--no-lean-kernels: the same training-mode outputs and gradients, bit for bit, as the model
+    built by hand with transformers and torch alone, from the same seed."""
+    from adaptune.models import load_classifier
+    from adaptune.train import ADAPTER_NAME, TrainConfig, build_model
+
+    cfg = TrainConfig(model=str(tiny_model_dir), lean_kernels=False, device="cpu")
+    ours, _ = build_model(cfg, 2)
+    torch.manual_seed(cfg.seed)
+    plain = load_classifier(str(tiny_model_dir), 2)
+    add_adapter(plain, ADAPTER_NAME, cfg.adapter_config())
+    train_strategy(plain, "adapters")
+    batch = {"input_ids": torch.randint(1000, 2000, (4, 12)), "attention_mask": torch.ones(4, 12, dtype=torch.long)}
+    outs = []
+    for model in (ours, plain):
+        model.train()
+        torch.manual_seed(123)
+        logits = model(**batch).logits
+        logits.sum().backward()
+        outs.append((logits, [p.grad for p in model.parameters() if p.requires_grad]))
+    assert torch.equal(outs[0][0], outs[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(outs[0][1], outs[1][1]))
+    # and the default (lean) path draws another dropout stream from the same seed
+    lean, _ = build_model(TrainConfig(model=str(tiny_model_dir), device="cpu"), 2)
+    lean.train()
+    torch.manual_seed(123)
+    assert not torch.equal(lean(**batch).logits, outs[0][0])
+

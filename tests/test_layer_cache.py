@@ -162,5 +162,5 @@ def test_lean_kernels_option_is_applied_to_every_strategy(tiny_model_dir):
         model, _ = build_model(TrainConfig(model=str(tiny_model_dir), strategy=strategy, lean_kernels=True), 2)
         dropouts = [m for m in model.modules() if isinstance(m, nn.Dropout)]
         assert dropouts and all(type(m) is kernels.LeanDropout for m in dropouts)
-        plain, _ = build_model(TrainConfig(model=str(tiny_model_dir), strategy=strategy), 2)
+        plain, _ = build_model(TrainConfig(model=str(tiny_model_dir), strategy=strategy, lean_kernels=False), 2)
         assert not any(isinstance(m, kernels.LeanDropout) for m in plain.modules())

@@ -66,7 +66,7 @@ def agrees(lib: ctypes.CDLL) -> bool:
     """Small products through every path of the kernel (full and tail tiles, both weight layouts,
     H, bias, scale) against torch."""
     g = torch.Generator().manual_seed(0)
-    x, w, h, b = (torch.randn(s, generator=g) for s in ((13, 7), (32, 7), (13, 32), (32,)))
+    x, w, h, b = (torch.randn(s, generator=g, dtype=torch.float32, device="cpu") for s in ((13, 7), (32, 7), (13, 32), (32,)))
     got = _run(lib, x, w, True, 32, h, b, 0.5), _run(lib, x, w.t().contiguous(), False, 32, None, None)
     want = h + 0.5 * torch.addmm(b, x, w.t()), x @ w.t()
     return all(r is not None and torch.allclose(r, t, rtol=1e-5, atol=1e-5) for r, t in zip(got, want))
@@ -152,7 +152,7 @@ def adapter_forward(x: torch.Tensor, h: torch.Tensor, w_down: torch.Tensor, b_do
         return None
     (m, d), rows = w_down.shape, x.shape[0]
     w_down, b_down, w_up, b_up = (t.detach().contiguous() for t in (w_down, b_down, w_up, b_up))
-    z, out = torch.empty(rows, m), torch.empty(rows, d)
+    z, out = x.new_empty(rows, m), x.new_empty(rows, d)
     failed = lib.adaptune_adapter_forward(rows, d, m, x.data_ptr(), x.stride(0), h.data_ptr(), h.stride(0),
                                           w_down.data_ptr(), b_down.data_ptr(), w_up.data_ptr(), b_up.data_ptr(),
                                           scale, z.data_ptr(), out.data_ptr(), d, native.threads(lib))
@@ -170,8 +170,8 @@ def adapter_backward(g: torch.Tensor, z: torch.Tensor, w_down: torch.Tensor, w_u
         return None
     (m, d), rows = w_down.shape, g.shape[0]
     w_down, w_up = w_down.detach().contiguous(), w_up.detach().contiguous()
-    gz, sa = torch.empty(rows, m), torch.empty(rows, m)
-    gx = torch.empty(rows, d) if grad_in else None
+    gz, sa = g.new_empty(rows, m), g.new_empty(rows, m)
+    gx = g.new_empty(rows, d) if grad_in else None
     failed = lib.adaptune_adapter_backward(rows, d, m, g.data_ptr(), g.stride(0), z.data_ptr(), w_down.data_ptr(),
                                            w_up.data_ptr(), scale, gz.data_ptr(), sa.data_ptr(),
                                            None if gx is None else gx.data_ptr(), d, skip, native.threads(lib))

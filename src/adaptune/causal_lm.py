@@ -47,6 +47,16 @@ def lm_loss(model, batch: dict[str, torch.Tensor], labels: torch.Tensor) -> torc
     return F.cross_entropy(logits.float(), targets)
 
 
+def lm_loss_sum(model, batch: dict[str, torch.Tensor], labels: torch.Tensor,
+                row_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The summed cross-entropy over the response tokens of ``batch`` and how many tokens it sums
+    (each row's tokens weighted by ``row_weight``, (B,); a weight-0 row counts for nothing)."""
+    if row_weight is not None:
+        labels = labels.masked_fill(row_weight[:, None] == 0, IGNORE)
+    logits, targets = response_logits(model, batch, labels)
+    return F.cross_entropy(logits.float(), targets, reduction="sum"), torch.tensor(float(targets.numel()))
+
+
 @torch.no_grad()
 def evaluate_lm(model, encoded: list[dict], *, batch_size: int, pad_id: int, device, dd=None, autocast_ctx=None) -> dict:
     """``loss`` (mean over response tokens), ``perplexity`` = exp(loss) and ``token_accuracy``

@@ -18,8 +18,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from adaptune.errors import TrainingError
-from adaptune.io import atomic_write_dir
+from adaptune.errors import ConfigError, TrainingError
+from adaptune.io import atomic_write_dir, recover_swap
 
 STATE = "state.safetensors"
 META = "state.json"
@@ -39,6 +39,23 @@ def atomic_write_text(path: Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def read_json(path: Path, key: str | None = None) -> Any:
+    """A run folder's JSON file (``key``: one section of it), or a :class:`ConfigError` saying which
+    file is missing or damaged."""
+    path = Path(path)
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path} is missing; {path.parent} is not a finished run folder") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path} cannot be read ({e}); the run folder is damaged: train it again") from None
+    if key is None:
+        return value
+    if not isinstance(value, dict) or not isinstance(value.get(key), dict):
+        raise ConfigError(f"{path} has no {key!r} section; the run folder is damaged or from another tool")
+    return value[key]
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -96,7 +113,14 @@ _HOW = ("fused", "foreach", "capturable", "differentiable")  # optimizer setting
 
 
 def load_checkpoint(folder: Path, model: nn.Module, optimizer, scheduler, rank: int = 0) -> dict[str, Any] | None:
-    """Restore the state saved by :func:`save_checkpoint`; returns its progress dict, or None."""
+    """Restore the state saved by :func:`save_checkpoint`; returns its progress dict, or None when
+    ``folder`` holds no checkpoint (a swap a crash interrupted is put back first).
+
+    Raises:
+        TrainingError: the checkpoint is damaged or does not fit this run (a trained parameter
+            missing or of another shape, RNG states of another number of GPUs); nothing is changed.
+    """
+    recover_swap(folder)
     if not (folder / STATE).is_file() or not (folder / META).is_file():
         return None
     try:
@@ -104,14 +128,12 @@ def load_checkpoint(folder: Path, model: nn.Module, optimizer, scheduler, rank: 
         meta = json.loads((folder / META).read_text(encoding="utf-8"))
     except Exception as e:
         raise TrainingError(f"checkpoint in {folder} is damaged ({e}); delete it to restart the run from scratch") from None
+    saved = {k[len("param.") :]: v for k, v in tensors.items() if k.startswith("param.")}
+    _check_fits(folder, saved, {n: p for n, p in model.named_parameters() if p.requires_grad}, meta, tensors)
     params = dict(model.named_parameters())
     with torch.no_grad():
-        for key, value in tensors.items():
-            if key.startswith("param."):
-                name = key[len("param.") :]
-                if name not in params or not params[name].requires_grad:
-                    raise TrainingError(f"checkpoint in {folder} has parameter {name!r} that this run does not train")
-                params[name].copy_(value)
+        for name, value in saved.items():
+            params[name].copy_(value)
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         if key.startswith("optim."):
@@ -125,3 +147,28 @@ def load_checkpoint(folder: Path, model: nn.Module, optimizer, scheduler, rank: 
     if meta.get("cuda_rng") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([tensors[f"rng.cuda.{i}"] for i in range(torch.cuda.device_count())])
     return meta["progress"]
+
+
+def _check_fits(folder: Path, saved: dict[str, torch.Tensor], trained: dict[str, torch.Tensor], meta: dict,
+                tensors: dict[str, torch.Tensor]) -> None:
+    """Refuse a checkpoint that does not fit this run, before anything is restored."""
+    unknown = sorted(set(saved) - set(trained))
+    if unknown:
+        raise TrainingError(f"checkpoint in {folder} has parameter {unknown[0]!r} that this run does not train"
+                            f"{f' (and {len(unknown) - 1} more)' if len(unknown) > 1 else ''}; resume with the "
+                            "run's own settings")
+    missing = sorted(set(trained) - set(saved))
+    if missing:
+        raise TrainingError(f"checkpoint in {folder} lacks trained parameter {missing[0]!r}"
+                            f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}; it was written by "
+                            "another run or is damaged: delete it to restart from scratch")
+    for name, value in saved.items():
+        if value.shape != trained[name].shape:
+            raise TrainingError(f"checkpoint in {folder} has {name} of shape {tuple(value.shape)}, this run "
+                                f"{tuple(trained[name].shape)}; it was written by another run")
+    if meta.get("cuda_rng") and torch.cuda.is_available():
+        saved_gpus = sum(1 for k in tensors if k.startswith("rng.cuda."))
+        if saved_gpus != torch.cuda.device_count():
+            raise TrainingError(f"checkpoint in {folder} was written with {saved_gpus} GPU(s) visible, this process "
+                                f"sees {torch.cuda.device_count()}; resume with the same GPUs visible "
+                                "(CUDA_VISIBLE_DEVICES) to continue the run exactly")

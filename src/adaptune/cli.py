@@ -1,7 +1,7 @@
 """The ``adaptune`` command: a thin layer over the public Python functions.
 
 Subcommands: ``train``, ``eval``, ``predict``, ``info``, ``params``, ``demo`` (the README's main
-job), ``compare``, and for causal LMs ``generate``, ``convert`` and ``lm-demo``. Every ``train`` option is a field of :class:`adaptune.train.TrainConfig`. A user error prints
+job), ``compare``, ``build-kernels``, and for causal LMs ``generate``, ``convert`` and ``lm-demo``. Every ``train`` option is a field of :class:`adaptune.train.TrainConfig`. A user error prints
 one line and exits with status 2; ``--debug`` shows the traceback instead.
 """
 
@@ -68,7 +68,9 @@ TRAIN_HELP: dict[str, str] = {
                       "GLUE tasks: class 1)",
     "metric": "dev metric that selects the best checkpoint (default: the task's own, else macro_f1 for classification, "
               "spearman for regression); classification: macro_f1, accuracy, mcc, f1 (two classes)",
-    "lean_kernels": "lean CPU dropout and attention-with-dropout kernels (adaptune.kernels), for every strategy alike",
+    "lean_kernels": "lean CPU kernels for dropout, attention with dropout and GELU (adaptune.kernels), for every strategy "
+                    "alike (default: on when training on the CPU); --no-lean-kernels runs torch's own operators and "
+                    "dropout stream (docs/lean-kernels.md)",
 }
 
 
@@ -87,8 +89,10 @@ def _add_config_options(p: argparse.ArgumentParser, cls, helps: dict[str, str], 
             continue
         flag = "--" + f.name.replace("_", "-")
         default = f.default
-        text = f"{helps[f.name]} (default: {default})"
-        if isinstance(default, bool):
+        switch = isinstance(default, bool) or (default is None and _field_type(None, hints[f.name]) is bool)
+        # a switch whose default is None ("decided by the run"): its help says what decides
+        text = helps[f.name] if switch and default is None else f"{helps[f.name]} (default: {default})"
+        if switch:
             p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=text)
         elif f.name == "adapter_layers":
             p.add_argument(flag, dest=f.name, type=int, nargs="+", default=None, help=text)
@@ -234,6 +238,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, default=128, help="tokens per conversation (default: 128)")
     p.add_argument("--eval-generate", type=int, default=24, help="test conversations answered greedily for exact match (default: 24)")
     p.add_argument("--prompts", nargs="*", default=["Do you like music?", "What is your favorite food?"], help="prompts to show replies for")
+    common(p)
+
+    p = sub.add_parser("build-kernels", help="build and check the CPU kernels now, instead of on first use",
+                       description="Compile the C kernels (csrc/) for this machine into the cache, load them and check "
+                                   "them against torch, so that no library call builds them on first use. Exits 1 "
+                                   "where they cannot run here (training then uses torch's operators).")
     common(p)
     return parser
 

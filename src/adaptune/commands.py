@@ -50,11 +50,12 @@ def metric_line(metrics: dict, selected: str) -> str:
 
 
 def eval(args: argparse.Namespace) -> int:  # noqa: A001 - the subcommand's name
+    from adaptune.checkpoint import read_json
     from adaptune.predict import Predictor
     from adaptune.train import _load_data
 
     task_file = Path(args.run) / "task.json"
-    if task_file.is_file() and json.loads(task_file.read_text(encoding="utf-8")).get("task_type") == "causal-lm":
+    if task_file.is_file() and (read_json(task_file) or {}).get("task_type") == "causal-lm":
         return _eval_lm(args)
     pred = Predictor(args.run, device=args.device)
     overrides = {k: getattr(args, k) for k in ("data", "text_column", "text_pair_column", "label_column", "dev_file", "test_file", "glue_task", "limit_eval") if getattr(args, k) is not None}
@@ -154,6 +155,7 @@ def info(args: argparse.Namespace) -> int:
             shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
     except Exception as e:
         raise ConfigError(f"{path / WEIGHTS} cannot be read ({e}); the file is damaged") from None
+    d = _check_adapter_shapes(path, meta, shapes, m, d)
     count = lambda prefix: sum(_prod(s) for k, s in shapes.items() if k.startswith(prefix))  # noqa: E731
     n_adapters = len({k.rsplit(".", 2)[0] for k in shapes if k.startswith("adapters.")})  # adapters.{layer}.{slot}
     per = 2 * m * d + d + m if isinstance(d, int) else None
@@ -183,7 +185,8 @@ def info(args: argparse.Namespace) -> int:
     print(f"  placement    {cfg.mode}, slots {', '.join(cfg.slots)}, layers {report['placement']['layers']}")
     print(f"  bottleneck   m={m}, {cfg.nonlinearity}, init_std {cfg.init_std:g}, scale {cfg.scale:g}")
     check = "ok" if per is not None and per * n_adapters == report["bottleneck_params"] else "MISMATCH"
-    print(f"  adapters     {n_adapters} × (2·{m}·{d} + {d} + {m} = {per:,}) = {report['bottleneck_params']:,} parameters [2md+d+m {check}]")
+    per_text = f"{per:,}" if per is not None else "?"
+    print(f"  adapters     {n_adapters} × (2·{m}·{d} + {d} + {m} = {per_text}) = {report['bottleneck_params']:,} parameters [2md+d+m {check}]")
     print(f"  layer norms  {report['layer_norm_params']:,} parameters")
     print(f"  head         {report['head_params']:,} parameters"
           + (f" + pooler {report['pooler_params']:,}" if report["pooler_params"] else ""))
@@ -193,6 +196,29 @@ def info(args: argparse.Namespace) -> int:
     if extra.get("label_names"):
         print(f"  labels       {', '.join(map(str, extra['label_names']))}")
     return 0
+
+
+def _check_adapter_shapes(path: Path, meta: dict, shapes: dict, m: int, d) -> int | None:
+    """The hidden size, after checking the file's tensors against its config as loading does: the
+    tensors the config lists, and every bottleneck's down- and up-projection of size m × d (d from
+    the base model's identity, else from the tensors)."""
+    from adaptune.errors import AdapterFileError
+
+    listed = meta.get("tensors")
+    if listed is not None and sorted(listed) != sorted(shapes):
+        odd = sorted(set(listed) ^ set(shapes))
+        raise AdapterFileError(f"{path} lists tensors its weights file does not hold (or the reverse): "
+                               f"{', '.join(odd[:3])}{' …' if len(odd) > 3 else ''}; the folder is damaged")
+    projections = {k: tuple(s) for k, s in shapes.items() if k.startswith("adapters.") and k.endswith((".down.weight", ".up.weight"))}
+    if d is None and projections:
+        key, shape = next(iter(projections.items()))
+        d = shape[1] if key.endswith(".down.weight") else shape[0]
+    for key, shape in projections.items():
+        want = (m, d) if key.endswith(".down.weight") else (d, m)
+        if shape != want:
+            raise AdapterFileError(f"{path}: {key} has shape {shape} but the config says size {m} and the base model "
+                                   f"hidden size {d}, so {want}; the config or the weights were edited")
+    return d
 
 
 def _prod(shape) -> int:
@@ -315,10 +341,11 @@ def _eval_lm(args: argparse.Namespace) -> int:
     from adaptune.chat import encode_conversations
     from adaptune.generate import Generator
     from adaptune.inject import set_active
+    from adaptune.checkpoint import read_json
     from adaptune.train import TrainConfig, _load_data
 
     gen = Generator(args.run, device=args.device)
-    cfg = TrainConfig.from_dict(json.loads((Path(args.run) / "config.json").read_text(encoding="utf-8"))["train"])
+    cfg = TrainConfig.from_dict(read_json(Path(args.run) / "config.json", "train"))
     overrides = {k: getattr(args, k) for k in ("data", "dev_file", "test_file", "limit_eval") if getattr(args, k) is not None}
     cfg = dataclasses.replace(cfg, **overrides)
     split = getattr(_load_data(cfg), args.split)
@@ -411,3 +438,16 @@ def lm_demo(args: argparse.Namespace) -> int:
     for note in result.get("notes", []):
         print(f"note: {note}")
     return 0
+
+
+def build_kernels(args: argparse.Namespace) -> int:
+    from adaptune import native
+
+    lib = native.library()
+    if lib is None:
+        print(f"C kernels: not available here: {native.why_not()}; training uses torch's operators", file=sys.stderr)
+        return 1
+    print(f"C kernels: built and checked against torch, {lib.path}"
+          f" ({'OpenMP, torch threads' if lib.parallel else 'one thread'})")
+    return 0
+

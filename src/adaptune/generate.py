@@ -17,7 +17,6 @@ Example::
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Callable
@@ -25,6 +24,7 @@ from typing import Callable
 import torch
 
 from adaptune.chat import prompt_ids
+from adaptune.checkpoint import read_json
 from adaptune.errors import ConfigError
 from adaptune.inject import list_adapters, set_active
 
@@ -36,9 +36,9 @@ def _run_parts(path: Path) -> tuple[dict | None, Path | None]:
     if (path / "adapter_config.json").is_file():
         return None, path
     if (path / "config.json").is_file() and (path / "adapter").is_dir():
-        return json.loads((path / "config.json").read_text(encoding="utf-8"))["train"], path / "adapter"
+        return read_json(path / "config.json", "train"), path / "adapter"
     if (path / "config.json").is_file() and (path / "model").is_dir():
-        return json.loads((path / "config.json").read_text(encoding="utf-8"))["train"], None
+        return read_json(path / "config.json", "train"), None
     return None, None
 
 

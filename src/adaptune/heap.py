@@ -78,13 +78,12 @@ def keep_freed_memory(give_back: bool = True) -> Iterator[bool]:
 
     Yields whether the setting applies here (glibc's own, untuned ``malloc``, 64-bit). Nests: only
     the outermost block changes the setting and, with ``give_back`` (the command line, about to
-    exit, skips it), returns the free memory on leaving. Used by :func:`adaptune.train.train`, by
-    batched prediction and evaluation (``give_back=False``: a server calls them again and again)
-    and by the command line; wrap your own CPU loop in it for the same effect::
+    exit, skips it), returns the free memory on leaving. The command line runs every command inside
+    it; library calls (:func:`adaptune.train.train`, ``evaluate``, :class:`adaptune.Predictor`) never
+    change this process-wide setting themselves. Python callers opt in around their own work::
 
         with adaptune.keep_freed_memory():
-            for batch in batches:
-                model(**batch)
+            adaptune.train(cfg, "runs/r")    # or a loop of model(**batch), or Predictor.predict
     """
     global _depth, _libc
     with _lock:

@@ -60,12 +60,16 @@ def base_identity(model: nn.Module) -> dict[str, Any]:
 
 
 def atomic_write_dir(path: Path, fill: Callable[[Path], None], overwrite: bool) -> None:
-    """Let ``fill`` write a temp folder beside ``path``, sync it, then rename it into place.
+    """Let ``fill`` write a temp folder beside ``path``, sync it, then swap it into place.
 
-    A crash at any point leaves either the old folder or the new one, never a mix; an existing
-    folder is replaced only when ``overwrite`` is true.
+    A crash at any point leaves either the old folder or the new one, never a mix and never
+    nothing; an existing folder is replaced only when ``overwrite`` is true. On Linux the swap is
+    one atomic exchange of the two folders (``renameat2(RENAME_EXCHANGE)``); elsewhere it is two
+    renames, and a crash between them leaves the old folder as ``.NAME.old-PID``, which the next
+    write or :func:`recover_swap` puts back.
     """
     path = Path(path)
+    recover_swap(path)
     if path.exists() and not overwrite:
         raise AdapterFileError(f"{path} already exists; choose another path or pass overwrite=True")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -76,16 +80,51 @@ def atomic_write_dir(path: Path, fill: Callable[[Path], None], overwrite: bool) 
             if f.is_file():
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
-        if path.exists():
+        if not path.exists():
+            os.replace(tmp, path)
+        elif _exchange(tmp, path):  # tmp now holds the old folder
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
             os.replace(path, old)
             os.replace(tmp, path)
             shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def recover_swap(path: Path) -> bool:
+    """Put back the folder a crash between the two renames of a non-atomic swap left aside (the
+    newest ``.NAME.old-PID`` beside a missing ``path``); True when it did."""
+    path = Path(path)
+    if path.exists() or not path.parent.is_dir():
+        return False
+    left = sorted(path.parent.glob(f".{path.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    if not left:
+        return False
+    os.replace(left[-1], path)
+    return True
+
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux ``renameat2``); False where it is not available."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd = -100
+    return fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0
 
 
 def save_adapter(model: nn.Module, name: str, path: str | os.PathLike, *, overwrite: bool = False, extra: dict | None = None) -> Path:
@@ -228,6 +267,10 @@ def load_adapter(
                 f"{path / WEIGHTS} does not match the checksum in {CONFIG}: the file is corrupted or was "
                 "changed after saving; save the adapter again"
             )
+        broken = sorted(k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
+        if broken:
+            raise AdapterFileError(f"{path / WEIGHTS} holds NaN or infinite values in {_few(broken)}; it was saved "
+                                   "from a run that diverged: train it again with a lower learning rate")
         aset.load_state_dict(tensors, strict=True)
     except BaseException:
         remove_adapter(model, name)

@@ -66,7 +66,7 @@ class _Dropout(torch.autograd.Function):
 
 def _seed() -> int:
     """A 64-bit seed for a C kernel's random stream, drawn from torch's generator."""
-    return int(torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64)) % 2**64
+    return int(torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64, device="cpu")) % 2**64
 
 
 class _NativeDropout(torch.autograd.Function):
@@ -75,7 +75,7 @@ class _NativeDropout(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, p: float) -> torch.Tensor:
         lib = native.library()
-        out, keep = torch.empty_like(x), torch.empty(x.shape, dtype=torch.bool)
+        out, keep = torch.empty_like(x), torch.empty(x.shape, dtype=torch.bool, device=x.device)
         lib.adaptune_dropout(x.numel(), x.data_ptr(), out.data_ptr(), keep.data_ptr(), p, _seed(), native.threads(lib))
         ctx.save_for_backward(keep)
         ctx.p = p
@@ -95,8 +95,8 @@ class _NativeDropout(torch.autograd.Function):
 def native_dropout_agrees(lib: ctypes.CDLL) -> bool:
     """The C dropout on a tail-sized input: kept entries scaled, the rest 0, the rate about 1 - p,
     and its gradient masked the same way."""
-    x = torch.randn(8195, generator=torch.Generator().manual_seed(0))
-    out, keep, grad = torch.empty_like(x), torch.empty(x.shape, dtype=torch.bool), torch.empty_like(x)
+    x = torch.randn(8195, generator=torch.Generator().manual_seed(0), dtype=torch.float32, device="cpu")
+    out, keep, grad = torch.empty_like(x), torch.empty(x.shape, dtype=torch.bool, device="cpu"), torch.empty_like(x)
     lib.adaptune_dropout(x.numel(), x.data_ptr(), out.data_ptr(), keep.data_ptr(), 0.25, 7, 1)
     lib.adaptune_dropout_backward(x.numel(), x.data_ptr(), keep.data_ptr(), 0.25, grad.data_ptr(), 1)
     want = torch.where(keep, x / 0.75, 0.0)
@@ -168,7 +168,7 @@ def _strides(t: torch.Tensor) -> list:
 def _transposed_like(t: torch.Tensor) -> torch.Tensor:
     """An empty (B, H, T, dh) tensor laid out (B, T, H, dh), as projections hand q, k and v over."""
     b, h, n, dh = t.shape
-    return torch.empty(b, n, h, dh, dtype=t.dtype).transpose(1, 2)
+    return torch.empty(b, n, h, dh, dtype=t.dtype, device=t.device).transpose(1, 2)
 
 
 def _attention_forward(lib, q, k, v, bias, scale: float, p: float, seed: int):
@@ -176,9 +176,9 @@ def _attention_forward(lib, q, k, v, bias, scale: float, p: float, seed: int):
     if it could not get memory."""
     b, h, tq, dh = q.shape
     tk = k.shape[2]
-    out = torch.empty(b, tq, h, dh, dtype=q.dtype)
-    probs = torch.empty(b, h, tq, tk, dtype=q.dtype)
-    keep = torch.empty(b, h, tq, tk, dtype=torch.bool)
+    out = torch.empty(b, tq, h, dh, dtype=q.dtype, device=q.device)
+    probs = torch.empty(b, h, tq, tk, dtype=q.dtype, device=q.device)
+    keep = torch.empty(b, h, tq, tk, dtype=torch.bool, device=q.device)
     mask = [None, 0, 0, 0] if bias is None else _strides(bias.expand(b, h, tq, tk))
     failed = lib.adaptune_attention_forward(b, h, tq, tk, dh, *_strides(q), *_strides(k), *_strides(v), *mask,
                                             scale, p, seed, *_strides(out.transpose(1, 2)), probs.data_ptr(),
@@ -244,8 +244,9 @@ def native_attention_agrees(lib: ctypes.CDLL) -> bool:
     """The C kernel's forward and gradients on a small masked case (tail rows and columns, a row
     with every key masked) against torch's operators with the same kept mask."""
     g = torch.Generator().manual_seed(0)
-    q, k, v, grad = (torch.randn(2, 19, 3, 16, generator=g).transpose(1, 2) for _ in range(4))
-    bias = torch.zeros(2, 1, 19, 19)
+    q, k, v, grad = (torch.randn(2, 19, 3, 16, generator=g, dtype=torch.float32, device="cpu").transpose(1, 2)
+                     for _ in range(4))
+    bias = torch.zeros(2, 1, 19, 19, dtype=torch.float32, device="cpu")
     bias[0, :, :, 11:] = float("-inf")
     bias[1, :, 4] = float("-inf")
     scale, p = 0.3, 0.25
@@ -359,8 +360,8 @@ def lean_gelu(x: torch.Tensor) -> torch.Tensor:
 
 def native_gelu_agrees(lib: ctypes.CDLL) -> bool:
     """The C GELU and its gradient against torch's over a tail-sized range of inputs."""
-    x = torch.linspace(-9.0, 9.0, 1003)
-    grad = torch.randn(1003, generator=torch.Generator().manual_seed(0))
+    x = torch.linspace(-9.0, 9.0, 1003, dtype=torch.float32, device="cpu")
+    grad = torch.randn(1003, generator=torch.Generator().manual_seed(0), dtype=torch.float32, device="cpu")
     out, grad_in = torch.empty_like(x), torch.empty_like(x)
     lib.adaptune_gelu(x.numel(), x.data_ptr(), out.data_ptr(), 1)
     lib.adaptune_gelu_backward(x.numel(), x.data_ptr(), grad.data_ptr(), grad_in.data_ptr(), 1)

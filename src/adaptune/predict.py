@@ -8,7 +8,6 @@ shared base, each text naming its task, rows of different tasks in the same forw
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -17,8 +16,8 @@ import numpy as np
 import torch
 
 from adaptune.data import Split, bucket_batches, collate, encode
+from adaptune.checkpoint import read_json
 from adaptune.errors import ConfigError, DataError
-from adaptune.heap import keep_freed_memory
 from adaptune.inject import _NAME, set_active
 from adaptune.io import load_adapter, read_adapter_config
 from adaptune.models import load_classifier, load_tokenizer
@@ -34,8 +33,10 @@ def read_run(run: Path) -> tuple[TrainConfig, dict[str, Any]]:
     for need in ("config.json", "task.json", "tokenizer"):
         if not (run / need).exists():
             raise ConfigError(f"{run} is not a finished run folder (no {need}); train one with 'adaptune train'")
-    config = TrainConfig.from_dict(json.loads((run / "config.json").read_text(encoding="utf-8"))["train"])
-    task = json.loads((run / "task.json").read_text(encoding="utf-8"))
+    config = TrainConfig.from_dict(read_json(run / "config.json", "train"))
+    task = read_json(run / "task.json")
+    if not isinstance(task, dict):
+        raise ConfigError(f"{run / 'task.json'} must hold a JSON object; the run folder is damaged: train it again")
     if task.get("task_type") == "causal-lm":
         raise ConfigError(f"{run} is a language-model run: generate with 'adaptune generate {run}' "
                           "(or adaptune.generate.Generator); 'adaptune eval' gives its perplexity")
@@ -197,7 +198,6 @@ class MultiTaskPredictor:
         self.model.to(self.device).eval()
 
     @torch.no_grad()
-    @keep_freed_memory(give_back=False)  # batch after batch reuses the memory
     def predict(self, texts: list[str], tasks: list[str], text_pairs: list[str | None] | None = None,
                 batch_size: int = 64) -> list[dict[str, Any]]:
         """Like :meth:`Predictor.predict`, with each row's task; every result also names it."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,12 +59,23 @@ def _read_text(path: Path) -> str:
                         f"e.g. iconv -f latin1 -t utf-8") from None
 
 
+_CSV_LIMIT_LOCK = threading.Lock()
+
+
 def _read_delimited(path: Path, delimiter: str, quoting: int, header: bool = True) -> Table:
     kind = "TSV" if delimiter == "\t" else "CSV"
-    try:
-        rows = list(csv.reader(io.StringIO(_read_text(path)), delimiter=delimiter, quoting=quoting))
-    except csv.Error as e:
-        raise DataError(f"{path} is not valid {kind} ({e}); fix the file") from None
+    text = _read_text(path)
+    # A field may be as long as the file (a long document: the tokenizer truncates it). csv's limit
+    # (131,072 characters by default) is the process's, so it is raised for this read only.
+    with _CSV_LIMIT_LOCK:
+        previous = csv.field_size_limit()
+        csv.field_size_limit(max(previous, len(text) + 1))
+        try:
+            rows = list(csv.reader(io.StringIO(text), delimiter=delimiter, quoting=quoting))
+        except csv.Error as e:
+            raise DataError(f"{path} is not valid {kind} ({e}); fix the file") from None
+        finally:
+            csv.field_size_limit(previous)
     rows = [r for r in rows if r]  # blank lines
     if not rows:
         raise DataError(f"{path} is empty; add a header line and examples")

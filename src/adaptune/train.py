@@ -40,12 +40,12 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from adaptune import checkpoint as ckpt
-from adaptune.causal_lm import evaluate_lm, lm_loss
+from adaptune import native
+from adaptune.causal_lm import evaluate_lm, lm_loss_sum
 from adaptune.config import PRESETS, AdapterConfig
 from adaptune.data import bucket_batches, collate, encode, load_task_data
 from adaptune.distributed import Dist, setup, teardown
 from adaptune.errors import ConfigError, TrainingError
-from adaptune.heap import keep_freed_memory
 from adaptune.inject import active_adapter, add_adapter, set_active
 from adaptune.io import atomic_write_dir, save_adapter
 from adaptune.kernels import use_lean_kernels
@@ -72,7 +72,8 @@ class TrainConfig:
     :class:`adaptune.AdapterConfig`; ``lr=None`` takes the strategy's default from ``DEFAULT_LR``.
     ``frozen_dropout=False`` runs the frozen layers below the lowest trained one without dropout,
     and ``cache_frozen_layers`` then computes their outputs once (:mod:`adaptune.layer_cache`);
-    ``lean_kernels`` applies :func:`adaptune.kernels.use_lean_kernels` whatever the strategy.
+    ``lean_kernels`` applies :func:`adaptune.kernels.use_lean_kernels` whatever the strategy; ``None``
+    (the default) means on for training on the CPU, off elsewhere (docs/lean-kernels.md).
     ``compile`` wraps the model for the training steps in ``torch.compile`` with that mode
     (``"default"``, ``"reduce-overhead"`` = CUDA graphs on a GPU, ``"max-autotune"``); evaluation
     runs the plain model. The first steps of each new batch shape pay for the compilation.
@@ -116,7 +117,7 @@ class TrainConfig:
     eval_generate: int = 32
     frozen_dropout: bool = True
     cache_frozen_layers: bool = False
-    lean_kernels: bool = False
+    lean_kernels: bool | None = None
     compile: str = "none"
     class_weights: str = "none"
     positive_label: str | None = None
@@ -142,6 +143,8 @@ class TrainConfig:
             raise ConfigError(f"warmup is a fraction of the steps in [0, 1), got {self.warmup}")
         if self.task_type not in (None, "classification", "regression", CAUSAL_LM):
             raise ConfigError(f"unknown task type {self.task_type!r}; use classification, regression or {CAUSAL_LM}")
+        if self.eval_every is not None and self.eval_every < 0:
+            raise ConfigError(f"eval_every must be 0 (after each epoch) or more, got {self.eval_every}")
         if self.eval_generate < 0:
             raise ConfigError(f"eval_generate must be 0 or more, got {self.eval_generate}")
         if self.compile not in COMPILE_MODES:
@@ -171,6 +174,11 @@ class TrainConfig:
         length hold one class where length tells the class apart (plot summaries among review
         snippets), and adapters then left the majority class an epoch later (docs/quality.md)."""
         return self.bucket if self.bucket is not None else self.causal
+
+    def lean_on(self, device: torch.device) -> bool:
+        """Whether training on ``device`` uses the lean kernels: ``lean_kernels``, else on for the CPU
+        (where they are the fastest path whose self-check passes) and off on other devices."""
+        return self.lean_kernels if self.lean_kernels is not None else torch.device(device).type == "cpu"
 
     @property
     def learning_rate(self) -> float:
@@ -204,15 +212,33 @@ class TrainConfig:
 
 
 def pick_device(name: str) -> torch.device:
+    """``"auto"`` (the first GPU where CUDA is available, else the CPU) or a device that exists here.
+
+    Raises:
+        ConfigError: not a device name, or a device this machine does not have (the message lists
+            the ones it has).
+    """
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} requested but CUDA is not available; use --device cpu")
-    return torch.device(name)
+    here = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else ["cpu"]
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"{name!r} is not a device name; use auto or one of: {', '.join(here)}") from None
+    if device.type == "cpu":
+        return device
+    if device.type != "cuda" or not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} is not available here; use one of: auto, {', '.join(here)}")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"device {name!r} does not exist: this machine has {torch.cuda.device_count()} GPU(s); "
+                          f"use one of: {', '.join(here)}")
+    return device
 
 
-def build_model(cfg: TrainConfig, num_labels: int):
-    """The model for ``cfg``: base + fresh head, or the causal LM (+ the task adapter), with the strategy applied."""
+def build_model(cfg: TrainConfig, num_labels: int, device: torch.device | None = None):
+    """The model for ``cfg``: base + fresh head, or the causal LM (+ the task adapter), with the strategy
+    applied and, where :meth:`TrainConfig.lean_on` says so for ``device`` (default: ``cfg.device``),
+    the lean kernels."""
     torch.manual_seed(cfg.seed)  # head and adapter init depend on the seed only
     if cfg.causal and cfg.strategy == "head":
         raise ConfigError("strategy 'head' needs a task head; a causal LM has none (use adapters, full, top-k or layernorm)")
@@ -220,19 +246,47 @@ def build_model(cfg: TrainConfig, num_labels: int):
     if cfg.strategy == "adapters":
         add_adapter(model, ADAPTER_NAME, cfg.adapter_config())
     counts = train_strategy(model, cfg.strategy, k=cfg.top_k, train_pooler=cfg.train_pooler)
-    if cfg.lean_kernels:  # every strategy alike, so adapter-vs-full comparisons stay fair
+    if cfg.lean_on(pick_device(cfg.device) if device is None else device):  # every strategy alike (fair comparisons)
         use_lean_kernels(model)
     return model, counts
 
 
 def _loss(logits: torch.Tensor, labels: torch.Tensor, task_type: str, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """The mean loss of a batch on one process (:func:`loss_sum` divided by its count)."""
+    total, count = loss_sum(logits, labels, task_type, weight)
+    return total / count.clamp(min=1)
+
+
+def loss_sum(logits: torch.Tensor, labels: torch.Tensor, task_type: str, class_weight: torch.Tensor | None = None,
+             row_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch's summed loss and the count it is a sum over (the examples), for :func:`job_mean`.
+
+    ``class_weight`` (K,) weighs each example's cross-entropy by its class; ``row_weight`` (B,) by
+    its row, 0 for a row that only fills a shard (it then counts for nothing). The count is that of
+    the examples, not their total weight: torch's ``"mean"`` with a weight divides by the weights'
+    sum, which cancels the weights in a batch of one class.
+    """
     if task_type == "regression":
-        return F.mse_loss(logits.squeeze(-1).float(), labels.float())
-    if weight is None:
-        return F.cross_entropy(logits.float(), labels)
-    # Weighted examples averaged over the batch's count, not its total weight (torch's "mean" with a
-    # weight divides by the weights' sum, which cancels the weights in a batch of one class).
-    return F.cross_entropy(logits.float(), labels, weight=weight, reduction="none").mean()
+        each = F.mse_loss(logits.squeeze(-1).float(), labels.float(), reduction="none")
+    else:
+        each = F.cross_entropy(logits.float(), labels, weight=class_weight, reduction="none")
+    if row_weight is None:
+        return each.sum(), torch.tensor(float(each.numel()), device=each.device)
+    return (each * row_weight).sum(), (row_weight != 0).sum().float()
+
+
+def job_mean(total: torch.Tensor, count: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """The one reduction of the training loss: ``total`` over ``count`` summed over every process of
+    a torchrun job, times their number (DDP averages the processes' gradients, so the job follows
+    the gradient of Σ total / Σ count, the mean over every example or token of the global batch
+    however unevenly the processes share it); and whether every process's loss is finite. One
+    all-reduce; without torchrun, ``total / count``."""
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    stats = torch.stack([count.to(total.device, torch.float32).reshape(()),
+                         (~torch.isfinite(total.detach())).float()])
+    if world > 1:
+        torch.distributed.all_reduce(stats)  # every rank must agree to skip, or DDP's all-reduce would hang
+    return total / stats[0].clamp(min=1) * world, bool(stats[1] == 0)
 
 
 def balanced_class_weights(labels, num_labels: int) -> torch.Tensor:
@@ -263,23 +317,24 @@ def autocast(device: torch.device, precision: str):
 
 
 def training_step(model, batch: dict[str, torch.Tensor], optimizer, scheduler, *, task_type: str, max_grad_norm: float,
-                  precision: str = "fp32", class_weight: torch.Tensor | None = None) -> float:
+                  precision: str = "fp32", class_weight: torch.Tensor | None = None,
+                  row_weight: torch.Tensor | None = None) -> float:
     """One optimisation step on ``batch`` (which holds ``labels``); returns the loss.
 
-    ``class_weight`` weighs the cross-entropy of each class (e.g. :func:`balanced_class_weights`).
+    ``class_weight`` weighs the cross-entropy of each class (e.g. :func:`balanced_class_weights`);
+    ``row_weight`` (B,) each row, 0 for a filler row of an otherwise empty shard. Under torchrun
+    the loss is the mean over the whole global batch (:func:`job_mean`).
     A non-finite loss is returned without touching the weights, for the caller to report.
     """
     batch = dict(batch)
     labels = batch.pop("labels")
     with autocast(labels.device, precision):
         if task_type == CAUSAL_LM:
-            loss = lm_loss(model, batch, labels)
+            total, count = lm_loss_sum(model, batch, labels, row_weight)
         else:
-            loss = _loss(model(**batch).logits, labels, task_type, class_weight)
-    finite = torch.isfinite(loss.detach()).to(torch.int32)
-    if torch.distributed.is_initialized():  # every rank must skip, or DDP's all-reduce would hang
-        torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
-    if not finite.item():
+            total, count = loss_sum(model(**batch).logits, labels, task_type, class_weight, row_weight)
+    loss, finite = job_mean(total, count)
+    if not finite:
         return loss.item() if not torch.isfinite(loss) else float("nan")
     loss.backward()
     if max_grad_norm > 0:  # the optimizer's tensors are the trained ones (no walk over every module)
@@ -314,7 +369,6 @@ _FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @torch.no_grad()
-@keep_freed_memory(give_back=False)  # batch after batch reuses the memory (Predictor.predict serves through here)
 def evaluate(model, encoded: list[dict], *, task_type: str, num_labels: int, batch_size: int, pad_id: int, device,
              dd: Dist | None = None, precision: str = "fp32", positive: int = 1) -> tuple[dict, np.ndarray]:
     """Metrics on an encoded split, and the raw outputs (probabilities, or scores for regression).
@@ -357,7 +411,7 @@ def _check_run_dir(out: Path, cfg: TrainConfig, resume: bool) -> TrainConfig:
     if resume:
         if not saved.is_file():
             raise ConfigError(f"nothing to resume in {out}: it has no config.json; start the run without --resume")
-        return TrainConfig.from_dict(json.loads(saved.read_text(encoding="utf-8"))["train"])
+        return TrainConfig.from_dict(ckpt.read_json(saved, "train"))
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"run folder {out} already exists; pass --resume to continue it or choose another --output")
     return cfg
@@ -391,11 +445,10 @@ def train(cfg: TrainConfig, output_dir: str | os.PathLike, *, resume: bool = Fal
     out = Path(output_dir)
     cfg = _check_run_dir(out, cfg, resume)
     if resume and (out / "metrics.json").is_file():
-        return json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+        return ckpt.read_json(out / "metrics.json")
     dd = setup(cfg.device)
     try:
-        with keep_freed_memory():  # each step's activations reuse the last step's memory (CPU, glibc)
-            return _train(cfg, out, resume, quiet, dd)
+        return _train(cfg, out, resume, quiet, dd)
     finally:
         if dd.enabled:
             teardown()
@@ -408,7 +461,9 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, quiet: bool, dd: Dist) -> 
     enc = data.enc
     device = dd.device
     random.seed(cfg.seed)
-    model, counts = build_model(cfg, data.num_labels)  # the same initial weights on every rank
+    model, counts = build_model(cfg, data.num_labels, device)  # the same initial weights on every rank
+    if cfg.lean_on(device) and device.type == "cpu" and native.library() is None:
+        data.notes.append(f"C kernels not available ({native.why_not()}): the lean kernels run in torch")
     model.to(device).train()
     lengths = [len(e["input_ids"]) for e in enc["train"]]
     # dropout off (and the optional cache) below the lowest trained layer: checked before writing anything
@@ -456,6 +511,9 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, quiet: bool, dd: Dist) -> 
         if restored is not None:
             progress = restored
             log(f"resumed {out} at step {progress['step']}/{total}")
+        else:  # said, and kept in metrics.json: the run stopped before its first checkpoint
+            data.notes.append(f"no checkpoint in {ck_dir}: the run stopped before its first one; started again from step 0")
+            log(f"note: {data.notes[-1]}")
     best_state = ckpt.load_best(ck_dir) if progress["best"] is not None else None
     dd_or_none = dd if dd.enabled else None
 
@@ -491,11 +549,15 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, quiet: bool, dd: Dist) -> 
     while progress["epoch"] < cfg.epochs:
         order = batches_for(progress["epoch"])
         while progress["batch"] < len(order):
-            idx = dd.shard(order[progress["batch"]]) or order[progress["batch"]][:1]  # never an empty shard
+            idx = dd.shard(order[progress["batch"]])
+            # an empty shard runs one example at weight 0: every rank takes part in DDP's all-reduce
+            row_weight = None if idx else torch.zeros(1, device=device)
+            idx = idx or order[progress["batch"]][:1]
             batch = {k: v.to(device) for k, v in collate([enc["train"][i] for i in idx], pad_id).items()}
             with frozen.step(idx) if frozen is not None else contextlib.nullcontext():
                 loss = training_step(net, batch, optimizer, scheduler, task_type=data.task_type,
-                                     max_grad_norm=cfg.max_grad_norm, precision=cfg.precision, class_weight=class_weight)
+                                     max_grad_norm=cfg.max_grad_norm, precision=cfg.precision, class_weight=class_weight,
+                                     row_weight=row_weight)
             if not math.isfinite(loss):
                 raise TrainingError(
                     f"loss became {loss} at step {progress['step'] + 1}; lower the learning rate "
@@ -711,5 +773,5 @@ def read_metrics(run_dir: str | os.PathLike) -> dict[str, Any]:
     path = Path(run_dir) / "metrics.json"
     if not path.is_file():
         raise ConfigError(f"{run_dir} has no metrics.json: it is not a finished run (resume it with --resume)")
-    return json.loads(path.read_text(encoding="utf-8"))
+    return ckpt.read_json(path)
 
