@@ -178,4 +178,6 @@ def adapter_backward(g: torch.Tensor, z: torch.Tensor, w_down: torch.Tensor, w_u
     return None if failed else (gz, sa, gx)
 
 
+native.register_check(agrees)
+
 __all__ = ["MAX_M", "MIN_ROWS", "adapter_backward", "adapter_forward", "available", "linear", "matmul", "set_enabled"]

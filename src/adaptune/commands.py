@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from adaptune.cli import _config_from, _print_json
+from adaptune.options import config_from, print_json
 from adaptune.metrics import single_class_warning
 from adaptune.errors import ConfigError, DataError
 
@@ -17,7 +17,7 @@ from adaptune.errors import ConfigError, DataError
 def train(args: argparse.Namespace) -> int:
     from adaptune.train import TrainConfig, train as run_train
 
-    cfg = _config_from(args, TrainConfig)
+    cfg = config_from(args, TrainConfig)
     result = run_train(cfg, args.output, resume=args.resume, quiet=args.quiet)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for the job
         _summary(result, args.output)
@@ -70,7 +70,7 @@ def eval(args: argparse.Namespace) -> int:  # noqa: A001 - the subcommand's name
         raise DataError(f"{cfg.data} has no labelled {args.split} split; pass --{args.split}-file")
     metrics = pred.evaluate(split, data.label_names)
     if args.json:
-        _print_json({"split": args.split, "examples": len(split), **metrics})
+        print_json({"split": args.split, "examples": len(split), **metrics})
     else:
         print(f"{args.split} ({len(split)} examples): {metric_line(metrics, pred.task.get('metric') or next(iter(metrics)))}")
         warning = single_class_warning(metrics)
@@ -179,7 +179,7 @@ def info(args: argparse.Namespace) -> int:
         "extra": meta.get("extra"),
     }
     if args.json:
-        _print_json(report)
+        print_json(report)
         return 0
     print(f"adapter {report['name']!r} in {path}")
     print(f"  placement    {cfg.mode}, slots {', '.join(cfg.slots)}, layers {report['placement']['layers']}")
@@ -307,7 +307,7 @@ def compare(args: argparse.Namespace) -> int:
 
     grid = {k: tuple(getattr(args, k)) for k in ("methods", "sizes", "top_ks", "lr_factors", "seeds", "init_stds") if getattr(args, k) is not None}
     cfg = CompareConfig(tasks=tuple(args.tasks), ablation=args.ablation, budget_minutes=args.budget_minutes,
-                        train=_config_from(args, TrainConfig), **grid)
+                        train=config_from(args, TrainConfig), **grid)
     report = run_compare(cfg, args.output, quiet=args.quiet, plots=args.plots, log=lambda m: print(m, flush=True))
     print()
     print(report["table"])
@@ -358,7 +358,7 @@ def _eval_lm(args: argparse.Namespace) -> int:
         set_active(gen.model, adapter)
         rows[label] = evaluate_lm(gen.model, enc, **kw)
     if args.json:
-        _print_json({"split": args.split, "conversations": len(enc), **rows})
+        print_json({"split": args.split, "conversations": len(enc), **rows})
     else:
         for label, m in rows.items():
             print(f"{args.split} ({len(enc)} conversations), {label}: loss {m['loss']:.4f}, perplexity {m['perplexity']:.2f}, "
@@ -441,7 +441,12 @@ def lm_demo(args: argparse.Namespace) -> int:
 
 
 def build_kernels(args: argparse.Namespace) -> int:
+    import importlib
+
     from adaptune import native
+
+    for wrapper in ("adapter_gemm", "kernels"):  # importing them registers their checks against torch
+        importlib.import_module(f"adaptune.{wrapper}")
 
     lib = native.library()
     if lib is None:

@@ -17,16 +17,12 @@ import os
 import sys
 from pathlib import Path
 
+from adaptune.env import cache_dir, first_line, quiet_transformers
 from adaptune.errors import ConfigError
 
 SMOLLM2 = "smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_FOLDER = "SmolLM2-135M-Instruct"
-
-
-def cache_dir() -> Path:
-    """Where adaptune keeps what it builds once per machine: converted models, compiled kernels."""
-    return Path(os.environ.get("ADAPTUNE_CACHE") or Path.home() / ".cache" / "adaptune")
 
 
 def smollm2_gguf() -> Path:
@@ -71,7 +67,6 @@ def convert_gguf(gguf_file: str | os.PathLike, output: str | os.PathLike, *, ove
             installed, or ``output`` exists and ``overwrite`` is false.
     """
     from adaptune.io import atomic_write_dir
-    from adaptune.models import _first_line, quiet_transformers
 
     src = Path(gguf_file)
     out = Path(output)
@@ -91,7 +86,7 @@ def convert_gguf(gguf_file: str | os.PathLike, output: str | os.PathLike, *, ove
             tokenizer = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
             model = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name)
     except Exception as e:
-        raise ConfigError(f"cannot read {src} as a GGUF model ({_first_line(e)})") from None
+        raise ConfigError(f"cannot read {src} as a GGUF model ({first_line(e)})") from None
     # The tensors are plain floats now; drop the "quantised with gguf" marks that block saving.
     model.hf_quantizer = None
     for obj in (model.config, getattr(model, "generation_config", None)):

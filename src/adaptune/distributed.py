@@ -71,7 +71,7 @@ def setup(device: str = "auto") -> Dist:
         device: ``"auto"`` (CUDA when present, else CPU), ``"cpu"``, or ``"cuda"``; under torchrun
             each rank takes ``cuda:LOCAL_RANK``.
     """
-    from adaptune.train import pick_device
+    from adaptune.models import pick_device
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     base = pick_device(device)

@@ -58,7 +58,7 @@ class Generator:
 
     def __init__(self, source: str | os.PathLike, *, device: str = "auto", dtype: torch.dtype | None = None) -> None:
         from adaptune.models import load_causal_lm, load_tokenizer
-        from adaptune.train import pick_device
+        from adaptune.models import pick_device
 
         path = Path(source)
         train_cfg, adapter_dir = _run_parts(path) if path.is_dir() else (None, None)

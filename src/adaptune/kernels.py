@@ -422,5 +422,8 @@ def use_lean_kernels(model: nn.Module, enable: bool = True) -> int:
     return changed
 
 
+for _check in (native_attention_agrees, native_dropout_agrees, native_gelu_agrees):
+    native.register_check(_check)
+
 __all__ = ["LeanDropout", "gelu", "gelu_backward", "keep_mask", "lean_dropout", "lean_gelu", "lean_sdpa_attention",
            "set_native", "use_lean_kernels"]

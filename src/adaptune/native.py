@@ -31,12 +31,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from adaptune.convert import cache_dir
+from adaptune.env import cache_dir
 
 logger = logging.getLogger(__name__)
 
@@ -162,9 +163,47 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.adaptune_gelu.restype = lib.adaptune_gelu_backward.restype = None
 
 
-@functools.cache
+# Each module with C kernels registers its check of them against torch (adapter_gemm, kernels):
+# they run once when the library loads, or at once for a module imported later; one failing check
+# turns every kernel off. This module imports none of them.
+_checks: list[Callable[[ctypes.CDLL], bool]] = []
+_verdicts: dict[Callable[[ctypes.CDLL], bool], bool] = {}
+
+
+def register_check(check: Callable[[ctypes.CDLL], bool]) -> None:
+    """Have ``check(lib)`` (the registering module's kernels against torch) pass before any kernel runs."""
+    if check not in _checks:
+        _checks.append(check)
+
+
 def library() -> ctypes.CDLL | None:
-    """The loaded kernels (built on the first call), or None where they cannot run here."""
+    """The loaded kernels (built on the first call) whose registered checks all pass, or None where
+    they cannot run here."""
+    lib = _load()
+    if lib is None:
+        return None
+    if len(_verdicts) != len(_checks):
+        with torch.inference_mode(False), torch.enable_grad():  # the first call may come from inside either
+            for check in _checks:
+                if check not in _verdicts:
+                    _verdicts[check] = bool(check(lib))
+        if not all(_verdicts.values()):
+            _without("their results differ from torch's on this machine", logging.WARNING)
+    return lib if all(_verdicts.values()) else None
+
+
+def _forget() -> None:
+    """Load (and check) anew on the next call: for tests that change the environment."""
+    _load.cache_clear()
+    _verdicts.clear()
+
+
+library.cache_clear = _forget
+
+
+@functools.cache
+def _load() -> ctypes.CDLL | None:
+    """The built and loaded library, before the checks; None where it cannot be had."""
     if os.environ.get("ADAPTUNE_NATIVE", "1") == "0":
         return _without("ADAPTUNE_NATIVE=0 turns them off", logging.DEBUG)
     if sys.platform not in ("linux", "darwin") or platform.machine().lower() not in ("x86_64", "amd64") or \
@@ -184,13 +223,6 @@ def library() -> ctypes.CDLL | None:
     # More than one thread only where its OpenMP is torch's own (the loader shares a library already
     # mapped under the same name): a second runtime's threads would fight torch's for the cores.
     lib.parallel = bool(lib.adaptune_parallel()) and len(before) == 1 and _openmp_runtimes() == before
-    from adaptune import adapter_gemm, kernels  # their checks use their own wrappers
-
-    with torch.inference_mode(False), torch.enable_grad():  # the first call may come from inside either
-        agrees = (adapter_gemm.agrees(lib) and kernels.native_attention_agrees(lib)
-                  and kernels.native_dropout_agrees(lib) and kernels.native_gelu_agrees(lib))
-    if not agrees:
-        return _without("their results differ from torch's on this machine", logging.WARNING)
     return lib
 
 
@@ -223,4 +255,4 @@ def threads(lib: ctypes.CDLL) -> int:
     return torch.get_num_threads() if lib.parallel else 1
 
 
-__all__ = ["BUILD_SECONDS", "kernel_dir", "library", "threads", "usable", "why_not"]
+__all__ = ["BUILD_SECONDS", "kernel_dir", "library", "register_check", "threads", "usable", "why_not"]

@@ -51,7 +51,7 @@ from adaptune.io import atomic_write_dir, save_adapter
 from adaptune.kernels import use_lean_kernels
 from adaptune.layer_cache import FrozenBelow
 from adaptune.metrics import METRICS, compute_metrics, default_positive, single_class_warning
-from adaptune.models import DEFAULT_MODEL, load_causal_lm, load_classifier, load_tokenizer, quiet_transformers
+from adaptune.models import DEFAULT_MODEL, load_causal_lm, load_classifier, load_tokenizer, pick_device, quiet_transformers
 from adaptune.trainable import STRATEGIES, train_strategy
 
 ADAPTER_NAME = "task"
@@ -209,30 +209,6 @@ class TrainConfig:
         if unknown:
             raise ConfigError(f"unknown training option(s) {unknown}")
         return cls(**d)
-
-
-def pick_device(name: str) -> torch.device:
-    """``"auto"`` (the first GPU where CUDA is available, else the CPU) or a device that exists here.
-
-    Raises:
-        ConfigError: not a device name, or a device this machine does not have (the message lists
-            the ones it has).
-    """
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    here = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else ["cpu"]
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise ConfigError(f"{name!r} is not a device name; use auto or one of: {', '.join(here)}") from None
-    if device.type == "cpu":
-        return device
-    if device.type != "cuda" or not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} is not available here; use one of: auto, {', '.join(here)}")
-    if device.index is not None and device.index >= torch.cuda.device_count():
-        raise ConfigError(f"device {name!r} does not exist: this machine has {torch.cuda.device_count()} GPU(s); "
-                          f"use one of: {', '.join(here)}")
-    return device
 
 
 def build_model(cfg: TrainConfig, num_labels: int, device: torch.device | None = None):
