@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 
-.PHONY: setup test demo lm-demo bench quality clean
+.PHONY: setup test lint demo lm-demo bench quality clean
 
 setup: $(VENV)/.installed
 
@@ -20,6 +20,11 @@ $(VENV)/.installed: pyproject.toml
 
 test: setup
 	$(PY) -m pytest
+
+# ruff (settings in pyproject.toml): the lint rules, and the formatting the code is kept in
+lint: setup
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff format --check src tests bench
 
 demo: setup
 	$(VENV)/bin/adaptune demo

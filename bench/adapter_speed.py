@@ -70,9 +70,11 @@ SECTIONS = ("train", "infer", "mixed", "small", "host", "memory", "heap")
 
 def make_batch(batch: int, length: int, vocab: int, seed: int = 0, labels: bool = True) -> dict:
     g = torch.Generator().manual_seed(seed)
-    out = {"input_ids": torch.randint(1000, vocab, (batch, length), generator=g),
-           "attention_mask": torch.ones(batch, length, dtype=torch.long),
-           "token_type_ids": torch.zeros(batch, length, dtype=torch.long)}
+    out = {
+        "input_ids": torch.randint(1000, vocab, (batch, length), generator=g),
+        "attention_mask": torch.ones(batch, length, dtype=torch.long),
+        "token_type_ids": torch.zeros(batch, length, dtype=torch.long),
+    }
     if labels:
         out["labels"] = torch.randint(0, 2, (batch,), generator=g)
     return out
@@ -109,8 +111,9 @@ def alternate_times(fns: dict, rounds: int, warmup: int = 1) -> dict[str, list[f
     return times
 
 
-def bootstrap_interval(values: list[float], level: float = 0.9, draws: int = 4000,
-                       groups: list[int] | None = None) -> list[float]:
+def bootstrap_interval(
+    values: list[float], level: float = 0.9, draws: int = 4000, groups: list[int] | None = None
+) -> list[float]:
     """A ``level`` bootstrap interval of the median of ``values`` (percentiles of resampled medians).
 
     ``groups``: ``values`` came from consecutive processes with these many rounds each. Then whole
@@ -121,7 +124,7 @@ def bootstrap_interval(values: list[float], level: float = 0.9, draws: int = 400
     rng = random.Random(0)
     clusters, start = [], 0
     for n in groups or [len(values)]:
-        clusters.append(values[start:start + n])
+        clusters.append(values[start : start + n])
         start += n
     meds = []
     for _ in range(draws):
@@ -132,8 +135,9 @@ def bootstrap_interval(values: list[float], level: float = 0.9, draws: int = 400
     return [meds[lo], meds[draws - 1 - lo]]
 
 
-def paired_ratio(times: dict[str, list[float]], a: str, b: str,
-                 groups: list[int] | None = None) -> tuple[float, list[float]]:
+def paired_ratio(
+    times: dict[str, list[float]], a: str, b: str, groups: list[int] | None = None
+) -> tuple[float, list[float]]:
     """Median of each round's a/b (the pair ran back to back, under the same load) and its interval."""
     ratios = [x / y for x, y in zip(times[a], times[b])]
     return statistics.median(ratios), bootstrap_interval(ratios, groups=groups)
@@ -177,12 +181,16 @@ def train_figures(times: dict[str, list[float]], groups: list[int] | None = None
     med = {k: statistics.median(v) for k, v in times.items()}
     plain_paired, plain_interval = paired_ratio(times, "plain-adapters", "plain-full", groups)
     lean_paired, lean_interval = paired_ratio(times, "lean-adapters", "lean-full", groups)
-    return {"seconds": med,
-            "ratio_plain": med["plain-adapters"] / med["plain-full"],
-            "ratio_lean": med["lean-adapters"] / med["lean-full"],
-            "ratio_plain_paired": plain_paired, "ratio_plain_paired_interval": plain_interval,
-            "ratio_lean_paired": lean_paired, "ratio_lean_paired_interval": lean_interval,
-            "ratio_lean_adapters_vs_plain_full": med["lean-adapters"] / med["plain-full"]}
+    return {
+        "seconds": med,
+        "ratio_plain": med["plain-adapters"] / med["plain-full"],
+        "ratio_lean": med["lean-adapters"] / med["lean-full"],
+        "ratio_plain_paired": plain_paired,
+        "ratio_plain_paired_interval": plain_interval,
+        "ratio_lean_paired": lean_paired,
+        "ratio_lean_paired_interval": lean_interval,
+        "ratio_lean_adapters_vs_plain_full": med["lean-adapters"] / med["plain-full"],
+    }
 
 
 def _adapted_model(size: int, tasks: int):
@@ -208,6 +216,7 @@ def forward_fn(model, batch: dict, adapters):
         set_active(model, adapters)
         with torch.no_grad():
             model(**batch)
+
     return fn
 
 
@@ -221,6 +230,7 @@ def without_adapter_kernel(fn):
             fn()
         finally:
             adapter_gemm.set_enabled(previous)
+
     return off
 
 
@@ -239,12 +249,19 @@ def section_infer(args) -> dict:
 def infer_figures(times: dict[str, list[float]], groups: list[int] | None = None) -> dict:
     med = {k: statistics.median(v) for k, v in times.items()}
     paired, interval = paired_ratio(times, "adapter", "base", groups)
-    out = {"seconds": med, "overhead": med["adapter"] / med["base"] - 1.0,
-           "overhead_paired": paired - 1.0, "overhead_paired_interval": [r - 1.0 for r in interval]}
+    out = {
+        "seconds": med,
+        "overhead": med["adapter"] / med["base"] - 1.0,
+        "overhead_paired": paired - 1.0,
+        "overhead_paired_interval": [r - 1.0 for r in interval],
+    }
     if "adapter-torch" in times:  # the same adapter with torch's products instead of the C kernel
         paired, interval = paired_ratio(times, "adapter-torch", "base", groups)
-        out.update(overhead_torch=med["adapter-torch"] / med["base"] - 1.0, overhead_torch_paired=paired - 1.0,
-                   overhead_torch_paired_interval=[r - 1.0 for r in interval])
+        out.update(
+            overhead_torch=med["adapter-torch"] / med["base"] - 1.0,
+            overhead_torch_paired=paired - 1.0,
+            overhead_torch_paired_interval=[r - 1.0 for r in interval],
+        )
     return out
 
 
@@ -255,8 +272,9 @@ def section_mixed(args) -> dict:
     batch = make_batch(args.batch, args.length, 30000, labels=False)
     rows = [f"task{i % args.tasks}" for i in range(args.batch)]
 
-    times = alternate_times({"single": forward_fn(model, batch, "task0"), "mixed": forward_fn(model, batch, rows)},
-                            args.rounds * 2)
+    times = alternate_times(
+        {"single": forward_fn(model, batch, "task0"), "mixed": forward_fn(model, batch, rows)}, args.rounds * 2
+    )
     # Equality: each row of the mixed batch against the same rows run on their own task.
     set_active(model, rows)
     with torch.no_grad():
@@ -274,8 +292,12 @@ def section_mixed(args) -> dict:
 def mixed_figures(times: dict[str, list[float]], groups: list[int] | None = None) -> dict:
     med = {k: statistics.median(v) for k, v in times.items()}
     paired, interval = paired_ratio(times, "single", "mixed", groups)
-    return {"seconds": med, "throughput_ratio": med["single"] / med["mixed"],
-            "throughput_ratio_paired": paired, "throughput_ratio_paired_interval": interval}
+    return {
+        "seconds": med,
+        "throughput_ratio": med["single"] / med["mixed"],
+        "throughput_ratio_paired": paired,
+        "throughput_ratio_paired_interval": interval,
+    }
 
 
 def section_small(args) -> dict:
@@ -307,10 +329,16 @@ def infer_and_train_figures(times: dict[str, list[float]], groups: list[int] | N
     med = {k: statistics.median(v) for k, v in times.items()}
     infer_paired, infer_interval = paired_ratio(times, "infer-adapter", "infer-base", groups)
     train_paired, train_interval = paired_ratio(times, "train-adapters", "train-full", groups)
-    return {"seconds": med, "rounds": len(times["infer-base"]), "infer_ratio": med["infer-adapter"] / med["infer-base"],
-            "infer_ratio_paired": infer_paired, "infer_ratio_paired_interval": infer_interval,
-            "train_ratio": med["train-adapters"] / med["train-full"], "train_ratio_paired": train_paired,
-            "train_ratio_paired_interval": train_interval}
+    return {
+        "seconds": med,
+        "rounds": len(times["infer-base"]),
+        "infer_ratio": med["infer-adapter"] / med["infer-base"],
+        "infer_ratio_paired": infer_paired,
+        "infer_ratio_paired_interval": infer_interval,
+        "train_ratio": med["train-adapters"] / med["train-full"],
+        "train_ratio_paired": train_paired,
+        "train_ratio_paired_interval": train_interval,
+    }
 
 
 def section_host(args) -> dict:
@@ -322,8 +350,16 @@ def section_host(args) -> dict:
 
     def model_for(strategy: str):
         torch.manual_seed(0)
-        cfg = T.LlamaConfig(hidden_size=64, num_hidden_layers=30, num_attention_heads=4, num_key_value_heads=2,
-                            intermediate_size=128, vocab_size=100, pad_token_id=0, num_labels=2)
+        cfg = T.LlamaConfig(
+            hidden_size=64,
+            num_hidden_layers=30,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=128,
+            vocab_size=100,
+            pad_token_id=0,
+            num_labels=2,
+        )
         m = T.AutoModelForSequenceClassification.from_config(cfg)
         if strategy == "adapters":
             add_adapter(m, "task", AdapterConfig.preset("houlsby", size=16))
@@ -331,7 +367,10 @@ def section_host(args) -> dict:
         return m
 
     g = torch.Generator().manual_seed(0)
-    batch = {"input_ids": torch.randint(3, 100, (2, 8), generator=g), "attention_mask": torch.ones(2, 8, dtype=torch.long)}
+    batch = {
+        "input_ids": torch.randint(3, 100, (2, 8), generator=g),
+        "attention_mask": torch.ones(2, 8, dtype=torch.long),
+    }
     labels = torch.tensor([0, 1])
     served = model_for("adapters").eval()
 
@@ -339,8 +378,9 @@ def section_host(args) -> dict:
     for strategy in ("adapters", "full"):
         m = model_for(strategy).train()
         opt, sched = make_optimizer(m, TrainConfig(strategy=strategy), 10**6)
-        fns[f"train-{strategy}"] = (lambda m=m, opt=opt, sched=sched: training_step(
-            m, {**batch, "labels": labels}, opt, sched, task_type="classification", max_grad_norm=1.0))
+        fns[f"train-{strategy}"] = lambda m=m, opt=opt, sched=sched: training_step(
+            m, {**batch, "labels": labels}, opt, sched, task_type="classification", max_grad_norm=1.0
+        )
     return _infer_and_train(fns, args.rounds * 20, "30-layer 64-wide LLaMA, 2x8 tokens")
 
 
@@ -355,8 +395,12 @@ def _forwarded(args, *names: str) -> list[str]:
 def _run_worker(argv: list[str], what: str, env: dict[str, str] | None = None) -> dict:
     """This script in a fresh process with ``argv`` (and ``env`` added to the environment): the JSON
     its last line prints. Exits with the worker's error output, named ``what``, if it fails."""
-    out = subprocess.run([sys.executable, os.path.abspath(__file__), *argv], capture_output=True, text=True,
-                         env={**os.environ, **(env or {})})
+    out = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), *argv],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
     if out.returncode != 0:
         sys.exit(f"{what} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -379,7 +423,9 @@ def memory_worker(args) -> dict:
 
     strategy, lean = args.worker.split(":")
     runtime = _status_kib("VmRSS") * 1024
-    model, opt, sched, cfg = build(strategy, args.size, lean == "lean", args.mem_steps + 1, args.embedding_norm == "train")
+    model, opt, sched, cfg = build(
+        strategy, args.size, lean == "lean", args.mem_steps + 1, args.embedding_norm == "train"
+    )
     batch = make_batch(args.batch, args.length, 30000)
     before = _status_kib("VmRSS") * 1024
     try:  # "5" resets VmHWM to the current RSS
@@ -405,8 +451,11 @@ def section_memory(args) -> dict:
         for alloc, env in allocators.items():
             for variant in ("adapters:plain", "full:plain", "adapters:lean", "full:lean"):
                 runs.setdefault(f"{variant}:{alloc}", []).append(
-                    _run_worker(["--worker", variant, *passed], f"memory worker {variant}", env))
-    med = {v: {k: statistics.median(r[k] for r in rs) for k in ("runtime", "before", "peak")} for v, rs in runs.items()}
+                    _run_worker(["--worker", variant, *passed], f"memory worker {variant}", env)
+                )
+    med = {
+        v: {k: statistics.median(r[k] for r in rs) for k in ("runtime", "before", "peak")} for v, rs in runs.items()
+    }
     res = {"bytes": med}
     for alloc in allocators:
         for lean in ("plain", "lean"):
@@ -435,9 +484,12 @@ def heap_worker(args) -> dict:
     if args.heap_worker == "train":
         batch = make_batch(args.batch, args.length, 30000)
         for strategy in ("adapters", "full"):
-            model, opt, sched, cfg = build(strategy, args.size, False, 2 * args.rounds + 2, args.embedding_norm == "train")
-            fns[f"train-{strategy}"] = (lambda m=model, o=opt, s=sched, c=cfg: training_step(
-                m, batch, o, s, task_type="classification", max_grad_norm=c.max_grad_norm))
+            model, opt, sched, cfg = build(
+                strategy, args.size, False, 2 * args.rounds + 2, args.embedding_norm == "train"
+            )
+            fns[f"train-{strategy}"] = lambda m=model, o=opt, s=sched, c=cfg: training_step(
+                m, batch, o, s, task_type="classification", max_grad_norm=c.max_grad_norm
+            )
     else:
         served = _adapted_model(args.size, 1)
         fns["infer-adapter"] = forward_fn(served, make_batch(args.batch, args.length, 30000, labels=False), "task0")
@@ -451,8 +503,12 @@ def heap_worker(args) -> dict:
                 if r:  # the first round warms up
                     times[k].append(time.process_time() - c)
                     faults[k].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
-    return {"kept": applied, "seconds": {k: statistics.median(v) for k, v in times.items()},
-            "faults": {k: statistics.median(v) for k, v in faults.items()}, "peak_rss": _status_kib("VmHWM") * 1024}
+    return {
+        "kept": applied,
+        "seconds": {k: statistics.median(v) for k, v in times.items()},
+        "faults": {k: statistics.median(v) for k, v in faults.items()},
+        "peak_rss": _status_kib("VmHWM") * 1024,
+    }
 
 
 def section_heap(args) -> dict:
@@ -462,11 +518,16 @@ def section_heap(args) -> dict:
         pair: dict[str, dict] = {"kept": {}, "default": {}}
         for what in ("train", "infer"):
             for label, flag in (("default", "0"), ("kept", "1")):
-                res = _run_worker(["--heap-worker", what, *passed], f"heap worker ({what}, {label})",
-                                  {"ADAPTUNE_KEEP_FREED_MEMORY": flag})
+                res = _run_worker(
+                    ["--heap-worker", what, *passed],
+                    f"heap worker ({what}, {label})",
+                    {"ADAPTUNE_KEEP_FREED_MEMORY": flag},
+                )
                 if res["kept"] != (label == "kept"):
-                    sys.exit(f"keep_freed_memory {'did not apply' if label == 'kept' else 'applied unasked'} in the "
-                             f"{label} worker (not glibc, or MALLOC_* set in the environment?)")
+                    sys.exit(
+                        f"keep_freed_memory {'did not apply' if label == 'kept' else 'applied unasked'} in the "
+                        f"{label} worker (not glibc, or MALLOC_* set in the environment?)"
+                    )
                 for key in ("seconds", "faults"):
                     pair[label].setdefault(key, {}).update(res[key])
                 pair[label].setdefault("peak_rss", {})[what] = res["peak_rss"]
@@ -474,23 +535,33 @@ def section_heap(args) -> dict:
             runs[label].append(pair[label])
     variants = list(runs["kept"][0]["seconds"])
     # each repeat ran a default and a kept process back to back: the ratio of that pair, median over repeats
-    ratios = {v: statistics.median(k["seconds"][v] / d["seconds"][v] for k, d in zip(runs["kept"], runs["default"]))
-              for v in variants}
+    ratios = {
+        v: statistics.median(k["seconds"][v] / d["seconds"][v] for k, d in zip(runs["kept"], runs["default"]))
+        for v in variants
+    }
+
     def medians(key: str, names) -> dict:  # per label and name, the median over the repeats
         return {lab: {n: statistics.median(r[key][n] for r in rs) for n in names} for lab, rs in runs.items()}
 
-    return {"runs": runs, "kept_over_default": ratios, "seconds": medians("seconds", variants),
-            "faults": medians("faults", variants), "peak_rss": medians("peak_rss", ("train", "infer"))}
+    return {
+        "runs": runs,
+        "kept_over_default": ratios,
+        "seconds": medians("seconds", variants),
+        "faults": medians("faults", variants),
+        "peak_rss": medians("peak_rss", ("train", "infer")),
+    }
 
 
 # ---- speed sections in several fresh processes ----------------------------------------------------
 
 # Per speed section: its figures from the rounds' times, and the paired figures each process shows.
-SPEED_FIGURES = {"train": (train_figures, ("ratio_plain_paired", "ratio_lean_paired")),
-                 "infer": (infer_figures, ("overhead_paired",)),
-                 "mixed": (mixed_figures, ("throughput_ratio_paired",)),
-                 "small": (infer_and_train_figures, ("infer_ratio_paired", "train_ratio_paired")),
-                 "host": (infer_and_train_figures, ("infer_ratio_paired", "train_ratio_paired"))}
+SPEED_FIGURES = {
+    "train": (train_figures, ("ratio_plain_paired", "ratio_lean_paired")),
+    "infer": (infer_figures, ("overhead_paired",)),
+    "mixed": (mixed_figures, ("throughput_ratio_paired",)),
+    "small": (infer_and_train_figures, ("infer_ratio_paired", "train_ratio_paired")),
+    "host": (infer_and_train_figures, ("infer_ratio_paired", "train_ratio_paired")),
+}
 
 
 def _fmt(key: str, value: float) -> str:
@@ -506,17 +577,24 @@ def section_in_processes(name: str, args) -> dict:
     which more rounds in the same process do not average out.
     """
     figures, headline = SPEED_FIGURES[name]
-    passed = _forwarded(args, "rounds", "size", "embedding_norm", "batch", "length", "small_batch", "small_length",
-                        "tasks", "threads")
+    passed = _forwarded(
+        args, "rounds", "size", "embedding_norm", "batch", "length", "small_batch", "small_length", "tasks", "threads"
+    )
     runs = []
     for i in range(args.processes):
         runs.append(_run_worker(["--section-worker", name, *passed], f"{name} process {i + 1}"))
-        print(f"       process {i + 1}/{args.processes}: " + ", ".join(f"{k} {_fmt(k, runs[-1][k])}" for k in headline),
-              flush=True)
+        print(
+            f"       process {i + 1}/{args.processes}: " + ", ".join(f"{k} {_fmt(k, runs[-1][k])}" for k in headline),
+            flush=True,
+        )
     times = {k: [t for r in runs for t in r["times"][k]] for k in runs[0]["times"]}
     groups = [len(next(iter(r["times"].values()))) for r in runs]
-    res = {**runs[0], "times": times, **figures(times, groups),
-           "per_process": {k: [r[k] for r in runs] for k in headline}}
+    res = {
+        **runs[0],
+        "times": times,
+        **figures(times, groups),
+        "per_process": {k: [r[k] for r in runs] for k in headline},
+    }
     if name == "mixed":
         res["max_abs_diff_vs_separate"] = max(r["max_abs_diff_vs_separate"] for r in runs)
     return res
@@ -525,64 +603,110 @@ def section_in_processes(name: str, args) -> dict:
 def report(name: str, res: dict, args) -> None:
     mib = 2**20
     if "per_process" in res:
-        print(f"{name:<6} pooled over {len(next(iter(res['per_process'].values())))} processes (intervals resample "
-              "processes, then rounds); each process's paired median: " + " | ".join(
-                  f"{k} " + " ".join(_fmt(k, v) for v in vs) for k, vs in res["per_process"].items()))
+        print(
+            f"{name:<6} pooled over {len(next(iter(res['per_process'].values())))} processes (intervals resample "
+            "processes, then rounds); each process's paired median: "
+            + " | ".join(f"{k} " + " ".join(_fmt(k, v) for v in vs) for k, vs in res["per_process"].items())
+        )
     if name == "train":
         s = res["seconds"]
-        print(f"train  step CPU s: plain adapters {s['plain-adapters']:.3f} full {s['plain-full']:.3f} | "
-              f"lean adapters {s['lean-adapters']:.3f} full {s['lean-full']:.3f}")
-        print(f"train  ratio adapters/full (median): plain {res['ratio_plain']:.3f} | lean (both) {res['ratio_lean']:.3f} | "
-              f"lean adapters / plain full {res['ratio_lean_adapters_vs_plain_full']:.3f}")
+        print(
+            f"train  step CPU s: plain adapters {s['plain-adapters']:.3f} full {s['plain-full']:.3f} | "
+            f"lean adapters {s['lean-adapters']:.3f} full {s['lean-full']:.3f}"
+        )
+        print(
+            f"train  ratio adapters/full (median): plain {res['ratio_plain']:.3f} | lean (both) "
+            f"{res['ratio_lean']:.3f} | "
+            f"lean adapters / plain full {res['ratio_lean_adapters_vs_plain_full']:.3f}"
+        )
         lo_p, hi_p = res["ratio_plain_paired_interval"]
         lo_l, hi_l = res["ratio_lean_paired_interval"]
-        print(f"train  ratio adapters/full (median of each round's pair, 90 % bootstrap interval): "
-              f"plain {res['ratio_plain_paired']:.3f} ({lo_p:.3f}-{hi_p:.3f}) | "
-              f"lean (both) {res['ratio_lean_paired']:.3f} ({lo_l:.3f}-{hi_l:.3f})")
-        print(f"train  FLOP ideal, counted (FlopCounterMode, forward + backward): {res['flop_ideal']:.3f} "
-              f"({res['flops']['adapters'] / 1e9:.1f} / {res['flops']['full'] / 1e9:.1f} GFLOP); "
-              f"plain median is {100 * (res['ratio_plain'] / res['flop_ideal'] - 1):+.1f} % of it")
+        print(
+            f"train  ratio adapters/full (median of each round's pair, 90 % bootstrap interval): "
+            f"plain {res['ratio_plain_paired']:.3f} ({lo_p:.3f}-{hi_p:.3f}) | "
+            f"lean (both) {res['ratio_lean_paired']:.3f} ({lo_l:.3f}-{hi_l:.3f})"
+        )
+        print(
+            f"train  FLOP ideal, counted (FlopCounterMode, forward + backward): {res['flop_ideal']:.3f} "
+            f"({res['flops']['adapters'] / 1e9:.1f} / {res['flops']['full'] / 1e9:.1f} GFLOP); "
+            f"plain median is {100 * (res['ratio_plain'] / res['flop_ideal'] - 1):+.1f} % of it"
+        )
     elif name == "infer":
-        print(f"infer  forward CPU s: base {res['seconds']['base']:.3f} adapter {res['seconds']['adapter']:.3f} | "
-              f"overhead {100 * res['overhead']:+.1f} % (FLOP ideal {100 * res['flop_ideal']:.1f} %) | median of each "
-              f"round's pair {100 * res['overhead_paired']:+.1f} % (90 % interval "
-              f"{100 * res['overhead_paired_interval'][0]:+.1f} to {100 * res['overhead_paired_interval'][1]:+.1f} %)")
+        print(
+            f"infer  forward CPU s: base {res['seconds']['base']:.3f} adapter {res['seconds']['adapter']:.3f} | "
+            f"overhead {100 * res['overhead']:+.1f} % (FLOP ideal {100 * res['flop_ideal']:.1f} %) | median of each "
+            f"round's pair {100 * res['overhead_paired']:+.1f} % (90 % interval "
+            f"{100 * res['overhead_paired_interval'][0]:+.1f} to {100 * res['overhead_paired_interval'][1]:+.1f} %)"
+        )
         if "overhead_torch" in res:
             lo, hi = res["overhead_torch_paired_interval"]
-            print(f"infer  the adapter with torch's products instead of its C kernel: {res['seconds']['adapter-torch']:.3f} s"
-                  f" | overhead {100 * res['overhead_torch']:+.1f} %, paired {100 * res['overhead_torch_paired']:+.1f} % "
-                  f"({100 * lo:+.1f} to {100 * hi:+.1f} %)")
+            print(
+                "infer  the adapter with torch's products instead of its C kernel: "
+                f"{res['seconds']['adapter-torch']:.3f} s"
+                f" | overhead {100 * res['overhead_torch']:+.1f} %, paired {100 * res['overhead_torch_paired']:+.1f} "
+                "% "
+                f"({100 * lo:+.1f} to {100 * hi:+.1f} %)"
+            )
     elif name == "mixed":
-        print(f"mixed  forward CPU s: single task {res['seconds']['single']:.3f} {res['tasks']} tasks "
-              f"{res['seconds']['mixed']:.3f} | throughput mixed/single {res['throughput_ratio']:.3f}, paired "
-              f"{res['throughput_ratio_paired']:.3f} ({res['throughput_ratio_paired_interval'][0]:.3f}-"
-              f"{res['throughput_ratio_paired_interval'][1]:.3f}) | "
-              f"max |diff| vs separate runs {res['max_abs_diff_vs_separate']:.2e}")
+        print(
+            f"mixed  forward CPU s: single task {res['seconds']['single']:.3f} {res['tasks']} tasks "
+            f"{res['seconds']['mixed']:.3f} | throughput mixed/single {res['throughput_ratio']:.3f}, paired "
+            f"{res['throughput_ratio_paired']:.3f} ({res['throughput_ratio_paired_interval'][0]:.3f}-"
+            f"{res['throughput_ratio_paired_interval'][1]:.3f}) | "
+            f"max |diff| vs separate runs {res['max_abs_diff_vs_separate']:.2e}"
+        )
     elif name in ("small", "host"):
-        s, (lo, hi), (tlo, thi) = res["seconds"], res["infer_ratio_paired_interval"], res["train_ratio_paired_interval"]
-        print(f"{name:<6} {res['what']}, {res['rounds']} rounds, CPU ms: forward base {1e3 * s['infer-base']:.1f} adapter "
-              f"{1e3 * s['infer-adapter']:.1f} (overhead {100 * (res['infer_ratio'] - 1):+.1f} %, paired "
-              f"{100 * (res['infer_ratio_paired'] - 1):+.1f} %, {100 * (lo - 1):+.1f} to {100 * (hi - 1):+.1f} %) | "
-              f"train step adapters {1e3 * s['train-adapters']:.1f} full {1e3 * s['train-full']:.1f} "
-              f"(ratio {res['train_ratio']:.3f}, paired {res['train_ratio_paired']:.3f}, {tlo:.3f}-{thi:.3f})")
+        s, (lo, hi), (tlo, thi) = (
+            res["seconds"],
+            res["infer_ratio_paired_interval"],
+            res["train_ratio_paired_interval"],
+        )
+        print(
+            f"{name:<6} {res['what']}, {res['rounds']} rounds, CPU ms: forward base {1e3 * s['infer-base']:.1f} "
+            "adapter "
+            f"{1e3 * s['infer-adapter']:.1f} (overhead {100 * (res['infer_ratio'] - 1):+.1f} %, paired "
+            f"{100 * (res['infer_ratio_paired'] - 1):+.1f} %, {100 * (lo - 1):+.1f} to {100 * (hi - 1):+.1f} %) | "
+            f"train step adapters {1e3 * s['train-adapters']:.1f} full {1e3 * s['train-full']:.1f} "
+            f"(ratio {res['train_ratio']:.3f}, paired {res['train_ratio_paired']:.3f}, {tlo:.3f}-{thi:.3f})"
+        )
     elif name == "memory":
         b = res["bytes"]
-        print("memory peak RSS MiB: " + ", ".join(f"{v} {b[v]['peak'] / mib:.0f} (runtime {b[v]['runtime'] / mib:.0f}, "
-                                                   f"model built {b[v]['before'] / mib:.0f})" for v in b))
-        for alloc, what in (("default", "heap as train() runs it"), ("exact", "live tensors (each large one mapped apart)")):
-            print(f"memory ratio adapters/full peak, {what}: plain {res[f'peak_ratio_plain_{alloc}']:.3f} | "
-                  f"lean (both) {res[f'peak_ratio_lean_{alloc}']:.3f} | above the runtime (Python + libraries): "
-                  f"plain {res[f'training_ratio_plain_{alloc}']:.3f} lean {res[f'training_ratio_lean_{alloc}']:.3f} | "
-                  f"increment over the loaded model: plain {res[f'increment_ratio_plain_{alloc}']:.3f} "
-                  f"lean {res[f'increment_ratio_lean_{alloc}']:.3f}")
+        print(
+            "memory peak RSS MiB: "
+            + ", ".join(
+                f"{v} {b[v]['peak'] / mib:.0f} (runtime {b[v]['runtime'] / mib:.0f}, "
+                f"model built {b[v]['before'] / mib:.0f})"
+                for v in b
+            )
+        )
+        for alloc, what in (
+            ("default", "heap as train() runs it"),
+            ("exact", "live tensors (each large one mapped apart)"),
+        ):
+            print(
+                f"memory ratio adapters/full peak, {what}: plain {res[f'peak_ratio_plain_{alloc}']:.3f} | "
+                f"lean (both) {res[f'peak_ratio_lean_{alloc}']:.3f} | above the runtime (Python + libraries): "
+                f"plain {res[f'training_ratio_plain_{alloc}']:.3f} lean {res[f'training_ratio_lean_{alloc}']:.3f} | "
+                f"increment over the loaded model: plain {res[f'increment_ratio_plain_{alloc}']:.3f} "
+                f"lean {res[f'increment_ratio_lean_{alloc}']:.3f}"
+            )
     elif name == "heap":
         s, f = res["seconds"], res["faults"]
-        print(f"heap   {args.heap_repeats} process pairs x {args.rounds} rounds, kept / glibc default: " + " | ".join(
-            f"{v} {s['kept'][v]:.3f} / {s['default'][v]:.3f} s (paired {res['kept_over_default'][v]:.3f}), "
-            f"page faults {f['kept'][v]:.0f} / {f['default'][v]:.0f}" for v in s["kept"]))
-        print("heap   peak RSS MiB, kept / default: " + " | ".join(
-            f"{w} process {res['peak_rss']['kept'][w] / mib:.0f} / {res['peak_rss']['default'][w] / mib:.0f}"
-            for w in ("train", "infer")))
+        print(
+            f"heap   {args.heap_repeats} process pairs x {args.rounds} rounds, kept / glibc default: "
+            + " | ".join(
+                f"{v} {s['kept'][v]:.3f} / {s['default'][v]:.3f} s (paired {res['kept_over_default'][v]:.3f}), "
+                f"page faults {f['kept'][v]:.0f} / {f['default'][v]:.0f}"
+                for v in s["kept"]
+            )
+        )
+        print(
+            "heap   peak RSS MiB, kept / default: "
+            + " | ".join(
+                f"{w} process {res['peak_rss']['kept'][w] / mib:.0f} / {res['peak_rss']['default'][w] / mib:.0f}"
+                for w in ("train", "infer")
+            )
+        )
 
 
 def run_section(name: str, args) -> dict:
@@ -599,9 +723,13 @@ def main() -> None:
     p.add_argument("--only", default=",".join(SECTIONS), help="comma-separated subset of " + ",".join(SECTIONS))
     p.add_argument("--rounds", type=int, default=5, help="timed rounds per figure (inference: twice as many)")
     p.add_argument("--size", type=int, default=64, help="adapter size m")
-    p.add_argument("--embedding-norm", choices=("train", "frozen"), default="train",
-                   help="adapters: train a copy of the embedding LayerNorm (the released code) or keep it frozen "
-                        "(backward stops at the first adapter; the configuration of the issue's FLOP ideal 0.713)")
+    p.add_argument(
+        "--embedding-norm",
+        choices=("train", "frozen"),
+        default="train",
+        help="adapters: train a copy of the embedding LayerNorm (the released code) or keep it frozen "
+        "(backward stops at the first adapter; the configuration of the issue's FLOP ideal 0.713)",
+    )
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--length", type=int, default=128)
     p.add_argument("--small-batch", type=int, default=1, help="rows of the 'small' section's batch")
@@ -610,10 +738,16 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--mem-steps", type=int, default=3)
     p.add_argument("--mem-repeats", type=int, default=1)
-    p.add_argument("--heap-repeats", type=int, default=3, help="process pairs (default heap, kept) of the heap section")
-    p.add_argument("--processes", type=int, default=1,
-                   help="run each speed section (train, infer, mixed, small, host) in this many fresh processes "
-                        "and pool their rounds (default 1: in this process)")
+    p.add_argument(
+        "--heap-repeats", type=int, default=3, help="process pairs (default heap, kept) of the heap section"
+    )
+    p.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="run each speed section (train, infer, mixed, small, host) in this many fresh processes "
+        "and pool their rounds (default 1: in this process)",
+    )
     p.add_argument("--json", help="also write the results to this file")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--heap-worker", choices=("train", "infer"), help=argparse.SUPPRESS)
@@ -631,10 +765,13 @@ def main() -> None:
     if args.section_worker:
         print(json.dumps(run_section(args.section_worker, args)), flush=True)
         return
-    print(f"model all-MiniLM-L6-v2 | Houlsby m={args.size} (+ norm and head copies; embedding norm {args.embedding_norm}) | random {args.batch}x{args.length} | "
-          f"torch {torch.__version__} cpu, {torch.get_num_threads()} threads | median CPU time of {args.rounds} rounds, "
-          "variants alternating" + (f", in each of {args.processes} fresh processes" if args.processes > 1 else ""),
-          flush=True)
+    print(
+        f"model all-MiniLM-L6-v2 | Houlsby m={args.size} (+ norm and head copies; embedding norm "
+        f"{args.embedding_norm}) | random {args.batch}x{args.length} | "
+        f"torch {torch.__version__} cpu, {torch.get_num_threads()} threads | median CPU time of {args.rounds} rounds, "
+        "variants alternating" + (f", in each of {args.processes} fresh processes" if args.processes > 1 else ""),
+        flush=True,
+    )
     results = {}
     for name in args.only.split(","):
         if name not in SECTIONS:

@@ -119,9 +119,10 @@ def worker(args) -> dict:
     batch, labels = _batch(30000, args.batch, args.length)
     if args.what == "train":
         fns = {}
-        for lean in ([False, True] if args.lib == "adaptune" else [False]):
-            for strategy in (("adapters", "adapters-bare", "full") if args.lib == "adaptune" and not lean
-                             else ("adapters", "full")):
+        for lean in [False, True] if args.lib == "adaptune" else [False]:
+            for strategy in (
+                ("adapters", "adapters-bare", "full") if args.lib == "adaptune" and not lean else ("adapters", "full")
+            ):
                 model, opt = _build(args.lib, strategy, args.model_dir, args.size, lean)
                 fns[f"{'lean-' if lean else ''}{strategy}"] = lambda m=model, o=opt: _step(m, o, batch, labels)
         return _median_cpu(fns, args.rounds)
@@ -139,6 +140,7 @@ def worker(args) -> dict:
                     model.set_active_adapters("t" if active else None)
                 with torch.no_grad():
                     model(**batch)
+
             return fn
 
         return _median_cpu({"base": run(False), "adapter": run(True)}, 2 * args.rounds)
@@ -174,8 +176,13 @@ def parse_or_work(p: argparse.ArgumentParser, work) -> argparse.Namespace | None
 def spawn(python: Path, script: str, worker_args: list[str], adaptune: bool, label: str) -> dict:
     """Run ``script --worker ...`` in a fresh process of ``python`` (this checkout's adaptune on the
     path when ``adaptune``); its last output line, as JSON."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src") if adaptune else "", HF_HUB_OFFLINE="1",
-               TRANSFORMERS_VERBOSITY="error", TOKENIZERS_PARALLELISM="false")
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(ROOT / "src") if adaptune else "",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_VERBOSITY="error",
+        TOKENIZERS_PARALLELISM="false",
+    )
     out = subprocess.run([str(python), script, "--worker", *worker_args], capture_output=True, text=True, env=env)
     if out.returncode != 0:
         sys.exit(f"{label} failed:\n{out.stderr[-3000:]}")
@@ -183,9 +190,24 @@ def spawn(python: Path, script: str, worker_args: list[str], adaptune: bool, lab
 
 
 def run_worker(python: Path, lib: str, what: str, args) -> dict:
-    worker_args = ["--lib", lib, "--what", what, "--model-dir", args.model_dir, "--size", str(args.size),
-                   "--rounds", str(args.rounds), "--threads", str(args.threads), "--batch", str(args.batch),
-                   "--length", str(args.length)]
+    worker_args = [
+        "--lib",
+        lib,
+        "--what",
+        what,
+        "--model-dir",
+        args.model_dir,
+        "--size",
+        str(args.size),
+        "--rounds",
+        str(args.rounds),
+        "--threads",
+        str(args.threads),
+        "--batch",
+        str(args.batch),
+        "--length",
+        str(args.length),
+    ]
     return spawn(python, os.path.abspath(__file__), worker_args, lib == "adaptune", f"{lib} {what}")
 
 
@@ -205,8 +227,10 @@ def main() -> None:
         return
     hub = ensure_hub_venv(not args.no_setup)
     pythons = {"adaptune": Path(sys.executable), "adapterhub": hub}
-    mem_variants = {"adaptune": ["adapters", "adapters-bare", "full", "adapters:lean", "full:lean"],
-                    "adapterhub": ["adapters", "full"]}
+    mem_variants = {
+        "adaptune": ["adapters", "adapters-bare", "full", "adapters:lean", "full:lean"],
+        "adapterhub": ["adapters", "full"],
+    }
     runs: dict[str, list[dict]] = {lib: [] for lib in pythons}
     for rep in range(args.repeats):
         for lib, python in pythons.items():
@@ -214,30 +238,58 @@ def main() -> None:
             train = run_worker(python, lib, "train", args)
             infer = run_worker(python, lib, "infer", args)
             mem = {v: run_worker(python, lib, f"mem:{v}", args)["peak"] for v in mem_variants[lib]}
-            figures = {"train": train, "infer": infer, "memory": mem,
-                       "train_ratio": train["adapters"] / train["full"],
-                       "infer_overhead": infer["adapter"] / infer["base"] - 1,
-                       "memory_ratio": mem["adapters"] / mem["full"]}
+            figures = {
+                "train": train,
+                "infer": infer,
+                "memory": mem,
+                "train_ratio": train["adapters"] / train["full"],
+                "infer_overhead": infer["adapter"] / infer["base"] - 1,
+                "memory_ratio": mem["adapters"] / mem["full"],
+            }
             if lib == "adaptune":
                 figures["train_ratio_bare"] = train["adapters-bare"] / train["full"]
                 figures["memory_ratio_bare"] = mem["adapters-bare"] / mem["full"]
                 figures["train_ratio_lean"] = train["lean-adapters"] / train["lean-full"]
                 figures["memory_ratio_lean"] = mem["adapters:lean"] / mem["full:lean"]
             runs[lib].append(figures)
-            print(f"  {lib} measured in {time.perf_counter() - t0:.0f} s (repeat {rep + 1} of {args.repeats})",
-                  file=sys.stderr, flush=True)
-    res = {lib: {k: statistics.median(r[k] for r in rs) for k in rs[0] if k not in ("train", "infer", "memory")}
-           for lib, rs in runs.items()}
+            print(
+                f"  {lib} measured in {time.perf_counter() - t0:.0f} s (repeat {rep + 1} of {args.repeats})",
+                file=sys.stderr,
+                flush=True,
+            )
+    res = {
+        lib: {k: statistics.median(r[k] for r in rs) for k in rs[0] if k not in ("train", "infer", "memory")}
+        for lib, rs in runs.items()
+    }
     a, h = res["adaptune"], res["adapterhub"]
-    print(f"all-MiniLM-L6-v2 | Houlsby m={args.size} | random {args.batch}x{args.length} | fp32 CPU, {args.threads} thread(s) | "
-          f"median CPU time of {args.rounds} alternating rounds (inference {2 * args.rounds}) | peak RSS, fresh process each | "
-          f"median of {args.repeats} repeat(s), the libraries in turn")
+    print(
+        f"all-MiniLM-L6-v2 | Houlsby m={args.size} | random {args.batch}x{args.length} | fp32 CPU, {args.threads} "
+        "thread(s) | "
+        f"median CPU time of {args.rounds} alternating rounds (inference {2 * args.rounds}) | peak RSS, fresh process "
+        "each | "
+        f"median of {args.repeats} repeat(s), the libraries in turn"
+    )
     print(f"{'figure':52s} {'adaptune':>10s} {'adaptune lean':>14s} {'AdapterHub 1.3.0':>17s}")
-    print(f"{'train step, adapters / full: adapters + head':52s} {a['train_ratio_bare']:10.3f} {'':>14s} {h['train_ratio']:17.3f}")
-    print(f"{'train step, adapters / full: + layer-norm copies':52s} {a['train_ratio']:10.3f} {a['train_ratio_lean']:14.3f} {'':>17s}")
-    print(f"{'inference overhead of the active adapter':52s} {100 * a['infer_overhead']:9.1f}% {'':>14s} {100 * h['infer_overhead']:16.1f}%")
-    print(f"{'peak training memory, adapters / full: adapters + head':52s} {a['memory_ratio_bare']:10.3f} {'':>14s} {h['memory_ratio']:17.3f}")
-    print(f"{'peak training memory, adapters / full: + norm copies':52s} {a['memory_ratio']:10.3f} {a['memory_ratio_lean']:14.3f} {'':>17s}")
+    print(
+        f"{'train step, adapters / full: adapters + head':52s} {a['train_ratio_bare']:10.3f} {'':>14s} "
+        f"{h['train_ratio']:17.3f}"
+    )
+    print(
+        f"{'train step, adapters / full: + layer-norm copies':52s} {a['train_ratio']:10.3f} "
+        f"{a['train_ratio_lean']:14.3f} {'':>17s}"
+    )
+    print(
+        f"{'inference overhead of the active adapter':52s} {100 * a['infer_overhead']:9.1f}% {'':>14s} "
+        f"{100 * h['infer_overhead']:16.1f}%"
+    )
+    print(
+        f"{'peak training memory, adapters / full: adapters + head':52s} {a['memory_ratio_bare']:10.3f} {'':>14s} "
+        f"{h['memory_ratio']:17.3f}"
+    )
+    print(
+        f"{'peak training memory, adapters / full: + norm copies':52s} {a['memory_ratio']:10.3f} "
+        f"{a['memory_ratio_lean']:14.3f} {'':>17s}"
+    )
     res = {"medians": res, "runs": runs}
     if args.json:
         Path(args.json).write_text(json.dumps({"config": vars(args), "results": res}, indent=2))

@@ -41,8 +41,14 @@ def main() -> None:
     from adaptune.train import TrainConfig, build_model, make_optimizer, training_step
 
     torch.set_num_threads(args.threads)
-    cfg = TrainConfig(model="minilm", data="reviews", batch_size=args.batch, max_length=args.max_length,
-                      limit_train=args.examples, device="cpu")
+    cfg = TrainConfig(
+        model="minilm",
+        data="reviews",
+        batch_size=args.batch,
+        max_length=args.max_length,
+        limit_train=args.examples,
+        device="cpu",
+    )
     tok = load_tokenizer(cfg.model)
     data = load_task_data(cfg.data, limit_train=cfg.limit_train, seed=cfg.seed)
     enc = encode(data.train, tok, cfg.max_length)
@@ -55,7 +61,7 @@ def main() -> None:
     def epoch(variant: str, e: int) -> tuple[float, float, int]:
         if variant == "random-dynamic" or variant == "padded-to-max":
             perm = torch.randperm(len(enc), generator=torch.Generator().manual_seed(e)).tolist()
-            order = [perm[i:i + cfg.batch_size] for i in range(0, len(perm), cfg.batch_size)]
+            order = [perm[i : i + cfg.batch_size] for i in range(0, len(perm), cfg.batch_size)]
         else:
             order = bucket_batches(lengths, cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=e)
         pad_to = cfg.max_length if variant == "padded-to-max" else None
@@ -64,7 +70,9 @@ def main() -> None:
         for idx in order:
             batch = collate([enc[i] for i in idx], tok.pad_token_id, pad_to=pad_to)
             tokens += batch["input_ids"].numel()
-            training_step(model, batch, optimizer, scheduler, task_type=data.task_type, max_grad_norm=cfg.max_grad_norm)
+            training_step(
+                model, batch, optimizer, scheduler, task_type=data.task_type, max_grad_norm=cfg.max_grad_norm
+            )
         return time.process_time() - c0, time.perf_counter() - t0, tokens
 
     epoch("bucketed", 99)  # warm-up, not timed
@@ -73,19 +81,38 @@ def main() -> None:
         for v in VARIANTS:
             runs[v].append(epoch(v, r))
             cpu, wall, tokens = runs[v][-1]
-            print(f"  round {r + 1}/{args.rounds} {v:15s} {len(enc) / cpu:6.2f} ex/s (CPU) {len(enc) / wall:6.2f} ex/s (wall) "
-                  f"{tokens / len(enc):6.1f} padded tokens/example", flush=True)
+            print(
+                f"  round {r + 1}/{args.rounds} {v:15s} {len(enc) / cpu:6.2f} ex/s (CPU) {len(enc) / wall:6.2f} ex/s "
+                "(wall) "
+                f"{tokens / len(enc):6.1f} padded tokens/example",
+                flush=True,
+            )
 
-    print(f"all-MiniLM-L6-v2, Houlsby m=64 + layer norms + head | reviews: {len(enc)} training examples (seeded subset), "
-          f"mean length {statistics.mean(lengths):.1f} tokens, {sum(n == cfg.max_length for n in lengths)} at max_length "
-          f"{cfg.max_length} | batch {cfg.batch_size} | {args.threads} thread(s) | {args.rounds} epochs per variant, alternating")
-    med = {v: (statistics.median(len(enc) / c for c, _, _ in runs[v]), statistics.median(len(enc) / w for _, w, _ in runs[v]))
-           for v in VARIANTS}
+    print(
+        f"all-MiniLM-L6-v2, Houlsby m=64 + layer norms + head | reviews: {len(enc)} training examples (seeded "
+        "subset), "
+        f"mean length {statistics.mean(lengths):.1f} tokens, {sum(n == cfg.max_length for n in lengths)} at "
+        "max_length "
+        f"{cfg.max_length} | batch {cfg.batch_size} | {args.threads} thread(s) | {args.rounds} epochs per variant, "
+        "alternating"
+    )
+    med = {
+        v: (
+            statistics.median(len(enc) / c for c, _, _ in runs[v]),
+            statistics.median(len(enc) / w for _, w, _ in runs[v]),
+        )
+        for v in VARIANTS
+    }
     for v in VARIANTS:
-        print(f"{v:15s} {med[v][0]:7.2f} ex/s CPU   {med[v][1]:7.2f} ex/s wall   "
-              f"{runs[v][0][2] / len(enc):6.1f} padded tokens/example")
+        print(
+            f"{v:15s} {med[v][0]:7.2f} ex/s CPU   {med[v][1]:7.2f} ex/s wall   "
+            f"{runs[v][0][2] / len(enc):6.1f} padded tokens/example"
+        )
     b, p_, rnd = med["bucketed"], med["padded-to-max"], med["random-dynamic"]
-    print(f"bucketed / padded-to-max examples/s: {b[0] / p_[0]:.2f} (CPU time), {b[1] / p_[1]:.2f} (wall)   [goal >= 1.5]")
+    print(
+        f"bucketed / padded-to-max examples/s: {b[0] / p_[0]:.2f} (CPU time), {b[1] / p_[1]:.2f} (wall)   [goal >= "
+        "1.5]"
+    )
     print(f"random batches padded to their longest / padded-to-max: {rnd[0] / p_[0]:.2f} (CPU time)")
 
 

@@ -35,23 +35,53 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
     cores = os.cpu_count() or 1
-    common = ["train", "--quiet", "--limit-train", str(args.limit_train), "--limit-eval", "200", "--epochs", str(args.epochs),
-              "--device", args.device, "--max-length", "128"]
+    common = [
+        "train",
+        "--quiet",
+        "--limit-train",
+        str(args.limit_train),
+        "--limit-eval",
+        "200",
+        "--epochs",
+        str(args.epochs),
+        "--device",
+        args.device,
+        "--max-length",
+        "128",
+    ]
     with tempfile.TemporaryDirectory() as tmp:
         one, many = Path(tmp) / "one", Path(tmp) / "many"
         # one process may use every core; N processes share them
         run([sys.executable, "-m", "adaptune", *common, "-o", str(one)], threads=cores)
-        run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.procs),
-             "-m", "adaptune", *common, "-o", str(many)], threads=max(1, cores // args.procs))
+        run(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc-per-node",
+                str(args.procs),
+                "-m",
+                "adaptune",
+                *common,
+                "-o",
+                str(many),
+            ],
+            threads=max(1, cores // args.procs),
+        )
         m1 = json.loads((one / "metrics.json").read_text())
         mn = json.loads((many / "metrics.json").read_text())
-    print(f"all-MiniLM-L6-v2, Houlsby m=64, reviews: {args.limit_train} examples x {args.epochs} epoch(s), "
-          f"global batch 32, {args.device}, {cores} cores")
+    print(
+        f"all-MiniLM-L6-v2, Houlsby m=64, reviews: {args.limit_train} examples x {args.epochs} epoch(s), "
+        f"global batch 32, {args.device}, {cores} cores"
+    )
     print(f"{'processes':<10}{'examples/s':>12}{'dev accuracy':>14}")
     for n, m in ((1, m1), (args.procs, mn)):
         print(f"{n:<10}{m['examples_per_second']:>12.2f}{m['dev']['accuracy']:>14.4f}")
-    print(f"ratio {args.procs} processes / 1: {mn['examples_per_second'] / m1['examples_per_second']:.2f}x examples/s; "
-          f"dev accuracy difference {mn['dev']['accuracy'] - m1['dev']['accuracy']:+.4f}")
+    print(
+        f"ratio {args.procs} processes / 1: {mn['examples_per_second'] / m1['examples_per_second']:.2f}x examples/s; "
+        f"dev accuracy difference {mn['dev']['accuracy'] - m1['dev']['accuracy']:+.4f}"
+    )
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from adapterhub_side_by_side import _batch, ensure_hub_venv, parse_or_work, spawn  # noqa: E402
+from adapterhub_side_by_side import _batch, ensure_hub_venv, parse_or_work, spawn
 
 METHODS = {  # name -> (library, TrainConfig overrides)
     "adaptune": ("adaptune", {"train_layer_norms": False, "train_pooler": False}),
@@ -49,8 +49,11 @@ def _adaptune_step(model_dir: str, overrides: dict, batch: dict, labels):
     model.train()
     optimizer, scheduler = make_optimizer(model, cfg, 1000)
     full = {**batch, "labels": labels}
-    return (lambda: training_step(model, full, optimizer, scheduler, task_type="classification",
-                                  max_grad_norm=cfg.max_grad_norm)), counts.trainable
+    return (
+        lambda: training_step(
+            model, full, optimizer, scheduler, task_type="classification", max_grad_norm=cfg.max_grad_norm
+        )
+    ), counts.trainable
 
 
 def _hub_step(model_dir: str, batch: dict, labels):
@@ -87,8 +90,11 @@ def worker(args) -> dict:
     torch.set_num_threads(args.threads)
     batch, labels = _batch(30000, args.batch, args.length)
     lib, overrides = METHODS[args.method]
-    step, trained = (_adaptune_step(args.model_dir, overrides, batch, labels) if lib == "adaptune"
-                     else _hub_step(args.model_dir, batch, labels))
+    step, trained = (
+        _adaptune_step(args.model_dir, overrides, batch, labels)
+        if lib == "adaptune"
+        else _hub_step(args.model_dir, batch, labels)
+    )
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # peak RSS from here on
     times = []
@@ -103,8 +109,20 @@ def worker(args) -> dict:
 
 
 def run_worker(python: Path, args, method: str) -> dict:
-    worker_args = ["--method", method, "--model-dir", args.model_dir, "--steps", str(args.steps),
-                   "--threads", str(args.threads), "--batch", str(args.batch), "--length", str(args.length)]
+    worker_args = [
+        "--method",
+        method,
+        "--model-dir",
+        args.model_dir,
+        "--steps",
+        str(args.steps),
+        "--threads",
+        str(args.threads),
+        "--batch",
+        str(args.batch),
+        "--length",
+        str(args.length),
+    ]
     return spawn(python, os.path.abspath(__file__), worker_args, METHODS[method][0] == "adaptune", method)
 
 
@@ -126,17 +144,29 @@ def main() -> None:
         got = {}
         for method in METHODS:
             got[method] = run_worker(pythons[METHODS[method][0]], args, method)
-            print(f"  round {r + 1}: {method} {got[method]['step']:.3f} s/step, peak {got[method]['peak'] / 2**20:.0f} MiB",
-                  file=sys.stderr, flush=True)
+            print(
+                f"  round {r + 1}: {method} {got[method]['step']:.3f} s/step, peak {got[method]['peak'] / 2**20:.0f} "
+                "MiB",
+                file=sys.stderr,
+                flush=True,
+            )
         rounds.append(got)
     hub = "adapterhub"
-    print(f"all-MiniLM-L6-v2 | Houlsby m=64 | random {args.batch}x{args.length}, dropout on | fp32 CPU, {args.threads} "
-          f"threads | median of {args.steps} steps, each method in a fresh process, {args.rounds} interleaved rounds")
-    print(f"| {'method':40s} | trained | " + " | ".join(f"round {i + 1}: step s (/ AdapterHub), peak MiB" for i in range(len(rounds))) + " |")
+    print(
+        f"all-MiniLM-L6-v2 | Houlsby m=64 | random {args.batch}x{args.length}, dropout on | fp32 CPU, {args.threads} "
+        f"threads | median of {args.steps} steps, each method in a fresh process, {args.rounds} interleaved rounds"
+    )
+    print(
+        f"| {'method':40s} | trained | "
+        + " | ".join(f"round {i + 1}: step s (/ AdapterHub), peak MiB" for i in range(len(rounds)))
+        + " |"
+    )
     print("|---|---:|" + "---:|" * len(rounds))
     for method in METHODS:
-        cells = [f"{g[method]['step']:.3f} ({g[method]['step'] / g[hub]['step']:.2f}), {g[method]['peak'] / 2**20:.0f}"
-                 for g in rounds]
+        cells = [
+            f"{g[method]['step']:.3f} ({g[method]['step'] / g[hub]['step']:.2f}), {g[method]['peak'] / 2**20:.0f}"
+            for g in rounds
+        ]
         print(f"| {method:40s} | {rounds[0][method]['trained']:,} | " + " | ".join(cells) + " |")
     if args.json:
         Path(args.json).write_text(json.dumps({"config": vars(args), "rounds": rounds}, indent=2))

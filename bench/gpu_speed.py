@@ -35,11 +35,25 @@ from adaptune import AdapterConfig, add_adapter, set_active, train_strategy
 from adaptune.train import TrainConfig, make_optimizer, training_step
 
 SHAPES = {
-    "minilm": lambda: T.BertConfig(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
-                                   intermediate_size=1536, num_labels=2),
-    "smollm2": lambda: T.LlamaConfig(vocab_size=49152, hidden_size=576, num_hidden_layers=30, num_attention_heads=9,
-                                     num_key_value_heads=3, intermediate_size=1536, tie_word_embeddings=True,
-                                     max_position_embeddings=2048, pad_token_id=0),
+    "minilm": lambda: T.BertConfig(
+        vocab_size=30522,
+        hidden_size=384,
+        num_hidden_layers=6,
+        num_attention_heads=12,
+        intermediate_size=1536,
+        num_labels=2,
+    ),
+    "smollm2": lambda: T.LlamaConfig(
+        vocab_size=49152,
+        hidden_size=576,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        intermediate_size=1536,
+        tie_word_embeddings=True,
+        max_position_embeddings=2048,
+        pad_token_id=0,
+    ),
 }
 
 
@@ -50,7 +64,9 @@ def make(shape: str, strategy: str, device, tasks: int = 1):
     model = cls.from_config(cfg)
     if strategy == "adapters":
         for t in range(tasks):
-            add_adapter(model, f"t{t}", AdapterConfig.preset("houlsby", size=64, train_head=shape == "minilm"), activate=t == 0)
+            add_adapter(
+                model, f"t{t}", AdapterConfig.preset("houlsby", size=64, train_head=shape == "minilm"), activate=t == 0
+            )
     train_strategy(model, strategy)
     return model.to(device)
 
@@ -59,12 +75,19 @@ def batch_for(shape: str, n: int, device) -> tuple[dict, str]:
     g = torch.Generator().manual_seed(0)
     if shape == "minilm":
         ids = torch.randint(1000, 30000, (n, 128), generator=g)
-        return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
-                "labels": torch.randint(0, 2, (n,), generator=g).to(device)}, "classification"
+        return {
+            "input_ids": ids.to(device),
+            "attention_mask": torch.ones_like(ids).to(device),
+            "labels": torch.randint(0, 2, (n,), generator=g).to(device),
+        }, "classification"
     ids = torch.randint(10, 49000, (n, 256), generator=g)
     labels = ids.clone()
     labels[:, :128] = -100
-    return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device), "labels": labels.to(device)}, "causal-lm"
+    return {
+        "input_ids": ids.to(device),
+        "attention_mask": torch.ones_like(ids).to(device),
+        "labels": labels.to(device),
+    }, "causal-lm"
 
 
 def timed(fn, steps: int) -> float:
@@ -77,7 +100,9 @@ def timed(fn, steps: int) -> float:
     return start.elapsed_time(end) / steps
 
 
-def bench_train(shape: str, precision: str, n: int, rounds: int, steps: int, device, compile_mode: str = "none") -> dict:
+def bench_train(
+    shape: str, precision: str, n: int, rounds: int, steps: int, device, compile_mode: str = "none"
+) -> dict:
     batch, task = batch_for(shape, n, device)
     runs = {}
     for strategy in ("adapters", "full"):
@@ -85,7 +110,11 @@ def bench_train(shape: str, precision: str, n: int, rounds: int, steps: int, dev
         torch.cuda.reset_peak_memory_stats()
         model = make(shape, strategy, device).train()
         opt, sched = make_optimizer(model, TrainConfig(strategy=strategy), 10_000)
-        run = model if compile_mode == "none" else torch.compile(model, mode=None if compile_mode == "default" else compile_mode)
+        run = (
+            model
+            if compile_mode == "none"
+            else torch.compile(model, mode=None if compile_mode == "default" else compile_mode)
+        )
 
         def step(model=run, opt=opt, sched=sched):
             training_step(model, batch, opt, sched, task_type=task, max_grad_norm=1.0, precision=precision)
@@ -96,12 +125,15 @@ def bench_train(shape: str, precision: str, n: int, rounds: int, steps: int, dev
         runs[strategy] = {"step": step, "times": [], "peak_mib": None, "model": model}
         runs[strategy]["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
     for r in range(rounds):
-        for strategy in (("adapters", "full") if r % 2 == 0 else ("full", "adapters")):
+        for strategy in ("adapters", "full") if r % 2 == 0 else ("full", "adapters"):
             runs[strategy]["times"].append(timed(runs[strategy]["step"], steps))
     med = {s: statistics.median(v["times"]) for s, v in runs.items()}
-    out = {"step_ms": {s: round(m, 2) for s, m in med.items()}, "step_ratio": round(med["adapters"] / med["full"], 3),
-           "peak_mib": {s: round(v["peak_mib"], 1) for s, v in runs.items()},
-           "memory_ratio": round(runs["adapters"]["peak_mib"] / runs["full"]["peak_mib"], 3)}
+    out = {
+        "step_ms": {s: round(m, 2) for s, m in med.items()},
+        "step_ratio": round(med["adapters"] / med["full"], 3),
+        "peak_mib": {s: round(v["peak_mib"], 1) for s, v in runs.items()},
+        "memory_ratio": round(runs["adapters"]["peak_mib"] / runs["full"]["peak_mib"], 3),
+    }
     del runs
     torch.cuda.empty_cache()
     return out
@@ -111,7 +143,7 @@ def bench_infer(shape: str, precision: str, n: int, rounds: int, steps: int, dev
     batch, _ = batch_for(shape, n, device)
     batch = {k: v for k, v in batch.items() if k != "labels"}
     model = make(shape, "adapters", device, tasks=4).eval()
-    ctx = lambda: torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16")  # noqa: E731
+    ctx = lambda: torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16")
     rows = [f"t{i % 4}" for i in range(n)]
 
     def fwd(route):
@@ -119,6 +151,7 @@ def bench_infer(shape: str, precision: str, n: int, rounds: int, steps: int, dev
             set_active(model, route)
             with torch.no_grad(), ctx():
                 model(**batch)
+
         return run
 
     variants = {"base": fwd(None), "adapter": fwd("t0"), "mixed": fwd(rows)}
@@ -131,9 +164,11 @@ def bench_infer(shape: str, precision: str, n: int, rounds: int, steps: int, dev
         for k in order:
             times[k].append(timed(variants[k], steps))
     med = {k: statistics.median(v) for k, v in times.items()}
-    out = {"forward_ms": {k: round(m, 3) for k, m in med.items()},
-           "adapter_overhead_pct": round(100 * (med["adapter"] / med["base"] - 1), 2),
-           "mixed_over_single_throughput": round(med["adapter"] / med["mixed"], 3)}
+    out = {
+        "forward_ms": {k: round(m, 3) for k, m in med.items()},
+        "adapter_overhead_pct": round(100 * (med["adapter"] / med["base"] - 1), 2),
+        "mixed_over_single_throughput": round(med["adapter"] / med["mixed"], 3),
+    }
     if shape == "smollm2":
         ids = batch["input_ids"][:1, :32]
 
@@ -141,8 +176,15 @@ def bench_infer(shape: str, precision: str, n: int, rounds: int, steps: int, dev
             def run():
                 set_active(model, route)
                 with torch.no_grad(), ctx():
-                    model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=64, min_new_tokens=64,
-                                   do_sample=False, pad_token_id=0)
+                    model.generate(
+                        input_ids=ids,
+                        attention_mask=torch.ones_like(ids),
+                        max_new_tokens=64,
+                        min_new_tokens=64,
+                        do_sample=False,
+                        pad_token_id=0,
+                    )
+
             return run
 
         g = {"base": gen(None), "adapter": gen("t0")}
@@ -150,7 +192,7 @@ def bench_infer(shape: str, precision: str, n: int, rounds: int, steps: int, dev
             v()
         gt = {k: [] for k in g}
         for r in range(rounds):
-            for k in (("base", "adapter") if r % 2 == 0 else ("adapter", "base")):
+            for k in ("base", "adapter") if r % 2 == 0 else ("adapter", "base"):
                 gt[k].append(timed(g[k], 1))
         gm = {k: statistics.median(v) for k, v in gt.items()}
         out["generate_tokens_per_s"] = {k: round(64_000 / m, 1) for k, m in gm.items()}
@@ -166,8 +208,11 @@ def main() -> None:
     ap.add_argument("--big-batch", type=int, default=256, help="a second MiniLM batch, where arithmetic dominates")
     ap.add_argument("--lm-batch", type=int, default=16)
     ap.add_argument("--only", default=None, help="comma-separated keys such as minilm/b32/fp32 (default: all)")
-    ap.add_argument("--compile", default="none", help="comma-separated torch.compile modes for the training figures: "
-                                                      "none, default, reduce-overhead")
+    ap.add_argument(
+        "--compile",
+        default="none",
+        help="comma-separated torch.compile modes for the training figures: none, default, reduce-overhead",
+    )
     ap.add_argument("--no-infer", action="store_true", help="training figures only")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -175,7 +220,12 @@ def main() -> None:
         raise SystemExit("gpu_speed.py needs a CUDA GPU")
     device = torch.device("cuda")
     torch.backends.cuda.matmul.allow_tf32 = True
-    report = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "transformers": T.__version__, "results": {}}
+    report = {
+        "gpu": torch.cuda.get_device_name(0),
+        "torch": torch.__version__,
+        "transformers": T.__version__,
+        "results": {},
+    }
     for shape, n in (("minilm", args.batch), ("minilm", args.big_batch), ("smollm2", args.lm_batch)):
         for precision in ("fp32", "bf16"):
             key = f"{shape}/b{n}/{precision}"
@@ -185,15 +235,21 @@ def main() -> None:
                 name = key if mode == "none" else f"{key}/compile-{mode}"
                 t = bench_train(shape, precision, n, args.rounds, args.steps, device, mode)
                 report["results"][name] = r = {"train": t}
-                line = (f"{name:<36} train step adapters/full {t['step_ratio']:.3f} ({t['step_ms']['adapters']:.1f} / "
-                        f"{t['step_ms']['full']:.1f} ms), peak memory {t['memory_ratio']:.3f} "
-                        f"({t['peak_mib']['adapters']:.0f} / {t['peak_mib']['full']:.0f} MiB)")
+                line = (
+                    f"{name:<36} train step adapters/full {t['step_ratio']:.3f} ({t['step_ms']['adapters']:.1f} / "
+                    f"{t['step_ms']['full']:.1f} ms), peak memory {t['memory_ratio']:.3f} "
+                    f"({t['peak_mib']['adapters']:.0f} / {t['peak_mib']['full']:.0f} MiB)"
+                )
                 if mode == "none" and not args.no_infer:
                     r["infer"] = i = bench_infer(shape, precision, n, args.rounds, args.steps, device)
-                    line += f"; inference +{i['adapter_overhead_pct']:.1f} %, mixed/single {i['mixed_over_single_throughput']:.3f}"
+                    mixed = i["mixed_over_single_throughput"]
+                    line += f"; inference +{i['adapter_overhead_pct']:.1f} %, mixed/single {mixed:.3f}"
                     if "generate_tokens_per_s" in i:
-                        line += (f"; generate {i['generate_tokens_per_s']['adapter']:.0f} vs {i['generate_tokens_per_s']['base']:.0f} "
-                                 f"tok/s ({i['generate_ratio_adapter_over_base']:.3f})")
+                        line += (
+                            f"; generate {i['generate_tokens_per_s']['adapter']:.0f} vs "
+                            f"{i['generate_tokens_per_s']['base']:.0f} "
+                            f"tok/s ({i['generate_ratio_adapter_over_base']:.3f})"
+                        )
                 print(line, flush=True)
                 if args.json:  # after every figure, so a run cut short keeps what it measured
                     with open(args.json, "w") as f:

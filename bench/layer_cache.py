@@ -50,8 +50,16 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     num_layers = 6
     top = tuple(range(num_layers - args.top, num_layers))
-    base = TrainConfig(model="minilm", data="reviews", batch_size=args.batch, max_length=args.max_length,
-                       limit_train=args.examples, train_layer_norms=False, frozen_dropout=False, device="cpu")
+    base = TrainConfig(
+        model="minilm",
+        data="reviews",
+        batch_size=args.batch,
+        max_length=args.max_length,
+        limit_train=args.examples,
+        train_layer_norms=False,
+        frozen_dropout=False,
+        device="cpu",
+    )
     tok = load_tokenizer(base.model)
     data = load_task_data(base.data, limit_train=base.limit_train, seed=base.seed)
     enc = encode(data.train, tok, base.max_length)
@@ -74,8 +82,11 @@ def main() -> None:
         for idx in bucket_batches(lengths, base.batch_size, shuffle=True, seed=base.seed, epoch=e):
             batch = collate([enc[i] for i in idx], tok.pad_token_id)
             with frozen.step(idx) as hit:
-                losses.append(training_step(model, batch, optimizer, scheduler, task_type=data.task_type,
-                                            max_grad_norm=base.max_grad_norm))
+                losses.append(
+                    training_step(
+                        model, batch, optimizer, scheduler, task_type=data.task_type, max_grad_norm=base.max_grad_norm
+                    )
+                )
             hits += hit
         return time.process_time() - c0, time.perf_counter() - t0, statistics.mean(losses), hits
 
@@ -88,25 +99,44 @@ def main() -> None:
     first = {n: epoch(n, 0) for n in variants}  # the cached variant fills its store here
     cut = variants["cached"][1].cut
     kept = sum(t.numel() * t.element_size() for t in variants["cached"][1].store.values())
-    print("  epoch 1: " + "  ".join(f"{n} {c:.1f}s CPU (loss {loss:.4f})" for n, (c, _, loss, _) in first.items()), flush=True)
+    print(
+        "  epoch 1: " + "  ".join(f"{n} {c:.1f}s CPU (loss {loss:.4f})" for n, (c, _, loss, _) in first.items()),
+        flush=True,
+    )
     for r in range(1, args.rounds + 1):
         for n in variants:
             variants[n][-1].append(epoch(n, r))
             c, w, loss, hits = variants[n][-1][-1]
-            print(f"  epoch {r + 1} {n:10s} {c:6.1f}s CPU {w:6.1f}s wall  mean loss {loss:.6f}  reused batches {hits}", flush=True)
+            print(
+                f"  epoch {r + 1} {n:10s} {c:6.1f}s CPU {w:6.1f}s wall  mean loss {loss:.6f}  reused batches {hits}",
+                flush=True,
+            )
 
-    med = {n: (statistics.median(x[0] for x in v[-1]), statistics.median(x[1] for x in v[-1])) for n, v in variants.items()}
-    print(f"all-MiniLM-L6-v2 (L={num_layers}), Houlsby m=64 in layers {list(top)} + head, no layer-norm copies, "
-          f"no dropout below layer {cut} | reviews: {len(enc)} examples (seeded subset), bucketed batches of {base.batch_size}, "
-          f"max_length {base.max_length} | {args.threads} thread(s) | kept states {kept / 2**20:.1f} MiB | "
-          f"median of {args.rounds} later epochs per variant, alternating")
+    med = {
+        n: (statistics.median(x[0] for x in v[-1]), statistics.median(x[1] for x in v[-1]))
+        for n, v in variants.items()
+    }
+    print(
+        f"all-MiniLM-L6-v2 (L={num_layers}), Houlsby m=64 in layers {list(top)} + head, no layer-norm copies, "
+        f"no dropout below layer {cut} | reviews: {len(enc)} examples (seeded subset), bucketed batches of "
+        f"{base.batch_size}, "
+        f"max_length {base.max_length} | {args.threads} thread(s) | kept states {kept / 2**20:.1f} MiB | "
+        f"median of {args.rounds} later epochs per variant, alternating"
+    )
     for n in variants:
-        print(f"{n:10s} later epoch {med[n][0]:7.2f}s CPU {med[n][1]:7.2f}s wall   first epoch {first[n][0]:7.2f}s CPU")
+        print(
+            f"{n:10s} later epoch {med[n][0]:7.2f}s CPU {med[n][1]:7.2f}s wall   first epoch {first[n][0]:7.2f}s CPU"
+        )
     c, rc, a = med["cached"], med["recompute"], med["all-layers"]
     print(f"cached / recompute (same adapters, later epochs): {c[0] / rc[0]:.3f} CPU time, {c[1] / rc[1]:.3f} wall")
-    print(f"cached / all-layers adapters (full-stack epoch):   {c[0] / a[0]:.3f} CPU time, {c[1] / a[1]:.3f} wall   "
-          f"[k/L = {args.top}/{num_layers} = {args.top / num_layers:.3f}]")
-    print(f"cached first (filling) epoch / recompute first epoch: {first['cached'][0] / first['recompute'][0]:.3f} CPU time")
+    print(
+        f"cached / all-layers adapters (full-stack epoch):   {c[0] / a[0]:.3f} CPU time, {c[1] / a[1]:.3f} wall   "
+        f"[k/L = {args.top}/{num_layers} = {args.top / num_layers:.3f}]"
+    )
+    print(
+        f"cached first (filling) epoch / recompute first epoch: {first['cached'][0] / first['recompute'][0]:.3f} CPU "
+        "time"
+    )
     drift = max(abs(x[2] - y[2]) for x, y in zip(variants["cached"][-1], variants["recompute"][-1]))
     print(f"largest difference of mean epoch loss, cached vs recompute: {drift:.2e}")
 

@@ -62,7 +62,9 @@ def main() -> None:
 
     models = {}
     for strategy in ("adapters", "full"):
-        cfg = TrainConfig(model=args.model, data="chatterbot", strategy=strategy, device=str(device), precision=args.precision)
+        cfg = TrainConfig(
+            model=args.model, data="chatterbot", strategy=strategy, device=str(device), precision=args.precision
+        )
         model, counts = build_model(cfg, 0)
         model.to(device).train()
         opt, sched = make_optimizer(model, cfg, 10_000)
@@ -84,47 +86,70 @@ def main() -> None:
         run_steps(strategy, batches[:2])
     train_tps = {s: [] for s in models}
     for r in range(args.repeats):
-        chunk = batches[2 + r * args.steps: 2 + (r + 1) * args.steps]
-        for strategy in (("adapters", "full") if r % 2 == 0 else ("full", "adapters")):
+        chunk = batches[2 + r * args.steps : 2 + (r + 1) * args.steps]
+        for strategy in ("adapters", "full") if r % 2 == 0 else ("full", "adapters"):
             seconds, tokens = run_steps(strategy, chunk)
             train_tps[strategy].append(tokens / seconds)
     del models["full"]
 
     model = models["adapters"][0].eval()
-    ids = torch.tensor([prompt_ids(tok, [{"role": "user", "content": "Tell me about your favourite book."}])], device=device)
+    ids = torch.tensor(
+        [prompt_ids(tok, [{"role": "user", "content": "Tell me about your favourite book."}])], device=device
+    )
 
     def gen(adapter) -> float:
         set_active(model, adapter)
         _sync(device)
         t0 = time.perf_counter()
         with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
-            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new_tokens,
-                           min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+            model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=args.new_tokens,
+                min_new_tokens=args.new_tokens,
+                do_sample=False,
+                pad_token_id=tok.pad_token_id,
+            )
         _sync(device)
         return args.new_tokens / (time.perf_counter() - t0)
 
     gen(None), gen("task")  # warm-up
     gen_tps = {"base": [], "adapter": []}
     for r in range(args.repeats * 2):
-        for label, adapter in ((("base", None), ("adapter", "task")) if r % 2 == 0 else (("adapter", "task"), ("base", None))):
+        for label, adapter in (
+            (("base", None), ("adapter", "task")) if r % 2 == 0 else (("adapter", "task"), ("base", None))
+        ):
             gen_tps[label].append(gen(adapter))
 
     med = {k: statistics.median(v) for k, v in {**train_tps, **gen_tps}.items()}
     counts = models["adapters"][3]
     report = {
-        "model": args.model, "device": str(device), "precision": args.precision, "threads": torch.get_num_threads(),
-        "batch": args.batch, "steps": args.steps, "repeats": args.repeats, "new_tokens": args.new_tokens,
+        "model": args.model,
+        "device": str(device),
+        "precision": args.precision,
+        "threads": torch.get_num_threads(),
+        "batch": args.batch,
+        "steps": args.steps,
+        "repeats": args.repeats,
+        "new_tokens": args.new_tokens,
         "adapter_percent_trained": round(counts.percent, 2),
         "train_tokens_per_s": {"adapters": round(med["adapters"], 1), "full": round(med["full"], 1)},
         "train_ratio_adapters_over_full": round(med["adapters"] / med["full"], 3),
         "generate_tokens_per_s": {"base": round(med["base"], 1), "adapter": round(med["adapter"], 1)},
         "generate_ratio_adapter_over_base": round(med["adapter"] / med["base"], 3),
     }
-    print(f"{args.model} on {device} ({args.precision}, {report['threads']} threads), batch {args.batch}, "
-          f"Houlsby m=64 ({report['adapter_percent_trained']} % trained); medians of {args.repeats} alternating repeats")
-    print(f"training tokens/s: adapters {med['adapters']:.0f}, full {med['full']:.0f} -> adapters/full = {report['train_ratio_adapters_over_full']:.2f}x")
-    print(f"generation tokens/s (batch 1, greedy, {args.new_tokens} new tokens): base {med['base']:.1f}, with adapter "
-          f"{med['adapter']:.1f} -> adapter/base = {report['generate_ratio_adapter_over_base']:.3f}")
+    print(
+        f"{args.model} on {device} ({args.precision}, {report['threads']} threads), batch {args.batch}, "
+        f"Houlsby m=64 ({report['adapter_percent_trained']} % trained); medians of {args.repeats} alternating repeats"
+    )
+    print(
+        f"training tokens/s: adapters {med['adapters']:.0f}, full {med['full']:.0f} -> adapters/full = "
+        f"{report['train_ratio_adapters_over_full']:.2f}x"
+    )
+    print(
+        f"generation tokens/s (batch 1, greedy, {args.new_tokens} new tokens): base {med['base']:.1f}, with adapter "
+        f"{med['adapter']:.1f} -> adapter/base = {report['generate_ratio_adapter_over_base']:.3f}"
+    )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)

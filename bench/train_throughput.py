@@ -63,17 +63,27 @@ def worker(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     n = WARMUP + args.steps
-    cfg = TrainConfig(strategy=args.worker, batch_size=args.batch, max_length=args.max_length,
-                      limit_train=n * args.batch, device=args.device)
+    cfg = TrainConfig(
+        strategy=args.worker,
+        batch_size=args.batch,
+        max_length=args.max_length,
+        limit_train=n * args.batch,
+        device=args.device,
+    )
     device = pick_device(cfg.device)
     tokenizer = load_tokenizer(cfg.model)
     if args.fixed_length:
         g = torch.Generator().manual_seed(cfg.seed)
         shape = (args.batch, args.fixed_length)
-        batches = [{"input_ids": torch.randint(1000, tokenizer.vocab_size, shape, generator=g),
-                    "attention_mask": torch.ones(shape, dtype=torch.long),
-                    "token_type_ids": torch.zeros(shape, dtype=torch.long),
-                    "labels": torch.randint(0, 2, (args.batch,), generator=g)} for _ in range(n)]
+        batches = [
+            {
+                "input_ids": torch.randint(1000, tokenizer.vocab_size, shape, generator=g),
+                "attention_mask": torch.ones(shape, dtype=torch.long),
+                "token_type_ids": torch.zeros(shape, dtype=torch.long),
+                "labels": torch.randint(0, 2, (args.batch,), generator=g),
+            }
+            for _ in range(n)
+        ]
         num_labels, task_type = 2, "classification"
     else:
         data = load_task_data(cfg.data, limit_train=cfg.limit_train, seed=cfg.seed)
@@ -99,8 +109,9 @@ def worker(args) -> dict:
     for k, batch in enumerate(batches):
         sync()
         t0, c0 = time.perf_counter(), time.process_time()
-        losses.append(training_step(model, batch, optimizer, scheduler, task_type=task_type,
-                                    max_grad_norm=cfg.max_grad_norm))
+        losses.append(
+            training_step(model, batch, optimizer, scheduler, task_type=task_type, max_grad_norm=cfg.max_grad_norm)
+        )
         sync()
         if k >= WARMUP:
             times.append(time.perf_counter() - t0)
@@ -108,15 +119,24 @@ def worker(args) -> dict:
     peak = torch.cuda.max_memory_allocated(device) if cuda else _status_kib("VmHWM") * 1024
     timed = batches[WARMUP:]
     return {
-        "strategy": args.worker, "device": str(device), "threads": torch.get_num_threads(),
-        "torch": torch.__version__, "trainable": counts.trainable, "percent": counts.percent,
-        "seconds": sum(times), "step_median_s": statistics.median(times),
+        "strategy": args.worker,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "trainable": counts.trainable,
+        "percent": counts.percent,
+        "seconds": sum(times),
+        "step_median_s": statistics.median(times),
         "cpu_step_median_s": statistics.median(cpu),
         "examples_per_s": sum(len(b["labels"]) for b in timed) / sum(times),
         "tokens_per_s": sum(int(b["attention_mask"].sum()) for b in timed) / sum(times),
         "mean_len": statistics.mean(b["input_ids"].shape[1] for b in timed),
-        "mem_before": before, "mem_peak": peak, "mem_increment": peak - before,
-        "hwm_reset": hwm_reset, "last_loss": losses[-1], "times": times,
+        "mem_before": before,
+        "mem_peak": peak,
+        "mem_increment": peak - before,
+        "hwm_reset": hwm_reset,
+        "last_loss": losses[-1],
+        "times": times,
     }
 
 
@@ -141,45 +161,80 @@ def main() -> None:
     for r in range(args.repeats):
         for s in STRATEGIES:
             t0 = time.perf_counter()
-            out = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", s, *passed],
-                                 capture_output=True, text=True)
+            out = subprocess.run(
+                [sys.executable, os.path.abspath(__file__), "--worker", s, *passed], capture_output=True, text=True
+            )
             if out.returncode != 0:
                 sys.exit(f"worker {s} failed:\n{out.stderr[-3000:]}")
             res = json.loads(out.stdout.strip().splitlines()[-1])
             runs[s].append(res)
-            print(f"  round {r + 1}/{args.repeats} {s:8s} {res['examples_per_s']:7.2f} ex/s "
-                  f"(worker {time.perf_counter() - t0:.0f}s)", file=sys.stderr, flush=True)
+            print(
+                f"  round {r + 1}/{args.repeats} {s:8s} {res['examples_per_s']:7.2f} ex/s "
+                f"(worker {time.perf_counter() - t0:.0f}s)",
+                file=sys.stderr,
+                flush=True,
+            )
 
-    med = {s: {k: statistics.median(x[k] for x in runs[s])
-               for k in ("examples_per_s", "tokens_per_s", "step_median_s", "cpu_step_median_s", "mem_before", "mem_peak", "mem_increment")}
-           for s in STRATEGIES}
+    med = {
+        s: {
+            k: statistics.median(x[k] for x in runs[s])
+            for k in (
+                "examples_per_s",
+                "tokens_per_s",
+                "step_median_s",
+                "cpu_step_median_s",
+                "mem_before",
+                "mem_peak",
+                "mem_increment",
+            )
+        }
+        for s in STRATEGIES
+    }
     a, f, first = med["adapters"], med["full"], runs["adapters"][0]
     mem = "cuda max_memory_allocated" if first["device"].startswith("cuda") else "RSS (VmRSS before, VmHWM after)"
-    shape = f"random {args.batch}x{args.fixed_length}" if args.fixed_length else \
-        f"reviews, batch {args.batch}, max_length {args.max_length}, mean padded length {first['mean_len']:.1f}"
-    mib = lambda b: f"{b / 2**20:8.1f}"  # noqa: E731
-    print(f"model all-MiniLM-L6-v2 | {shape} | {WARMUP} warm-up + {args.steps} timed steps x {args.repeats} "
-          f"rounds (interleaved) | torch {first['torch']} | {first['device']}, {first['threads']} threads | "
-          f"memory: {mem}{'' if first['hwm_reset'] or first['device'] != 'cpu' else ', HWM not reset'}")
-    print(f"{'strategy':9s} {'trainable':>10s} {'ex/s':>8s} {'ex/s runs':>16s} {'step s':>7s} {'cpu s':>7s} "
-          f"{'before MiB':>10s} {'peak MiB':>9s} {'incr MiB':>9s}")
+    shape = (
+        f"random {args.batch}x{args.fixed_length}"
+        if args.fixed_length
+        else f"reviews, batch {args.batch}, max_length {args.max_length}, mean padded length {first['mean_len']:.1f}"
+    )
+    mib = lambda b: f"{b / 2**20:8.1f}"
+    print(
+        f"model all-MiniLM-L6-v2 | {shape} | {WARMUP} warm-up + {args.steps} timed steps x {args.repeats} "
+        f"rounds (interleaved) | torch {first['torch']} | {first['device']}, {first['threads']} threads | "
+        f"memory: {mem}{'' if first['hwm_reset'] or first['device'] != 'cpu' else ', HWM not reset'}"
+    )
+    print(
+        f"{'strategy':9s} {'trainable':>10s} {'ex/s':>8s} {'ex/s runs':>16s} {'step s':>7s} {'cpu s':>7s} "
+        f"{'before MiB':>10s} {'peak MiB':>9s} {'incr MiB':>9s}"
+    )
     for s in STRATEGIES:
         m, r0 = med[s], runs[s][0]
         each = ",".join(f"{x['examples_per_s']:.1f}" for x in runs[s])
-        print(f"{s:9s} {r0['trainable']:>10,d} {m['examples_per_s']:8.2f} {each:>16s} {m['step_median_s']:7.3f} {m['cpu_step_median_s']:7.3f} "
-              f"{mib(m['mem_before']):>10s} {mib(m['mem_peak']):>9s} {mib(m['mem_increment']):>9s}")
-    ratios = {"examples_per_s": a["examples_per_s"] / f["examples_per_s"],
-              "step_time": f["examples_per_s"] / a["examples_per_s"],
-              "cpu_step_time": a["cpu_step_median_s"] / f["cpu_step_median_s"],
-              "mem_peak": a["mem_peak"] / f["mem_peak"],
-              "mem_increment": a["mem_increment"] / f["mem_increment"] if f["mem_increment"] > 0 else None}
-    print(f"ratios adapter/full: examples/s {ratios['examples_per_s']:.3f} | step time {ratios['step_time']:.3f} "
-          f"(median CPU time/step {ratios['cpu_step_time']:.3f}) | "
-          f"peak memory {ratios['mem_peak']:.3f} | training increment "
-          + (f"{ratios['mem_increment']:.3f}" if ratios["mem_increment"] is not None else "n/a"))
+        print(
+            f"{s:9s} {r0['trainable']:>10,d} {m['examples_per_s']:8.2f} {each:>16s} {m['step_median_s']:7.3f} "
+            f"{m['cpu_step_median_s']:7.3f} "
+            f"{mib(m['mem_before']):>10s} {mib(m['mem_peak']):>9s} {mib(m['mem_increment']):>9s}"
+        )
+    ratios = {
+        "examples_per_s": a["examples_per_s"] / f["examples_per_s"],
+        "step_time": f["examples_per_s"] / a["examples_per_s"],
+        "cpu_step_time": a["cpu_step_median_s"] / f["cpu_step_median_s"],
+        "mem_peak": a["mem_peak"] / f["mem_peak"],
+        "mem_increment": a["mem_increment"] / f["mem_increment"] if f["mem_increment"] > 0 else None,
+    }
+    print(
+        f"ratios adapter/full: examples/s {ratios['examples_per_s']:.3f} | step time {ratios['step_time']:.3f} "
+        f"(median CPU time/step {ratios['cpu_step_time']:.3f}) | "
+        f"peak memory {ratios['mem_peak']:.3f} | training increment "
+        + (f"{ratios['mem_increment']:.3f}" if ratios["mem_increment"] is not None else "n/a")
+    )
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"config": vars(args) | {"warmup": WARMUP}, "runs": runs, "median": med, "ratios": ratios}, fh, indent=2)
+            json.dump(
+                {"config": vars(args) | {"warmup": WARMUP}, "runs": runs, "median": med, "ratios": ratios},
+                fh,
+                indent=2,
+            )
 
 
 if __name__ == "__main__":

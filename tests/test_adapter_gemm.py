@@ -20,11 +20,12 @@ def test_products_equal_torch_for_every_tile_shape(one_thread, rows, k, n):
     g = torch.Generator().manual_seed(rows * 1000 + k)
     x, h = torch.randn(rows, k, generator=g), torch.randn(rows, n, generator=g)
     w, b = torch.randn(n, k, generator=g), torch.randn(n, generator=g)
-    close = dict(rtol=1e-5, atol=1e-5 * k ** 0.5)
+    close = dict(rtol=1e-5, atol=1e-5 * k**0.5)
     torch.testing.assert_close(adapter_gemm.linear(x, w), x @ w.t(), **close)
     torch.testing.assert_close(adapter_gemm.linear(x, w, b), torch.addmm(b, x, w.t()), **close)
-    torch.testing.assert_close(adapter_gemm.linear(x, w, b, onto=h, scale=-0.5),
-                               h - 0.5 * torch.addmm(b, x, w.t()), **close)
+    torch.testing.assert_close(
+        adapter_gemm.linear(x, w, b, onto=h, scale=-0.5), h - 0.5 * torch.addmm(b, x, w.t()), **close
+    )
     torch.testing.assert_close(adapter_gemm.matmul(x, w.t().contiguous()), x @ w.t(), **close)
     torch.testing.assert_close(adapter_gemm.matmul(x, w.t(), onto=h), torch.addmm(h, x, w.t()), **close)
 
@@ -83,6 +84,7 @@ def _record_fused_calls(monkeypatch) -> list:
             result = real(*args)
             calls.append(name if result is not None else "declined")
             return result
+
         return call
 
     for name in ("adapter_forward", "adapter_backward"):
@@ -228,16 +230,30 @@ def test_fused_adapter_declines_what_it_cannot_take(one_thread):
     """A bottleneck wider than MAX_M, a width that is not a multiple of 16, or float64: None (the
     caller runs the products one by one)."""
     x = torch.randn(12, 32)
-    for m, d, dtype in ((adapter_gemm.MAX_M + 16, 32, torch.float32), (24, 32, torch.float32),
-                        (16, 40, torch.float32), (16, 32, torch.float64)):
+    for m, d, dtype in (
+        (adapter_gemm.MAX_M + 16, 32, torch.float32),
+        (24, 32, torch.float32),
+        (16, 40, torch.float32),
+        (16, 32, torch.float64),
+    ):
         xs = torch.randn(12, d, dtype=dtype)
-        args = (torch.randn(m, d, dtype=dtype), torch.randn(m, dtype=dtype), torch.randn(d, m, dtype=dtype),
-                torch.randn(d, dtype=dtype))
+        args = (
+            torch.randn(m, d, dtype=dtype),
+            torch.randn(m, dtype=dtype),
+            torch.randn(d, m, dtype=dtype),
+            torch.randn(d, dtype=dtype),
+        )
         assert adapter_gemm.adapter_forward(xs, xs, *args, 1.0) is None
-        assert adapter_gemm.adapter_backward(xs, torch.randn(12, m, dtype=dtype), args[0], args[2], 1.0, True,
-                                             True) is None
-    assert adapter_gemm.adapter_forward(x, x, torch.randn(16, 32), torch.randn(16), torch.randn(32, 16),
-                                        torch.randn(32), 1.0) is not None
+        assert (
+            adapter_gemm.adapter_backward(xs, torch.randn(12, m, dtype=dtype), args[0], args[2], 1.0, True, True)
+            is None
+        )
+    assert (
+        adapter_gemm.adapter_forward(
+            x, x, torch.randn(16, 32), torch.randn(16), torch.randn(32, 16), torch.randn(32), 1.0
+        )
+        is not None
+    )
 
 
 @needs_kernel
@@ -245,7 +261,13 @@ def test_fused_adapter_same_bits_at_any_thread_count(one_thread):
     """Blocks of six rows split over threads, each summed in one order: two threads give one's bits."""
     if not native.library().parallel:
         pytest.skip("the kernels were built without a shared OpenMP runtime: one thread only")
-    x, wd, bd, wu, bu = torch.randn(1001, 64), torch.randn(32, 64), torch.randn(32), torch.randn(64, 32), torch.randn(64)
+    x, wd, bd, wu, bu = (
+        torch.randn(1001, 64),
+        torch.randn(32, 64),
+        torch.randn(32),
+        torch.randn(64, 32),
+        torch.randn(64),
+    )
     g = torch.randn(1001, 64)
     results = []
     for threads in (1, 2):

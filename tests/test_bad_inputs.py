@@ -22,8 +22,10 @@ from adaptune.cli import main
 
 def _tree(root: Path) -> dict:
     """Every path under root with its size and content hash (folders: None)."""
-    return {str(p.relative_to(root)): (hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else None)
-            for p in sorted(root.rglob("*"))}
+    return {
+        str(p.relative_to(root)): (hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else None)
+        for p in sorted(root.rglob("*"))
+    }
 
 
 def _fails_cleanly(argv: list[str], root: Path, capsys, *words: str, code: int = 2) -> str:
@@ -43,6 +45,7 @@ def _fails_cleanly(argv: list[str], root: Path, capsys, *words: str, code: int =
 
 # ---- data files -------------------------------------------------------------------------------------------
 
+
 def _csv(text: str):
     return _file("data.csv", text)
 
@@ -52,6 +55,7 @@ def _file(name: str, content: bytes | str):
         p = d / name
         p.write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))
         return p
+
     return make
 
 
@@ -77,7 +81,11 @@ DATA_CASES = {
     "missing-label-column": (_reviews, ["--label-column", "stars"], ["stars", "score"]),
     "missing-pair-column": (_reviews, ["--text-pair-column", "other"], ["other"]),
     "one-class": (_csv("review,score\n" + "".join(f"coffee {i},good\n" for i in range(20))), [], ["single label"]),
-    "bad-jsonl-line": (_file("data.jsonl", '{"review": "a", "score": "x"}\n{"review": "b", \n'), [], ["line 2", "JSON"]),
+    "bad-jsonl-line": (
+        _file("data.jsonl", '{"review": "a", "score": "x"}\n{"review": "b", \n'),
+        [],
+        ["line 2", "JSON"],
+    ),
     "jsonl-not-objects": (_file("data.jsonl", "[1, 2]\n[3, 4]\n"), [], ["not objects"]),
     "empty-jsonl": (_file("data.jsonl", "\n\n"), [], ["empty"]),
     "bad-json-array": (_file("data.json", '[{"review": "a", "score": "x"},'), [], ["not valid JSON"]),
@@ -92,9 +100,11 @@ DATA_CASES = {
     "empty-texts": (_csv("review,score\n" + "".join(f",{'ab'[i % 2]}\n" for i in range(20))), [], ["miss text"]),
     "empty-labels": (_csv("review,score\n" + "".join(f"coffee {i},\n" for i in range(20))), [], ["label"]),
     "tsv-missing-columns": (_file("data.tsv", "a\tb\n1\t2\n"), [], ["review"]),
-    "chat-data-on-encoder": (_file("data.jsonl", "".join(f'{{"prompt": "hi {i}", "response": "hello {i}"}}\n'
-                                                         for i in range(200))), [],
-                             ["bidirectional encoder"]),
+    "chat-data-on-encoder": (
+        _file("data.jsonl", "".join(f'{{"prompt": "hi {i}", "response": "hello {i}"}}\n' for i in range(200))),
+        [],
+        ["bidirectional encoder"],
+    ),
 }
 
 
@@ -105,8 +115,25 @@ def test_bad_data_file(case, tiny_model_dir, tmp_path, capsys):
     (tmp_path / "dev.csv").write_text("review,score\nnice,good\nweird,excellent\n")
     (tmp_path / "devcols.csv").write_text("body,score\nnice,good\n")
     extra = [str(tmp_path / e) if e.endswith(".csv") else e for e in extra]
-    argv = ["train", "--quiet", "-o", str(tmp_path / "run"), "--model", str(tiny_model_dir), "--data", str(data),
-            "--text-column", "review", "--label-column", "score", "--epochs", "1", "--device", "cpu", *extra]
+    argv = [
+        "train",
+        "--quiet",
+        "-o",
+        str(tmp_path / "run"),
+        "--model",
+        str(tiny_model_dir),
+        "--data",
+        str(data),
+        "--text-column",
+        "review",
+        "--label-column",
+        "score",
+        "--epochs",
+        "1",
+        "--device",
+        "cpu",
+        *extra,
+    ]
     _fails_cleanly(argv, tmp_path, capsys, *words)
     assert not (tmp_path / "run").exists()
 
@@ -155,11 +182,32 @@ def test_bad_argument(case, tiny_model_dir, tiny_lm_dir, tmp_path, capsys):
     three = write_reviews_csv(tmp_path / "three.csv", n=24, classes=3)
     (tmp_path / "not-a-model").mkdir()
     (tmp_path / "chat.jsonl").write_text('{"prompt": "hi", "response": "hello"}\n' * 20)
-    swap = {"MISSING": str(tmp_path / "no" / "model"), "NOTMODEL": str(tmp_path / "not-a-model"), "THREE": str(three),
-            "LM": str(tiny_lm_dir), "CHAT": str(tmp_path / "chat.jsonl")}
-    argv = ["train", "--quiet", "-o", str(tmp_path / "run"), "--model", str(tiny_model_dir), "--data", str(data),
-            "--text-column", "review", "--label-column", "score", "--epochs", "1", "--device", "cpu",
-            *[swap.get(e, e) for e in extra]]
+    swap = {
+        "MISSING": str(tmp_path / "no" / "model"),
+        "NOTMODEL": str(tmp_path / "not-a-model"),
+        "THREE": str(three),
+        "LM": str(tiny_lm_dir),
+        "CHAT": str(tmp_path / "chat.jsonl"),
+    }
+    argv = [
+        "train",
+        "--quiet",
+        "-o",
+        str(tmp_path / "run"),
+        "--model",
+        str(tiny_model_dir),
+        "--data",
+        str(data),
+        "--text-column",
+        "review",
+        "--label-column",
+        "score",
+        "--epochs",
+        "1",
+        "--device",
+        "cpu",
+        *[swap.get(e, e) for e in extra],
+    ]
     _fails_cleanly(argv, tmp_path, capsys, *words)
     assert not (tmp_path / "run").exists()
 
@@ -167,8 +215,20 @@ def test_bad_argument(case, tiny_model_dir, tiny_lm_dir, tmp_path, capsys):
 def test_output_that_is_a_file(tiny_model_dir, tmp_path, capsys):
     data = write_reviews_csv(tmp_path / "d.csv", n=24)
     (tmp_path / "run").write_text("my notes")
-    argv = ["train", "--quiet", "-o", str(tmp_path / "run"), "--model", str(tiny_model_dir), "--data", str(data),
-            "--text-column", "review", "--label-column", "score"]
+    argv = [
+        "train",
+        "--quiet",
+        "-o",
+        str(tmp_path / "run"),
+        "--model",
+        str(tiny_model_dir),
+        "--data",
+        str(data),
+        "--text-column",
+        "review",
+        "--label-column",
+        "score",
+    ]
     _fails_cleanly(argv, tmp_path, capsys, "not a folder")
 
 
@@ -176,8 +236,20 @@ def test_output_folder_with_other_files(tiny_model_dir, tmp_path, capsys):
     data = write_reviews_csv(tmp_path / "d.csv", n=24)
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "keep.txt").write_text("mine")
-    argv = ["train", "--quiet", "-o", str(tmp_path / "run"), "--model", str(tiny_model_dir), "--data", str(data),
-            "--text-column", "review", "--label-column", "score"]
+    argv = [
+        "train",
+        "--quiet",
+        "-o",
+        str(tmp_path / "run"),
+        "--model",
+        str(tiny_model_dir),
+        "--data",
+        str(data),
+        "--text-column",
+        "review",
+        "--label-column",
+        "score",
+    ]
     _fails_cleanly(argv, tmp_path, capsys, "already exists")
 
 
@@ -195,9 +267,33 @@ def tiny_lm_dir(tmp_path_factory):
 def finished_run(tiny_model_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("finished")
     data = write_reviews_csv(tmp / "d.csv", n=24)
-    assert main(["train", "--quiet", "-o", str(tmp / "run"), "--model", str(tiny_model_dir), "--data", str(data),
-                 "--text-column", "review", "--label-column", "score", "--epochs", "1", "--batch-size", "8",
-                 "--max-length", "16", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--quiet",
+                "-o",
+                str(tmp / "run"),
+                "--model",
+                str(tiny_model_dir),
+                "--data",
+                str(data),
+                "--text-column",
+                "review",
+                "--label-column",
+                "score",
+                "--epochs",
+                "1",
+                "--batch-size",
+                "8",
+                "--max-length",
+                "16",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     return tmp / "run"
 
 
@@ -221,39 +317,94 @@ def _nan_first(tensors):
 ADAPTER_CASES = {
     # (damage to the copied run folder, command, words)
     "info-missing-path": (lambda r: shutil.rmtree(r), "info", ["not an adapter folder"]),
-    "info-no-config": (lambda r: (r / "adapter" / "adapter_config.json").unlink(), "info", ["missing", "adapter_config.json"]),
-    "info-no-weights": (lambda r: (r / "adapter" / "adapter.safetensors").unlink(), "info", ["missing", "adapter.safetensors"]),
-    "info-config-not-json": (lambda r: (r / "adapter" / "adapter_config.json").write_text("{oops"), "info", ["not valid JSON"]),
-    "info-config-a-list": (lambda r: (r / "adapter" / "adapter_config.json").write_text("[1]"), "info", ["JSON object"]),
-    "info-unknown-field": (lambda r: _edit_json(r / "adapter" / "adapter_config.json", lambda m: m.update(colour="red")),
-                           "info", ["unknown field", "colour"]),
-    "info-future-format": (lambda r: _edit_json(r / "adapter" / "adapter_config.json", lambda m: m.update(format=99)),
-                           "info", ["format 99"]),
-    "info-bad-config-value": (lambda r: _edit_json(r / "adapter" / "adapter_config.json",
-                                                   lambda m: m["config"].update(size=-3)), "info", ["size"]),
-    "info-truncated-weights": (lambda r: (r / "adapter" / "adapter.safetensors").write_bytes(b"\x10\x00"), "info",
-                               ["adapter.safetensors", "damaged"]),
-    "info-size-edited": (lambda r: _edit_json(r / "adapter" / "adapter_config.json", lambda m: m["config"].update(size=9)),
-                         "info", ["shape", "edited"]),
-    "predict-checksum": (lambda r: _edit_tensors(r / "adapter" / "adapter.safetensors",
-                                                 lambda t: t.__setitem__(sorted(t)[0], t[sorted(t)[0]] + 1)),
-                         "predict", ["checksum"]),
-    "predict-nan-values": (lambda r: (_edit_tensors(r / "adapter" / "adapter.safetensors", _nan_first),
-                                      _edit_json(r / "adapter" / "adapter_config.json", lambda m: m.pop("sha256"))),
-                           "predict", ["NaN"]),
-    "predict-missing-tensor": (lambda r: (_edit_tensors(r / "adapter" / "adapter.safetensors", lambda t: t.pop(sorted(t)[0])),
-                                          _edit_json(r / "adapter" / "adapter_config.json", lambda m: m.pop("sha256"))),
-                               "predict", ["missing"]),
+    "info-no-config": (
+        lambda r: (r / "adapter" / "adapter_config.json").unlink(),
+        "info",
+        ["missing", "adapter_config.json"],
+    ),
+    "info-no-weights": (
+        lambda r: (r / "adapter" / "adapter.safetensors").unlink(),
+        "info",
+        ["missing", "adapter.safetensors"],
+    ),
+    "info-config-not-json": (
+        lambda r: (r / "adapter" / "adapter_config.json").write_text("{oops"),
+        "info",
+        ["not valid JSON"],
+    ),
+    "info-config-a-list": (
+        lambda r: (r / "adapter" / "adapter_config.json").write_text("[1]"),
+        "info",
+        ["JSON object"],
+    ),
+    "info-unknown-field": (
+        lambda r: _edit_json(r / "adapter" / "adapter_config.json", lambda m: m.update(colour="red")),
+        "info",
+        ["unknown field", "colour"],
+    ),
+    "info-future-format": (
+        lambda r: _edit_json(r / "adapter" / "adapter_config.json", lambda m: m.update(format=99)),
+        "info",
+        ["format 99"],
+    ),
+    "info-bad-config-value": (
+        lambda r: _edit_json(r / "adapter" / "adapter_config.json", lambda m: m["config"].update(size=-3)),
+        "info",
+        ["size"],
+    ),
+    "info-truncated-weights": (
+        lambda r: (r / "adapter" / "adapter.safetensors").write_bytes(b"\x10\x00"),
+        "info",
+        ["adapter.safetensors", "damaged"],
+    ),
+    "info-size-edited": (
+        lambda r: _edit_json(r / "adapter" / "adapter_config.json", lambda m: m["config"].update(size=9)),
+        "info",
+        ["shape", "edited"],
+    ),
+    "predict-checksum": (
+        lambda r: _edit_tensors(
+            r / "adapter" / "adapter.safetensors", lambda t: t.__setitem__(sorted(t)[0], t[sorted(t)[0]] + 1)
+        ),
+        "predict",
+        ["checksum"],
+    ),
+    "predict-nan-values": (
+        lambda r: (
+            _edit_tensors(r / "adapter" / "adapter.safetensors", _nan_first),
+            _edit_json(r / "adapter" / "adapter_config.json", lambda m: m.pop("sha256")),
+        ),
+        "predict",
+        ["NaN"],
+    ),
+    "predict-missing-tensor": (
+        lambda r: (
+            _edit_tensors(r / "adapter" / "adapter.safetensors", lambda t: t.pop(sorted(t)[0])),
+            _edit_json(r / "adapter" / "adapter_config.json", lambda m: m.pop("sha256")),
+        ),
+        "predict",
+        ["missing"],
+    ),
     "predict-no-adapter-folder": (lambda r: shutil.rmtree(r / "adapter"), "predict", ["adapter"]),
     "predict-no-task-json": (lambda r: (r / "task.json").unlink(), "predict", ["task.json"]),
     "predict-task-json-damaged": (lambda r: (r / "task.json").write_text("{"), "predict", ["task.json"]),
     "predict-config-damaged": (lambda r: (r / "config.json").write_text("nope"), "predict", ["config.json"]),
-    "predict-not-a-run": (lambda r: [(r / n).unlink() if (r / n).is_file() else shutil.rmtree(r / n)
-                                     for n in ("metrics.json", "task.json", "adapter", "tokenizer")],
-                          "predict", ["not a finished run"]),
-    "eval-not-a-run": (lambda r: [(r / n).unlink() if (r / n).is_file() else shutil.rmtree(r / n)
-                                  for n in ("metrics.json", "task.json", "adapter", "tokenizer")],
-                       "eval", ["not a finished run"]),
+    "predict-not-a-run": (
+        lambda r: [
+            (r / n).unlink() if (r / n).is_file() else shutil.rmtree(r / n)
+            for n in ("metrics.json", "task.json", "adapter", "tokenizer")
+        ],
+        "predict",
+        ["not a finished run"],
+    ),
+    "eval-not-a-run": (
+        lambda r: [
+            (r / n).unlink() if (r / n).is_file() else shutil.rmtree(r / n)
+            for n in ("metrics.json", "task.json", "adapter", "tokenizer")
+        ],
+        "eval",
+        ["not a finished run"],
+    ),
     "eval-no-test-split": (lambda r: None, "eval-test", ["test"]),
     "eval-other-data-missing": (lambda r: None, "eval-missing-data", ["does not exist"]),
     "predict-empty-file": (lambda r: (r.parent / "empty.txt").write_text(""), "predict-file", ["no texts"]),
@@ -289,9 +440,33 @@ def interrupted_run(tiny_model_dir, tmp_path_factory):
     """A run killed at step 5 (its checkpoint holds step 4)."""
     tmp = tmp_path_factory.mktemp("interrupted")
     data = write_reviews_csv(tmp / "d.csv", n=40)
-    args = [sys.executable, "-m", "adaptune", "train", "-o", str(tmp / "run"), "--model", str(tiny_model_dir),
-            "--data", str(data), "--text-column", "review", "--label-column", "score", "--epochs", "2",
-            "--batch-size", "8", "--max-length", "16", "--device", "cpu", "--checkpoint-every", "2", "--quiet"]
+    args = [
+        sys.executable,
+        "-m",
+        "adaptune",
+        "train",
+        "-o",
+        str(tmp / "run"),
+        "--model",
+        str(tiny_model_dir),
+        "--data",
+        str(data),
+        "--text-column",
+        "review",
+        "--label-column",
+        "score",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "8",
+        "--max-length",
+        "16",
+        "--device",
+        "cpu",
+        "--checkpoint-every",
+        "2",
+        "--quiet",
+    ]
     env = {**os.environ, "ADAPTUNE_DEBUG_SIGKILL_AT_STEP": "5", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     assert subprocess.run(args, env=env, capture_output=True).returncode != 0
     assert (tmp / "run" / "checkpoint" / "state.safetensors").is_file()
@@ -309,15 +484,24 @@ def _first_param(tensors) -> str:
 CHECKPOINT_CASES = {
     "no-config": (lambda r: (r / "config.json").unlink(), ["nothing to resume"]),
     "config-not-json": (lambda r: (r / "config.json").write_text("{"), ["config.json"]),
-    "config-unknown-option": (lambda r: _edit_json(r / "config.json", lambda m: m["train"].update(turbo=True)),
-                              ["turbo"]),
+    "config-unknown-option": (
+        lambda r: _edit_json(r / "config.json", lambda m: m["train"].update(turbo=True)),
+        ["turbo"],
+    ),
     "state-truncated": (lambda r: _state(r).write_bytes(_state(r).read_bytes()[:100]), ["damaged"]),
     "state-json-damaged": (lambda r: (r / "checkpoint" / "state.json").write_text("{"), ["damaged"]),
-    "param-missing": (lambda r: _edit_tensors(_state(r), lambda t: t.pop(_first_param(t))), ["lacks trained parameter"]),
-    "param-mis-shaped": (lambda r: _edit_tensors(_state(r), lambda t: t.__setitem__(_first_param(t), torch.zeros(1))),
-                         ["shape"]),
-    "param-unknown": (lambda r: _edit_tensors(_state(r), lambda t: t.__setitem__("param.not.trained", torch.zeros(1))),
-                      ["does not train"]),
+    "param-missing": (
+        lambda r: _edit_tensors(_state(r), lambda t: t.pop(_first_param(t))),
+        ["lacks trained parameter"],
+    ),
+    "param-mis-shaped": (
+        lambda r: _edit_tensors(_state(r), lambda t: t.__setitem__(_first_param(t), torch.zeros(1))),
+        ["shape"],
+    ),
+    "param-unknown": (
+        lambda r: _edit_tensors(_state(r), lambda t: t.__setitem__("param.not.trained", torch.zeros(1))),
+        ["does not train"],
+    ),
     "data-gone": (lambda r: (r.parent / "d.csv").unlink(), ["d.csv"]),
 }
 

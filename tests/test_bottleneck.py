@@ -221,8 +221,9 @@ def test_gelu_adapter_at_scale_uses_the_c_gelu_and_equals_the_plain_ops(gelu_cal
     if grad:
         g = torch.randn_like(plain)
         leaves = [h, *b.parameters()]
-        torch.testing.assert_close(torch.autograd.grad(fused, leaves, g), torch.autograd.grad(plain, leaves, g),
-                                   rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            torch.autograd.grad(fused, leaves, g), torch.autograd.grad(plain, leaves, g), rtol=1e-4, atol=1e-4
+        )
     assert gelu_calls == ({"forward": 2, "backward": 1} if grad else {"forward": 1, "backward": 0})
     kernels.set_native(False)
     try:

@@ -14,7 +14,15 @@ from safetensors.torch import load_file
 
 from adaptune import AdapterConfig, add_adapter, set_active
 from adaptune.causal_lm import evaluate_lm, lm_loss
-from adaptune.chat import IGNORE, encode_conversation, encode_conversations, is_chat_source, load_chat_data, prompt_ids, render
+from adaptune.chat import (
+    IGNORE,
+    encode_conversation,
+    encode_conversations,
+    is_chat_source,
+    load_chat_data,
+    prompt_ids,
+    render,
+)
 from adaptune.data import collate
 from adaptune.errors import ConfigError, DataError
 from adaptune.generate import Generator
@@ -30,7 +38,9 @@ MULTI = CONV + [{"role": "user", "content": "and the grass?"}, {"role": "assista
 @pytest.fixture(scope="module", params=["llama", "gpt2"])
 def lm_dir(request, tmp_path_factory):
     """llama with a ChatML template; gpt2 without a template (the plain User:/Assistant: layout)."""
-    return save_tiny_causal_lm(tmp_path_factory.mktemp(request.param), request.param, chat_template=request.param == "llama")
+    return save_tiny_causal_lm(
+        tmp_path_factory.mktemp(request.param), request.param, chat_template=request.param == "llama"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +101,7 @@ def test_collate_pads_token_labels_with_ignore():
     a, b = encode_conversation(tok, CONV, 256), encode_conversation(tok, MULTI, 256)
     batch = collate([a, b], tok.pad_token_id)
     assert batch["labels"].shape == batch["input_ids"].shape
-    assert (batch["labels"][0, len(a["label"]):] == IGNORE).all()
+    assert (batch["labels"][0, len(a["label"]) :] == IGNORE).all()
     assert batch["labels"][1].tolist() == b["label"]
 
 
@@ -140,7 +150,7 @@ def test_jsonl_prompt_response_and_messages_are_chat_sources(tmp_path, chat_file
 
 def test_held_out_prompts_are_never_in_training(chat_file):
     data = load_chat_data(str(chat_file), dev_fraction=0.2, seed=3)
-    first = lambda cs: {c[0]["content"].lower() for c in cs}  # noqa: E731
+    first = lambda cs: {c[0]["content"].lower() for c in cs}
     assert first(data.train).isdisjoint(first(data.dev) | first(data.test))
     assert data.dev and data.test
 
@@ -166,8 +176,17 @@ def test_the_embedded_demo_conversations():
 
 
 def _cfg(model_dir, data, **kw) -> TrainConfig:
-    base = dict(model=str(model_dir), data=str(data), epochs=5, batch_size=16, max_length=64, lr=1e-2, device="cpu",
-                checkpoint_every=4, eval_generate=4)
+    base = dict(
+        model=str(model_dir),
+        data=str(data),
+        epochs=5,
+        batch_size=16,
+        max_length=64,
+        lr=1e-2,
+        device="cpu",
+        checkpoint_every=4,
+        eval_generate=4,
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -177,7 +196,13 @@ def test_adapter_training_lowers_held_out_perplexity_and_round_trips(lm_dir, cha
     assert cfg.causal and not cfg.adapter_config().train_head  # the LM head is never copied per task
     result = train(cfg, tmp_path / "run", quiet=True)
     run = tmp_path / "run"
-    assert sorted(p.name for p in run.iterdir()) == ["adapter", "config.json", "metrics.json", "task.json", "tokenizer"]
+    assert sorted(p.name for p in run.iterdir()) == [
+        "adapter",
+        "config.json",
+        "metrics.json",
+        "task.json",
+        "tokenizer",
+    ]
     assert json.loads((run / "task.json").read_text())["task_type"] == "causal-lm"
     assert result["dev"]["perplexity"] < 0.5 * result["base"]["dev"]["perplexity"]
     assert result["test"]["perplexity"] < result["base"]["test"]["perplexity"]
@@ -203,7 +228,9 @@ def test_adapter_training_lowers_held_out_perplexity_and_round_trips(lm_dir, cha
 
 @pytest.mark.parametrize("strategy,extra", [("full", {}), ("top-k", {"top_k": 1}), ("layernorm", {})])
 def test_baseline_strategies_train_a_causal_lm(llama_dir, chat_file, tmp_path, strategy, extra):
-    result = train(_cfg(llama_dir, chat_file, strategy=strategy, epochs=1, eval_generate=0, **extra), tmp_path / "run", quiet=True)
+    result = train(
+        _cfg(llama_dir, chat_file, strategy=strategy, epochs=1, eval_generate=0, **extra), tmp_path / "run", quiet=True
+    )
     assert (tmp_path / "run" / "model" / "config.json").is_file()
     p = result["params"]
     assert (p["trainable"] == p["base"]) if strategy == "full" else (0 < p["trainable"] < p["base"])
@@ -230,13 +257,38 @@ def test_head_strategy_is_refused_for_a_causal_lm(llama_dir, chat_file, tmp_path
 
 
 def test_exact_resume_of_a_causal_lm_run(llama_dir, chat_file, tmp_path):
-    args = ["--model", str(llama_dir), "--data", str(chat_file), "--epochs", "2", "--batch-size", "16", "--max-length", "64",
-            "--checkpoint-every", "3", "--lr", "3e-3", "--device", "cpu", "--eval-generate", "2", "--limit-train", "64"]
+    args = [
+        "--model",
+        str(llama_dir),
+        "--data",
+        str(chat_file),
+        "--epochs",
+        "2",
+        "--batch-size",
+        "16",
+        "--max-length",
+        "64",
+        "--checkpoint-every",
+        "3",
+        "--lr",
+        "3e-3",
+        "--device",
+        "cpu",
+        "--eval-generate",
+        "2",
+        "--limit-train",
+        "64",
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
 
     def run(out, extra_env=None, *more):
-        return subprocess.run([sys.executable, "-m", "adaptune", "train", "--quiet", "-o", str(out), *more],
-                              env={**env, **(extra_env or {})}, capture_output=True, text=True, timeout=600)
+        return subprocess.run(
+            [sys.executable, "-m", "adaptune", "train", "--quiet", "-o", str(out), *more],
+            env={**env, **(extra_env or {})},
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
 
     assert run(tmp_path / "ref", None, *args).returncode == 0
     killed = run(tmp_path / "run", {"ADAPTUNE_DEBUG_SIGKILL_AT_STEP": "4"}, *args)
@@ -255,9 +307,15 @@ def test_exact_resume_of_a_causal_lm_run(llama_dir, chat_file, tmp_path):
 
 def _greedy(model, tok, prompt, n=8):
     ids = torch.tensor([prompt_ids(tok, [{"role": "user", "content": prompt}])])
-    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
-                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=n,
+        do_sample=False,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    return tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
 
 
 def _noisy_adapter(model, name, seed):
@@ -313,8 +371,14 @@ def test_generate_command(llama_dir, tmp_path):
     expected = _greedy(model.eval(), tok, "hello", n=6)
 
     def cli(*args, stdin=None):
-        return subprocess.run([sys.executable, "-m", "adaptune", "generate", *args], input=stdin, capture_output=True,
-                              text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+        return subprocess.run(
+            [sys.executable, "-m", "adaptune", "generate", *args],
+            input=stdin,
+            capture_output=True,
+            text=True,
+            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+            timeout=300,
+        )
 
     r = cli(str(llama_dir), "hello", "--adapter", f"noisy={tmp_path / 'noisy'}", "--max-new-tokens", "6")
     assert r.returncode == 0, r.stderr
@@ -351,7 +415,12 @@ def test_shipped_smollm2_converts_generates_and_takes_an_adapter(tmp_path_factor
     reply = gen.generate("What is the capital of France?", max_new_tokens=12)
     assert "paris" in reply.lower()
     # an adapter that starts as the identity (zero up-projection) leaves the greedy reply unchanged
-    add_adapter(gen.model, "fresh", AdapterConfig.preset("houlsby", size=16, zero_init_up=True, train_head=False), activate=False)
+    add_adapter(
+        gen.model,
+        "fresh",
+        AdapterConfig.preset("houlsby", size=16, zero_init_up=True, train_head=False),
+        activate=False,
+    )
     assert gen.generate("What is the capital of France?", adapter="fresh", max_new_tokens=12) == reply
 
 

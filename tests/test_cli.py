@@ -15,8 +15,29 @@ from conftest import MINILM, save_tiny_bert, write_reviews_csv
 
 
 def _train_args(model_dir, data, out, *extra):
-    return ["train", "--quiet", "-o", str(out), "--model", str(model_dir), "--data", str(data), "--text-column", "review",
-            "--label-column", "score", "--epochs", "1", "--batch-size", "8", "--max-length", "16", "--device", "cpu", *extra]
+    return [
+        "train",
+        "--quiet",
+        "-o",
+        str(out),
+        "--model",
+        str(model_dir),
+        "--data",
+        str(data),
+        "--text-column",
+        "review",
+        "--label-column",
+        "score",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--max-length",
+        "16",
+        "--device",
+        "cpu",
+        *extra,
+    ]
 
 
 def _one_error_line(capsys, *must_contain):
@@ -54,10 +75,13 @@ def test_every_command_has_help(capsys):
 
 def test_switches_whose_default_the_run_decides():
     """--bucket / --lean-kernels default to None (decided by the task or the device); both forms parse."""
-    parse = lambda *a: build_parser().parse_args(["train", "-o", "x", *a])  # noqa: E731
+    parse = lambda *a: build_parser().parse_args(["train", "-o", "x", *a])
     assert (parse().bucket, parse("--bucket").bucket, parse("--no-bucket").bucket) == (None, True, False)
-    assert (parse().lean_kernels, parse("--lean-kernels").lean_kernels,
-            parse("--no-lean-kernels").lean_kernels) == (None, True, False)
+    assert (parse().lean_kernels, parse("--lean-kernels").lean_kernels, parse("--no-lean-kernels").lean_kernels) == (
+        None,
+        True,
+        False,
+    )
 
 
 def test_train_prints_a_summary_and_eval_agrees(run_dir, capsys):
@@ -196,10 +220,20 @@ def test_predict_on_a_folder_that_is_not_a_run(tmp_path, capsys):
 
 def test_process_exit_code_and_no_traceback(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "adaptune", "info", str(tmp_path / "missing")],
-                          capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "adaptune", "info", str(tmp_path / "missing")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
-    debug = subprocess.run([sys.executable, "-m", "adaptune", "info", str(tmp_path / "missing"), "--debug"],
-                           capture_output=True, text=True, env=env, timeout=300)
+    debug = subprocess.run(
+        [sys.executable, "-m", "adaptune", "info", str(tmp_path / "missing"), "--debug"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert debug.returncode != 0 and "Traceback" in debug.stderr

@@ -17,8 +17,14 @@ from conftest import tiny_batch, tiny_model, write_reviews_csv
 
 
 def test_grid_has_every_strategy_lr_and_seed_once():
-    cfg = C.CompareConfig(methods=("full", "top-k", "houlsby"), sizes=(8, 64), top_ks=(1, 2), lr_factors=(1.0, 3.0),
-                          seeds=(0, 1), init_stds=(1e-3, 1e-2))
+    cfg = C.CompareConfig(
+        methods=("full", "top-k", "houlsby"),
+        sizes=(8, 64),
+        top_ks=(1, 2),
+        lr_factors=(1.0, 3.0),
+        seeds=(0, 1),
+        init_stds=(1e-3, 1e-2),
+    )
     grid = cfg.grid()
     main_grid = [p for p in grid if p.sweep == "main"]
     assert len(main_grid) == (1 + 2 + 2) * 2 * 2  # (full, top-1, top-2, houlsby-8, houlsby-64) x lrs x seeds
@@ -32,9 +38,25 @@ def test_grid_has_every_strategy_lr_and_seed_once():
 
 
 def _row(label, method, lr, seed, dev, test, trainable=10, task="t", sweep="main", size=None):
-    return {"task": task, "label": label, "method": method, "size": size, "top_k": None, "init_std": 1e-2, "sweep": sweep,
-            "lr": lr, "seed": seed, "metric": "accuracy", "dev": dev, "test": test, "trainable": trainable, "base": 1000,
-            "percent": trainable / 10, "train_seconds": 1.0, "run": f"{label}-{lr}-{seed}"}
+    return {
+        "task": task,
+        "label": label,
+        "method": method,
+        "size": size,
+        "top_k": None,
+        "init_std": 1e-2,
+        "sweep": sweep,
+        "lr": lr,
+        "seed": seed,
+        "metric": "accuracy",
+        "dev": dev,
+        "test": test,
+        "trainable": trainable,
+        "base": 1000,
+        "percent": trainable / 10,
+        "train_seconds": 1.0,
+        "run": f"{label}-{lr}-{seed}",
+    }
 
 
 def test_best_configuration_is_chosen_on_dev_mean_over_seeds():
@@ -55,8 +77,13 @@ def test_total_parameter_multiplier_for_n_tasks():
     assert C.total_params_multiplier(1.14, 17, "houlsby") == pytest.approx(1.19, abs=0.01)
     assert C.total_params_multiplier(52.9, 17, "top-k") == pytest.approx(10.0, abs=0.1)
     assert C.total_params_multiplier(100.0, 17, "full") == 17
-    summ = C.summary(C.select_best([_row("full", "full", 1e-4, 0, 0.9, 0.9, trainable=1000, task=t) for t in "ab"]
-                                   + [_row("houlsby-8", "houlsby", 1e-3, 0, 0.8, 0.85, trainable=20, task=t) for t in "ab"]), 2)
+    summ = C.summary(
+        C.select_best(
+            [_row("full", "full", 1e-4, 0, 0.9, 0.9, trainable=1000, task=t) for t in "ab"]
+            + [_row("houlsby-8", "houlsby", 1e-3, 0, 0.8, 0.85, trainable=20, task=t) for t in "ab"]
+        ),
+        2,
+    )
     by = {r["label"]: r for r in summ}
     assert by["full"]["total_multiplier"] == 2 and by["houlsby-8"]["total_multiplier"] == pytest.approx(1.04)
     table = C.markdown_table(summ, "accuracy", 2, ["a", "b"])
@@ -65,7 +92,9 @@ def test_total_parameter_multiplier_for_n_tasks():
 
 def test_budget_shrinks_the_grid_then_the_data_and_says_so():
     cfg = C.CompareConfig(train=TrainConfig(epochs=3))
-    timing = C.Timing(seconds_per_token=1e-3, lengths=tuple(range(20, 220)), sizes={"reviews": (3600, 400, 1000)}, num_layers=6)
+    timing = C.Timing(
+        seconds_per_token=1e-3, lengths=tuple(range(20, 220)), sizes={"reviews": (3600, 400, 1000)}, num_layers=6
+    )
     full = C.estimate_minutes(cfg, timing)
     # a third of the main grid; the init sweep and the ablation stay
     assert full / 3 < C.estimate_minutes(dataclasses.replace(cfg, lr_factors=(1.0,)), timing) < full / 2
@@ -106,18 +135,61 @@ def tiny_compare(tiny_model_dir, tmp_path_factory):
     a = write_reviews_csv(tmp / "coffee.csv", n=48, seed=1)
     b = write_reviews_csv(tmp / "tea.csv", n=48, seed=2)
     out = tmp / "out"
-    args = ["compare", "--quiet", "-o", str(out), "--tasks", str(a), str(b), "--model", str(tiny_model_dir),
-            "--text-column", "review", "--label-column", "score", "--methods", "full", "top-k", "head", "houlsby",
-            "--sizes", "4", "8", "--top-ks", "1", "--lr-factors", "1", "--init-stds", "1e-3", "1e-2",
-            "--epochs", "1", "--batch-size", "8", "--max-length", "16", "--device", "cpu"]
+    args = [
+        "compare",
+        "--quiet",
+        "-o",
+        str(out),
+        "--tasks",
+        str(a),
+        str(b),
+        "--model",
+        str(tiny_model_dir),
+        "--text-column",
+        "review",
+        "--label-column",
+        "score",
+        "--methods",
+        "full",
+        "top-k",
+        "head",
+        "houlsby",
+        "--sizes",
+        "4",
+        "8",
+        "--top-ks",
+        "1",
+        "--lr-factors",
+        "1",
+        "--init-stds",
+        "1e-3",
+        "1e-2",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--max-length",
+        "16",
+        "--device",
+        "cpu",
+    ]
     assert main(args) == 0
     return out, args
 
 
 def test_compare_writes_every_report_and_plot(tiny_compare, capsys):
     out, _ = tiny_compare
-    for name in ("results.md", "results.csv", "summary.csv", "results.json", "quality_vs_params_coffee.png",
-                 "quality_vs_params_tea.png", "ablation_coffee.png", "ablation_tea.png", "robustness.png"):
+    for name in (
+        "results.md",
+        "results.csv",
+        "summary.csv",
+        "results.json",
+        "quality_vs_params_coffee.png",
+        "quality_vs_params_tea.png",
+        "ablation_coffee.png",
+        "ablation_tea.png",
+        "robustness.png",
+    ):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     assert not list(out.glob(".*tmp*"))
     report = json.loads((out / "results.json").read_text())
@@ -129,7 +201,11 @@ def test_compare_writes_every_report_and_plot(tiny_compare, capsys):
     assert set(houlsby["per_task"]) == {"coffee", "tea"}
     abl = report["ablation"]["coffee"]
     n = abl["layers"]
-    assert n == 2 and abl["scores"][1][0] is None and all(abl["scores"][i][j] is not None for i in range(n) for j in range(i, n))
+    assert (
+        n == 2
+        and abl["scores"][1][0] is None
+        and all(abl["scores"][i][j] is not None for i in range(n) for j in range(i, n))
+    )
     md = (out / "results.md").read_text()
     assert "| method |" in md and "![quality_vs_params_coffee](quality_vs_params_coffee.png)" in md
 

@@ -65,8 +65,16 @@ ROUND_TRIP = [
     AdapterConfig(),
     AdapterConfig.preset("pfeiffer", size=8),
     AdapterConfig.preset("parallel", init_std=0.0),
-    AdapterConfig(size=3, slots=("attn",), nonlinearity="relu", init_std=1e-3, scale=0.5, layers=(0, -1),
-                  train_layer_norms=False, train_head=False),
+    AdapterConfig(
+        size=3,
+        slots=("attn",),
+        nonlinearity="relu",
+        init_std=1e-3,
+        scale=0.5,
+        layers=(0, -1),
+        train_layer_norms=False,
+        train_head=False,
+    ),
 ]
 
 

@@ -28,8 +28,10 @@ def write_lines(path: Path, lines: list[str]) -> Path:
 
 
 def binary_rows(n: int, start: int = 0) -> list:
-    return [[f"review number {i}, quite {'good' if i % 3 else 'bad'}", "pos" if i % 3 else "neg"]
-            for i in range(start, start + n)]
+    return [
+        [f"review number {i}, quite {'good' if i % 3 else 'bad'}", "pos" if i % 3 else "neg"]
+        for i in range(start, start + n)
+    ]
 
 
 def one_line_error(excinfo) -> str:
@@ -154,22 +156,54 @@ def test_limits_take_a_seeded_subset_and_are_noted(tmp_path):
 # ------------------------------------------------------------------------------------------- GLUE
 
 # Headers of the standard GLUE download, restated here (not read from adaptune.tasks).
-MNLI_TRAIN = ["index", "promptID", "pairID", "genre", "sentence1_binary_parse", "sentence2_binary_parse",
-              "sentence1_parse", "sentence2_parse", "sentence1", "sentence2", "label1", "gold_label"]
+MNLI_TRAIN = [
+    "index",
+    "promptID",
+    "pairID",
+    "genre",
+    "sentence1_binary_parse",
+    "sentence2_binary_parse",
+    "sentence1_parse",
+    "sentence2_parse",
+    "sentence1",
+    "sentence2",
+    "label1",
+    "gold_label",
+]
 MNLI_DEV = MNLI_TRAIN[:11] + ["label2", "label3", "label4", "label5", "gold_label"]
 GLUE_FORMATS = {  # task: (header or column count, text, pair, label, label values)
     "cola": (4, 3, None, 1, ["0", "1"]),
     "sst2": (["sentence", "label"], "sentence", None, "label", ["0", "1"]),
     "mrpc": (["Quality", "#1 ID", "#2 ID", "#1 String", "#2 String"], "#1 String", "#2 String", "Quality", ["0", "1"]),
-    "qqp": (["id", "qid1", "qid2", "question1", "question2", "is_duplicate"], "question1", "question2",
-            "is_duplicate", ["0", "1"]),
-    "stsb": (["index", "genre", "filename", "year", "old_index", "source1", "source2", "sentence1", "sentence2",
-              "score"], "sentence1", "sentence2", "score", ["0.000", "2.500", "4.750"]),
+    "qqp": (
+        ["id", "qid1", "qid2", "question1", "question2", "is_duplicate"],
+        "question1",
+        "question2",
+        "is_duplicate",
+        ["0", "1"],
+    ),
+    "stsb": (
+        ["index", "genre", "filename", "year", "old_index", "source1", "source2", "sentence1", "sentence2", "score"],
+        "sentence1",
+        "sentence2",
+        "score",
+        ["0.000", "2.500", "4.750"],
+    ),
     "mnli": (MNLI_TRAIN, "sentence1", "sentence2", "gold_label", ["contradiction", "entailment", "neutral"]),
-    "qnli": (["index", "question", "sentence", "label"], "question", "sentence", "label",
-             ["entailment", "not_entailment"]),
-    "rte": (["index", "sentence1", "sentence2", "label"], "sentence1", "sentence2", "label",
-            ["entailment", "not_entailment"]),
+    "qnli": (
+        ["index", "question", "sentence", "label"],
+        "question",
+        "sentence",
+        "label",
+        ["entailment", "not_entailment"],
+    ),
+    "rte": (
+        ["index", "sentence1", "sentence2", "label"],
+        "sentence1",
+        "sentence2",
+        "label",
+        ["entailment", "not_entailment"],
+    ),
     "wnli": (["index", "sentence1", "sentence2", "label"], "sentence1", "sentence2", "label", ["0", "1"]),
 }
 
@@ -192,8 +226,10 @@ def test_every_glue_task_folder_loads(tmp_path, task):
     folder = tmp_path / {"cola": "CoLA", "sst2": "SST-2", "stsb": "STS-B"}.get(task, task.upper())
     folder.mkdir()
     # Fields that start with a quote, balanced or not, as in real GLUE files (QQP, SST-2).
-    rows = [(f'"quoted" start {i}' if i % 2 else f'" unbalanced {i}', f"pair {i}", values[i % len(values)])
-            for i in range(12)]
+    rows = [
+        (f'"quoted" start {i}' if i % 2 else f'" unbalanced {i}', f"pair {i}", values[i % len(values)])
+        for i in range(12)
+    ]
     write_lines(folder / "train.tsv", glue_lines(header, text, pair, label, rows))
     dev_header = MNLI_DEV if task == "mnli" else header
     write_lines(folder / GLUE_TASKS[task].dev_file, glue_lines(dev_header, text, pair, label, rows[:5]))
@@ -214,8 +250,13 @@ def test_every_glue_task_folder_loads(tmp_path, task):
 def test_real_cola_mrpc_and_stsb_lines(tmp_path):
     cola = tmp_path / "CoLA"
     cola.mkdir()
-    write_lines(cola / "train.tsv", ["gj04\t1\t\tOur friends won't buy this analysis, let alone the next one we "
-                                     "propose.", "gj04\t0\t*\tThey drank the pub."])
+    write_lines(
+        cola / "train.tsv",
+        [
+            "gj04\t1\t\tOur friends won't buy this analysis, let alone the next one we propose.",
+            "gj04\t0\t*\tThey drank the pub.",
+        ],
+    )
     write_lines(cola / "dev.tsv", ["gj04\t1\t\tThe sailors rode the breeze clear of the rocks."])
     data = load_task_data(str(cola))
     assert data.train.texts[1] == "They drank the pub." and data.train.labels == [1, 0] and data.metric == "mcc"
@@ -223,9 +264,11 @@ def test_real_cola_mrpc_and_stsb_lines(tmp_path):
     mrpc = tmp_path / "MRPC"
     mrpc.mkdir()
     header = "\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String"  # the MSR file starts with a byte-order mark
-    line = ('1\t702876\t702977\tAmrozi accused his brother , whom he called " the witness " , of deliberately '
-            'distorting his evidence .\tReferring to him as only " the witness " , Amrozi accused his brother of '
-            'deliberately distorting his evidence .')
+    line = (
+        '1\t702876\t702977\tAmrozi accused his brother , whom he called " the witness " , of deliberately '
+        'distorting his evidence .\tReferring to him as only " the witness " , Amrozi accused his brother of '
+        "deliberately distorting his evidence ."
+    )
     write_lines(mrpc / "train.tsv", [header, line, line.replace("1\t", "0\t", 1)])
     write_lines(mrpc / "dev.tsv", [header, line])
     data = load_task_data(str(mrpc))
@@ -237,13 +280,22 @@ def test_real_cola_mrpc_and_stsb_lines(tmp_path):
     stsb.mkdir()
     head = "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore"
     meta = "main-captions\tMSRvid\t2012test"
-    write_lines(stsb / "train.tsv", [head,
-                                     f"0\t{meta}\t0001\tnone\tnone\tA plane is taking off.\tAn air plane is taking off."
-                                     "\t5.000",
-                                     f"1\t{meta}\t0004\tnone\tnone\tA man is playing a large flute.\tA man is playing "
-                                     "a flute.\t3.800"])
-    write_lines(stsb / "dev.tsv", [head, f"0\t{meta}\t0000\tnone\tnone\tA man with a hard hat is dancing.\tA man "
-                                         "wearing a hard hat is dancing.\t5.000"])
+    write_lines(
+        stsb / "train.tsv",
+        [
+            head,
+            f"0\t{meta}\t0001\tnone\tnone\tA plane is taking off.\tAn air plane is taking off.\t5.000",
+            f"1\t{meta}\t0004\tnone\tnone\tA man is playing a large flute.\tA man is playing a flute.\t3.800",
+        ],
+    )
+    write_lines(
+        stsb / "dev.tsv",
+        [
+            head,
+            f"0\t{meta}\t0000\tnone\tnone\tA man with a hard hat is dancing.\tA man "
+            "wearing a hard hat is dancing.\t5.000",
+        ],
+    )
     data = load_task_data(str(stsb))
     assert data.task_type == "regression" and data.train.labels == [5.0, 3.8] and data.metric == "spearman"
 
@@ -270,19 +322,24 @@ def test_glue_task_named_explicitly_and_other_dev_file(tmp_path):
 
 def test_datasets_save_to_disk_folder(tmp_path):
     datasets = pytest.importorskip("datasets")
-    features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=["neg", "pos"])})
-    make = lambda n, labels: datasets.Dataset.from_dict(  # noqa: E731
-        {"text": [f"t{i}" for i in range(n)], "label": labels}, features=features)
-    dd = datasets.DatasetDict({"train": make(10, [1, 0] * 5), "validation": make(4, [1, 1, 0, 1]),
-                               "test": make(3, [-1, -1, -1])})  # GLUE-style unlabelled test
+    features = datasets.Features(
+        {"text": datasets.Value("string"), "label": datasets.ClassLabel(names=["neg", "pos"])}
+    )
+    make = lambda n, labels: datasets.Dataset.from_dict(
+        {"text": [f"t{i}" for i in range(n)], "label": labels}, features=features
+    )
+    dd = datasets.DatasetDict(
+        {"train": make(10, [1, 0] * 5), "validation": make(4, [1, 1, 0, 1]), "test": make(3, [-1, -1, -1])}
+    )  # GLUE-style unlabelled test
     dd.save_to_disk(str(tmp_path / "ds"))
     data = load_task_data(str(tmp_path / "ds"))
     assert data.label_names == ["neg", "pos"] and data.train.labels == [1, 0] * 5 and data.dev.labels == [1, 1, 0, 1]
     assert data.test is None and any("no labels; not used" in n for n in data.notes)
     assert data.description == "ds (datasets folder), 10/4 train/dev"
 
-    reg = datasets.Dataset.from_dict({"sentence1": ["a", "b", "c", "d"], "sentence2": ["e", "f", "g", "h"],
-                                      "label": [0.5, 1.0, 4.2, 3.0]})
+    reg = datasets.Dataset.from_dict(
+        {"sentence1": ["a", "b", "c", "d"], "sentence2": ["e", "f", "g", "h"], "label": [0.5, 1.0, 4.2, 3.0]}
+    )
     reg.save_to_disk(str(tmp_path / "single"))  # one Dataset, not a dict: it is train
     data = load_task_data(str(tmp_path / "single"), dev_fraction=0.25)
     assert data.task_type == "regression" and data.train.text_pairs is not None and len(data.dev) == 1
@@ -386,10 +443,14 @@ BAD_INPUTS = {
     "missing file": (lambda p: (str(p / "nope.csv"), {}), r"'.*nope\.csv' does not exist"),
     "missing dev file": (_missing_dev_file, r"nope\.csv does not exist"),
     "not utf-8": (_latin1, r"bad\.csv is not UTF-8 .*re-encode it as UTF-8"),
-    "missing default column": (_missing_column,
-                               r"c\.csv has no column 'text' or 'sentence'; available columns: body, stars"),
-    "missing named column": (_missing_named_column,
-                             r"no label column 'grade'; available columns: text, stars; pass label_column="),
+    "missing default column": (
+        _missing_column,
+        r"c\.csv has no column 'text' or 'sentence'; available columns: body, stars",
+    ),
+    "missing named column": (
+        _missing_named_column,
+        r"no label column 'grade'; available columns: text, stars; pass label_column=",
+    ),
     "header only": (_header_only, r"e\.csv has no examples"),
     "empty file": (_empty_file, r"e\.jsonl is empty"),
     "all rows dropped": (_all_dropped, r"no usable examples \(3 rows miss text or label"),
@@ -399,12 +460,16 @@ BAD_INPUTS = {
     "unrecognised glue folder": (_unrecognised_glue, r"cannot tell which GLUE task .*'glue'"),
     "bad json line": (_bad_jsonl, r"line 2 of .*b\.jsonl is not valid JSON"),
     "single label": (_single_label, r"single label 'x'"),
-    "bad task type": (lambda p: (str(write_csv(p / "c.csv", ["text", "label"], binary_rows(5))), {"task_type": "ner"}),
-                      r"unknown task type 'ner'"),
+    "bad task type": (
+        lambda p: (str(write_csv(p / "c.csv", ["text", "label"], binary_rows(5))), {"task_type": "ner"}),
+        r"unknown task type 'ner'",
+    ),
     "bad limit": (lambda p: ("reviews", {"limit_train": 0}), r"limit_train must be a positive whole number"),
     "bad fraction": (lambda p: ("reviews", {"dev_fraction": 1.0}), r"dev_fraction must be between 0 and 1"),
-    "too small to carve": (lambda p: (str(write_csv(p / "c.csv", ["text", "label"], [["a", "0.5"]])), {}),
-                           r"too few to carve a dev split"),
+    "too small to carve": (
+        lambda p: (str(write_csv(p / "c.csv", ["text", "label"], [["a", "0.5"]])), {}),
+        r"too few to carve a dev split",
+    ),
 }
 
 
@@ -451,8 +516,10 @@ def test_encode_then_collate(tokenizer):
 
 
 def test_collate_pads_to_longest_and_types_labels():
-    feats = [{"input_ids": [5, 6, 7], "token_type_ids": [0, 0, 1], "label": 1},
-             {"input_ids": [8], "token_type_ids": [0], "label": 0}]
+    feats = [
+        {"input_ids": [5, 6, 7], "token_type_ids": [0, 0, 1], "label": 1},
+        {"input_ids": [8], "token_type_ids": [0], "label": 0},
+    ]
     batch = collate(feats, pad_token_id=9)
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 9, 9]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
@@ -464,7 +531,9 @@ def test_collate_pads_to_longest_and_types_labels():
         collate(feats, pad_token_id=None)
     fixed = collate(feats, pad_token_id=9, pad_to=5)  # static shape, e.g. every batch padded to max_length
     assert fixed["input_ids"].tolist() == [[5, 6, 7, 9, 9], [8, 9, 9, 9, 9]]
-    assert fixed["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1, 0, 0, 0, 0]] and fixed["token_type_ids"].shape == (2, 5)
+    assert fixed["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1, 0, 0, 0, 0]] and fixed[
+        "token_type_ids"
+    ].shape == (2, 5)
     with pytest.raises(ValueError, match="shorter than the batch's longest"):
         collate(feats, pad_token_id=9, pad_to=2)
 
@@ -483,7 +552,7 @@ def test_bucket_batches_properties():
     assert batches != bucket_batches(lengths, 16, shuffle=True, seed=5, epoch=1, bucket_size=10)
     assert batches != bucket_batches(lengths, 16, shuffle=True, seed=6, epoch=0, bucket_size=10)
     order = np.random.default_rng(0).permutation(2003).tolist()
-    random_batches = [order[i:i + 16] for i in range(0, 2003, 16)]
+    random_batches = [order[i : i + 16] for i in range(0, 2003, 16)]
     assert _waste(batches, lengths) < 0.2 * _waste(random_batches, lengths)
     # The batch order is shuffled too: the first batches are not simply the shortest ones.
     firsts = [max(lengths[i] for i in b) for b in batches[:10]]

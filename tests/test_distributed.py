@@ -24,9 +24,29 @@ def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ddp")
     save_tiny_bert(tmp / "model", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     data = write_reviews_csv(tmp / "d.csv", n=56)
-    args = ["--model", str(tmp / "model"), "--data", str(data), "--text-column", "review", "--label-column", "score",
-            "--epochs", "2", "--batch-size", "7", "--max-length", "24", "--checkpoint-every", "2", "--lr", "3e-3",
-            "--device", "cpu", "--quiet"]
+    args = [
+        "--model",
+        str(tmp / "model"),
+        "--data",
+        str(data),
+        "--text-column",
+        "review",
+        "--label-column",
+        "score",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "7",
+        "--max-length",
+        "24",
+        "--checkpoint-every",
+        "2",
+        "--lr",
+        "3e-3",
+        "--device",
+        "cpu",
+        "--quiet",
+    ]
     return tmp, args
 
 
@@ -40,8 +60,23 @@ def _single(out, args):
 
 
 def _torchrun(out, args, env_extra=None):
-    return _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                 "-m", "adaptune", "train", "-o", str(out), *args], env_extra)
+    return _run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "adaptune",
+            "train",
+            "-o",
+            str(out),
+            *args,
+        ],
+        env_extra,
+    )
 
 
 def test_two_processes_match_one_and_resume_after_a_rank_is_killed(setup):
@@ -52,7 +87,13 @@ def test_two_processes_match_one_and_resume_after_a_rank_is_killed(setup):
     assert two.returncode == 0, two.stderr[-3000:]
 
     # rank 0 alone wrote the folder and printed the summary
-    assert sorted(p.name for p in (tmp / "two").iterdir()) == ["adapter", "config.json", "metrics.json", "task.json", "tokenizer"]
+    assert sorted(p.name for p in (tmp / "two").iterdir()) == [
+        "adapter",
+        "config.json",
+        "metrics.json",
+        "task.json",
+        "tokenizer",
+    ]
     assert two.stdout.count("adapters: dev macro_f1") == 1
 
     # same format, same numbers (to float summation order: gradients are averaged across ranks)
@@ -60,7 +101,10 @@ def test_two_processes_match_one_and_resume_after_a_rank_is_killed(setup):
     m2 = json.loads((tmp / "two" / "metrics.json").read_text())
     assert m2["processes"] == 2 and m1["processes"] == 1
     assert m1["dev"] == pytest.approx(m2["dev"], abs=1e-6) and m1["best_step"] == m2["best_step"]
-    a1, a2 = load_file(tmp / "one" / "adapter" / "adapter.safetensors"), load_file(tmp / "two" / "adapter" / "adapter.safetensors")
+    a1, a2 = (
+        load_file(tmp / "one" / "adapter" / "adapter.safetensors"),
+        load_file(tmp / "two" / "adapter" / "adapter.safetensors"),
+    )
     assert a1.keys() == a2.keys()
     for k in a1:
         torch.testing.assert_close(a1[k], a2[k], rtol=1e-4, atol=1e-5, msg=k)
@@ -69,7 +113,9 @@ def test_two_processes_match_one_and_resume_after_a_rank_is_killed(setup):
     assert cfg1["config"] == cfg2["config"] and cfg1["tensors"] == cfg2["tensors"]
 
     # kill rank 1 mid-run (step 5; last checkpoint at step 4), then --resume under torchrun
-    killed = _torchrun(tmp / "killed", args, {"ADAPTUNE_DEBUG_SIGKILL_AT_STEP": "5", "ADAPTUNE_DEBUG_SIGKILL_RANK": "1"})
+    killed = _torchrun(
+        tmp / "killed", args, {"ADAPTUNE_DEBUG_SIGKILL_AT_STEP": "5", "ADAPTUNE_DEBUG_SIGKILL_RANK": "1"}
+    )
     assert killed.returncode != 0
     assert not (tmp / "killed" / "metrics.json").exists() and (tmp / "killed" / "checkpoint").is_dir()
     resumed = _torchrun(tmp / "killed", ["--resume", "--quiet"])

@@ -58,10 +58,12 @@ def test_adapter_kernel_under_a_float64_default_dtype(one_thread):
     try:
         with torch.no_grad():
             got = adapter.add_to(h)
-            fused = adapter_gemm.adapter_forward(h, h, adapter.down.weight, adapter.down.bias, adapter.up.weight,
-                                                 adapter.up.bias, 1.0)
-            grads = adapter_gemm.adapter_backward(h, torch.randn(50, 16, dtype=torch.float32), adapter.down.weight,
-                                                  adapter.up.weight, 1.0, True, False)
+            fused = adapter_gemm.adapter_forward(
+                h, h, adapter.down.weight, adapter.down.bias, adapter.up.weight, adapter.up.bias, 1.0
+            )
+            grads = adapter_gemm.adapter_backward(
+                h, torch.randn(50, 16, dtype=torch.float32), adapter.down.weight, adapter.up.weight, 1.0, True, False
+            )
     finally:
         torch.set_default_dtype(previous)
     assert got.dtype == torch.float32 and fused[1].dtype == torch.float32
@@ -176,9 +178,33 @@ def test_a_crash_between_the_two_renames_is_recovered(tmp_path, monkeypatch):
 def test_resume_recovers_a_checkpoint_left_aside_and_says_when_there_is_none(tiny_model_dir, tmp_path, capsys):
     data = write_reviews_csv(tmp_path / "d.csv", n=40)
     run = tmp_path / "run"
-    args = [sys.executable, "-m", "adaptune", "train", "-o", str(run), "--model", str(tiny_model_dir), "--data", str(data),
-            "--text-column", "review", "--label-column", "score", "--epochs", "2", "--batch-size", "8",
-            "--max-length", "16", "--device", "cpu", "--checkpoint-every", "2", "--quiet"]
+    args = [
+        sys.executable,
+        "-m",
+        "adaptune",
+        "train",
+        "-o",
+        str(run),
+        "--model",
+        str(tiny_model_dir),
+        "--data",
+        str(data),
+        "--text-column",
+        "review",
+        "--label-column",
+        "score",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "8",
+        "--max-length",
+        "16",
+        "--device",
+        "cpu",
+        "--checkpoint-every",
+        "2",
+        "--quiet",
+    ]
     env = {**os.environ, "ADAPTUNE_DEBUG_SIGKILL_AT_STEP": "5", "OMP_NUM_THREADS": "1"}
     assert subprocess.run(args, env=env, capture_output=True).returncode != 0  # killed; checkpoint of step 4
     (run / "checkpoint").rename(run / ".checkpoint.old-12345")  # as a crash in the middle of a swap leaves it
@@ -229,7 +255,9 @@ def test_checkpoint_missing_a_trained_parameter(tmp_path):
 
 def test_checkpoint_with_a_mis_shaped_parameter(tmp_path):
     model, opt, sched = _checkpointed(tmp_path)
-    key = next(k for k, v in load_file(str(tmp_path / "ck" / ckpt.STATE)).items() if k.startswith("param.") and v.dim() == 1)
+    key = next(
+        k for k, v in load_file(str(tmp_path / "ck" / ckpt.STATE)).items() if k.startswith("param.") and v.dim() == 1
+    )
     _edit_state(tmp_path / "ck", lambda t: t.__setitem__(key, t[key][:1].contiguous()))  # would broadcast
     with pytest.raises(TrainingError, match="of shape"):
         ckpt.load_checkpoint(tmp_path / "ck", model, opt, sched)
@@ -342,8 +370,16 @@ def test_library_calls_do_not_change_malloc_settings(tiny_model_dir, tmp_path, m
     libc = _RecordingLibc()
     monkeypatch.setattr(heap, "_glibc", lambda: libc)
     data = write_reviews_csv(tmp_path / "d.csv", n=24)
-    cfg = TrainConfig(model=str(tiny_model_dir), data=str(data), text_column="review", label_column="score", epochs=1,
-                      batch_size=8, max_length=16, device="cpu")
+    cfg = TrainConfig(
+        model=str(tiny_model_dir),
+        data=str(data),
+        text_column="review",
+        label_column="score",
+        epochs=1,
+        batch_size=8,
+        max_length=16,
+        device="cpu",
+    )
     train(cfg, tmp_path / "run", quiet=True)
     Predictor(tmp_path / "run").predict(["great and tasty"])
     assert libc.calls == []
@@ -403,11 +439,27 @@ def test_info_without_a_hidden_size_in_the_base_identity(adapter_dir, capsys):
 # ---- 12. devices and model names in our words ----------------------------------------------------------
 
 
-@pytest.mark.parametrize("device,text", [("tpu9", "not a device name"), ("cuda:7", "cpu"), ("mps", "not available here")])
+@pytest.mark.parametrize(
+    "device,text", [("tpu9", "not a device name"), ("cuda:7", "cpu"), ("mps", "not available here")]
+)
 def test_unknown_or_absent_device(tiny_model_dir, tmp_path, capsys, device, text):
     data = write_reviews_csv(tmp_path / "d.csv", n=24)
-    args = ["train", "--quiet", "-o", str(tmp_path / "r"), "--model", str(tiny_model_dir), "--data", str(data),
-            "--text-column", "review", "--label-column", "score", "--device", device]
+    args = [
+        "train",
+        "--quiet",
+        "-o",
+        str(tmp_path / "r"),
+        "--model",
+        str(tiny_model_dir),
+        "--data",
+        str(data),
+        "--text-column",
+        "review",
+        "--label-column",
+        "score",
+        "--device",
+        device,
+    ]
     assert main(args) == 2
     _one_error_line(capsys, repr(device), text)
     assert not (tmp_path / "r").exists()
@@ -416,8 +468,25 @@ def test_unknown_or_absent_device(tiny_model_dir, tmp_path, capsys, device, text
 def test_missing_model_folder_in_our_words(tmp_path, capsys):
     data = write_reviews_csv(tmp_path / "d.csv", n=24)
     missing = tmp_path / "no" / "such" / "model"
-    assert main(["train", "--quiet", "-o", str(tmp_path / "r"), "--model", str(missing), "--data", str(data),
-                 "--text-column", "review", "--label-column", "score"]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--quiet",
+                "-o",
+                str(tmp_path / "r"),
+                "--model",
+                str(missing),
+                "--data",
+                str(data),
+                "--text-column",
+                "review",
+                "--label-column",
+                "score",
+            ]
+        )
+        == 2
+    )
     line = _one_error_line(capsys, "no model folder", str(missing))
     assert "Repo id" not in line
     assert not (tmp_path / "r").exists()
@@ -488,7 +557,7 @@ def _rope(t, theta: float):
     inv = 1.0 / theta ** (torch.arange(0, dh, 2, dtype=torch.float32) / dh)
     ang = torch.outer(torch.arange(n, dtype=torch.float32), inv)
     cos, sin = torch.cat([ang, ang], -1).cos(), torch.cat([ang, ang], -1).sin()
-    half = torch.cat([-t[..., dh // 2:], t[..., : dh // 2]], -1)
+    half = torch.cat([-t[..., dh // 2 :], t[..., : dh // 2]], -1)
     return t * cos + half * sin
 
 
@@ -513,6 +582,8 @@ def test_llama_layer_with_adapters_equals_a_hand_written_reference():
         o = (torch.softmax(scores, -1) @ v).transpose(1, 2).reshape(x.shape) @ att.o_proj.weight.T
         h = x + o + _adapter(aset, 0, "attn", o)
         n2 = _rms(_norm(aset, "layers.0.post_attention_layernorm"), h)
-        f = (torch.nn.functional.silu(n2 @ mlp.gate_proj.weight.T) * (n2 @ mlp.up_proj.weight.T)) @ mlp.down_proj.weight.T
+        f = (
+            torch.nn.functional.silu(n2 @ mlp.gate_proj.weight.T) * (n2 @ mlp.up_proj.weight.T)
+        ) @ mlp.down_proj.weight.T
         want = h + f + _adapter(aset, 0, "ffn", f)
     torch.testing.assert_close(states[1], want, rtol=1e-4, atol=1e-5)

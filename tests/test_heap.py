@@ -81,9 +81,15 @@ def test_freed_memory_is_reused_inside_and_handed_back_after():
     assert out["rss_kept"] - out["rss_after"] > 100 << 10, out  # leaving gave > 100 MiB back
 
 
-@pytest.mark.parametrize("env", [{"ADAPTUNE_KEEP_FREED_MEMORY": "0"}, {"MALLOC_TRIM_THRESHOLD_": "131072"},
-                                 {"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=131072"},
-                                 {"LD_PRELOAD": "/usr/lib/libjemalloc.so.2"}])
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"ADAPTUNE_KEEP_FREED_MEMORY": "0"},
+        {"MALLOC_TRIM_THRESHOLD_": "131072"},
+        {"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=131072"},
+        {"LD_PRELOAD": "/usr/lib/libjemalloc.so.2"},
+    ],
+)
 def test_user_choices_and_other_allocators_are_left_alone(monkeypatch, env):
     for k, v in env.items():
         monkeypatch.setenv(k, v)

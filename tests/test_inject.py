@@ -179,7 +179,9 @@ def test_frozen_embedding_norm_stops_backward_at_the_first_adapter(family):
         out = model(**tiny_batch()).logits
         out.float().pow(2).mean().backward()
         norm_keys[flag] = set(aset.norms.keys())
-        grads[flag] = {n for n, p in model.named_parameters() if p.requires_grad and p.grad is not None and p.grad.abs().sum() > 0}
+        grads[flag] = {
+            n for n, p in model.named_parameters() if p.requires_grad and p.grad is not None and p.grad.abs().sum() > 0
+        }
         assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad and "adapters" in n)
     dropped = {k.replace(".", "-") for k in input_norm_paths(spec)}  # the same spec for every model of the family
     assert norm_keys[True] - norm_keys[False] == dropped and norm_keys[False] <= norm_keys[True]
@@ -305,8 +307,13 @@ def test_list_adapters_counts():
     assert list_adapters(model) == []
     d, m = model.config.hidden_size, 8
     add_adapter(model, "a", AdapterConfig.preset("houlsby", size=m))
-    add_adapter(model, "b", AdapterConfig.preset("pfeiffer", size=m, layers=(0, -1), train_layer_norms=False, train_head=False,
-                                                  train_pooler=False))
+    add_adapter(
+        model,
+        "b",
+        AdapterConfig.preset(
+            "pfeiffer", size=m, layers=(0, -1), train_layer_norms=False, train_head=False, train_pooler=False
+        ),
+    )
     rows = {r["name"]: r for r in list_adapters(model)}
     norm_numel = sum(p.numel() for n, p in model.bert.named_parameters() if "LayerNorm" in n)
     head_numel = sum(p.numel() for p in model.classifier.parameters())
@@ -381,8 +388,16 @@ def test_layer_index_out_of_range_adds_nothing():
 
 def _tiny_opt():
     torch.manual_seed(0)
-    cfg = T.OPTConfig(hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=4, vocab_size=100,
-                      word_embed_proj_dim=32, max_position_embeddings=64, pad_token_id=1)
+    cfg = T.OPTConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        ffn_dim=64,
+        num_attention_heads=4,
+        vocab_size=100,
+        word_embed_proj_dim=32,
+        max_position_embeddings=64,
+        pad_token_id=1,
+    )
     return T.AutoModelForSequenceClassification.from_config(cfg).eval()
 
 
@@ -444,7 +459,11 @@ def test_custom_arch_spec_matches_the_built_in_row():
     [
         ("layers", "encoder.layers", "encoder.layers"),
         ("ffn", SlotSpec(output="output.drop", input="intermediate", norm="output.LayerNorm"), "output.drop"),
-        ("attn", SlotSpec(output="attention.output.dropout", input="attention", norm="attention.ln"), "encoder.layer.0.attention.ln"),
+        (
+            "attn",
+            SlotSpec(output="attention.output.dropout", input="attention", norm="attention.ln"),
+            "encoder.layer.0.attention.ln",
+        ),
         ("extra_norms", ("embeddings.Norm",), "embeddings.Norm"),
     ],
 )
@@ -465,8 +484,9 @@ def test_wrong_path_names_the_path_and_adds_nothing(field, value, path):
 def test_an_output_module_that_is_also_a_copied_norm_is_refused_and_adds_nothing():
     """A table whose adapter output is a layer norm the adapters also copy: either route would
     silently bypass the other, so it is an error, whichever of two sets brings which."""
-    overlap = dataclasses.replace(ARCHITECTURES["bert"], ffn=SlotSpec(output="output.LayerNorm", input="intermediate",
-                                                                      norm="output.LayerNorm"))
+    overlap = dataclasses.replace(
+        ARCHITECTURES["bert"], ffn=SlotSpec(output="output.LayerNorm", input="intermediate", norm="output.LayerNorm")
+    )
     model = tiny_model("bert")
     outputs(model)
     hooks0 = hook_count(model)
@@ -489,9 +509,11 @@ def test_removing_an_adapter_under_another_wrapper_keeps_the_wrapper(family):
     wrapped = []
     for m in model.modules():
         if "forward" in m.__dict__:
+
             def wrapper(*args, inner=m.forward, **kwargs):
                 calls.append(1)
                 return inner(*args, **kwargs)
+
             m.forward = wrapper
             wrapped.append((m, wrapper))
     adapted = outputs(model)[1]
@@ -504,7 +526,9 @@ def test_removing_an_adapter_under_another_wrapper_keeps_the_wrapper(family):
 
 
 def test_wrong_parallel_input_path_is_reported():
-    bad = dataclasses.replace(ARCHITECTURES["bert"], ffn=SlotSpec(output="output.dropout", input="inter", norm="output.LayerNorm"))
+    bad = dataclasses.replace(
+        ARCHITECTURES["bert"], ffn=SlotSpec(output="output.dropout", input="inter", norm="output.LayerNorm")
+    )
     model = tiny_model("bert")
     add_adapter(model, "seq", "pfeiffer", arch=bad)  # sequential adapters never read the input path
     with pytest.raises(ArchitectureError, match="no module at 'inter'"):
@@ -543,7 +567,8 @@ def _reference_twin(family, aset, spec):
             paths, key = spec.slot(slot), (layer_id, slot)
             if aset.config.mode == "parallel":
                 layers[int(layer_id)].get_submodule(paths.input).register_forward_pre_hook(
-                    lambda m, a, kw, key=key: stash.__setitem__(key, _sub_layer_input(a, kw)), with_kwargs=True)
+                    lambda m, a, kw, key=key: stash.__setitem__(key, _sub_layer_input(a, kw)), with_kwargs=True
+                )
 
             def hook(m, args, kwargs, out, adapter=adapter, key=key):
                 h = out[0] if isinstance(out, tuple) else out
@@ -615,9 +640,13 @@ def test_a_task_norm_copy_replaces_the_base_norm_instead_of_running_after_it():
 
 def _three_tasks(family):
     model = tiny_model(family)
-    for i, (name, cfg) in enumerate([("a", AdapterConfig.preset("houlsby", size=8)),
-                                     ("b", AdapterConfig.preset("pfeiffer", size=4, train_layer_norms=False)),
-                                     ("c", AdapterConfig.preset("parallel", size=4, zero_init_up=False, layers=(0, 2)))]):
+    for i, (name, cfg) in enumerate(
+        [
+            ("a", AdapterConfig.preset("houlsby", size=8)),
+            ("b", AdapterConfig.preset("pfeiffer", size=4, train_layer_norms=False)),
+            ("c", AdapterConfig.preset("parallel", size=4, zero_init_up=False, layers=(0, 2))),
+        ]
+    ):
         perturb(add_adapter(model, name, cfg), std=0.1, seed=i + 1)
     return model
 

@@ -157,7 +157,12 @@ def test_config_json_is_stamped(tmp_path):
     assert meta["format"] == 1 and meta["adaptune_version"] == adaptune.__version__
     assert meta["name"] == "task" and meta["extra"] == {"labels": ["neg", "pos"]}
     assert AdapterConfig.from_dict(meta["config"]) == cfg
-    assert meta["base"] == {"model_type": "bert", "hidden_size": 32, "num_layers": 4, "fingerprint": fingerprint(model)}
+    assert meta["base"] == {
+        "model_type": "bert",
+        "hidden_size": 32,
+        "num_layers": 4,
+        "fingerprint": fingerprint(model),
+    }
     assert meta["tensors"] == sorted(load_file(tmp_path / "a" / WEIGHTS))
     read = read_adapter_config(tmp_path / "a")
     assert read["config"] == cfg and read["extra"] == meta["extra"]
@@ -365,7 +370,9 @@ def test_corrupted_weights_header(target, saved, tmp_path, where):
 
 def test_weights_file_is_garbage(target, saved, tmp_path):
     bad = copy_of(saved, tmp_path)
-    (bad / WEIGHTS).write_bytes(torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0)).to(torch.uint8).numpy().tobytes())
+    (bad / WEIGHTS).write_bytes(
+        torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0)).to(torch.uint8).numpy().tobytes()
+    )
     assert_load_fails(target, bad, WEIGHTS)
 
 

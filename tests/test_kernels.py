@@ -24,6 +24,7 @@ def test_keep_mask_rate_and_shape():
 def fixed_mask(monkeypatch):
     """The torch versions (not the C kernels, which draw their own masks), every keep_mask call
     returning the same seeded draw, so lean and reference use one mask."""
+
     def fixed(shape, p, device):
         g = torch.Generator().manual_seed(7)
         return torch.rand(tuple(shape), generator=g) >= p
@@ -153,8 +154,11 @@ def test_lean_dropout_runs_under_adapters_on_the_same_module_in_either_order(lea
     add_adapter(model, "t", AdapterConfig(size=8, init_std=0.1))
     if not lean_first:
         K.use_lean_kernels(model)
-    slots = {id(model.bert.encoder.layer[i].get_submodule(p)) for i in range(4)
-             for p in ("attention.output.dropout", "output.dropout")}
+    slots = {
+        id(model.bert.encoder.layer[i].get_submodule(p))
+        for i in range(4)
+        for p in ("attention.output.dropout", "output.dropout")
+    }
     assert all(type(m) is K.LeanDropout for m in model.modules() if id(m) in slots)
     with torch.no_grad():
         adapted = model(**batch).logits
@@ -270,8 +274,9 @@ def test_torch_attention_runs_where_the_kernel_does_not_apply(kernel_masks):
 
 @needs_native
 @pytest.mark.parametrize("family", ["bert", "llama"])
-def test_native_training_step_equals_plain_when_dropout_keeps_everything(kernel_masks, gelu_calls, monkeypatch,
-                                                                        family):
+def test_native_training_step_equals_plain_when_dropout_keeps_everything(
+    kernel_masks, gelu_calls, monkeypatch, family
+):
     """A model whose heads are 16 wide (so the kernel runs), p small enough that every draw is
     kept (1e-6 rounds to 0 / 65536): a lean forward and backward equal the plain model's, values
     and every gradient; for LLaMA through the causal mask and grouped key-value heads, for BERT
@@ -283,11 +288,26 @@ def test_native_training_step_equals_plain_when_dropout_keeps_everything(kernel_
     def build():
         torch.manual_seed(0)
         if family == "bert":
-            cfg = T.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                               vocab_size=100, attention_probs_dropout_prob=1e-6, hidden_dropout_prob=1e-6)
+            cfg = T.BertConfig(
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                intermediate_size=64,
+                vocab_size=100,
+                attention_probs_dropout_prob=1e-6,
+                hidden_dropout_prob=1e-6,
+            )
         else:
-            cfg = T.LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                                intermediate_size=64, vocab_size=100, attention_dropout=1e-6, pad_token_id=0)
+            cfg = T.LlamaConfig(
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                num_key_value_heads=1,
+                intermediate_size=64,
+                vocab_size=100,
+                attention_dropout=1e-6,
+                pad_token_id=0,
+            )
         return T.AutoModelForSequenceClassification.from_config(cfg)
 
     _assert_lean_step_equals_plain(build(), build(), tiny_batch(length=23))
@@ -358,8 +378,12 @@ def test_native_gelu_equals_torch_with_gradient(gelu_calls, shape):
     want = torch.nn.functional.gelu(x64)
     torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-6)
     grad = torch.randn_like(y)
-    torch.testing.assert_close(torch.autograd.grad(y, x, grad)[0].double(), torch.autograd.grad(want, x64, grad.double())[0],
-                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        torch.autograd.grad(y, x, grad)[0].double(),
+        torch.autograd.grad(want, x64, grad.double())[0],
+        rtol=1e-5,
+        atol=1e-6,
+    )
     assert gelu_calls == {"forward": 1, "backward": 1}
 
 
@@ -385,8 +409,11 @@ def test_torch_gelu_runs_where_the_kernel_does_not_apply(gelu_calls):
     """Too few entries, float64, a transposed view, no gradient recorded through lean_gelu, or the
     kernels switched off: torch's own GELU, bit for bit."""
     small = torch.randn(100, requires_grad=True)
-    cases = [small, torch.randn(40000, dtype=torch.float64, requires_grad=True),
-             torch.randn(200, 200).t().requires_grad_()]
+    cases = [
+        small,
+        torch.randn(40000, dtype=torch.float64, requires_grad=True),
+        torch.randn(200, 200).t().requires_grad_(),
+    ]
     for x in cases:
         assert torch.equal(K.lean_gelu(x), torch.nn.functional.gelu(x))
     big = torch.randn(40000, requires_grad=True)
@@ -395,8 +422,9 @@ def test_torch_gelu_runs_where_the_kernel_does_not_apply(gelu_calls):
     previous = K.set_native(False)
     try:
         assert torch.equal(K.lean_gelu(big), torch.nn.functional.gelu(big))
-        assert torch.equal(K.gelu_backward(big.detach(), big.detach()),
-                           torch.ops.aten.gelu_backward(big.detach(), big.detach()))
+        assert torch.equal(
+            K.gelu_backward(big.detach(), big.detach()), torch.ops.aten.gelu_backward(big.detach(), big.detach())
+        )
     finally:
         K.set_native(previous)
     assert gelu_calls == {"forward": 0, "backward": 0}
@@ -464,4 +492,3 @@ def test_no_lean_kernels_reproduces_torchs_dropout_stream(tiny_model_dir):
     lean.train()
     torch.manual_seed(123)
     assert not torch.equal(lean(**batch).logits, outs[0][0])
-

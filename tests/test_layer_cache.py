@@ -22,7 +22,9 @@ TOP = AdapterConfig(size=8, layers=(2, 3), train_layer_norms=False)  # adapters 
 def _examples(n=12, seed=0):
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(3, 11, (n,), generator=g).tolist()
-    return [{"input_ids": torch.randint(3, V, (t,), generator=g).tolist(), "label": i % 2} for i, t in enumerate(lengths)]
+    return [
+        {"input_ids": torch.randint(3, V, (t,), generator=g).tolist(), "label": i % 2} for i, t in enumerate(lengths)
+    ]
 
 
 def _model(family="bert", config=TOP, strategy="adapters", k=None):
@@ -39,7 +41,9 @@ def _run(model, frozen, examples, epochs=3):
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
     losses, reused = [], []
     for epoch in range(epochs):
-        for idx in bucket_batches([len(e["input_ids"]) for e in examples], 4, shuffle=True, epoch=epoch, bucket_size=1):
+        for idx in bucket_batches(
+            [len(e["input_ids"]) for e in examples], 4, shuffle=True, epoch=epoch, bucket_size=1
+        ):
             batch = collate([examples[i] for i in idx], 0)
             labels = batch.pop("labels")
             with frozen.step(idx) as hit:
@@ -105,12 +109,19 @@ def test_kept_states_with_top_k():
     assert hits[-1] and got == pytest.approx(want, rel=1e-5, abs=1e-6)
 
 
-@pytest.mark.parametrize("config, strategy, message", [
-    (AdapterConfig(size=8, layers=(2, 3)), "adapters", "--no-train-layer-norms"),  # layer-norm copies of every layer
-    (AdapterConfig(size=8, train_layer_norms=False), "adapters", "layer 0"),  # adapters in every layer
-    (None, "full", "embeddings"),
-    (None, "head", "only the head"),
-])
+@pytest.mark.parametrize(
+    "config, strategy, message",
+    [
+        (
+            AdapterConfig(size=8, layers=(2, 3)),
+            "adapters",
+            "--no-train-layer-norms",
+        ),  # layer-norm copies of every layer
+        (AdapterConfig(size=8, train_layer_norms=False), "adapters", "layer 0"),  # adapters in every layer
+        (None, "full", "embeddings"),
+        (None, "head", "only the head"),
+    ],
+)
 def test_refuses_when_something_trains_below_the_cut(config, strategy, message):
     model = _model(config=config, strategy=strategy)
     with pytest.raises(ConfigError, match=message):
@@ -130,8 +141,20 @@ def test_train_config_states_the_dropout_option():
 
 
 def _cfg(model_dir, data, **kw):
-    base = dict(model=str(model_dir), data=str(data), text_column="review", label_column="score", epochs=3, batch_size=8,
-                max_length=24, lr=3e-3, device="cpu", adapter_layers=(1,), train_layer_norms=False, frozen_dropout=False)
+    base = dict(
+        model=str(model_dir),
+        data=str(data),
+        text_column="review",
+        label_column="score",
+        epochs=3,
+        batch_size=8,
+        max_length=24,
+        lr=3e-3,
+        device="cpu",
+        adapter_layers=(1,),
+        train_layer_norms=False,
+        frozen_dropout=False,
+    )
     return TrainConfig(**{**base, **kw})
 
 
@@ -142,7 +165,10 @@ def test_training_with_the_cache_equals_training_without(tiny_model_dir, tmp_pat
     assert any("kept after the first epoch" in n for n in with_cache["notes"])
     for a, b in zip(with_cache["history"], without["history"]):
         assert a["accuracy"] == b["accuracy"]
-    got, want = load_file(tmp_path / "cached/adapter/adapter.safetensors"), load_file(tmp_path / "plain/adapter/adapter.safetensors")
+    got, want = (
+        load_file(tmp_path / "cached/adapter/adapter.safetensors"),
+        load_file(tmp_path / "plain/adapter/adapter.safetensors"),
+    )
     assert sorted(got) == sorted(want)
     for key in want:
         torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-6, msg=key)
@@ -151,7 +177,9 @@ def test_training_with_the_cache_equals_training_without(tiny_model_dir, tmp_pat
 def test_train_refuses_the_cache_before_writing_anything(tiny_model_dir, tmp_path):
     data = write_reviews_csv(tmp_path / "reviews.csv", n=40)
     with pytest.raises(ConfigError, match="--no-train-layer-norms"):
-        train(_cfg(tiny_model_dir, data, cache_frozen_layers=True, train_layer_norms=True), tmp_path / "run", quiet=True)
+        train(
+            _cfg(tiny_model_dir, data, cache_frozen_layers=True, train_layer_norms=True), tmp_path / "run", quiet=True
+        )
     assert not (tmp_path / "run").exists()
 
 

@@ -15,8 +15,27 @@ from adaptune.predict import MultiTaskPredictor, Predictor
 
 
 def _train(model_dir, data, out, *extra):
-    args = ["train", "--quiet", "-o", str(out), "--model", str(model_dir), "--data", str(data), "--text-column", "review",
-            "--label-column", "score", "--epochs", "1", "--batch-size", "8", "--device", "cpu", *extra]
+    args = [
+        "train",
+        "--quiet",
+        "-o",
+        str(out),
+        "--model",
+        str(model_dir),
+        "--data",
+        str(data),
+        "--text-column",
+        "review",
+        "--label-column",
+        "score",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--device",
+        "cpu",
+        *extra,
+    ]
     assert main(args) == 0
     return out
 
@@ -26,15 +45,27 @@ def runs(tiny_model_dir, tmp_path_factory):
     """Two adapter runs on one tiny base: 2 labels / max 16 tokens, and 3 labels / max 8 tokens."""
     tmp = tmp_path_factory.mktemp("serve")
     two = _train(tiny_model_dir, write_reviews_csv(tmp / "two.csv", n=40), tmp / "two", "--max-length", "16")
-    three = _train(tiny_model_dir, write_reviews_csv(tmp / "three.csv", n=60, classes=3), tmp / "three",
-                   "--max-length", "8", "--adapter", "pfeiffer")
+    three = _train(
+        tiny_model_dir,
+        write_reviews_csv(tmp / "three.csv", n=60, classes=3),
+        tmp / "three",
+        "--max-length",
+        "8",
+        "--adapter",
+        "pfeiffer",
+    )
     full = _train(tiny_model_dir, tmp / "two.csv", tmp / "full", "--max-length", "16", "--strategy", "full")
     nohead = _train(tiny_model_dir, tmp / "two.csv", tmp / "nohead", "--max-length", "16", "--no-train-head")
     return {"two": two, "three": three, "full": full, "nohead": nohead}
 
 
-TEXTS = ["this coffee is great and tasty", "stale bland and soggy, a long review that runs past eight tokens for sure",
-         "okay average", "lovely", "plain fine okay okay"]
+TEXTS = [
+    "this coffee is great and tasty",
+    "stale bland and soggy, a long review that runs past eight tokens for sure",
+    "okay average",
+    "lovely",
+    "plain fine okay okay",
+]
 TASKS = ["two", "three", "three", "two", "three"]
 
 
@@ -70,7 +101,9 @@ def test_cli_serves_several_runs(runs, capsys, monkeypatch):
     assert main(["predict", str(runs["two"]), "--also", f"three={runs['three']}", "--json", "--device", "cpu"]) == 0
     rows = [json.loads(ln) for ln in capsys.readouterr().out.strip().splitlines()]
     assert [r["task"] for r in rows] == TASKS and [r["text"] for r in rows] == TEXTS
-    assert main(["predict", str(runs["two"]), "--also", f"three={runs['three']}", "two\tgreat", "--device", "cpu"]) == 0
+    assert (
+        main(["predict", str(runs["two"]), "--also", f"three={runs['three']}", "two\tgreat", "--device", "cpu"]) == 0
+    )
     out = capsys.readouterr().out.strip().split("\t")
     assert out[0] == "two" and out[1] in ("good", "bad") and out[-1] == "great"
 
@@ -83,8 +116,10 @@ def test_cli_rejects_a_line_without_a_known_task(runs, capsys):
 
 def test_a_run_without_its_own_head_is_refused(runs, capsys):
     """Its predictions came from a random base head that was not saved: serving it would be wrong."""
-    for load in (lambda: Predictor(runs["nohead"], device="cpu"),
-                 lambda: MultiTaskPredictor([runs["two"], runs["nohead"]], device="cpu")):
+    for load in (
+        lambda: Predictor(runs["nohead"], device="cpu"),
+        lambda: MultiTaskPredictor([runs["two"], runs["nohead"]], device="cpu"),
+    ):
         with pytest.raises(ConfigError, match="without a head of its own"):
             load()
     assert main(["predict", str(runs["nohead"]), "tasty", "--device", "cpu"]) == 2
@@ -108,7 +143,9 @@ def test_name_runs_names_folders_or_takes_given_names(tmp_path):
 
     (tmp_path / "reviews").mkdir()
     assert name_runs([tmp_path / "reviews", f"topic={tmp_path / 'news'}"]) == {
-        "reviews": tmp_path / "reviews", "topic": tmp_path / "news"}
+        "reviews": tmp_path / "reviews",
+        "topic": tmp_path / "news",
+    }
     with pytest.raises(ConfigError, match="both be called 'reviews'"):
         name_runs([tmp_path / "reviews", f"reviews={tmp_path / 'other'}"])
     with pytest.raises(ConfigError, match="'2nd' \\(given\\) is not usable"):

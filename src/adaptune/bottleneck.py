@@ -85,8 +85,11 @@ class Bottleneck(nn.Module):
         d = h.shape[-1]
         if plain and not torch.is_grad_enabled():
             inp = (h if x is None else x).reshape(-1, d)
-            fused = adapter_gemm.adapter_forward(inp, h.reshape(-1, d), w_down, b_down, w_up, b_up, self.scale) \
-                if _exact_gelu(act) else None
+            fused = (
+                adapter_gemm.adapter_forward(inp, h.reshape(-1, d), w_down, b_down, w_up, b_up, self.scale)
+                if _exact_gelu(act)
+                else None
+            )
             if fused is not None:  # the whole adapter in one kernel call
                 return fused[1].view(h.shape)
             z = _down(inp, w_down, b_down)
@@ -137,9 +140,14 @@ def _weight_bias(linear: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
 # Known nonlinearities (exact types only: a subclass or another module takes autograd's own graph):
 # (the activation of z, the gradient at z given the gradient at the activation's output).
 _ACTS = {
-    nn.GELU: (lambda act, z: kernels.gelu(z) if act.approximate == "none" else F.gelu(z, approximate=act.approximate),
-              lambda act, grad, z: kernels.gelu_backward(grad, z) if act.approximate == "none"
-              else torch.ops.aten.gelu_backward(grad, z, approximate=act.approximate)),
+    nn.GELU: (
+        lambda act, z: kernels.gelu(z) if act.approximate == "none" else F.gelu(z, approximate=act.approximate),
+        lambda act, grad, z: (
+            kernels.gelu_backward(grad, z)
+            if act.approximate == "none"
+            else torch.ops.aten.gelu_backward(grad, z, approximate=act.approximate)
+        ),
+    ),
     nn.ReLU: (lambda act, z: torch.relu(z), lambda act, grad, z: torch.ops.aten.threshold_backward(grad, z, 0)),
     nn.SiLU: (lambda act, z: F.silu(z), lambda act, grad, z: torch.ops.aten.silu_backward(grad, z)),
     nn.Tanh: (lambda act, z: torch.tanh(z), lambda act, grad, z: torch.ops.aten.tanh_backward(grad, torch.tanh(z))),
@@ -168,8 +176,11 @@ class _AddBottleneck(torch.autograd.Function):
     def forward(ctx, h, x, w_down, b_down, w_up, b_up, act, scale):
         d = h.shape[-1]
         inp = (h if x is None else x).reshape(-1, d)  # (B*T, d)
-        fused = adapter_gemm.adapter_forward(inp, h.reshape(-1, d), w_down, b_down, w_up, b_up, scale) \
-            if _exact_gelu(act) else None
+        fused = (
+            adapter_gemm.adapter_forward(inp, h.reshape(-1, d), w_down, b_down, w_up, b_up, scale)
+            if _exact_gelu(act)
+            else None
+        )
         if fused is not None:  # the whole adapter in one kernel call
             z, out = fused
         else:
@@ -188,8 +199,11 @@ class _AddBottleneck(torch.autograd.Function):
         g = grad.reshape(-1, grad.shape[-1])  # (B*T, d)
         grad_h = grad_x = g_wd = g_bd = g_wu = g_bu = None
         want_inp = need[1] if ctx.parallel else need[0]
-        fused = adapter_gemm.adapter_backward(g, z, w_down, w_up, ctx.scale, want_inp, not ctx.parallel) \
-            if _exact_gelu(ctx.act) and (want_inp or need[2] or need[3]) else None
+        fused = (
+            adapter_gemm.adapter_backward(g, z, w_down, w_up, ctx.scale, want_inp, not ctx.parallel)
+            if _exact_gelu(ctx.act) and (want_inp or need[2] or need[3])
+            else None
+        )
         if fused is not None:  # both input-side products and the GELU's gradient in one kernel call
             gz, sa, g_in = fused
             g_wu = g.t().mm(sa) if need[4] else None  # sa = scale * gelu(z)
@@ -197,8 +211,16 @@ class _AddBottleneck(torch.autograd.Function):
             g_wd = gz.t().mm(inp) if need[2] else None
             g_bd = gz.sum(0) if need[3] else None
             if ctx.parallel:
-                return grad if need[0] else None, g_in.view(ctx.x_shape) if need[1] else None, \
-                    g_wd, g_bd, g_wu, g_bu, None, None
+                return (
+                    grad if need[0] else None,
+                    g_in.view(ctx.x_shape) if need[1] else None,
+                    g_wd,
+                    g_bd,
+                    g_wu,
+                    g_bu,
+                    None,
+                    None,
+                )
             return g_in.view(ctx.shape) if need[0] else None, None, g_wd, g_bd, g_wu, g_bu, None, None
         gs = g if ctx.scale == 1.0 else g * ctx.scale
         if need[4]:

@@ -47,8 +47,9 @@ def lm_loss(model, batch: dict[str, torch.Tensor], labels: torch.Tensor) -> torc
     return F.cross_entropy(logits.float(), targets)
 
 
-def lm_loss_sum(model, batch: dict[str, torch.Tensor], labels: torch.Tensor,
-                row_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def lm_loss_sum(
+    model, batch: dict[str, torch.Tensor], labels: torch.Tensor, row_weight: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The summed cross-entropy over the response tokens of ``batch`` and how many tokens it sums
     (each row's tokens weighted by ``row_weight``, (B,); a weight-0 row counts for nothing)."""
     if row_weight is not None:
@@ -58,7 +59,9 @@ def lm_loss_sum(model, batch: dict[str, torch.Tensor], labels: torch.Tensor,
 
 
 @torch.no_grad()
-def evaluate_lm(model, encoded: list[dict], *, batch_size: int, pad_id: int, device, dd=None, autocast_ctx=None) -> dict:
+def evaluate_lm(
+    model, encoded: list[dict], *, batch_size: int, pad_id: int, device, dd=None, autocast_ctx=None
+) -> dict:
     """``loss`` (mean over response tokens), ``perplexity`` = exp(loss) and ``token_accuracy``
     (greedy next-token matches) of ``model`` on encoded conversations.
 
@@ -69,7 +72,9 @@ def evaluate_lm(model, encoded: list[dict], *, batch_size: int, pad_id: int, dev
     mine = list(range(len(encoded))) if dd is None else dd.shard(list(range(len(encoded))))
     total = correct = 0
     nll = 0.0
-    for idx in bucket_batches([len(encoded[mine[i]]["input_ids"]) for i in range(len(mine))], batch_size, shuffle=False):
+    for idx in bucket_batches(
+        [len(encoded[mine[i]]["input_ids"]) for i in range(len(mine))], batch_size, shuffle=False
+    ):
         batch = {k: v.to(device) for k, v in collate([encoded[mine[i]] for i in idx], pad_id).items()}
         labels = batch.pop("labels")
         batch.pop("token_type_ids", None)
@@ -84,7 +89,12 @@ def evaluate_lm(model, encoded: list[dict], *, batch_size: int, pad_id: int, dev
         nll, correct, total = (sum(p[i] for p in parts) for i in range(3))
     model.train(was_training)
     loss = nll / max(total, 1)
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "token_accuracy": correct / max(total, 1), "tokens": total}
+    return {
+        "loss": loss,
+        "perplexity": math.exp(min(loss, 50.0)),
+        "token_accuracy": correct / max(total, 1),
+        "tokens": total,
+    }
 
 
 def normalise_answer(text: str) -> str:

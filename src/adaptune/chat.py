@@ -64,7 +64,9 @@ def is_chat_source(source: str) -> bool:
         return False  # the classification reader reports what is wrong with the file
     if isinstance(record, list):  # a .json array: look at its first record
         record = record[0] if record else {}
-    return isinstance(record, dict) and ("messages" in record or any(p in record and r in record for p, r in _PAIR_KEYS))
+    return isinstance(record, dict) and (
+        "messages" in record or any(p in record and r in record for p, r in _PAIR_KEYS)
+    )
 
 
 # ---------------------------------------------------------------------------------------- sources
@@ -76,7 +78,9 @@ def chatterbot_pairs() -> list[list[dict]]:
         import chatterbot_corpus
         import yaml
     except ImportError:
-        raise DataError("the 'chatterbot' demo data needs chatterbot-corpus and pyyaml: pip install 'adaptune[lm]'") from None
+        raise DataError(
+            "the 'chatterbot' demo data needs chatterbot-corpus and pyyaml: pip install 'adaptune[lm]'"
+        ) from None
     folder = Path(chatterbot_corpus.__file__).parent / "data" / "english"
     pairs = []
     for path in sorted(folder.glob("*.yml")):
@@ -94,11 +98,13 @@ def _record_to_messages(record: dict, where: str) -> list[dict]:
     if "messages" in record:
         messages = record["messages"]
         if not isinstance(messages, list) or not messages:
-            raise DataError(f"{where}: 'messages' must be a non-empty list of {{\"role\", \"content\"}} objects")
+            raise DataError(f'{where}: \'messages\' must be a non-empty list of {{"role", "content"}} objects')
         out = []
         for m in messages:
             if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-                raise DataError(f"{where}: every message needs a role ({', '.join(ROLES)}) and a text content, got {m!r}")
+                raise DataError(
+                    f"{where}: every message needs a role ({', '.join(ROLES)}) and a text content, got {m!r}"
+                )
             out.append({"role": m["role"], "content": m["content"]})
         if not any(m["role"] == "assistant" for m in out):
             raise DataError(f"{where}: the conversation has no assistant message to learn")
@@ -129,8 +135,16 @@ def read_conversations(path: str | Path) -> list[list[dict]]:
     return [_record_to_messages(r, f"record {i + 1} of {path}") for i, r in enumerate(records)]
 
 
-def load_chat_data(source: str, *, dev_file: str | None = None, test_file: str | None = None, dev_fraction: float = 0.1,
-                   seed: int = 0, limit_train: int | None = None, limit_eval: int | None = None) -> ChatData:
+def load_chat_data(
+    source: str,
+    *,
+    dev_file: str | None = None,
+    test_file: str | None = None,
+    dev_fraction: float = 0.1,
+    seed: int = 0,
+    limit_train: int | None = None,
+    limit_eval: int | None = None,
+) -> ChatData:
     """Train / dev / test conversations from ``source``.
 
     Without a dev (or test) file, a seeded share of ``dev_fraction`` is held out for each. Held-out
@@ -156,8 +170,11 @@ def load_chat_data(source: str, *, dev_file: str | None = None, test_file: str |
             dev = held
         else:
             test = held
-        notes.append(f"held out {len(held)} conversations by first prompt ({dev_fraction * 100:g}% each for "
-                     f"{'dev and test' if dev_file is None and test_file is None else 'dev' if dev_file is None else 'test'}, seed {seed})")
+        notes.append(
+            f"held out {len(held)} conversations by first prompt ({dev_fraction * 100:g}% each for "
+            f"{'dev and test' if dev_file is None and test_file is None else 'dev' if dev_file is None else 'test'}, "
+            f"seed {seed})"
+        )
     if not convs or not dev:
         raise DataError(f"{source} has too few conversations to hold out dev and test; add more or pass --dev-file")
     train = seeded_subset(convs, limit_train, seed, 1, "train", notes, "conversations")
@@ -169,12 +186,17 @@ def load_chat_data(source: str, *, dev_file: str | None = None, test_file: str |
 
 def _hold_out(convs: list[list[dict]], fraction: float, seed: int) -> tuple[list, list]:
     """Split by the first user message, so the same prompt never lands on both sides."""
+
     def key(c):
         return next((m["content"].strip().lower() for m in c if m["role"] == "user"), "")
 
     prompts = sorted({key(c) for c in convs})
     rng = np.random.default_rng([seed, 0])
-    held = set(rng.choice(prompts, size=max(1, int(round(len(prompts) * fraction))), replace=False).tolist()) if prompts else set()
+    held = (
+        set(rng.choice(prompts, size=max(1, int(round(len(prompts) * fraction))), replace=False).tolist())
+        if prompts
+        else set()
+    )
     keep = [c for c in convs if key(c) not in held]
     out = [c for c in convs if key(c) in held]
     order = rng.permutation(len(out))
@@ -233,12 +255,14 @@ def encode_conversation(tokenizer, messages: list[dict], max_length: int) -> dic
         prompt = render(tokenizer, messages[:i], add_generation_prompt=True)
         full = render(tokenizer, messages[: i + 1], add_generation_prompt=False)
         if not prompt.startswith(done) or not full.startswith(prompt):
-            raise DataError("the tokenizer's chat template does not render a conversation as a growing prefix; "
-                            "its turns cannot be labelled (use prompt/response pairs)")
-        part = _tokens(tokenizer, prompt[len(done):], first=not ids)
+            raise DataError(
+                "the tokenizer's chat template does not render a conversation as a growing prefix; "
+                "its turns cannot be labelled (use prompt/response pairs)"
+            )
+        part = _tokens(tokenizer, prompt[len(done) :], first=not ids)
         ids += part
         labels += [IGNORE] * len(part)
-        answer = _tokens(tokenizer, full[len(prompt):], first=False)
+        answer = _tokens(tokenizer, full[len(prompt) :], first=False)
         ids += answer
         labels += answer
         done = full

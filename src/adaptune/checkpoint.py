@@ -75,8 +75,14 @@ def load_best(folder: Path) -> dict[str, torch.Tensor] | None:
     return load_file(str(f)) if f.is_file() else None
 
 
-def save_checkpoint(folder: Path, model: nn.Module, optimizer, scheduler, progress: dict[str, Any],
-                    rank_rng: list[torch.Tensor] | None = None) -> None:
+def save_checkpoint(
+    folder: Path,
+    model: nn.Module,
+    optimizer,
+    scheduler,
+    progress: dict[str, Any],
+    rank_rng: list[torch.Tensor] | None = None,
+) -> None:
     """Write the training state to ``folder`` (replacing the previous one atomically).
 
     ``rank_rng``: under torchrun, every rank's CPU RNG state, so each resumes its own dropout stream.
@@ -127,7 +133,9 @@ def load_checkpoint(folder: Path, model: nn.Module, optimizer, scheduler, rank: 
         tensors = load_file(str(folder / STATE))
         meta = json.loads((folder / META).read_text(encoding="utf-8"))
     except Exception as e:
-        raise TrainingError(f"checkpoint in {folder} is damaged ({e}); delete it to restart the run from scratch") from None
+        raise TrainingError(
+            f"checkpoint in {folder} is damaged ({e}); delete it to restart the run from scratch"
+        ) from None
     saved = {k[len("param.") :]: v for k, v in tensors.items() if k.startswith("param.")}
     _check_fits(folder, saved, {n: p for n, p in model.named_parameters() if p.requires_grad}, meta, tensors)
     params = dict(model.named_parameters())
@@ -140,7 +148,10 @@ def load_checkpoint(folder: Path, model: nn.Module, optimizer, scheduler, rank: 
             _, idx, name = key.split(".", 2)
             state.setdefault(int(idx), {})[name] = value
     # How the update runs (fused, foreach) is this process's choice for its device, not the saved one's.
-    groups = [{**saved, **{k: now[k] for k in _HOW if k in now}} for saved, now in zip(meta["param_groups"], optimizer.param_groups)]
+    groups = [
+        {**saved, **{k: now[k] for k in _HOW if k in now}}
+        for saved, now in zip(meta["param_groups"], optimizer.param_groups)
+    ]
     optimizer.load_state_dict({"state": state, "param_groups": groups})
     scheduler.load_state_dict(meta["scheduler"])
     torch.set_rng_state(tensors.get(f"rng.torch.rank{rank}", tensors["rng.torch"]))
@@ -149,26 +160,39 @@ def load_checkpoint(folder: Path, model: nn.Module, optimizer, scheduler, rank: 
     return meta["progress"]
 
 
-def _check_fits(folder: Path, saved: dict[str, torch.Tensor], trained: dict[str, torch.Tensor], meta: dict,
-                tensors: dict[str, torch.Tensor]) -> None:
+def _check_fits(
+    folder: Path,
+    saved: dict[str, torch.Tensor],
+    trained: dict[str, torch.Tensor],
+    meta: dict,
+    tensors: dict[str, torch.Tensor],
+) -> None:
     """Refuse a checkpoint that does not fit this run, before anything is restored."""
     unknown = sorted(set(saved) - set(trained))
     if unknown:
-        raise TrainingError(f"checkpoint in {folder} has parameter {unknown[0]!r} that this run does not train"
-                            f"{f' (and {len(unknown) - 1} more)' if len(unknown) > 1 else ''}; resume with the "
-                            "run's own settings")
+        raise TrainingError(
+            f"checkpoint in {folder} has parameter {unknown[0]!r} that this run does not train"
+            f"{f' (and {len(unknown) - 1} more)' if len(unknown) > 1 else ''}; resume with the "
+            "run's own settings"
+        )
     missing = sorted(set(trained) - set(saved))
     if missing:
-        raise TrainingError(f"checkpoint in {folder} lacks trained parameter {missing[0]!r}"
-                            f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}; it was written by "
-                            "another run or is damaged: delete it to restart from scratch")
+        raise TrainingError(
+            f"checkpoint in {folder} lacks trained parameter {missing[0]!r}"
+            f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}; it was written by "
+            "another run or is damaged: delete it to restart from scratch"
+        )
     for name, value in saved.items():
         if value.shape != trained[name].shape:
-            raise TrainingError(f"checkpoint in {folder} has {name} of shape {tuple(value.shape)}, this run "
-                                f"{tuple(trained[name].shape)}; it was written by another run")
+            raise TrainingError(
+                f"checkpoint in {folder} has {name} of shape {tuple(value.shape)}, this run "
+                f"{tuple(trained[name].shape)}; it was written by another run"
+            )
     if meta.get("cuda_rng") and torch.cuda.is_available():
         saved_gpus = sum(1 for k in tensors if k.startswith("rng.cuda."))
         if saved_gpus != torch.cuda.device_count():
-            raise TrainingError(f"checkpoint in {folder} was written with {saved_gpus} GPU(s) visible, this process "
-                                f"sees {torch.cuda.device_count()}; resume with the same GPUs visible "
-                                "(CUDA_VISIBLE_DEVICES) to continue the run exactly")
+            raise TrainingError(
+                f"checkpoint in {folder} was written with {saved_gpus} GPU(s) visible, this process "
+                f"sees {torch.cuda.device_count()}; resume with the same GPUs visible "
+                "(CUDA_VISIBLE_DEVICES) to continue the run exactly"
+            )

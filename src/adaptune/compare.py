@@ -57,8 +57,15 @@ class GridPoint:
 
     def train_config(self, base: TrainConfig) -> TrainConfig:
         if self.method in ADAPTER_PLACEMENTS:
-            return dataclasses.replace(base, strategy="adapters", adapter=self.method, adapter_size=self.size,
-                                       init_std=self.init_std, lr=self.lr, seed=self.seed)
+            return dataclasses.replace(
+                base,
+                strategy="adapters",
+                adapter=self.method,
+                adapter_size=self.size,
+                init_std=self.init_std,
+                lr=self.lr,
+                seed=self.seed,
+            )
         return dataclasses.replace(base, strategy=self.method, top_k=self.top_k, lr=self.lr, seed=self.seed)
 
 
@@ -158,8 +165,10 @@ def run_grid(cfg: CompareConfig, output: str | os.PathLike, *, quiet: bool = Fal
         if not finished:
             elapsed = time.perf_counter() - started
             eta = "" if not trained else f", about {_minutes(elapsed / trained * (len(todo) - n + 1))} left"
-            log(f"[{n}/{len(todo)}] {task_name(task)}: {point.label} lr {point.lr:g} seed {point.seed}"
-                f"{' init ' + format(point.init_std, 'g') if point.sweep == 'init' else ''}{eta}")
+            log(
+                f"[{n}/{len(todo)}] {task_name(task)}: {point.label} lr {point.lr:g} seed {point.seed}"
+                f"{' init ' + format(point.init_std, 'g') if point.sweep == 'init' else ''}{eta}"
+            )
         result = train(tcfg, run, resume=(run / "config.json").is_file(), quiet=quiet)
         if not finished:
             trained += 1
@@ -210,16 +219,21 @@ def select_best(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 by_lr.setdefault(r["lr"], []).append(r)
             lr, runs = max(by_lr.items(), key=lambda kv: (statistics.fmean(r["dev"] for r in kv[1]), -kv[0]))
             tests = [r["test"] for r in runs if r["test"] is not None]
-            best.append({
-                **{k: runs[0][k] for k in ("task", "label", "method", "size", "top_k", "metric", "trainable", "base", "percent")},
-                "lr": lr,
-                "dev": statistics.fmean(r["dev"] for r in runs),
-                "test": statistics.fmean(tests) if tests else None,
-                "test_std": statistics.pstdev(tests) if len(tests) > 1 else 0.0,
-                "seeds": len(runs),
-                "lrs_tried": len(by_lr),
-                "runs": [r["run"] for r in runs],
-            })
+            best.append(
+                {
+                    **{
+                        k: runs[0][k]
+                        for k in ("task", "label", "method", "size", "top_k", "metric", "trainable", "base", "percent")
+                    },
+                    "lr": lr,
+                    "dev": statistics.fmean(r["dev"] for r in runs),
+                    "test": statistics.fmean(tests) if tests else None,
+                    "test_std": statistics.pstdev(tests) if len(tests) > 1 else 0.0,
+                    "seeds": len(runs),
+                    "lrs_tried": len(by_lr),
+                    "runs": [r["run"] for r in runs],
+                }
+            )
     return best
 
 
@@ -246,29 +260,43 @@ def summary(best: list[dict[str, Any]], num_tasks: int) -> list[dict[str, Any]]:
         rs = [r for r in best if r["label"] == label]
         pct = statistics.fmean(r["percent"] for r in rs)
         tests = [r["test"] for r in rs if r["test"] is not None]
-        rows.append({
-            "label": label,
-            "method": rs[0]["method"],
-            "size": rs[0]["size"],
-            "top_k": rs[0]["top_k"],
-            "trainable": round(statistics.fmean(r["trainable"] for r in rs)),
-            "percent": pct,
-            "total_multiplier": total_params_multiplier(pct, num_tasks, rs[0]["method"]),
-            "dev": statistics.fmean(r["dev"] for r in rs),
-            "test": statistics.fmean(tests) if tests else None,
-            "per_task": {r["task"]: r["test"] if r["test"] is not None else r["dev"] for r in rs},
-        })
+        rows.append(
+            {
+                "label": label,
+                "method": rs[0]["method"],
+                "size": rs[0]["size"],
+                "top_k": rs[0]["top_k"],
+                "trainable": round(statistics.fmean(r["trainable"] for r in rs)),
+                "percent": pct,
+                "total_multiplier": total_params_multiplier(pct, num_tasks, rs[0]["method"]),
+                "dev": statistics.fmean(r["dev"] for r in rs),
+                "test": statistics.fmean(tests) if tests else None,
+                "per_task": {r["task"]: r["test"] if r["test"] is not None else r["dev"] for r in rs},
+            }
+        )
     return rows
 
 
 def markdown_table(rows: list[dict[str, Any]], metric: str, num_tasks: int, tasks: list[str]) -> str:
     per_task = len(tasks) > 1
-    head = ["method", "trained params / task", "% trained / task", f"total params ({num_tasks} task{'s' * (num_tasks > 1)})",
-            f"dev {metric}", f"test {metric}"] + ([f"test: {t}" for t in tasks] if per_task else [])
+    head = [
+        "method",
+        "trained params / task",
+        "% trained / task",
+        f"total params ({num_tasks} task{'s' * (num_tasks > 1)})",
+        f"dev {metric}",
+        f"test {metric}",
+    ] + ([f"test: {t}" for t in tasks] if per_task else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" + "---:|" * (len(head) - 1)]
     for r in rows:
-        cells = [r["label"], f"{r['trainable']:,}", f"{r['percent']:.2f} %", f"{r['total_multiplier']:.2f}×",
-                 f"{r['dev']:.4f}", "—" if r["test"] is None else f"{r['test']:.4f}"]
+        cells = [
+            r["label"],
+            f"{r['trainable']:,}",
+            f"{r['percent']:.2f} %",
+            f"{r['total_multiplier']:.2f}×",
+            f"{r['dev']:.4f}",
+            "—" if r["test"] is None else f"{r['test']:.4f}",
+        ]
         if per_task:
             cells += [f"{r['per_task'].get(t, math.nan):.4f}" for t in tasks]
         lines.append("| " + " | ".join(cells) + " |")
@@ -358,17 +386,41 @@ def fit_budget(cfg: CompareConfig, minutes: float, timing: Timing) -> tuple[Comp
     shrinks = [
         ("one seed", lambda c: dataclasses.replace(c, seeds=c.seeds[:1])),
         ("pfeiffer and parallel adapters at size 64 only", lambda c: dataclasses.replace(c, other_sizes=(64,))),
-        ("init sweep 1e-3, 1e-2, 1e-1", lambda c: dataclasses.replace(c, init_stds=tuple(s for s in c.init_stds if s >= 1e-3))),
-        ("top-k for k in 1 and half the layers", lambda c: dataclasses.replace(c, top_ks=tuple(sorted({1, max(1, timing.num_layers // 2)})))),
-        ("the default learning rate of each strategy only (no lr grid)", lambda c: dataclasses.replace(c, lr_factors=(1.0,))),
+        (
+            "init sweep 1e-3, 1e-2, 1e-1",
+            lambda c: dataclasses.replace(c, init_stds=tuple(s for s in c.init_stds if s >= 1e-3)),
+        ),
+        (
+            "top-k for k in 1 and half the layers",
+            lambda c: dataclasses.replace(c, top_ks=tuple(sorted({1, max(1, timing.num_layers // 2)}))),
+        ),
+        (
+            "the default learning rate of each strategy only (no lr grid)",
+            lambda c: dataclasses.replace(c, lr_factors=(1.0,)),
+        ),
         # Short runs learn from updates, not from examples: halve the batch before cutting data.
-        ("batches of 16 (twice the updates for the same compute)", lambda c: dataclasses.replace(
-            c, train=dataclasses.replace(c.train, batch_size=min(16, c.train.batch_size)))),
-        ("texts cut to 64 tokens", lambda c: dataclasses.replace(
-            c, train=dataclasses.replace(c.train, max_length=min(64, c.train.max_length)))),
-        ("dev and test limited to 500 examples", lambda c: dataclasses.replace(
-            c, train=dataclasses.replace(c.train, limit_eval=min(500, c.train.limit_eval or 500)))),
-        ("2 epochs", lambda c: dataclasses.replace(c, train=dataclasses.replace(c.train, epochs=min(2, c.train.epochs)))),
+        (
+            "batches of 16 (twice the updates for the same compute)",
+            lambda c: dataclasses.replace(
+                c, train=dataclasses.replace(c.train, batch_size=min(16, c.train.batch_size))
+            ),
+        ),
+        (
+            "texts cut to 64 tokens",
+            lambda c: dataclasses.replace(
+                c, train=dataclasses.replace(c.train, max_length=min(64, c.train.max_length))
+            ),
+        ),
+        (
+            "dev and test limited to 500 examples",
+            lambda c: dataclasses.replace(
+                c, train=dataclasses.replace(c.train, limit_eval=min(500, c.train.limit_eval or 500))
+            ),
+        ),
+        (
+            "2 epochs",
+            lambda c: dataclasses.replace(c, train=dataclasses.replace(c.train, epochs=min(2, c.train.epochs))),
+        ),
     ]
     for what, shrink in shrinks:
         if estimate_minutes(cfg, timing) <= minutes:
@@ -386,8 +438,10 @@ def fit_budget(cfg: CompareConfig, minutes: float, timing: Timing) -> tuple[Comp
         notes.append(f"budget: training data limited to {cfg.train.limit_train} examples per task")
     est = estimate_minutes(cfg, timing)
     step = timing.full_step(cfg.train.batch_size, cfg.train.max_length, cfg.train.bucketed)
-    notes.append(f"budget: {minutes:g} min; estimated {est:.0f} min for {len(cfg.grid()) * len(cfg.tasks)} runs "
-                 f"(from a measured full fine-tuning step of {step:.2f} s)")
+    notes.append(
+        f"budget: {minutes:g} min; estimated {est:.0f} min for {len(cfg.grid()) * len(cfg.tasks)} runs "
+        f"(from a measured full fine-tuning step of {step:.2f} s)"
+    )
     return cfg, notes
 
 
@@ -417,15 +471,23 @@ def calibrate(cfg: CompareConfig) -> Timing:
     seconds, tokens = 0.0, 0
     for i, idx in enumerate(batches[:6]):
         t0 = time.perf_counter()
-        training_step(model, collate([enc[j] for j in idx], tok.pad_token_id), optimizer, scheduler,
-                      task_type=first.task_type, max_grad_norm=tcfg.max_grad_norm)
+        training_step(
+            model,
+            collate([enc[j] for j in idx], tok.pad_token_id),
+            optimizer,
+            scheduler,
+            task_type=first.task_type,
+            max_grad_norm=tcfg.max_grad_norm,
+        )
         if i:
             seconds += time.perf_counter() - t0
             tokens += max(lengths[j] for j in idx) * len(idx)  # padded tokens: what a batch really costs
     return Timing(seconds / tokens, raw_lengths, sizes, len(layer_list(model, spec_for(model))))
 
 
-def compare(cfg: CompareConfig, output: str | os.PathLike, *, quiet: bool = False, plots: bool = True, log=print) -> dict[str, Any]:
+def compare(
+    cfg: CompareConfig, output: str | os.PathLike, *, quiet: bool = False, plots: bool = True, log=print
+) -> dict[str, Any]:
     """Run the whole comparison and write ``results.md``, ``results.csv``, ``results.json`` and plots.
 
     Args:
@@ -440,8 +502,10 @@ def compare(cfg: CompareConfig, output: str | os.PathLike, *, quiet: bool = Fals
     """
     for task in cfg.tasks:
         if dataclasses.replace(cfg.train, data=task).causal:
-            raise ConfigError(f"compare runs classification and regression tasks; {task!r} is chat data for a causal LM: "
-                              "train it with 'adaptune train' (base vs adapted perplexity is reported there)")
+            raise ConfigError(
+                f"compare runs classification and regression tasks; {task!r} is chat data for a causal LM: "
+                "train it with 'adaptune train' (base vs adapted perplexity is reported there)"
+            )
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     notes: list[str] = []
@@ -469,8 +533,15 @@ def compare(cfg: CompareConfig, output: str | os.PathLike, *, quiet: bool = Fals
             ablations[task_name(task)] = _ablation(cfg, task, best, out, log)
     table = markdown_table(summ, metric, len(cfg.tasks), tasks)
     findings = _findings(summ, metric)
-    report = {"summary": summ, "best": best, "runs": rows, "ablation": ablations, "notes": notes, "findings": findings,
-              "config": _config_to_dict(cfg)}
+    report = {
+        "summary": summ,
+        "best": best,
+        "runs": rows,
+        "ablation": ablations,
+        "notes": notes,
+        "findings": findings,
+        "config": _config_to_dict(cfg),
+    }
     write_json(report, out / "results.json")
     write_csv(rows, out / "results.csv")
     write_csv(summ, out / "summary.csv")
@@ -478,17 +549,43 @@ def compare(cfg: CompareConfig, output: str | os.PathLike, *, quiet: bool = Fals
     if plots:
         from adaptune import plots as P
 
-        title = f"{', '.join(tasks)} — {Path(cfg.train.model).name if cfg.train.model != 'minilm' else 'all-MiniLM-L6-v2'}"
+        title = (
+            f"{', '.join(tasks)} — {Path(cfg.train.model).name if cfg.train.model != 'minilm' else 'all-MiniLM-L6-v2'}"
+        )
         for task in tasks:
             tb = [r for r in best if r["task"] == task]
             suffix = "" if len(tasks) == 1 else f"_{task}"
-            figures.append(P.quality_vs_params(tb, out / f"quality_vs_params{suffix}.png", f"Quality vs trained parameters: {task}"))
+            figures.append(
+                P.quality_vs_params(
+                    tb, out / f"quality_vs_params{suffix}.png", f"Quality vs trained parameters: {task}"
+                )
+            )
             if ablations.get(task):
-                figures.append(P.ablation_heatmap(ablations[task], out / f"ablation{suffix}.png", f"Adapters removed from layers [first..last]: {task}"))
+                figures.append(
+                    P.ablation_heatmap(
+                        ablations[task],
+                        out / f"ablation{suffix}.png",
+                        f"Adapters removed from layers [first..last]: {task}",
+                    )
+                )
         if "houlsby" in cfg.methods:
-            figures.append(P.robustness(rows, out / "robustness.png", f"Robustness of Houlsby adapters: {title}", cfg.init_size,
-                                        _round_lr(DEFAULT_LR["adapters"])))
-    md = [f"# adaptune compare: {', '.join(tasks)}", "", table, "", *[f"- {f}" for f in findings], *[f"- {n}" for n in notes]]
+            figures.append(
+                P.robustness(
+                    rows,
+                    out / "robustness.png",
+                    f"Robustness of Houlsby adapters: {title}",
+                    cfg.init_size,
+                    _round_lr(DEFAULT_LR["adapters"]),
+                )
+            )
+    md = [
+        f"# adaptune compare: {', '.join(tasks)}",
+        "",
+        table,
+        "",
+        *[f"- {f}" for f in findings],
+        *[f"- {n}" for n in notes],
+    ]
     md += ["", *[f"![{p.stem}]({p.name})" for p in figures]]
     from adaptune.checkpoint import atomic_write_text
 
@@ -521,15 +618,17 @@ def _ablation(cfg: CompareConfig, task: str, best: list[dict[str, Any]], out: Pa
 
 def _findings(summ: list[dict[str, Any]], metric: str) -> list[str]:
     """The paper's two claims, checked on these numbers (stated whatever the outcome)."""
-    score = lambda r: r["test"] if r["test"] is not None else r["dev"]  # noqa: E731
+    score = lambda r: r["test"] if r["test"] is not None else r["dev"]
     out = []
     full = next((r for r in summ if r["method"] == "full"), None)
     houlsby = [r for r in summ if r["method"] == "houlsby"]
     if full and houlsby:
         b = max(houlsby, key=lambda r: r["dev"])  # chosen on dev, like every other configuration
         gap = (score(b) - score(full)) * 100
-        out.append(f"best Houlsby adapter on dev ({b['label']}, {b['percent']:.2f} % trained): {score(b):.4f} vs full "
-                   f"fine-tuning {score(full):.4f} ({gap:+.2f} points)")
+        out.append(
+            f"best Houlsby adapter on dev ({b['label']}, {b['percent']:.2f} % trained): {score(b):.4f} vs full "
+            f"fine-tuning {score(full):.4f} ({gap:+.2f} points)"
+        )
     topk = [r for r in summ if r["method"] == "top-k"]
     adapters = [r for r in summ if r["method"] in ADAPTER_PLACEMENTS]
     for t in sorted(topk, key=lambda r: r["trainable"]):
@@ -537,8 +636,10 @@ def _findings(summ: list[dict[str, Any]], metric: str) -> list[str]:
         if cheaper:
             a = max(cheaper, key=lambda r: r["dev"])  # chosen on dev, reported on test
             verdict = "beats" if score(a) > score(t) else "does not beat"
-            out.append(f"{a['label']} ({a['trainable']:,} params) {verdict} {t['label']} ({t['trainable']:,} params): "
-                       f"{score(a):.4f} vs {score(t):.4f}")
+            out.append(
+                f"{a['label']} ({a['trainable']:,} params) {verdict} {t['label']} ({t['trainable']:,} params): "
+                f"{score(a):.4f} vs {score(t):.4f}"
+            )
     return out
 
 

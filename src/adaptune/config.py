@@ -80,7 +80,9 @@ class AdapterConfig:
             try:  # operator.index: ints only (no 1.5 silently cut to 1, no "2" from a hand-edited JSON)
                 object.__setattr__(self, "layers", tuple(operator.index(i) for i in self.layers))
             except TypeError:
-                raise ConfigError(f"layers must be None or a list of integer layer indices, got {self.layers!r}") from None
+                raise ConfigError(
+                    f"layers must be None or a list of integer layer indices, got {self.layers!r}"
+                ) from None
         for flag in ("train_layer_norms", "train_embedding_norm", "train_head", "train_pooler", "zero_init_up"):
             if not isinstance(getattr(self, flag), bool):  # the JSON string "false" would be truthy
                 raise ConfigError(f"{flag} must be true or false, got {getattr(self, flag)!r}")
@@ -104,7 +106,7 @@ class AdapterConfig:
 
     # ---- presets --------------------------------------------------------------------------
     @classmethod
-    def preset(cls, name: str, **overrides: Any) -> "AdapterConfig":
+    def preset(cls, name: str, **overrides: Any) -> AdapterConfig:
         """A named placement from the literature, optionally with fields changed.
 
         Example:
@@ -143,7 +145,7 @@ class AdapterConfig:
         return d
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "AdapterConfig":
+    def from_dict(cls, data: dict[str, Any]) -> AdapterConfig:
         """Build from a dict; unknown fields are an error, never silently dropped."""
         if not isinstance(data, dict):
             raise ConfigError(f"an adapter config must be a JSON object, got {type(data).__name__}")
@@ -160,7 +162,7 @@ class AdapterConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "AdapterConfig":
+    def from_json(cls, text: str) -> AdapterConfig:
         try:
             return cls.from_dict(json.loads(text))
         except json.JSONDecodeError as e:

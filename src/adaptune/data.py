@@ -40,7 +40,7 @@ class Split:
 
     def subset(self, indices) -> Split:
         """The examples at ``indices``, in that order."""
-        pick = lambda xs: [xs[i] for i in indices]  # noqa: E731
+        pick = lambda xs: [xs[i] for i in indices]
         pairs = pick(self.text_pairs) if self.text_pairs is not None else None
         return Split(pick(self.texts), pairs, pick(self.labels))
 
@@ -62,8 +62,12 @@ class TaskData:
 
 # ----------------------------------------------------------------------------- columns and labels
 
-_PAIR_DEFAULTS = (("sentence1", "sentence2"), ("question1", "question2"), ("premise", "hypothesis"),
-                  ("question", "sentence"))
+_PAIR_DEFAULTS = (
+    ("sentence1", "sentence2"),
+    ("question1", "question2"),
+    ("premise", "hypothesis"),
+    ("question", "sentence"),
+)
 
 
 def _has(table: _Table, key) -> bool:
@@ -87,8 +91,9 @@ def _default_columns(table: _Table, text, pair, label) -> tuple:
             options = [(t, pair) for t in ("text", "sentence", "sentence1", "question1", "premise", "question")]
         found = next(((t, p) for t, p in options if t in cols and (p is None or p in cols)), None)
         if found is None:
-            raise DataError(f"{table.name} has no column 'text' or 'sentence'; available columns: {names}; "
-                            "pass text_column=")
+            raise DataError(
+                f"{table.name} has no column 'text' or 'sentence'; available columns: {names}; pass text_column="
+            )
         text, pair = found
     if label is None:
         label = next((c for c in ("label", "labels") if c in cols), None)
@@ -111,8 +116,10 @@ def _extract(table: _Table, text, pair, label) -> tuple[list, list | None, list,
     if not keep and not table.labels_optional:
         if not cols[0] and not table.malformed:
             raise DataError(f"{table.name} has no examples; add some")
-        raise DataError(f"{table.name} has no usable examples ({dropped} rows miss text or label, "
-                        f"{table.malformed} have a wrong number of fields); fill them in")
+        raise DataError(
+            f"{table.name} has no usable examples ({dropped} rows miss text or label, "
+            f"{table.malformed} have a wrong number of fields); fill them in"
+        )
     texts, labels = [str(cols[0][i]) for i in keep], [cols[1][i] for i in keep]
     pairs = [str(cols[2][i]) for i in keep] if pair is not None else None
     return texts, pairs, labels, dropped
@@ -144,14 +151,18 @@ def _map_labels(values, table: _Table, col, task_type: str, names: list[str] | N
         out = [_as_number(v) for v in values]
         bad = next((v for v, f in zip(values, out) if f is None), None)
         if bad is not None:
-            raise DataError(f"label column {col!r} in {table.name} has a non-numeric value {bad!r}; regression needs "
-                            "finite numbers: fix the value or pass task_type='classification'")
+            raise DataError(
+                f"label column {col!r} in {table.name} has a non-numeric value {bad!r}; regression needs "
+                "finite numbers: fix the value or pass task_type='classification'"
+            )
         return out
     ids = {n: i for i, n in enumerate(names)}
     unknown = next((_class_name(v) for v in values if _class_name(v) not in ids), None)
     if unknown is not None:
-        raise DataError(f"label {unknown!r} in {table.name} is not one of the train labels ({', '.join(names)}); "
-                        "fix the label or add train examples of it")
+        raise DataError(
+            f"label {unknown!r} in {table.name} is not one of the train labels ({', '.join(names)}); "
+            "fix the label or add train examples of it"
+        )
     return [ids[_class_name(v)] for v in values]
 
 
@@ -162,8 +173,9 @@ def _carve(split: Split, fraction: float, seed: int) -> tuple[Split, Split]:
     n = len(split)
     n_dev = max(1, round(n * fraction))
     if n - n_dev < 1:
-        raise DataError(f"train has only {n} examples, too few to carve a dev split from; "
-                        "add examples or pass dev_file=")
+        raise DataError(
+            f"train has only {n} examples, too few to carve a dev split from; add examples or pass dev_file="
+        )
     perm = np.random.default_rng(seed).permutation(n)
     return split.subset(sorted(perm[n_dev:].tolist())), split.subset(sorted(perm[:n_dev].tolist()))
 
@@ -179,10 +191,21 @@ def seeded_subset(items, limit: int | None, seed: int, salt: int, name: str, not
     return items.subset(keep) if isinstance(items, Split) else [items[i] for i in keep]
 
 
-def load_task_data(source: str, *, text_column=None, text_pair_column=None, label_column=None,
-                   task_type: str | None = None, dev_file=None, test_file=None, glue_task: str | None = None,
-                   dev_fraction: float = 0.1, seed: int = 0, limit_train: int | None = None,
-                   limit_eval: int | None = None) -> TaskData:
+def load_task_data(
+    source: str,
+    *,
+    text_column=None,
+    text_pair_column=None,
+    label_column=None,
+    task_type: str | None = None,
+    dev_file=None,
+    test_file=None,
+    glue_task: str | None = None,
+    dev_fraction: float = 0.1,
+    seed: int = 0,
+    limit_train: int | None = None,
+    limit_eval: int | None = None,
+) -> TaskData:
     """Load a task's train / dev / test splits from any supported source.
 
     Args:
@@ -229,9 +252,15 @@ def load_task_data(source: str, *, text_column=None, text_pair_column=None, labe
     text, pair, label = _default_columns(raw.train, *[g if g is not None else r for g, r in zip(given, raw.columns)])
 
     texts, pairs, values, dropped = _extract(raw.train, text, pair, label)
-    ttype = task_type or raw.task_type or (
-        "regression" if all(_as_number(v) is not None for v in values)
-        and not all(_as_number(v).is_integer() for v in values) else "classification")
+    ttype = (
+        task_type
+        or raw.task_type
+        or (
+            "regression"
+            if all(_as_number(v) is not None for v in values) and not all(_as_number(v).is_integer() for v in values)
+            else "classification"
+        )
+    )
     names = raw.label_names.get(label) if ttype == "classification" else None
     if ttype == "classification" and names is None:
         names = _sorted_names(values)
@@ -248,8 +277,10 @@ def load_task_data(source: str, *, text_column=None, text_pair_column=None, labe
             return None
         if n_dropped + table.malformed:
             total = len(t) + n_dropped + table.malformed
-            notes.append(f"{name}: dropped {n_dropped + table.malformed} of {total} rows "
-                         "(missing text or label, or a wrong number of fields)")
+            notes.append(
+                f"{name}: dropped {n_dropped + table.malformed} of {total} rows "
+                "(missing text or label, or a wrong number of fields)"
+            )
         return Split(t, p, _map_labels(v, table, label, ttype, names))
 
     train = build(raw.train, "train")
@@ -265,8 +296,9 @@ def load_task_data(source: str, *, text_column=None, text_pair_column=None, labe
     sizes = [len(train), len(dev)] + ([len(test)] if test is not None else [])
     parts = "train/dev/test" if test is not None else "train/dev"
     description = f"{raw.what}, {'/'.join(map(str, sizes))} {parts}"
-    return TaskData(train, dev, test, ttype, names, raw.metric or PRIMARY_DEFAULT[ttype], description, notes,
-                    raw.positive)
+    return TaskData(
+        train, dev, test, ttype, names, raw.metric or PRIMARY_DEFAULT[ttype], description, notes, raw.positive
+    )
 
 
 # ----------------------------------------------------------------------------- tokens and batches
@@ -296,8 +328,9 @@ def encode(split: Split, tokenizer, max_length: int) -> list[dict]:
     return features
 
 
-def bucket_batches(lengths: list[int], batch_size: int, *, shuffle: bool, seed: int = 0, epoch: int = 0,
-                   bucket_size: int = 50) -> list[list[int]]:
+def bucket_batches(
+    lengths: list[int], batch_size: int, *, shuffle: bool, seed: int = 0, epoch: int = 0, bucket_size: int = 50
+) -> list[list[int]]:
     """Group example indices into batches of similar length, so padding wastes little compute.
 
     Shuffled: indices are shuffled (by ``seed`` and ``epoch``), cut into chunks of
@@ -319,14 +352,14 @@ def bucket_batches(lengths: list[int], batch_size: int, *, shuffle: bool, seed: 
     if batch_size < 1 or bucket_size < 1:
         raise ValueError(f"batch_size and bucket_size must be at least 1, got {batch_size} and {bucket_size}")
     lengths = np.asarray(lengths, dtype=np.int64)
-    cut = lambda idx: [idx[i:i + batch_size].tolist() for i in range(0, len(idx), batch_size)]  # noqa: E731
+    cut = lambda idx: [idx[i : i + batch_size].tolist() for i in range(0, len(idx), batch_size)]
     if not shuffle:
         return cut(np.argsort(-lengths, kind="stable"))
     rng = np.random.default_rng([seed, epoch])
     order = rng.permutation(len(lengths))
     batches = []
     for start in range(0, len(order), batch_size * bucket_size):
-        chunk = order[start:start + batch_size * bucket_size]
+        chunk = order[start : start + batch_size * bucket_size]
         batches += cut(chunk[np.argsort(lengths[chunk], kind="stable")])
     return [batches[i] for i in rng.permutation(len(batches))]
 

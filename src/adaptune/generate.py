@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -86,7 +86,9 @@ class Generator:
         _, adapter_dir = _run_parts(p) if p.is_dir() else (None, None)
         if adapter_dir is None:
             raise ConfigError(f"{path} holds no adapter: pass a run folder with adapter/ or an adapter folder")
-        name = name or _safe_name(p.name if adapter_dir.name == "adapter" and adapter_dir.parent == p else adapter_dir.name)
+        name = name or _safe_name(
+            p.name if adapter_dir.name == "adapter" and adapter_dir.parent == p else adapter_dir.name
+        )
         load_adapter(self.model, adapter_dir, name=name, activate=False)
         self.model.to(self.device)
         return name
@@ -148,7 +150,7 @@ class Generator:
         if stream is not None:
             kwargs["streamer"] = _CallbackStreamer(self.tokenizer, stream)
         out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
-        return self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+        return self.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
 
 
 def _safe_name(text: str) -> str:
@@ -191,10 +193,18 @@ def exact_match(model, tokenizer, conversations: list[list[dict]], *, device, ma
             last = max(i for i, m in enumerate(conv) if m["role"] == "assistant")
             ids = torch.tensor([prompt_ids(tokenizer, conv[:last])], device=device)
             # a reply longer than the reference by more than a few tokens cannot match it
-            budget = min(max_new_tokens, len(tokenizer(conv[last]["content"], add_special_tokens=False)["input_ids"]) + 4)
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=budget,
-                                 do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-            reply = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+            budget = min(
+                max_new_tokens, len(tokenizer(conv[last]["content"], add_special_tokens=False)["input_ids"]) + 4
+            )
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=budget,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+            reply = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
             hits += normalise_answer(reply) == normalise_answer(conv[last]["content"])
     model.train(was_training)
     return hits / max(len(conversations), 1)

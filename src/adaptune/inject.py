@@ -24,7 +24,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import re
-from typing import Any, Iterator, Sequence
+from typing import Any
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -191,8 +192,10 @@ class AdapterContainer(nn.Module):
         rows = tuple(value)
         unknown = sorted({str(n) for n in rows if n is not None and n not in self.sets})
         if not rows or unknown:
-            raise ConfigError(f"per-row adapters must be a non-empty list of names or None; unknown {unknown}, "
-                              f"this model has {list(self.sets) or 'none'}")
+            raise ConfigError(
+                f"per-row adapters must be a non-empty list of names or None; unknown {unknown}, "
+                f"this model has {list(self.sets) or 'none'}"
+            )
         if len(set(rows)) == 1:  # one task for every row: the plain fast path
             self._active, self._groups = rows, None
             return
@@ -228,8 +231,10 @@ class AdapterContainer(nn.Module):
         if isinstance(module.__dict__.get("forward"), (_Route, _AdaptedOutput)):
             # One module both an adapter's output and a copied norm (or head): the copy would
             # replace the adapted forward, or the adapter run on the base module's output.
-            raise ArchitectureError(f"module {type(module).__name__} is both a sub-layer output and a layer norm or "
-                                    "head that adapters copy; place the adapter on another module in the ArchSpec")
+            raise ArchitectureError(
+                f"module {type(module).__name__} is both a sub-layer output and a layer norm or "
+                "head that adapters copy; place the adapter on another module in the ArchSpec"
+            )
         self._hooks[key] = _RoutedForward(module, route)
 
     def install_hooks(self, model: nn.Module, aset: AdapterSet) -> None:
@@ -243,8 +248,9 @@ class AdapterContainer(nn.Module):
                 self._route(("out", i, slot), out_mod, _AdaptedOutput(self, out_mod, i, slot))
                 if aset.config.mode == "parallel" and ("in", i, slot) not in self._hooks:
                     in_mod = get_submodule(layers[i], paths.input, f"{slot} input module")
-                    self._hooks[("in", i, slot)] = in_mod.register_forward_pre_hook(_InputHook(self, i, slot),
-                                                                                     with_kwargs=True)
+                    self._hooks[("in", i, slot)] = in_mod.register_forward_pre_hook(
+                        _InputHook(self, i, slot), with_kwargs=True
+                    )
         base = backbone(model)
         for key, path in aset.norm_paths.items():
             norm = get_submodule(base, path, "layer norm")
@@ -270,8 +276,10 @@ class AdapterContainer(nn.Module):
 
     def _check_batch(self, n: int) -> None:
         if n != len(self._active):
-            raise ConfigError(f"per-row adapters name {len(self._active)} rows but the batch has {n}; "
-                              "call set_active with one name per row")
+            raise ConfigError(
+                f"per-row adapters name {len(self._active)} rows but the batch has {n}; "
+                "call set_active with one name per row"
+            )
 
     def _bottleneck(self, name: str | None, layer: int, slot: str) -> Bottleneck | None:
         if name is None or layer in self.skip_layers:
@@ -447,7 +455,9 @@ def add_adapter(
     if isinstance(config, str):
         config = AdapterConfig.preset(config)
     if not isinstance(name, str) or not _NAME.match(name):
-        raise ConfigError(f"adapter name {name!r} is invalid: use letters, digits, '_' and '-', not starting with a digit")
+        raise ConfigError(
+            f"adapter name {name!r} is invalid: use letters, digits, '_' and '-', not starting with a digit"
+        )
     created = get_container(model) is None
     container = get_container(model, arch, create=True)
     if name in container.sets:

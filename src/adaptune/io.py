@@ -16,7 +16,8 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -127,7 +128,9 @@ def _exchange(a: Path, b: Path) -> bool:
     return fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0
 
 
-def save_adapter(model: nn.Module, name: str, path: str | os.PathLike, *, overwrite: bool = False, extra: dict | None = None) -> Path:
+def save_adapter(
+    model: nn.Module, name: str, path: str | os.PathLike, *, overwrite: bool = False, extra: dict | None = None
+) -> Path:
     """Write adapter ``name`` of ``model`` to the folder ``path``.
 
     Args:
@@ -245,7 +248,9 @@ def load_adapter(
     try:
         tensors = load_file(str(path / WEIGHTS), device="cpu")
     except Exception as e:  # safetensors raises its own error type for truncated/corrupt headers
-        raise AdapterFileError(f"{path / WEIGHTS} cannot be read ({str(e).splitlines()[0]}); the file is truncated or damaged") from None
+        raise AdapterFileError(
+            f"{path / WEIGHTS} cannot be read ({str(e).splitlines()[0]}); the file is truncated or damaged"
+        ) from None
     aset = add_adapter(model, name, config, activate=False)
     try:
         _fit_head_widths(aset, tensors)
@@ -260,7 +265,10 @@ def load_adapter(
             if unexpected:
                 parts.append(f"unexpected {_few(unexpected)}")
             if shapes:
-                parts.append("shape mismatch " + _few([f"{k} {tuple(tensors[k].shape)} vs {tuple(expected[k].shape)}" for k in shapes]))
+                parts.append(
+                    "shape mismatch "
+                    + _few([f"{k} {tuple(tensors[k].shape)} vs {tuple(expected[k].shape)}" for k in shapes])
+                )
             raise AdapterFileError(f"{path / WEIGHTS} does not fit this model: {'; '.join(parts)}")
         if meta.get("sha256") is not None and meta["sha256"] != _sha256(path / WEIGHTS):
             raise AdapterFileError(
@@ -269,8 +277,10 @@ def load_adapter(
             )
         broken = sorted(k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
         if broken:
-            raise AdapterFileError(f"{path / WEIGHTS} holds NaN or infinite values in {_few(broken)}; it was saved "
-                                   "from a run that diverged: train it again with a lower learning rate")
+            raise AdapterFileError(
+                f"{path / WEIGHTS} holds NaN or infinite values in {_few(broken)}; it was saved "
+                "from a run that diverged: train it again with a lower learning rate"
+            )
         aset.load_state_dict(tensors, strict=True)
     except BaseException:
         remove_adapter(model, name)

@@ -24,8 +24,9 @@ seeded run differs from one without these kernels. ``transformers``' exact GELU 
 (BERT's feed-forward activation) run ``csrc/gelu.c`` when a gradient is recorded through them: one
 pass each way, the gradient about 1.6 x faster than torch's (at 4096 x 1536, one thread: 7.7 against
 12.2 ms; forward 7.0 against 8.2 ms), equal to torch's exact GELU within 1e-6 absolute. Outside
-training, at p = 0, or on other devices, the plain modules and SDPA run unchanged. It applies to any model, adapter tuning and
-full fine-tuning alike, so comparisons between strategies stay fair when both use it.
+training, at p = 0, or on other devices, the plain modules and SDPA run unchanged. It applies to any
+model, adapter tuning and full fine-tuning alike, so comparisons between strategies stay fair when
+both use it.
 """
 
 from __future__ import annotations
@@ -87,8 +88,9 @@ class _NativeDropout(torch.autograd.Function):
         lib = native.library()
         grad = grad.contiguous()
         out = torch.empty_like(grad)
-        lib.adaptune_dropout_backward(grad.numel(), grad.data_ptr(), keep.data_ptr(), ctx.p, out.data_ptr(),
-                                      native.threads(lib))
+        lib.adaptune_dropout_backward(
+            grad.numel(), grad.data_ptr(), keep.data_ptr(), ctx.p, out.data_ptr(), native.threads(lib)
+        )
         return out, None
 
 
@@ -100,8 +102,7 @@ def native_dropout_agrees(lib: ctypes.CDLL) -> bool:
     lib.adaptune_dropout(x.numel(), x.data_ptr(), out.data_ptr(), keep.data_ptr(), 0.25, 7, 1)
     lib.adaptune_dropout_backward(x.numel(), x.data_ptr(), keep.data_ptr(), 0.25, grad.data_ptr(), 1)
     want = torch.where(keep, x / 0.75, 0.0)
-    return (abs(float(keep.float().mean()) - 0.75) < 0.03 and torch.allclose(out, want)
-            and torch.allclose(grad, want))
+    return abs(float(keep.float().mean()) - 0.75) < 0.03 and torch.allclose(out, want) and torch.allclose(grad, want)
 
 
 def lean_dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
@@ -180,9 +181,24 @@ def _attention_forward(lib, q, k, v, bias, scale: float, p: float, seed: int):
     probs = torch.empty(b, h, tq, tk, dtype=q.dtype, device=q.device)
     keep = torch.empty(b, h, tq, tk, dtype=torch.bool, device=q.device)
     mask = [None, 0, 0, 0] if bias is None else _strides(bias.expand(b, h, tq, tk))
-    failed = lib.adaptune_attention_forward(b, h, tq, tk, dh, *_strides(q), *_strides(k), *_strides(v), *mask,
-                                            scale, p, seed, *_strides(out.transpose(1, 2)), probs.data_ptr(),
-                                            keep.data_ptr(), native.threads(lib))
+    failed = lib.adaptune_attention_forward(
+        b,
+        h,
+        tq,
+        tk,
+        dh,
+        *_strides(q),
+        *_strides(k),
+        *_strides(v),
+        *mask,
+        scale,
+        p,
+        seed,
+        *_strides(out.transpose(1, 2)),
+        probs.data_ptr(),
+        keep.data_ptr(),
+        native.threads(lib),
+    )
     return None if failed else (out, probs, keep)
 
 
@@ -190,9 +206,25 @@ def _attention_backward(lib, q, k, v, probs, keep, scale: float, p: float, grad_
     """The C kernel's gradients of q, k and v (each laid out as projections hand them over)."""
     gq, gk, gv = _transposed_like(q), _transposed_like(k), _transposed_like(v)
     b, h, tq, dh = q.shape
-    failed = lib.adaptune_attention_backward(b, h, tq, k.shape[2], dh, *_strides(q), *_strides(k), *_strides(v),
-                                             probs.data_ptr(), keep.data_ptr(), scale, p, *_strides(grad_out),
-                                             *_strides(gq), *_strides(gk), *_strides(gv), native.threads(lib))
+    failed = lib.adaptune_attention_backward(
+        b,
+        h,
+        tq,
+        k.shape[2],
+        dh,
+        *_strides(q),
+        *_strides(k),
+        *_strides(v),
+        probs.data_ptr(),
+        keep.data_ptr(),
+        scale,
+        p,
+        *_strides(grad_out),
+        *_strides(gq),
+        *_strides(gk),
+        *_strides(gv),
+        native.threads(lib),
+    )
     if failed:
         raise MemoryError("attention kernel: out of memory for its scratch space")
     return gq, gk, gv
@@ -219,8 +251,9 @@ class _NativeAttention(torch.autograd.Function):
     def backward(ctx, grad_out):
         q, k, v, probs, keep = ctx.saved_tensors
         grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
-        gq, gk, gv = _attention_backward(native.library(), q, k, v, probs, keep, ctx.scale, ctx.p,
-                                         grad_out.transpose(1, 2))
+        gq, gk, gv = _attention_backward(
+            native.library(), q, k, v, probs, keep, ctx.scale, ctx.p, grad_out.transpose(1, 2)
+        )
         return gq, gk, gv, None, None, None
 
 
@@ -235,17 +268,22 @@ def set_native(enabled: bool) -> bool:
 def _native_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """fp32 CPU tensors, rows contiguous, head size a multiple of 16, the C kernels usable now."""
     ts = [q, k, v] + ([] if bias is None else [bias])
-    return (_native and q.shape[-1] % 16 == 0 and k.shape[2] == v.shape[2]
-            and all(t.dtype == torch.float32 and t.device.type == "cpu" and t.stride(-1) == 1 for t in ts)
-            and native.usable() is not None)
+    return (
+        _native
+        and q.shape[-1] % 16 == 0
+        and k.shape[2] == v.shape[2]
+        and all(t.dtype == torch.float32 and t.device.type == "cpu" and t.stride(-1) == 1 for t in ts)
+        and native.usable() is not None
+    )
 
 
 def native_attention_agrees(lib: ctypes.CDLL) -> bool:
     """The C kernel's forward and gradients on a small masked case (tail rows and columns, a row
     with every key masked) against torch's operators with the same kept mask."""
     g = torch.Generator().manual_seed(0)
-    q, k, v, grad = (torch.randn(2, 19, 3, 16, generator=g, dtype=torch.float32, device="cpu").transpose(1, 2)
-                     for _ in range(4))
+    q, k, v, grad = (
+        torch.randn(2, 19, 3, 16, generator=g, dtype=torch.float32, device="cpu").transpose(1, 2) for _ in range(4)
+    )
     bias = torch.zeros(2, 1, 19, 19, dtype=torch.float32, device="cpu")
     bias[0, :, :, 11:] = float("-inf")
     bias[1, :, 4] = float("-inf")
@@ -261,21 +299,30 @@ def native_attention_agrees(lib: ctypes.CDLL) -> bool:
     want_grads = torch.autograd.grad(want, (q, k, v), grad.transpose(1, 2))
     got_grads = _attention_backward(lib, q.detach(), k.detach(), v.detach(), probs, keep, scale, p, grad)
     pairs = [(out, want), (probs, want_probs), *zip(got_grads, want_grads)]
-    return abs(float(keep.float().mean()) - (1 - p)) < 0.05 and all(torch.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in pairs)
+    return abs(float(keep.float().mean()) - (1 - p)) < 0.05 and all(
+        torch.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in pairs
+    )
 
 
-def lean_sdpa_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
-                        is_causal=None, **kwargs):
+def lean_sdpa_attention(
+    module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, is_causal=None, **kwargs
+):
     """A ``transformers`` attention function: when training with dropout on CPU, the C kernel
     (:class:`_NativeAttention`) where it applies, else :class:`_AttentionDropout`; otherwise
     ``transformers``' own ``sdpa_attention_forward`` unchanged."""
     from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
-    plain = (not module.training or dropout == 0.0 or query.device.type != "cpu"
-             or kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None)
+    plain = (
+        not module.training
+        or dropout == 0.0
+        or query.device.type != "cpu"
+        or kwargs.get("position_bias") is not None
+        or kwargs.get("softcap") is not None
+    )
     if plain:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                      scaling=scaling, is_causal=is_causal, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+        )
     groups = getattr(module, "num_key_value_groups", 1)
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     tq, tk = query.shape[2], key.shape[2]
@@ -365,8 +412,9 @@ def native_gelu_agrees(lib: ctypes.CDLL) -> bool:
     out, grad_in = torch.empty_like(x), torch.empty_like(x)
     lib.adaptune_gelu(x.numel(), x.data_ptr(), out.data_ptr(), 1)
     lib.adaptune_gelu_backward(x.numel(), x.data_ptr(), grad.data_ptr(), grad_in.data_ptr(), 1)
-    return (torch.allclose(out, nn.functional.gelu(x), rtol=1e-5, atol=1e-6)
-            and torch.allclose(grad_in, torch.ops.aten.gelu_backward(grad, x), rtol=1e-5, atol=1e-6))
+    return torch.allclose(out, nn.functional.gelu(x), rtol=1e-5, atol=1e-6) and torch.allclose(
+        grad_in, torch.ops.aten.gelu_backward(grad, x), rtol=1e-5, atol=1e-6
+    )
 
 
 class LeanDropout(nn.Dropout):
@@ -425,5 +473,14 @@ def use_lean_kernels(model: nn.Module, enable: bool = True) -> int:
 for _check in (native_attention_agrees, native_dropout_agrees, native_gelu_agrees):
     native.register_check(_check)
 
-__all__ = ["LeanDropout", "gelu", "gelu_backward", "keep_mask", "lean_dropout", "lean_gelu", "lean_sdpa_attention",
-           "set_native", "use_lean_kernels"]
+__all__ = [
+    "LeanDropout",
+    "gelu",
+    "gelu_backward",
+    "keep_mask",
+    "lean_dropout",
+    "lean_gelu",
+    "lean_sdpa_attention",
+    "set_native",
+    "use_lean_kernels",
+]

@@ -34,7 +34,7 @@ the layers return their hidden state as one tensor, and batches are right-padded
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -80,7 +80,7 @@ def find_cut(model: nn.Module, arch: ArchSpec | None = None) -> tuple[int, str]:
                 if path in spec.post or not any(p.requires_grad for p in aset.norms[key].parameters()):
                     continue
                 prefix = spec.layers + "."
-                j = int(path[len(prefix):].split(".")[0]) if path.startswith(prefix) else 0
+                j = int(path[len(prefix) :].split(".")[0]) if path.startswith(prefix) else 0
                 lower(j, f"adapter {task!r} layer-norm copy of {path!r}")
     return cut, what
 
@@ -125,8 +125,15 @@ class FrozenBelow:
                 loss = training_step(model, collate([train_enc[i] for i in idx], pad_id), ...)
     """
 
-    def __init__(self, model: nn.Module, *, cache: bool, lengths: Sequence[int], max_bytes: int = DEFAULT_MAX_BYTES,
-                 arch: ArchSpec | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        cache: bool,
+        lengths: Sequence[int],
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        arch: ArchSpec | None = None,
+    ) -> None:
         container = get_container(model)
         spec = container.spec if container is not None else spec_for(model, arch)
         self.layers = layer_list(model, spec)
@@ -150,12 +157,15 @@ class FrozenBelow:
                 "adapter's layer-norm copies cover every layer), or --strategy top-k"
             )
         if self.cut == n:
-            raise ConfigError(f"--cache-frozen-layers needs something trained in a layer (layers 0-{n - 1}); "
-                              "with only the head training it is not supported")
+            raise ConfigError(
+                f"--cache-frozen-layers needs something trained in a layer (layers 0-{n - 1}); "
+                "with only the head training it is not supported"
+            )
         if self.bytes_needed > max_bytes:
             raise ConfigError(
                 f"--cache-frozen-layers would keep {self.bytes_needed / 2**30:.2f} GiB of hidden states "
-                f"(limit {max_bytes / 2**30:.2f} GiB); use --limit-train or a lower --max-length, or train without the cache"
+                f"(limit {max_bytes / 2**30:.2f} GiB); use --limit-train or a lower --max-length, or train without "
+                "the cache"
             )
         self._hook = self.layers[self.cut].register_forward_pre_hook(self._enter_cut, with_kwargs=True)
 
@@ -197,18 +207,24 @@ class FrozenBelow:
             return None  # evaluation, or a forward outside step()
         h = args[0] if args else kwargs["hidden_states"]  # (B, T, d)
         if not isinstance(h, torch.Tensor) or h.shape[0] != len(self._idx):
-            raise ArchitectureError(f"layer {self.cut} got {type(h).__name__} of shape {getattr(h, 'shape', None)} "
-                                    f"as its hidden state; the layer cache expected ({len(self._idx)}, T, d)")
+            raise ArchitectureError(
+                f"layer {self.cut} got {type(h).__name__} of shape {getattr(h, 'shape', None)} "
+                f"as its hidden state; the layer cache expected ({len(self._idx)}, T, d)"
+            )
         if not self._reuse:
             if h.requires_grad:
-                raise ConfigError(f"--cache-frozen-layers: the input of layer {self.cut} depends on trained parameters; "
-                                  "something below the cut trains (turn off what trains there, or the cache)")
+                raise ConfigError(
+                    f"--cache-frozen-layers: the input of layer {self.cut} depends on trained parameters; "
+                    "something below the cut trains (turn off what trains there, or the cache)"
+                )
             for row, i in enumerate(self._idx):
                 self.store[i] = h[row, : self.lengths[i]].detach().to("cpu", copy=True)  # (T_i, d), no padding
             return None
         if h.dim() != 3:  # the pass-through layers handed on the embeddings' output: must be (B, T, d)
-            raise ArchitectureError(f"layers of {type(module).__name__} do not take a (B, T, d) hidden state; "
-                                    "the layer cache cannot skip them")
+            raise ArchitectureError(
+                f"layers of {type(module).__name__} do not take a (B, T, d) hidden state; "
+                "the layer cache cannot skip them"
+            )
         kept = h.new_zeros(h.shape)  # padded positions start at zero: masked, never read
         for row, i in enumerate(self._idx):
             s = self.store[i]

@@ -154,8 +154,9 @@ def mse(predictions, labels) -> float:
     return float(np.mean((p.astype(np.float64) - y.astype(np.float64)) ** 2))
 
 
-def compute_metrics(task_type: str, predictions, labels, num_labels: int | None = None,
-                    positive: int = 1) -> dict[str, float]:
+def compute_metrics(
+    task_type: str, predictions, labels, num_labels: int | None = None, positive: int = 1
+) -> dict[str, float]:
     """All metrics of a task type.
 
     Args:
@@ -199,6 +200,8 @@ def single_class_warning(metrics: dict[str, float]) -> str | None:
     if metrics.get("predicted_classes") != 1.0:
         return None
     share = metrics.get("majority_baseline")
-    return ("the model predicts a single class for every example: it has learned no more than the class prior"
-            + (f" (majority baseline {share:.4f})" if share is not None else "")
-            + "; try more epochs, --class-weights balanced, or a different learning rate")
+    return (
+        "the model predicts a single class for every example: it has learned no more than the class prior"
+        + (f" (majority baseline {share:.4f})" if share is not None else "")
+        + "; try more epochs, --class-weights balanced, or a different learning rate"
+    )

@@ -51,10 +51,14 @@ def existing_model_path(name_or_path: str, what: str = "a model folder") -> str:
         ConfigError: no such folder, and not a known model name or hub id.
     """
     path = resolve_model_path(name_or_path)
-    if Path(path).exists() or (_HUB_ID.fullmatch(name_or_path) and ".." not in name_or_path and "--" not in name_or_path):
+    if Path(path).exists() or (
+        _HUB_ID.fullmatch(name_or_path) and ".." not in name_or_path and "--" not in name_or_path
+    ):
         return path
-    raise ConfigError(f"no model folder {name_or_path!r} here, and it is not a known model name ('minilm', "
-                      f"'smollm2') or a hub id (owner/name); pass {what}")
+    raise ConfigError(
+        f"no model folder {name_or_path!r} here, and it is not a known model name ('minilm', "
+        f"'smollm2') or a hub id (owner/name); pass {what}"
+    )
 
 
 def load_tokenizer(name_or_path: str):
@@ -97,7 +101,8 @@ def load_classifier(name_or_path: str, num_labels: int, *, dtype=None, pad_token
             model = AutoModelForSequenceClassification.from_pretrained(path, config=cfg, dtype=dtype)
     except Exception as e:
         raise ConfigError(
-            f"{name_or_path!r}{_where(path)} is not a loadable model ({first_line(e)}); pass a folder with config.json "
+            f"{name_or_path!r}{_where(path)} is not a loadable model ({first_line(e)}); pass a folder with "
+            "config.json "
             "and weights, or a hub name when online"
         ) from None
     return model
@@ -128,26 +133,42 @@ def load_causal_lm(name_or_path: str, *, dtype=None):
     try:
         with quiet_transformers():
             if path.endswith(".gguf") and Path(path).is_file():
-                model = AutoModelForCausalLM.from_pretrained(str(Path(path).parent), gguf_file=Path(path).name, dtype=dtype)
+                model = AutoModelForCausalLM.from_pretrained(
+                    str(Path(path).parent), gguf_file=Path(path).name, dtype=dtype
+                )
             else:
                 model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except Exception as e:
         raise ConfigError(
-            f"{name_or_path!r}{_where(path)} is not a loadable causal language model ({first_line(e)}); pass a folder with "
+            f"{name_or_path!r}{_where(path)} is not a loadable causal language model ({first_line(e)}); pass a folder "
+            "with "
             "config.json and weights of a decoder (LLaMA, Mistral, Qwen2, GPT-2), a .gguf file, or 'smollm2'"
         ) from None
     if model.config.model_type in _ENCODERS and not getattr(model.config, "is_decoder", False):
-        raise ConfigError(f"{name_or_path!r} is a bidirectional encoder ({model.config.model_type}): as a language model "
-                          "it would see the tokens it predicts; use a decoder (LLaMA, Mistral, Qwen2, GPT-2, 'smollm2') "
-                          "for chat data, or train a classifier on labelled data")
+        raise ConfigError(
+            f"{name_or_path!r} is a bidirectional encoder ({model.config.model_type}): as a language model "
+            "it would see the tokens it predicts; use a decoder (LLaMA, Mistral, Qwen2, GPT-2, 'smollm2') "
+            "for chat data, or train a classifier on labelled data"
+        )
     if model.config.pad_token_id is None:
         model.config.pad_token_id = _pad_id(model.config, name_or_path, None)
     return model
 
 
 # Encoders that transformers can also load as ``...ForCausalLM`` (is_decoder=True turns on a causal mask).
-_ENCODERS = {"bert", "roberta", "xlm-roberta", "electra", "mpnet", "distilbert", "camembert", "deberta", "deberta-v2",
-             "ernie", "modernbert"}
+_ENCODERS = {
+    "bert",
+    "roberta",
+    "xlm-roberta",
+    "electra",
+    "mpnet",
+    "distilbert",
+    "camembert",
+    "deberta",
+    "deberta-v2",
+    "ernie",
+    "modernbert",
+}
 
 
 def _single_id(value) -> int | None:
@@ -196,6 +217,8 @@ def pick_device(name: str) -> torch.device:
     if device.type != "cuda" or not torch.cuda.is_available():
         raise ConfigError(f"device {name!r} is not available here; use one of: auto, {', '.join(here)}")
     if device.index is not None and device.index >= torch.cuda.device_count():
-        raise ConfigError(f"device {name!r} does not exist: this machine has {torch.cuda.device_count()} GPU(s); "
-                          f"use one of: {', '.join(here)}")
+        raise ConfigError(
+            f"device {name!r} does not exist: this machine has {torch.cuda.device_count()} GPU(s); "
+            f"use one of: {', '.join(here)}"
+        )
     return device

@@ -61,13 +61,20 @@ def _compile(cc: str, flags: tuple[str, ...], out_dir: Path, timeout: float) -> 
     if target.exists():
         _check_safe(target)
         return target
-    logger.warning("C kernels: compiling them for this machine (once, up to %d s); "
-                   "`adaptune build-kernels` builds them ahead of time", int(timeout))
+    logger.warning(
+        "C kernels: compiling them for this machine (once, up to %d s); "
+        "`adaptune build-kernels` builds them ahead of time",
+        int(timeout),
+    )
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
     os.close(fd)
     try:
-        run = subprocess.run([cc, *flags, "-o", tmp, *map(str, _sources()), "-lm"], capture_output=True, text=True,
-                             timeout=max(1.0, timeout))
+        run = subprocess.run(
+            [cc, *flags, "-o", tmp, *map(str, _sources()), "-lm"],
+            capture_output=True,
+            text=True,
+            timeout=max(1.0, timeout),
+        )
         if run.returncode != 0:
             raise OSError(f"{cc} failed: {(run.stderr.strip().splitlines() or [f'exit {run.returncode}'])[-1]}")
         os.chmod(tmp, 0o700)
@@ -155,7 +162,24 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.adaptune_dropout.argtypes = [long, vp, vp, vp, f32, u64, i32]
     lib.adaptune_dropout_backward.argtypes = [long, vp, vp, f32, vp, i32]
     lib.adaptune_dropout.restype = lib.adaptune_dropout_backward.restype = None
-    lib.adaptune_adapter_forward.argtypes = [long, long, long, vp, long, vp, long, vp, vp, vp, vp, f32, vp, vp, long, i32]
+    lib.adaptune_adapter_forward.argtypes = [
+        long,
+        long,
+        long,
+        vp,
+        long,
+        vp,
+        long,
+        vp,
+        vp,
+        vp,
+        vp,
+        f32,
+        vp,
+        vp,
+        long,
+        i32,
+    ]
     lib.adaptune_adapter_backward.argtypes = [long, long, long, vp, long, vp, vp, vp, f32, vp, vp, vp, long, i32, i32]
     lib.adaptune_adapter_forward.restype = lib.adaptune_adapter_backward.restype = ctypes.c_int
     lib.adaptune_gelu.argtypes = [long, vp, vp, i32]
@@ -206,8 +230,11 @@ def _load() -> ctypes.CDLL | None:
     """The built and loaded library, before the checks; None where it cannot be had."""
     if os.environ.get("ADAPTUNE_NATIVE", "1") == "0":
         return _without("ADAPTUNE_NATIVE=0 turns them off", logging.DEBUG)
-    if sys.platform not in ("linux", "darwin") or platform.machine().lower() not in ("x86_64", "amd64") or \
-            torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+    if (
+        sys.platform not in ("linux", "darwin")
+        or platform.machine().lower() not in ("x86_64", "amd64")
+        or torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512")
+    ):
         return _without("they need Linux or macOS on an x86-64 CPU with AVX2", logging.INFO)
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if cc is None:

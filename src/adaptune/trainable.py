@@ -73,15 +73,18 @@ def _base_params(model: nn.Module):
     return [p for p in _unique(model.parameters()) if id(p) not in skip]
 
 
-def trainable_modules(model: nn.Module, strategy: str, *, k: int | None = None, arch: ArchSpec | None = None,
-                      train_pooler: bool = True) -> list[nn.Module]:
+def trainable_modules(
+    model: nn.Module, strategy: str, *, k: int | None = None, arch: ArchSpec | None = None, train_pooler: bool = True
+) -> list[nn.Module]:
     """The modules whose parameters train under ``strategy`` (see the module docstring)."""
     if strategy not in STRATEGIES:
         raise ConfigError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
     container = get_container(model)
     if strategy == "adapters":
         if container is None or not container.active_names():
-            raise ConfigError("strategy 'adapters' needs an active adapter: call add_adapter(model, name, config) first")
+            raise ConfigError(
+                "strategy 'adapters' needs an active adapter: call add_adapter(model, name, config) first"
+            )
         return [container.sets[n] for n in container.active_names()]  # several with per-row routing
     if container is not None and container.active_names():
         raise ConfigError(
@@ -96,7 +99,9 @@ def trainable_modules(model: nn.Module, strategy: str, *, k: int | None = None, 
     task_head = heads + ([pooler] if pooler is not None else [])  # the pooler belongs to the task head
     if strategy == "head":
         if not heads:
-            raise ConfigError("strategy 'head' needs a model with a task head (e.g. AutoModelForSequenceClassification)")
+            raise ConfigError(
+                "strategy 'head' needs a model with a task head (e.g. AutoModelForSequenceClassification)"
+            )
         return task_head
     base = backbone(model)
     if strategy == "layernorm":
@@ -107,8 +112,9 @@ def trainable_modules(model: nn.Module, strategy: str, *, k: int | None = None, 
     return list(layers[len(layers) - k :]) + modules_above_layers(model, spec) + heads
 
 
-def train_strategy(model: nn.Module, strategy: str, *, k: int | None = None, arch: ArchSpec | None = None,
-                   train_pooler: bool = True) -> ParamCount:
+def train_strategy(
+    model: nn.Module, strategy: str, *, k: int | None = None, arch: ArchSpec | None = None, train_pooler: bool = True
+) -> ParamCount:
     """Freeze everything, then unfreeze exactly what ``strategy`` trains.
 
     Args:
