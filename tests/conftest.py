@@ -256,3 +256,8 @@ def fake_compiler(folder, script: str):
     cc.write_text("#!/bin/sh\n" + script + "\n")
     cc.chmod(0o755)
     return cc
+
+
+# The kill-and-resume tests run this driver instead of `python -m adaptune`: it SIGKILLs the process
+# after step $KILL_AT_STEP (on rank $KILL_RANK under torchrun) through train()'s on_step callback.
+KILL_DRIVER = str(__import__("pathlib").Path(__file__).with_name("kill_at_step.py"))

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_reviews_csv
+from conftest import KILL_DRIVER, write_reviews_csv
 from safetensors.torch import load_file, save_file
 
 from adaptune.cli import main
@@ -442,8 +442,7 @@ def interrupted_run(tiny_model_dir, tmp_path_factory):
     data = write_reviews_csv(tmp / "d.csv", n=40)
     args = [
         sys.executable,
-        "-m",
-        "adaptune",
+        KILL_DRIVER,
         "train",
         "-o",
         str(tmp / "run"),
@@ -467,7 +466,7 @@ def interrupted_run(tiny_model_dir, tmp_path_factory):
         "2",
         "--quiet",
     ]
-    env = {**os.environ, "ADAPTUNE_DEBUG_SIGKILL_AT_STEP": "5", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "KILL_AT_STEP": "5", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     assert subprocess.run(args, env=env, capture_output=True).returncode != 0
     assert (tmp / "run" / "checkpoint" / "state.safetensors").is_file()
     return tmp / "run"

@@ -29,7 +29,7 @@ from adaptune.generate import Generator
 from adaptune.models import load_causal_lm, load_tokenizer
 from adaptune.train import TrainConfig, train
 
-from conftest import save_tiny_causal_lm, tiny_tokenizer, write_chat_jsonl
+from conftest import KILL_DRIVER, save_tiny_causal_lm, tiny_tokenizer, write_chat_jsonl
 
 CONV = [{"role": "user", "content": "what colour is the sky?"}, {"role": "assistant", "content": "the sky is blue."}]
 MULTI = CONV + [{"role": "user", "content": "and the grass?"}, {"role": "assistant", "content": "the grass is green."}]
@@ -282,8 +282,9 @@ def test_exact_resume_of_a_causal_lm_run(llama_dir, chat_file, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
 
     def run(out, extra_env=None, *more):
+        entry = [KILL_DRIVER] if "KILL_AT_STEP" in (extra_env or {}) else ["-m", "adaptune"]
         return subprocess.run(
-            [sys.executable, "-m", "adaptune", "train", "--quiet", "-o", str(out), *more],
+            [sys.executable, *entry, "train", "--quiet", "-o", str(out), *more],
             env={**env, **(extra_env or {})},
             capture_output=True,
             text=True,
@@ -291,7 +292,7 @@ def test_exact_resume_of_a_causal_lm_run(llama_dir, chat_file, tmp_path):
         )
 
     assert run(tmp_path / "ref", None, *args).returncode == 0
-    killed = run(tmp_path / "run", {"ADAPTUNE_DEBUG_SIGKILL_AT_STEP": "4"}, *args)
+    killed = run(tmp_path / "run", {"KILL_AT_STEP": "4"}, *args)
     assert killed.returncode == -signal.SIGKILL
     resumed = run(tmp_path / "run", None, "--resume")
     assert resumed.returncode == 0, resumed.stderr

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import save_tiny_bert, write_reviews_csv
+from conftest import KILL_DRIVER, save_tiny_bert, write_reviews_csv
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
 
@@ -68,8 +68,7 @@ def _torchrun(out, args, env_extra=None):
             "--standalone",
             "--nproc-per-node",
             "2",
-            "-m",
-            "adaptune",
+            *([KILL_DRIVER] if "KILL_AT_STEP" in (env_extra or {}) else ["-m", "adaptune"]),
             "train",
             "-o",
             str(out),
@@ -113,9 +112,7 @@ def test_two_processes_match_one_and_resume_after_a_rank_is_killed(setup):
     assert cfg1["config"] == cfg2["config"] and cfg1["tensors"] == cfg2["tensors"]
 
     # kill rank 1 mid-run (step 5; last checkpoint at step 4), then --resume under torchrun
-    killed = _torchrun(
-        tmp / "killed", args, {"ADAPTUNE_DEBUG_SIGKILL_AT_STEP": "5", "ADAPTUNE_DEBUG_SIGKILL_RANK": "1"}
-    )
+    killed = _torchrun(tmp / "killed", args, {"KILL_AT_STEP": "5", "KILL_RANK": "1"})
     assert killed.returncode != 0
     assert not (tmp / "killed" / "metrics.json").exists() and (tmp / "killed" / "checkpoint").is_dir()
     resumed = _torchrun(tmp / "killed", ["--resume", "--quiet"])

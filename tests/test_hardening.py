@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import H, fake_compiler, save_tiny_causal_lm, tiny_model, tiny_tokenizer, write_reviews_csv
+from conftest import H, KILL_DRIVER, fake_compiler, save_tiny_causal_lm, tiny_model, tiny_tokenizer, write_reviews_csv
 from safetensors.torch import load_file, save_file
 
 import adaptune.checkpoint as ckpt
@@ -180,8 +180,7 @@ def test_resume_recovers_a_checkpoint_left_aside_and_says_when_there_is_none(tin
     run = tmp_path / "run"
     args = [
         sys.executable,
-        "-m",
-        "adaptune",
+        KILL_DRIVER,
         "train",
         "-o",
         str(run),
@@ -205,7 +204,7 @@ def test_resume_recovers_a_checkpoint_left_aside_and_says_when_there_is_none(tin
         "2",
         "--quiet",
     ]
-    env = {**os.environ, "ADAPTUNE_DEBUG_SIGKILL_AT_STEP": "5", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "KILL_AT_STEP": "5", "OMP_NUM_THREADS": "1"}
     assert subprocess.run(args, env=env, capture_output=True).returncode != 0  # killed; checkpoint of step 4
     (run / "checkpoint").rename(run / ".checkpoint.old-12345")  # as a crash in the middle of a swap leaves it
     assert main(["train", "-o", str(run), "--resume"]) == 0

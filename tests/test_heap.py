@@ -105,7 +105,7 @@ def test_library_train_leaves_the_setting_to_its_caller(monkeypatch, tmp_path):
     monkeypatch.setattr(heap, "_glibc", lambda: None)  # only the wrapping is checked: leave this process's malloc be
     seen = []
 
-    def fake_train(cfg, out, resume, quiet, dd):
+    def fake_train(cfg, out, resume, quiet, dd, on_step=None):
         seen.append(heap._depth)
         return {}
 

@@ -17,7 +17,7 @@ from adaptune.errors import ConfigError, TrainingError
 from adaptune.predict import Predictor
 from adaptune.train import TrainConfig, train
 
-from conftest import write_reviews_csv
+from conftest import KILL_DRIVER, write_reviews_csv
 
 
 def _cfg(model_dir, data, **kw) -> TrainConfig:
@@ -161,8 +161,9 @@ def test_non_finite_loss_stops_with_a_clear_error(tiny_model_dir, tmp_path):
 
 def _cli_train(args, env_extra=None):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env_extra or {})}
+    entry = [KILL_DRIVER] if "KILL_AT_STEP" in (env_extra or {}) else ["-m", "adaptune"]
     return subprocess.run(
-        [sys.executable, "-m", "adaptune", "train", "--quiet", *args],
+        [sys.executable, *entry, "train", "--quiet", *args],
         env=env,
         capture_output=True,
         text=True,
@@ -203,7 +204,7 @@ def test_exact_resume_after_sigkill(tiny_model_dir, tmp_path, kill_at):
     ]
     ref = _cli_train(["-o", str(tmp_path / "ref"), *args])
     assert ref.returncode == 0, ref.stderr
-    killed = _cli_train(["-o", str(tmp_path / "run"), *args], {"ADAPTUNE_DEBUG_SIGKILL_AT_STEP": str(kill_at)})
+    killed = _cli_train(["-o", str(tmp_path / "run"), *args], {"KILL_AT_STEP": str(kill_at)})
     assert killed.returncode == -signal.SIGKILL
     assert not (tmp_path / "run" / "metrics.json").exists()
     resumed = _cli_train(["-o", str(tmp_path / "run"), "--resume"])
