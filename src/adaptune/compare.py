@@ -508,18 +508,7 @@ def compare(
             )
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
-    notes: list[str] = []
-    plan = out / "plan.json"
-    if plan.is_file():  # a resumed compare keeps the grid it planned, whatever the machine's speed now
-        saved = json.loads(plan.read_text(encoding="utf-8"))
-        cfg = _config_from_dict(saved["config"])
-        notes = saved["notes"]
-        log(f"continuing the compare in {out}")
-    else:
-        if cfg.budget_minutes is not None:
-            log("timing one training step to fit the budget ...")
-            cfg, notes = fit_budget(cfg, cfg.budget_minutes, calibrate(cfg))
-        write_json({"config": _config_to_dict(cfg), "notes": notes}, plan)
+    cfg, notes = _plan(cfg, out, log)
     for note in notes:
         log(note)
     rows = run_grid(cfg, out, quiet=quiet, log=log)
@@ -545,39 +534,7 @@ def compare(
     write_json(report, out / "results.json")
     write_csv(rows, out / "results.csv")
     write_csv(summ, out / "summary.csv")
-    figures = []
-    if plots:
-        from adaptune import plots as P
-
-        title = (
-            f"{', '.join(tasks)} — {Path(cfg.train.model).name if cfg.train.model != 'minilm' else 'all-MiniLM-L6-v2'}"
-        )
-        for task in tasks:
-            tb = [r for r in best if r["task"] == task]
-            suffix = "" if len(tasks) == 1 else f"_{task}"
-            figures.append(
-                P.quality_vs_params(
-                    tb, out / f"quality_vs_params{suffix}.png", f"Quality vs trained parameters: {task}"
-                )
-            )
-            if ablations.get(task):
-                figures.append(
-                    P.ablation_heatmap(
-                        ablations[task],
-                        out / f"ablation{suffix}.png",
-                        f"Adapters removed from layers [first..last]: {task}",
-                    )
-                )
-        if "houlsby" in cfg.methods:
-            figures.append(
-                P.robustness(
-                    rows,
-                    out / "robustness.png",
-                    f"Robustness of Houlsby adapters: {title}",
-                    cfg.init_size,
-                    _round_lr(DEFAULT_LR["adapters"]),
-                )
-            )
+    figures = _figures(cfg, tasks, rows, best, ablations, out) if plots else []
     md = [
         f"# adaptune compare: {', '.join(tasks)}",
         "",
@@ -593,6 +550,55 @@ def compare(
     report["table"] = table
     report["figures"] = [str(p) for p in figures]
     return report
+
+
+def _plan(cfg: CompareConfig, out: Path, log) -> tuple[CompareConfig, list[str]]:
+    """The grid to run and the notes on it: the saved plan of an interrupted compare (whatever the
+    machine's speed now), else ``cfg`` fitted to its budget, saved as the plan."""
+    plan = out / "plan.json"
+    if plan.is_file():
+        saved = json.loads(plan.read_text(encoding="utf-8"))
+        log(f"continuing the compare in {out}")
+        return _config_from_dict(saved["config"]), saved["notes"]
+    notes: list[str] = []
+    if cfg.budget_minutes is not None:
+        log("timing one training step to fit the budget ...")
+        cfg, notes = fit_budget(cfg, cfg.budget_minutes, calibrate(cfg))
+    write_json({"config": _config_to_dict(cfg), "notes": notes}, plan)
+    return cfg, notes
+
+
+def _figures(cfg: CompareConfig, tasks: list[str], rows: list[dict], best: list[dict], ablations: dict, out: Path):
+    """The PNG figures: quality vs trained parameters and the ablation per task, and robustness."""
+    from adaptune import plots as P
+
+    figures = []
+    model = Path(cfg.train.model).name if cfg.train.model != "minilm" else "all-MiniLM-L6-v2"
+    for task in tasks:
+        tb = [r for r in best if r["task"] == task]
+        suffix = "" if len(tasks) == 1 else f"_{task}"
+        figures.append(
+            P.quality_vs_params(tb, out / f"quality_vs_params{suffix}.png", f"Quality vs trained parameters: {task}")
+        )
+        if ablations.get(task):
+            figures.append(
+                P.ablation_heatmap(
+                    ablations[task],
+                    out / f"ablation{suffix}.png",
+                    f"Adapters removed from layers [first..last]: {task}",
+                )
+            )
+    if "houlsby" in cfg.methods:
+        figures.append(
+            P.robustness(
+                rows,
+                out / "robustness.png",
+                f"Robustness of Houlsby adapters: {', '.join(tasks)} — {model}",
+                cfg.init_size,
+                _round_lr(DEFAULT_LR["adapters"]),
+            )
+        )
+    return figures
 
 
 def _ablation(cfg: CompareConfig, task: str, best: list[dict[str, Any]], out: Path, log) -> dict[str, Any] | None:

@@ -237,30 +237,15 @@ def load_task_data(
         data = load_task_data("reviews.csv", text_column="review", label_column="score")
         data.description  # "reviews.csv, 900/100 train/dev"
     """
-    if task_type is not None and task_type not in TASK_TYPES:
-        raise DataError(f"unknown task type {task_type!r}; use one of {', '.join(TASK_TYPES)}")
-    if not 0 < dev_fraction < 1:
-        raise DataError(f"dev_fraction must be between 0 and 1, got {dev_fraction}")
-    for name, value in (("limit_train", limit_train), ("limit_eval", limit_eval)):
-        if value is not None and (not isinstance(value, int) or value < 1):
-            raise DataError(f"{name} must be a positive whole number, got {value!r}")
-
+    _check_options(task_type, dev_fraction, limit_train, limit_eval)
     raw = read_source(str(source), glue_task, dev_file, test_file)
     if raw.task_type and task_type and task_type != raw.task_type:
         raise DataError(f"{raw.what} is a {raw.task_type} task; drop task_type={task_type!r}")
     given = (text_column, text_pair_column, label_column)
     text, pair, label = _default_columns(raw.train, *[g if g is not None else r for g, r in zip(given, raw.columns)])
 
-    texts, pairs, values, dropped = _extract(raw.train, text, pair, label)
-    ttype = (
-        task_type
-        or raw.task_type
-        or (
-            "regression"
-            if all(_as_number(v) is not None for v in values) and not all(_as_number(v).is_integer() for v in values)
-            else "classification"
-        )
-    )
+    values = _extract(raw.train, text, pair, label)[2]
+    ttype = task_type or raw.task_type or _inferred_task_type(values)
     names = raw.label_names.get(label) if ttype == "classification" else None
     if ttype == "classification" and names is None:
         names = _sorted_names(values)
@@ -268,24 +253,10 @@ def load_task_data(
             raise DataError(f"{raw.train.name} has a single label {names[0]!r}; a classifier needs two or more")
     notes = list(raw.notes)
 
-    def build(table: _Table, name: str) -> Split | None:
-        t = None
-        if _has(table, label) or not table.labels_optional:
-            t, p, v, n_dropped = _extract(table, text, pair, label)
-        if not t:  # a hub test split without labels
-            notes.append(f"{name}: {table.name} has no labels; not used")
-            return None
-        if n_dropped + table.malformed:
-            total = len(t) + n_dropped + table.malformed
-            notes.append(
-                f"{name}: dropped {n_dropped + table.malformed} of {total} rows "
-                "(missing text or label, or a wrong number of fields)"
-            )
-        return Split(t, p, _map_labels(v, table, label, ttype, names))
+    def build(table: _Table | None, name: str) -> Split | None:
+        return None if table is None else _split_of(table, name, (text, pair, label), ttype, names, notes)
 
-    train = build(raw.train, "train")
-    dev = build(raw.dev, "dev") if raw.dev is not None else None
-    test = build(raw.test, "test") if raw.test is not None else None
+    train, dev, test = build(raw.train, "train"), build(raw.dev, "dev"), build(raw.test, "test")
     if dev is None:
         train, dev = _carve(train, dev_fraction, seed)
         notes.append(f"dev split carved from train: {dev_fraction * 100:g}% (seed {seed})")
@@ -299,6 +270,42 @@ def load_task_data(
     return TaskData(
         train, dev, test, ttype, names, raw.metric or PRIMARY_DEFAULT[ttype], description, notes, raw.positive
     )
+
+
+def _check_options(task_type: str | None, dev_fraction: float, limit_train, limit_eval) -> None:
+    if task_type is not None and task_type not in TASK_TYPES:
+        raise DataError(f"unknown task type {task_type!r}; use one of {', '.join(TASK_TYPES)}")
+    if not 0 < dev_fraction < 1:
+        raise DataError(f"dev_fraction must be between 0 and 1, got {dev_fraction}")
+    for name, value in (("limit_train", limit_train), ("limit_eval", limit_eval)):
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise DataError(f"{name} must be a positive whole number, got {value!r}")
+
+
+def _inferred_task_type(values: list) -> str:
+    """Regression when every train label is a number and not all are whole, else classification."""
+    numbers = [_as_number(v) for v in values]
+    if all(n is not None for n in numbers) and not all(n.is_integer() for n in numbers):
+        return "regression"
+    return "classification"
+
+
+def _split_of(table: _Table, name: str, columns: tuple, ttype: str, names, notes: list[str]) -> Split | None:
+    """One split's examples, labels mapped; None (with a note) for a split without labels."""
+    text, pair, label = columns
+    t = None
+    if _has(table, label) or not table.labels_optional:
+        t, p, v, n_dropped = _extract(table, text, pair, label)
+    if not t:  # a hub test split without labels
+        notes.append(f"{name}: {table.name} has no labels; not used")
+        return None
+    if n_dropped + table.malformed:
+        total = len(t) + n_dropped + table.malformed
+        notes.append(
+            f"{name}: dropped {n_dropped + table.malformed} of {total} rows "
+            "(missing text or label, or a wrong number of fields)"
+        )
+    return Split(t, p, _map_labels(v, table, label, ttype, names))
 
 
 # ----------------------------------------------------------------------------- tokens and batches
