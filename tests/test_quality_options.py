@@ -148,11 +148,11 @@ def test_weighted_loss_divides_by_the_count_not_the_weight():
 def test_classifiers_train_on_random_batches_unless_bucketing_is_asked_for(tiny_model_dir, tmp_path, monkeypatch):
     """Length-sorted batches group a class whose texts are longer; classification and regression
     default to random batches, causal LMs (no classes) to bucketing."""
-    import adaptune.train as T
+    import adaptune.loop as L  # the training loop's batches
 
     calls = []
-    real = T.bucket_batches
-    monkeypatch.setattr(T, "bucket_batches", lambda *a, **k: calls.append(k.get("shuffle")) or real(*a, **k))
+    real = L.bucket_batches
+    monkeypatch.setattr(L, "bucket_batches", lambda *a, **k: calls.append(k.get("shuffle")) or real(*a, **k))
     data = _imbalanced_csv(tmp_path / "d.csv")
     assert _cfg(tiny_model_dir, data).bucketed is False
     train(_cfg(tiny_model_dir, data), tmp_path / "random", quiet=True)

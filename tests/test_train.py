@@ -213,6 +213,8 @@ def test_exact_resume_after_sigkill(tiny_model_dir, tmp_path, kill_at):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+    # the default path: lean kernels on for this CPU run (docs/lean-kernels.md)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["lean_kernels"] is None
     ma = json.loads((tmp_path / "ref" / "metrics.json").read_text())
     mb = json.loads((tmp_path / "run" / "metrics.json").read_text())
     for key in ("dev", "test", "best_step", "history", "params"):
