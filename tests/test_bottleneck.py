@@ -209,7 +209,7 @@ def test_flop_counters_see_both_projections(grad):
 @pytest.mark.skipif(native.library() is None, reason="no C compiler or no AVX2 CPU here")
 @pytest.mark.parametrize("grad", [True, False])
 def test_gelu_adapter_at_scale_uses_the_c_gelu_and_equals_the_plain_ops(gelu_calls, grad):
-    """From kernels.GELU_MIN_ENTRIES activations up, the adapter's exact GELU and its gradient run in C
+    """From lean_gelu.GELU_MIN_ENTRIES activations up, the adapter's exact GELU and its gradient run in C
     (forward, and backward's recomputation and gradient): values and gradients equal h + b(h)."""
     torch.manual_seed(2)
     b = Bottleneck(48, AdapterConfig(size=64, init_std=0.5))

@@ -118,11 +118,11 @@ def test_library_train_leaves_the_setting_to_its_caller(monkeypatch, tmp_path):
 
 
 def test_cli_commands_run_inside_the_block(monkeypatch):
-    from adaptune import cli, commands
+    from adaptune import adapter_commands, cli
 
     monkeypatch.setattr(heap, "_glibc", lambda: None)
     seen = []
-    monkeypatch.setattr(commands, "params", lambda args: seen.append(heap._depth) or 0)
+    monkeypatch.setattr(adapter_commands, "params", lambda args: seen.append(heap._depth) or 0)
     assert cli.main(["params"]) == 0
     assert seen == [heap._depth + 1]
 

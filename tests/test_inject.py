@@ -731,7 +731,8 @@ def test_task_copies_of_routed_modules_do_not_copy_the_container():
     the plain norm."""
     import gc
 
-    from adaptune.inject import AdapterContainer, _fresh_copy
+    from adaptune.adapter_set import _fresh_copy
+    from adaptune.inject import AdapterContainer
 
     model = tiny_model("bert")
     add_adapter(model, "a", AdapterConfig.preset("houlsby", size=4))

@@ -283,7 +283,9 @@ def test_native_training_step_equals_plain_when_dropout_keeps_everything(
     through the C GELU as well (its size threshold lowered to this small model)."""
     import transformers as T
 
-    monkeypatch.setattr(K, "GELU_MIN_ENTRIES", 1)
+    from adaptune import lean_gelu
+
+    monkeypatch.setattr(lean_gelu, "GELU_MIN_ENTRIES", 1)
 
     def build():
         torch.manual_seed(0)

@@ -18,13 +18,24 @@ def import_graph() -> dict[str, set[str]]:
 
     ``from adaptune.x import y`` counts as an import of ``adaptune.x.y`` when that is a module, else
     of ``adaptune.x``. A package's ``__init__`` importing its own modules does not count (that is how
-    a package re-exports), nor does a module importing the package it belongs to for a name."""
+    a package re-exports), nor does a module importing the package it belongs to for a name, nor an
+    import under ``if TYPE_CHECKING:`` (for annotations only; it never runs)."""
     files = {_module_name(p): p for p in SRC.rglob("*.py")}
     graph: dict[str, set[str]] = {}
     for name, path in files.items():
         package = name if path.name == "__init__.py" else name.rpartition(".")[0]
         targets: set[str] = set()
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        typing_only = {
+            id(n)
+            for block in ast.walk(tree)
+            if isinstance(block, ast.If) and getattr(block.test, "id", None) == "TYPE_CHECKING"
+            for stmt in block.body
+            for n in ast.walk(stmt)
+        }
+        for node in ast.walk(tree):
+            if id(node) in typing_only:
+                continue
             if isinstance(node, ast.Import):
                 targets.update(a.name for a in node.names)
             elif isinstance(node, ast.ImportFrom):
@@ -96,3 +107,8 @@ def test_no_function_over_80_lines():
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 80:
                 long.append(f"{path.relative_to(SRC)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1})")
     assert long == [], "functions over 80 lines: " + ", ".join(long)
+
+
+def test_no_file_over_400_lines():
+    big = [f"{p.relative_to(SRC)} ({n})" for p in sorted(SRC.rglob("*.py")) if (n := p.read_text().count("\n")) > 400]
+    assert big == [], "files over 400 lines: " + ", ".join(big)

@@ -316,12 +316,14 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        from adaptune import commands
+        from adaptune import adapter_commands, commands, lm_commands
         from adaptune.heap import keep_freed_memory
 
         # this process's CPU work reuses freed memory instead of faulting it back in; it exits after
         with keep_freed_memory(give_back=False):
-            return getattr(commands, args.command.replace("-", "_"))(args) or 0
+            name = args.command.replace("-", "_")
+            module = next(m for m in (commands, adapter_commands, lm_commands) if hasattr(m, name))
+            return getattr(module, name)(args) or 0
     except AdaptuneError as e:
         if args.debug:
             raise

@@ -1,32 +1,14 @@
 """Lean dropout, attention and GELU for training on CPU: fewer random draws, less kept for backward.
 
-Two costs of a training step that no FLOP count shows, and that weigh most on adapter training
-(whose matrix products are about 2/3 of full fine-tuning's, so fixed costs are a larger share):
-
-- ``nn.Dropout`` on CPU draws a float mask with ``bernoulli_`` (~10 ns per element) and keeps it,
-  4 bytes per element, for backward.
-- The fused SDPA kernels refuse dropout, so attention with dropout falls back to the math path,
-  which keeps the softmax, the float dropout mask and the dropped probabilities: three
-  B·H·T² float tensors per layer (72 MiB at batch 32 × 128 on all-MiniLM-L6-v2).
-
-:func:`use_lean_kernels` turns a model's dropout modules into :class:`LeanDropout` and routes
-(where the model uses the ``sdpa`` attention interface of ``transformers``) its attention through
-functions that draw 16-bit random numbers four at a time from 64-bit draws and keep a 1-byte
-mask; attention keeps q, k, v, the softmax and that mask, and recomputes the dropped
-probabilities in backward (one elementwise pass). Where the C kernels load (:mod:`adaptune.native`;
-fp32, head size a multiple of 16), attention with dropout runs in ``csrc/attention.c`` instead:
-each (batch, head) pair's scores, softmax, dropout and products stay in cache, and q, k, v are
-read in the layout the projections made, with no copies (:class:`_NativeAttention`; about 2.2 x
-the torch version's speed at 32 x 12 x 128 x 32). Dropout's rate is rounded to a multiple of
-1/65536 (0.1 -> 0.100006). The distribution is dropout's, but the random stream is not torch's
-(the C kernel's is seeded from torch's generator, so ``torch.manual_seed`` repeats it), so a
-seeded run differs from one without these kernels. ``transformers``' exact GELU modules
-(BERT's feed-forward activation) run ``csrc/gelu.c`` when a gradient is recorded through them: one
-pass each way, the gradient about 1.6 x faster than torch's (at 4096 x 1536, one thread: 7.7 against
-12.2 ms; forward 7.0 against 8.2 ms), equal to torch's exact GELU within 1e-6 absolute. Outside
-training, at p = 0, or on other devices, the plain modules and SDPA run unchanged. It applies to any
-model, adapter tuning and full fine-tuning alike, so comparisons between strategies stay fair when
-both use it.
+:func:`use_lean_kernels` turns a model's dropout modules into :class:`LeanDropout`, routes its
+``transformers`` exact GELU modules through :func:`adaptune.lean_gelu.lean_gelu` and (on the
+``sdpa`` attention interface) its attention through :func:`lean_sdpa_attention`. Dropout keeps a
+1-byte mask; attention with dropout keeps q, k, v, the softmax and that mask, and runs in
+``csrc/attention.c`` where the C kernels load (fp32, head size a multiple of 16). The dropout rate
+is rounded to a multiple of 1/65536; the masks come from the kernels' own stream, seeded from
+torch's generator (``torch.manual_seed`` repeats a run, but the masks are not torch's). Outside
+training, at p = 0, or on other devices, the plain modules and SDPA run unchanged. What this changes
+and what it costs: docs/lean-kernels.md and docs/performance.md.
 """
 
 from __future__ import annotations
@@ -37,7 +19,9 @@ import math
 import torch
 from torch import nn
 
+from adaptune import lean_gelu as lean_gelu_module
 from adaptune import native
+from adaptune.lean_gelu import gelu, gelu_backward, lean_gelu
 
 _ATTN_NAME = "adaptune_lean_sdpa"
 _native = True
@@ -262,6 +246,7 @@ def set_native(enabled: bool) -> bool:
     torch versions; returns the previous setting."""
     global _native
     previous, _native = _native, bool(enabled)
+    lean_gelu_module._native = _native
     return previous
 
 
@@ -345,78 +330,6 @@ def lean_sdpa_attention(
     return out.transpose(1, 2).contiguous(), None  # (B, Tq, H, dh), no attention weights
 
 
-# Below this many entries torch's GELU costs no more than the foreign call into the C one.
-GELU_MIN_ENTRIES = 16384
-
-
-def _gelu_library(*tensors: torch.Tensor) -> ctypes.CDLL | None:
-    """The C kernels where the GELU may run there on these tensors now: fp32, CPU, contiguous, at
-    least ``GELU_MIN_ENTRIES``, no ``torch.func`` transform active; else None."""
-    if not _native or tensors[0].numel() < GELU_MIN_ENTRIES or torch._C._are_functorch_transforms_active():
-        return None
-    if any(t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous() for t in tensors):
-        return None
-    return native.usable()
-
-
-def gelu(z: torch.Tensor) -> torch.Tensor:
-    """The exact GELU, ``F.gelu(z)``, through the C kernel (``csrc/gelu.c``) where it applies; records
-    no gradient there, so a caller recording one (``z.requires_grad``) gets ``F.gelu``."""
-    lib = None if torch.is_grad_enabled() and z.requires_grad else _gelu_library(z)
-    if lib is None:
-        return nn.functional.gelu(z)
-    out = torch.empty_like(z)
-    lib.adaptune_gelu(z.numel(), z.data_ptr(), out.data_ptr(), native.threads(lib))
-    return out
-
-
-def gelu_backward(grad: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """The gradient at z of the exact GELU given ``grad`` at its output, through the C kernel where it
-    applies (``torch.ops.aten.gelu_backward`` elsewhere)."""
-    lib = _gelu_library(z, grad) if z.shape == grad.shape else None
-    if lib is None:
-        return torch.ops.aten.gelu_backward(grad, z)
-    out = torch.empty_like(z)
-    lib.adaptune_gelu_backward(z.numel(), z.data_ptr(), grad.data_ptr(), out.data_ptr(), native.threads(lib))
-    return out
-
-
-class _NativeGELU(torch.autograd.Function):
-    """The exact GELU, forward and gradient through the C kernel: one pass each, keeps its input."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(x)
-        return gelu(x)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: torch.Tensor):
-        (x,) = ctx.saved_tensors
-        return gelu_backward(grad.contiguous(), x)
-
-
-def lean_gelu(x: torch.Tensor) -> torch.Tensor:
-    """``F.gelu(x)`` (exact) for a ``transformers`` GELU module under :func:`use_lean_kernels`: when
-    a gradient is recorded through it and the C kernel applies, :class:`_NativeGELU`; otherwise (no
-    gradient: inference stays the plain model's, bit for bit) ``F.gelu`` itself."""
-    if torch.is_grad_enabled() and x.requires_grad and _gelu_library(x) is not None:
-        return _NativeGELU.apply(x)
-    return nn.functional.gelu(x)
-
-
-def native_gelu_agrees(lib: ctypes.CDLL) -> bool:
-    """The C GELU and its gradient against torch's over a tail-sized range of inputs."""
-    x = torch.linspace(-9.0, 9.0, 1003, dtype=torch.float32, device="cpu")
-    grad = torch.randn(1003, generator=torch.Generator().manual_seed(0), dtype=torch.float32, device="cpu")
-    out, grad_in = torch.empty_like(x), torch.empty_like(x)
-    lib.adaptune_gelu(x.numel(), x.data_ptr(), out.data_ptr(), 1)
-    lib.adaptune_gelu_backward(x.numel(), x.data_ptr(), grad.data_ptr(), grad_in.data_ptr(), 1)
-    return torch.allclose(out, nn.functional.gelu(x), rtol=1e-5, atol=1e-6) and torch.allclose(
-        grad_in, torch.ops.aten.gelu_backward(grad, x), rtol=1e-5, atol=1e-6
-    )
-
-
 class LeanDropout(nn.Dropout):
     """``nn.Dropout`` running :func:`lean_dropout`. :func:`use_lean_kernels` swaps a plain dropout's
     class to this one and back: no new module, no state, no ``forward`` set on the instance (where
@@ -470,7 +383,7 @@ def use_lean_kernels(model: nn.Module, enable: bool = True) -> int:
     return changed
 
 
-for _check in (native_attention_agrees, native_dropout_agrees, native_gelu_agrees):
+for _check in (native_attention_agrees, native_dropout_agrees):
     native.register_check(_check)
 
 __all__ = [
