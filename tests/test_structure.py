@@ -112,3 +112,20 @@ def test_no_function_over_80_lines():
 def test_no_file_over_400_lines():
     big = [f"{p.relative_to(SRC)} ({n})" for p in sorted(SRC.rglob("*.py")) if (n := p.read_text().count("\n")) > 400]
     assert big == [], "files over 400 lines: " + ", ".join(big)
+
+
+CORE = {"config", "architectures", "bottleneck", "backend", "inject", "container", "adapter_set", "routing",
+        "trainable", "io", "errors", "env"}  # fmt: skip
+BACKENDS = {"native", "adapter_gemm", "kernels", "lean_gelu", "heap"}
+
+
+def test_the_core_imports_no_backend_and_nothing_above_it():
+    """The adapter core is pure PyTorch: it imports only itself, at import time or in a function; the
+    CPU backend registers with it (adaptune.backend), never the other way round."""
+    graph = import_graph()
+    short = lambda m: m.removeprefix("adaptune.")
+    wrong = sorted(
+        f"{short(m)} -> {short(t)}" for m in graph if short(m) in CORE for t in graph[m] if short(t) not in CORE
+    )
+    assert wrong == [], "the core reaches out: " + ", ".join(wrong)
+    assert {f"adaptune.{b}" for b in BACKENDS} <= set(graph)  # the names above are real modules

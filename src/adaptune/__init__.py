@@ -16,6 +16,9 @@ from adaptune.kernels import use_lean_kernels
 from adaptune.io import fingerprint, load_adapter, read_adapter_config, save_adapter
 from adaptune.trainable import STRATEGIES, ParamCount, count_parameters, train_strategy
 
+# The CPU backend: importing it registers its kernels with adaptune.backend (the core never imports it).
+from adaptune import adapter_gemm as _adapter_gemm, lean_gelu as _lean_gelu  # noqa: F401
+
 __all__ = [
     "ARCHITECTURES",
     "PRESETS",

@@ -34,7 +34,7 @@ import ctypes
 
 import torch
 
-from adaptune import native
+from adaptune import backend, native
 
 _enabled = True
 # Below this many rows (B*T tokens) torch runs the product: the checks, the foreign call and the
@@ -244,5 +244,6 @@ def adapter_backward(
 
 
 native.register_check(agrees)
+backend.register(linear=linear, matmul=matmul, adapter_forward=adapter_forward, adapter_backward=adapter_backward)
 
 __all__ = ["MAX_M", "MIN_ROWS", "adapter_backward", "adapter_forward", "available", "linear", "matmul", "set_enabled"]

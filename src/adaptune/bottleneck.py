@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adaptune import adapter_gemm, kernels
+from adaptune import backend
 from adaptune.config import AdapterConfig
 
 _ACTIVATIONS = {
@@ -86,7 +86,7 @@ class Bottleneck(nn.Module):
         if plain and not torch.is_grad_enabled():
             inp = (h if x is None else x).reshape(-1, d)
             fused = (
-                adapter_gemm.adapter_forward(inp, h.reshape(-1, d), w_down, b_down, w_up, b_up, self.scale)
+                backend.adapter_forward(inp, h.reshape(-1, d), w_down, b_down, w_up, b_up, self.scale)
                 if _exact_gelu(act)
                 else None
             )
@@ -105,13 +105,13 @@ class Bottleneck(nn.Module):
 def _down(x: torch.Tensor, w_down: torch.Tensor, b_down: torch.Tensor) -> torch.Tensor:
     """``x @ w_downᵀ + b_down``, (B*T, m): the adapter kernel where it applies, else ``addmm``.
     Records no gradient."""
-    z = adapter_gemm.linear(x, w_down, b_down)
+    z = backend.linear(x, w_down, b_down)
     return torch.addmm(b_down, x, w_down.t()) if z is None else z
 
 
 def _matmul(x: torch.Tensor, w: torch.Tensor, onto: torch.Tensor | None = None) -> torch.Tensor:
     """``onto + x @ w`` (``onto`` None: ``x @ w``): the adapter kernel where it applies, else torch."""
-    out = adapter_gemm.matmul(x, w, onto)
+    out = backend.matmul(x, w, onto)
     if out is not None:
         return out
     return x.mm(w) if onto is None else torch.addmm(onto, x, w)
@@ -122,7 +122,7 @@ def _up_onto(h: torch.Tensor, a: torch.Tensor, w_up: torch.Tensor, b_up: torch.T
     sums from h and the bias where it applies; else h plus the bias is formed in one pass and the
     product accumulated into it (``addmm`` with ``out``: FLOP counters see it, unlike ``addmm_``).
     Records no gradient."""
-    out = adapter_gemm.linear(a, w_up, b_up, onto=h, scale=scale)
+    out = backend.linear(a, w_up, b_up, onto=h, scale=scale)
     if out is not None:
         return out
     out = torch.add(h, b_up, alpha=scale)
@@ -137,13 +137,24 @@ def _weight_bias(linear: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     return (w, b) if w is not None and b is not None else (linear.weight, linear.bias)
 
 
+def _gelu(z: torch.Tensor) -> torch.Tensor:
+    """The exact GELU: the backend's where it applies (it records no gradient), else torch's."""
+    out = backend.gelu(z)
+    return F.gelu(z) if out is None else out
+
+
+def _gelu_backward(grad: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    out = backend.gelu_backward(grad, z)
+    return torch.ops.aten.gelu_backward(grad, z) if out is None else out
+
+
 # Known nonlinearities (exact types only: a subclass or another module takes autograd's own graph):
 # (the activation of z, the gradient at z given the gradient at the activation's output).
 _ACTS = {
     nn.GELU: (
-        lambda act, z: kernels.gelu(z) if act.approximate == "none" else F.gelu(z, approximate=act.approximate),
+        lambda act, z: _gelu(z) if act.approximate == "none" else F.gelu(z, approximate=act.approximate),
         lambda act, grad, z: (
-            kernels.gelu_backward(grad, z)
+            _gelu_backward(grad, z)
             if act.approximate == "none"
             else torch.ops.aten.gelu_backward(grad, z, approximate=act.approximate)
         ),
@@ -177,7 +188,7 @@ class _AddBottleneck(torch.autograd.Function):
         d = h.shape[-1]
         inp = (h if x is None else x).reshape(-1, d)  # (B*T, d)
         fused = (
-            adapter_gemm.adapter_forward(inp, h.reshape(-1, d), w_down, b_down, w_up, b_up, scale)
+            backend.adapter_forward(inp, h.reshape(-1, d), w_down, b_down, w_up, b_up, scale)
             if _exact_gelu(act)
             else None
         )
@@ -200,7 +211,7 @@ class _AddBottleneck(torch.autograd.Function):
         grad_h = grad_x = g_wd = g_bd = g_wu = g_bu = None
         want_inp = need[1] if ctx.parallel else need[0]
         fused = (
-            adapter_gemm.adapter_backward(g, z, w_down, w_up, ctx.scale, want_inp, not ctx.parallel)
+            backend.adapter_backward(g, z, w_down, w_up, ctx.scale, want_inp, not ctx.parallel)
             if _exact_gelu(ctx.act) and (want_inp or need[2] or need[3])
             else None
         )

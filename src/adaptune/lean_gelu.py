@@ -10,7 +10,7 @@ import ctypes
 import torch
 from torch import nn
 
-from adaptune import native
+from adaptune import backend, native
 
 _native = True  # set by adaptune.kernels.set_native
 
@@ -88,3 +88,4 @@ def native_gelu_agrees(lib: ctypes.CDLL) -> bool:
 
 
 native.register_check(native_gelu_agrees)
+backend.register(gelu=gelu, gelu_backward=gelu_backward)
