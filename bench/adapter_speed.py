@@ -9,14 +9,14 @@ leaking into it.
 
 - train:  one optimisation step (forward, backward, clip, AdamW, scheduler) through the library's
           own ``training_step``, adapters vs full fine-tuning, with torch's dropout and attention
-          ("plain") and with :func:`adaptune.kernels.use_lean_kernels` on both ("lean"). Two
+          ("plain") and with :func:`adaptune.cpu.kernels.use_lean_kernels` on both ("lean"). Two
           estimates: the ratio of the median step times, and the median of each round's ratio
           (adapter step over the full step right after it). The FLOP ideal is counted on the same
           model and batch by torch's ``FlopCounterMode``. ``--embedding-norm frozen`` keeps BERT's
           embedding LayerNorm frozen, so backward stops at the first adapter.
 - infer:  forward pass in eval mode under no_grad, the same model with the adapter active vs
           ``set_active(model, None)`` (the plain base); where the adapter's C kernel runs
-          (:mod:`adaptune.adapter_gemm`: a C compiler, AVX2), also the adapter with torch's
+          (:mod:`adaptune.cpu.adapter_gemm`: a C compiler, AVX2), also the adapter with torch's
           products instead. ``ADAPTUNE_NATIVE=0`` turns the kernel off for every section.
 - mixed:  --tasks adapters (each with its own norms and head); one batch whose rows cycle through
           the tasks vs the same batch all on one task; reported as throughput mixed / single.
@@ -82,9 +82,9 @@ def make_batch(batch: int, length: int, vocab: int, seed: int = 0, labels: bool 
 
 def build(strategy: str, size: int, lean: bool, steps: int, embedding_norm: bool = True):
     """Model, optimizer and scheduler through the library's own training path."""
-    from adaptune.kernels import use_lean_kernels
-    from adaptune.models import quiet_transformers
-    from adaptune.train import TrainConfig, build_model, make_optimizer
+    from adaptune.cpu.kernels import use_lean_kernels
+    from adaptune.models.loading import quiet_transformers
+    from adaptune.training.train import TrainConfig, build_model, make_optimizer
 
     if strategy == "adapters":
         cfg = TrainConfig(strategy=strategy, adapter_size=size, train_embedding_norm=embedding_norm)
@@ -147,7 +147,7 @@ def step_flops(model, batch: dict) -> int:
     """FLOPs of one forward + backward, counted by torch's FlopCounterMode (matrix products)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from adaptune.train import _loss
+    from adaptune.training.train import _loss
 
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     with FlopCounterMode(display=False) as counter:
@@ -157,7 +157,7 @@ def step_flops(model, batch: dict) -> int:
 
 
 def section_train(args) -> dict:
-    from adaptune.train import training_step
+    from adaptune.training.train import training_step
 
     batch = make_batch(args.batch, args.length, 30000)
     steps = args.rounds + 2
@@ -196,7 +196,7 @@ def train_figures(times: dict[str, list[float]], groups: list[int] | None = None
 def _adapted_model(size: int, tasks: int):
     """The shipped model with ``tasks`` perturbed Houlsby adapters (norm and head copies each)."""
     from adaptune import AdapterConfig, add_adapter
-    from adaptune.models import load_classifier
+    from adaptune.models.loading import load_classifier
 
     torch.manual_seed(0)
     model = load_classifier("minilm", 2).eval()
@@ -222,7 +222,7 @@ def forward_fn(model, batch: dict, adapters):
 
 def without_adapter_kernel(fn):
     """``fn`` run with the adapter's C kernel off (torch's products for the adapter instead)."""
-    from adaptune import adapter_gemm
+    from adaptune.cpu import adapter_gemm
 
     def off():
         previous = adapter_gemm.set_enabled(False)
@@ -235,7 +235,7 @@ def without_adapter_kernel(fn):
 
 
 def section_infer(args) -> dict:
-    from adaptune import adapter_gemm
+    from adaptune.cpu import adapter_gemm
 
     model = _adapted_model(args.size, 1)
     batch = make_batch(args.batch, args.length, 30000, labels=False)
@@ -301,7 +301,7 @@ def mixed_figures(times: dict[str, list[float]], groups: list[int] | None = None
 
 
 def section_small(args) -> dict:
-    from adaptune.train import training_step
+    from adaptune.training.train import training_step
 
     model = _adapted_model(args.size, 1)
     batch = make_batch(args.small_batch, args.small_length, 30000, labels=False)
@@ -345,8 +345,8 @@ def section_host(args) -> dict:
     import transformers as T
 
     from adaptune import AdapterConfig, add_adapter
-    from adaptune.train import TrainConfig, make_optimizer, training_step
-    from adaptune.trainable import train_strategy
+    from adaptune.training.train import TrainConfig, make_optimizer, training_step
+    from adaptune.core.trainable import train_strategy
 
     def model_for(strategy: str):
         torch.manual_seed(0)
@@ -416,9 +416,9 @@ def _status_kib(field: str) -> int:
 
 def memory_worker(args) -> dict:
     from adaptune import keep_freed_memory
-    from adaptune.train import training_step
+    from adaptune.training.train import training_step
 
-    for module in ("transformers.models.bert.modeling_bert", "adaptune.train", "adaptune.kernels"):
+    for module in ("transformers.models.bert.modeling_bert", "adaptune.training.train", "adaptune.cpu.kernels"):
         importlib.import_module(module)  # the runtime: Python and the libraries, before any weights
 
     strategy, lean = args.worker.split(":")
@@ -478,7 +478,7 @@ def heap_worker(args) -> dict:
     import resource
 
     from adaptune import keep_freed_memory
-    from adaptune.train import training_step
+    from adaptune.training.train import training_step
 
     fns = {}
     if args.heap_worker == "train":

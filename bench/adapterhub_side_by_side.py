@@ -167,7 +167,7 @@ def parse_or_work(p: argparse.ArgumentParser, work) -> argparse.Namespace | None
     if args.worker:
         print(json.dumps(work(args)), flush=True)
         return None
-    from adaptune.models import resolve_model_path
+    from adaptune.models.loading import resolve_model_path
 
     args.model_dir = resolve_model_path("minilm")
     return args

@@ -36,9 +36,9 @@ def main() -> None:
 
     import torch
 
-    from adaptune.data import bucket_batches, collate, encode, load_task_data
-    from adaptune.models import load_tokenizer, quiet_transformers
-    from adaptune.train import TrainConfig, build_model, make_optimizer, training_step
+    from adaptune.data.loading import bucket_batches, collate, encode, load_task_data
+    from adaptune.models.loading import load_tokenizer, quiet_transformers
+    from adaptune.training.train import TrainConfig, build_model, make_optimizer, training_step
 
     torch.set_num_threads(args.threads)
     cfg = TrainConfig(

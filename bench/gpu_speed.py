@@ -32,7 +32,7 @@ import torch
 import transformers as T
 
 from adaptune import AdapterConfig, add_adapter, set_active, train_strategy
-from adaptune.train import TrainConfig, make_optimizer, training_step
+from adaptune.training.train import TrainConfig, make_optimizer, training_step
 
 SHAPES = {
     "minilm": lambda: T.BertConfig(

@@ -2,7 +2,7 @@
 
 Issue 5's figure: with adapters in the top k layers only, epochs after the first should cost about
 k/L of a full-stack epoch, because the frozen lower layers' outputs are computed once
-(``adaptune.layer_cache``; ``--no-frozen-dropout --cache-frozen-layers`` in ``adaptune train``).
+(``adaptune.training.layer_cache``; ``--no-frozen-dropout --cache-frozen-layers`` in ``adaptune train``).
 
 Set-up: all-MiniLM-L6-v2 (L = 6), Houlsby adapters m=64 in the top --top layers (default 2:
 layers 4 and 5), head copy, no layer-norm copies (those cover every layer, see the module), the
@@ -42,10 +42,10 @@ def main() -> None:
 
     import torch
 
-    from adaptune.data import bucket_batches, collate, encode, load_task_data
-    from adaptune.layer_cache import FrozenBelow
-    from adaptune.models import load_tokenizer, quiet_transformers
-    from adaptune.train import TrainConfig, build_model, make_optimizer, training_step
+    from adaptune.data.loading import bucket_batches, collate, encode, load_task_data
+    from adaptune.training.layer_cache import FrozenBelow
+    from adaptune.models.loading import load_tokenizer, quiet_transformers
+    from adaptune.training.train import TrainConfig, build_model, make_optimizer, training_step
 
     torch.set_num_threads(args.threads)
     num_layers = 6

@@ -46,11 +46,11 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from adaptune.chat import encode_conversations, load_chat_data, prompt_ids
-    from adaptune.data import bucket_batches, collate
-    from adaptune.inject import set_active
-    from adaptune.models import load_tokenizer
-    from adaptune.train import TrainConfig, build_model, make_optimizer, pick_device, training_step
+    from adaptune.lm.chat import encode_conversations, load_chat_data, prompt_ids
+    from adaptune.data.loading import bucket_batches, collate
+    from adaptune.core.inject import set_active
+    from adaptune.models.loading import load_tokenizer
+    from adaptune.training.train import TrainConfig, build_model, make_optimizer, pick_device, training_step
 
     device = pick_device(args.device)
     tok = load_tokenizer(args.model)

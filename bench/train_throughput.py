@@ -56,9 +56,9 @@ def _reset_hwm() -> bool:
 def worker(args) -> dict:
     import torch
 
-    from adaptune.data import bucket_batches, collate, encode, load_task_data
-    from adaptune.models import load_tokenizer, quiet_transformers
-    from adaptune.train import TrainConfig, build_model, make_optimizer, pick_device, training_step
+    from adaptune.data.loading import bucket_batches, collate, encode, load_task_data
+    from adaptune.models.loading import load_tokenizer, quiet_transformers
+    from adaptune.training.train import TrainConfig, build_model, make_optimizer, pick_device, training_step
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -216,7 +216,7 @@ def write_chat_jsonl(path, n: int = 64, seed: int = 0):
 @pytest.fixture
 def gelu_calls(monkeypatch):
     """Counts the C GELU's forward and backward calls (and proves the kernel ran)."""
-    from adaptune import native
+    from adaptune.cpu import native
 
     lib = native.library()
     calls = {"forward": 0, "backward": 0}
@@ -241,7 +241,7 @@ def gelu_calls(monkeypatch):
 @pytest.fixture
 def one_thread(monkeypatch):
     """One torch thread, and the adapter's C kernel on for any number of rows (the suite's inputs are small)."""
-    from adaptune import adapter_gemm
+    from adaptune.cpu import adapter_gemm
 
     monkeypatch.setattr(adapter_gemm, "MIN_ROWS", 0)
     before = torch.get_num_threads()

@@ -1,6 +1,6 @@
 """Test driver for the kill-and-resume tests: run the ``adaptune`` command line and SIGKILL this
 process right after optimisation step ``$KILL_AT_STEP`` (under torchrun only on rank ``$KILL_RANK``,
-default every rank), through ``adaptune.train.train``'s ``on_step`` callback.
+default every rank), through ``adaptune.training.train.train``'s ``on_step`` callback.
 
     python tests/kill_at_step.py train -o runs/x ...            # KILL_AT_STEP=5 in the environment
     torchrun --nproc-per-node 2 tests/kill_at_step.py train ...  # KILL_AT_STEP=5 KILL_RANK=1
@@ -12,8 +12,8 @@ import os
 import signal
 import sys
 
-import adaptune.train as training
-from adaptune.cli import main
+import adaptune.training.train as training
+from adaptune.cli.parser import main
 
 _train = training.train
 

@@ -1,4 +1,4 @@
-"""The adapter's C kernel for its skinny products (src/adaptune/adapter_gemm.py, csrc/adapter_gemm.c)."""
+"""The adapter's C kernel for its skinny products (src/adaptune/cpu/adapter_gemm.py, csrc/adapter_gemm.c)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 from conftest import fake_compiler
 
-from adaptune import AdapterConfig, Bottleneck, adapter_gemm, backend, native
+from adaptune import AdapterConfig, Bottleneck
+from adaptune.cpu import adapter_gemm
+from adaptune.core import backend
+from adaptune.cpu import native
 
 needs_kernel = pytest.mark.skipif(not adapter_gemm.available(), reason="no C compiler or no AVX2 CPU here")
 

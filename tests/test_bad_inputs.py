@@ -17,7 +17,7 @@ import torch
 from conftest import KILL_DRIVER, write_reviews_csv
 from safetensors.torch import load_file, save_file
 
-from adaptune.cli import main
+from adaptune.cli.parser import main
 
 
 def _tree(root: Path) -> dict:

@@ -1,4 +1,4 @@
-"""The bottleneck module: shapes, parameter count, near-identity init (src/adaptune/bottleneck.py)."""
+"""The bottleneck module: shapes, parameter count, near-identity init (src/adaptune/core/bottleneck.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from adaptune import AdapterConfig, Bottleneck, kernels, native
+from adaptune import AdapterConfig, Bottleneck
+from adaptune.cpu import kernels
+from adaptune.cpu import native
 
 
 @pytest.mark.parametrize("d,m", [(32, 8), (32, 64), (384, 64), (5, 1)])

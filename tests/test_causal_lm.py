@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import load_file
 
 from adaptune import AdapterConfig, add_adapter, set_active
-from adaptune.causal_lm import evaluate_lm, lm_loss
-from adaptune.chat import (
+from adaptune.lm.causal_lm import evaluate_lm, lm_loss
+from adaptune.lm.chat import (
     IGNORE,
     encode_conversation,
     encode_conversations,
@@ -23,11 +23,11 @@ from adaptune.chat import (
     prompt_ids,
     render,
 )
-from adaptune.data import collate
+from adaptune.data.loading import collate
 from adaptune.errors import ConfigError, DataError
-from adaptune.generate import Generator
-from adaptune.models import load_causal_lm, load_tokenizer
-from adaptune.train import TrainConfig, train
+from adaptune.lm.generate import Generator
+from adaptune.models.loading import load_causal_lm, load_tokenizer
+from adaptune.training.train import TrainConfig, train
 
 from conftest import KILL_DRIVER, save_tiny_causal_lm, tiny_tokenizer, write_chat_jsonl
 
@@ -216,7 +216,7 @@ def test_adapter_training_lowers_held_out_perplexity_and_round_trips(lm_dir, cha
     again = evaluate_lm(gen.model, enc, batch_size=32, pad_id=tok.pad_token_id, device="cpu")
     assert again["loss"] == pytest.approx(result["dev"]["loss"], rel=1e-5)
     # the command line reports the same, beside the base model; predict points to generate
-    from adaptune.cli import main
+    from adaptune.cli.parser import main
 
     assert main(["eval", str(run), "--json", "--device", "cpu"]) == 0
     report = json.loads(capsys.readouterr().out)
@@ -236,7 +236,7 @@ def test_baseline_strategies_train_a_causal_lm(llama_dir, chat_file, tmp_path, s
     assert (p["trainable"] == p["base"]) if strategy == "full" else (0 < p["trainable"] < p["base"])
     if strategy != "full":  # the tied output embedding is pretrained vocabulary, not a head to train
         model = load_causal_lm(str(llama_dir))
-        from adaptune.trainable import train_strategy
+        from adaptune.core.trainable import train_strategy
 
         train_strategy(model, strategy, k=extra.get("top_k"))
         assert not model.lm_head.weight.requires_grad
@@ -328,7 +328,7 @@ def _noisy_adapter(model, name, seed):
 
 
 def test_generation_with_and_without_adapters_and_switching(lm_dir, tmp_path):
-    from adaptune.io import save_adapter
+    from adaptune.core.io import save_adapter
 
     tok = load_tokenizer(str(lm_dir))
     plain = load_causal_lm(str(lm_dir)).eval()
@@ -361,8 +361,8 @@ def test_generation_with_and_without_adapters_and_switching(lm_dir, tmp_path):
 
 
 def test_generate_command(llama_dir, tmp_path):
-    from adaptune.cli import main
-    from adaptune.io import save_adapter
+    from adaptune.cli.parser import main
+    from adaptune.core.io import save_adapter
 
     model = load_causal_lm(str(llama_dir))
     _noisy_adapter(model, "noisy", 3)
@@ -391,7 +391,7 @@ def test_generate_command(llama_dir, tmp_path):
 
 
 def test_convert_refuses_missing_or_bad_files(tmp_path, capsys):
-    from adaptune.cli import main
+    from adaptune.cli.parser import main
 
     assert main(["convert", str(tmp_path / "none.gguf"), "-o", str(tmp_path / "out")]) == 2
     assert "does not exist" in capsys.readouterr().err
@@ -426,7 +426,7 @@ def test_shipped_smollm2_converts_generates_and_takes_an_adapter(tmp_path_factor
 
 
 def test_compare_refuses_chat_data_with_one_line(chat_file, tmp_path, capsys):
-    from adaptune.cli import main
+    from adaptune.cli.parser import main
 
     assert main(["compare", "-o", str(tmp_path / "cmp"), "--tasks", str(chat_file)]) == 2
     assert "causal LM" in capsys.readouterr().err
@@ -434,7 +434,7 @@ def test_compare_refuses_chat_data_with_one_line(chat_file, tmp_path, capsys):
 
 
 def test_params_on_a_causal_lm_counts_no_head(llama_dir, capsys):
-    from adaptune.cli import main
+    from adaptune.cli.parser import main
 
     assert main(["params", "--model", str(llama_dir), "--adapter-size", "8", "--top-k", "1"]) == 0
     out = capsys.readouterr().out

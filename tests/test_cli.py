@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from adaptune.cli import build_parser, main
+from adaptune.cli.parser import build_parser, main
 
 from conftest import MINILM, save_tiny_bert, write_reviews_csv
 

@@ -8,10 +8,10 @@ import json
 import pytest
 import torch
 
-from adaptune import compare as C
-from adaptune.ablation import adapters_removed
-from adaptune.cli import main
-from adaptune.train import TrainConfig
+from adaptune.experiments import compare as C
+from adaptune.experiments.ablation import adapters_removed
+from adaptune.cli.parser import main
+from adaptune.training.train import TrainConfig
 
 from conftest import tiny_batch, tiny_model, write_reviews_csv
 

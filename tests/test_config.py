@@ -1,4 +1,4 @@
-"""AdapterConfig: presets, JSON round trip, validation (src/adaptune/config.py)."""
+"""AdapterConfig: presets, JSON round trip, validation (src/adaptune/core/config.py)."""
 
 from __future__ import annotations
 
@@ -158,7 +158,7 @@ def test_config_error_is_a_value_error_and_an_adaptune_error():
 
 
 def test_every_nonlinearity_and_mode_is_accepted():
-    from adaptune.config import MODES, NONLINEARITIES
+    from adaptune.core.config import MODES, NONLINEARITIES
 
     for act in NONLINEARITIES:
         assert AdapterConfig(nonlinearity=act).nonlinearity == act

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from adaptune.data import Split, bucket_batches, collate, encode, load_task_data
+from adaptune.data.loading import Split, bucket_batches, collate, encode, load_task_data
 from adaptune.errors import DataError
-from adaptune.tasks import GLUE_TASKS
+from adaptune.data.tasks import GLUE_TASKS
 
 
 def write_csv(path: Path, header: list, rows: list) -> Path:
@@ -155,7 +155,7 @@ def test_limits_take_a_seeded_subset_and_are_noted(tmp_path):
 
 # ------------------------------------------------------------------------------------------- GLUE
 
-# Headers of the standard GLUE download, restated here (not read from adaptune.tasks).
+# Headers of the standard GLUE download, restated here (not read from adaptune.data.tasks).
 MNLI_TRAIN = [
     "index",
     "promptID",

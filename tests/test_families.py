@@ -8,9 +8,9 @@ import torch
 import transformers as T
 
 from adaptune import STRATEGIES, add_adapter, list_adapters, train_strategy
-from adaptune.architectures import ARCHITECTURES, pooler_module, spec_for
-from adaptune.cli import main
-from adaptune.models import load_classifier
+from adaptune.core.architectures import ARCHITECTURES, pooler_module, spec_for
+from adaptune.cli.parser import main
+from adaptune.models.loading import load_classifier
 
 from conftest import FAMILIES, TINY_CONFIGS, tiny_batch
 

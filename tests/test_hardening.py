@@ -22,13 +22,17 @@ import torch
 from conftest import H, KILL_DRIVER, fake_compiler, save_tiny_causal_lm, tiny_model, tiny_tokenizer, write_reviews_csv
 from safetensors.torch import load_file, save_file
 
-import adaptune.checkpoint as ckpt
-import adaptune.io as aio
-from adaptune import AdapterConfig, Bottleneck, adapter_gemm, add_adapter, heap, kernels, native
-from adaptune.inject import get_container
-from adaptune.cli import main
+import adaptune.training.checkpoint as ckpt
+import adaptune.core.io as aio
+from adaptune import AdapterConfig, Bottleneck, add_adapter
+from adaptune.cpu import adapter_gemm
+from adaptune.cpu import heap
+from adaptune.cpu import kernels
+from adaptune.cpu import native
+from adaptune.core.inject import get_container
+from adaptune.cli.parser import main
 from adaptune.errors import AdapterFileError, TrainingError
-from adaptune.models import load_classifier, load_tokenizer
+from adaptune.models.loading import load_classifier, load_tokenizer
 
 needs_kernel = pytest.mark.skipif(not adapter_gemm.available(), reason="no C compiler or no AVX2 CPU here")
 
@@ -310,7 +314,7 @@ def test_kernels_fall_back_to_a_private_temp_folder(tmp_path, monkeypatch, fresh
     monkeypatch.setenv("ADAPTUNE_CACHE", str(blocker / "cache"))
     monkeypatch.setattr(native.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
-    with caplog.at_level("WARNING", logger="adaptune.native"):
+    with caplog.at_level("WARNING", logger="adaptune.cpu.native"):
         lib = native.library()
     assert lib is not None and Path(lib.path).parent == tmp_path / "tmp" / f"adaptune-{os.getuid()}" / "kernels"
     assert (Path(lib.path).parent.stat().st_mode & 0o077) == 0
@@ -364,7 +368,7 @@ class _RecordingLibc:
 
 def test_library_calls_do_not_change_malloc_settings(tiny_model_dir, tmp_path, monkeypatch):
     from adaptune.predict import Predictor
-    from adaptune.train import TrainConfig, train
+    from adaptune.training.train import TrainConfig, train
 
     libc = _RecordingLibc()
     monkeypatch.setattr(heap, "_glibc", lambda: libc)
@@ -391,7 +395,7 @@ def test_library_calls_do_not_change_malloc_settings(tiny_model_dir, tmp_path, m
 
 
 def test_csv_with_a_400_kb_document(tmp_path):
-    from adaptune.data import load_task_data
+    from adaptune.data.loading import load_task_data
 
     path = tmp_path / "long.csv"
     with open(path, "w", newline="", encoding="utf-8") as f:

@@ -2,7 +2,8 @@
 
 import pytest
 
-from adaptune import heap, keep_freed_memory
+from adaptune import keep_freed_memory
+from adaptune.cpu import heap
 
 glibc_only = pytest.mark.skipif(heap._glibc() is None, reason="needs glibc's own malloc, untuned")
 
@@ -98,9 +99,9 @@ def test_user_choices_and_other_allocators_are_left_alone(monkeypatch, env):
 
 
 def test_library_train_leaves_the_setting_to_its_caller(monkeypatch, tmp_path):
-    """adaptune.train.train does not open the block itself (a process-wide setting is the caller's
+    """adaptune.training.train.train does not open the block itself (a process-wide setting is the caller's
     choice); inside a caller's block it runs in it."""
-    import adaptune.train as train_mod
+    import adaptune.training.train as train_mod
 
     monkeypatch.setattr(heap, "_glibc", lambda: None)  # only the wrapping is checked: leave this process's malloc be
     seen = []
@@ -118,7 +119,8 @@ def test_library_train_leaves_the_setting_to_its_caller(monkeypatch, tmp_path):
 
 
 def test_cli_commands_run_inside_the_block(monkeypatch):
-    from adaptune import adapter_commands, cli
+    from adaptune.cli import adapter_commands
+    from adaptune.cli import parser as cli
 
     monkeypatch.setattr(heap, "_glibc", lambda: None)
     seen = []
@@ -149,7 +151,7 @@ def test_batched_inference_leaves_the_setting_to_its_caller(monkeypatch):
     """Predictor.predict and evaluation (through train.evaluate) do not open the block themselves."""
     from conftest import tiny_model
 
-    from adaptune.train import evaluate
+    from adaptune.training.train import evaluate
 
     monkeypatch.setattr(heap, "_glibc", lambda: None)
     model = tiny_model("bert")

@@ -1,4 +1,4 @@
-"""Adding, removing and switching named adapters on a model (src/adaptune/inject.py).
+"""Adding, removing and switching named adapters on a model (src/adaptune/core/inject.py).
 
 Every supported family is tested on a tiny random-config model from conftest.
 """
@@ -165,7 +165,7 @@ def test_frozen_embedding_norm_stops_backward_at_the_first_adapter(family):
     """train_embedding_norm=False: no task copy of the norm before layer 0, so nothing below the
     first adapter needs a gradient (layer 0's attention block runs outside autograd); the other
     norm copies and every adapter still train. Models with no such norm are unaffected."""
-    from adaptune.architectures import input_norm_paths, layer_list, spec_for
+    from adaptune.core.architectures import input_norm_paths, layer_list, spec_for
 
     seen, norm_keys, grads = {}, {}, {}
     for flag in (True, False):
@@ -705,7 +705,7 @@ def test_deepcopy_gives_an_independent_adapted_model(family):
     dropout settings; changing or removing them leaves the original untouched."""
     import copy
 
-    from adaptune.kernels import use_lean_kernels
+    from adaptune.cpu.kernels import use_lean_kernels
 
     model = tiny_model(family)
     perturb(add_adapter(model, "t", AdapterConfig.preset("houlsby", size=4)))
@@ -731,8 +731,8 @@ def test_task_copies_of_routed_modules_do_not_copy_the_container():
     the plain norm."""
     import gc
 
-    from adaptune.adapter_set import _fresh_copy
-    from adaptune.inject import AdapterContainer
+    from adaptune.core.adapter_set import _fresh_copy
+    from adaptune.core.inject import AdapterContainer
 
     model = tiny_model("bert")
     add_adapter(model, "a", AdapterConfig.preset("houlsby", size=4))

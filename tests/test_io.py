@@ -1,4 +1,4 @@
-"""Saving and loading one adapter: round trip, exact file contents, strict failures (src/adaptune/io.py)."""
+"""Saving and loading one adapter: round trip, exact file contents, strict failures (src/adaptune/core/io.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from conftest import tiny_batch, tiny_model
 from safetensors.torch import load_file, save_file
 
 import adaptune
-import adaptune.io as aio
+import adaptune.core.io as aio
 from adaptune import (
     AdapterConfig,
     AdapterFileError,

@@ -1,4 +1,4 @@
-"""Lean dropout, attention and GELU (src/adaptune/kernels.py, csrc/attention.c, csrc/gelu.c): same results
+"""Lean dropout, attention and GELU (src/adaptune/cpu/kernels.py, csrc/attention.c, csrc/gelu.c): same results
 as the plain math, given the same mask."""
 
 from __future__ import annotations
@@ -7,8 +7,9 @@ import pytest
 import torch
 from conftest import tiny_batch, tiny_model
 
-import adaptune.kernels as K
-from adaptune import AdapterConfig, add_adapter, native, train_strategy
+import adaptune.cpu.kernels as K
+from adaptune import AdapterConfig, add_adapter, train_strategy
+from adaptune.cpu import native
 
 
 def test_keep_mask_rate_and_shape():
@@ -283,7 +284,7 @@ def test_native_training_step_equals_plain_when_dropout_keeps_everything(
     through the C GELU as well (its size threshold lowered to this small model)."""
     import transformers as T
 
-    from adaptune import lean_gelu
+    from adaptune.cpu import lean_gelu
 
     monkeypatch.setattr(lean_gelu, "GELU_MIN_ENTRIES", 1)
 
@@ -452,7 +453,7 @@ def test_use_lean_kernels_routes_transformers_gelu_and_back():
 
 
 def test_training_on_the_cpu_uses_the_lean_kernels_by_default(tiny_model_dir):
-    from adaptune.train import TrainConfig, build_model
+    from adaptune.training.train import TrainConfig, build_model
 
     cfg = TrainConfig(model=str(tiny_model_dir), device="cpu")
     assert cfg.lean_kernels is None and cfg.lean_on(torch.device("cpu"))
@@ -470,8 +471,8 @@ def test_training_on_the_cpu_uses_the_lean_kernels_by_default(tiny_model_dir):
 def test_no_lean_kernels_reproduces_torchs_dropout_stream(tiny_model_dir):
     """--no-lean-kernels: the same training-mode outputs and gradients, bit for bit, as the model
     built by hand with transformers and torch alone, from the same seed."""
-    from adaptune.models import load_classifier
-    from adaptune.train import ADAPTER_NAME, TrainConfig, build_model
+    from adaptune.models.loading import load_classifier
+    from adaptune.training.train import ADAPTER_NAME, TrainConfig, build_model
 
     cfg = TrainConfig(model=str(tiny_model_dir), lean_kernels=False, device="cpu")
     ours, _ = build_model(cfg, 2)

@@ -8,11 +8,11 @@ from safetensors.torch import load_file
 from torch import nn
 
 from adaptune import AdapterConfig, add_adapter
-from adaptune.data import bucket_batches, collate
+from adaptune.data.loading import bucket_batches, collate
 from adaptune.errors import ConfigError
-from adaptune.layer_cache import FrozenBelow, find_cut
-from adaptune.trainable import train_strategy
-from adaptune.train import TrainConfig, build_model, train
+from adaptune.training.layer_cache import FrozenBelow, find_cut
+from adaptune.core.trainable import train_strategy
+from adaptune.training.train import TrainConfig, build_model, train
 
 from conftest import V, tiny_model, write_reviews_csv
 
@@ -184,7 +184,7 @@ def test_train_refuses_the_cache_before_writing_anything(tiny_model_dir, tmp_pat
 
 
 def test_lean_kernels_option_is_applied_to_every_strategy(tiny_model_dir):
-    from adaptune import kernels
+    from adaptune.cpu import kernels
 
     for strategy in ("adapters", "full"):
         model, _ = build_model(TrainConfig(model=str(tiny_model_dir), strategy=strategy, lean_kernels=True), 2)

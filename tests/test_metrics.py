@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from adaptune.errors import ConfigError
-from adaptune.metrics import (
+from adaptune.data.metrics import (
     PRIMARY_DEFAULT,
     accuracy,
     compute_metrics,

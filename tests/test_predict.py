@@ -10,7 +10,7 @@ import pytest
 from conftest import write_reviews_csv
 
 from adaptune import ConfigError, DataError
-from adaptune.cli import main
+from adaptune.cli.parser import main
 from adaptune.predict import MultiTaskPredictor, Predictor
 
 

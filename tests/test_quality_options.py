@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from adaptune import AdapterConfig, add_adapter, load_adapter, save_adapter
-from adaptune.commands import _summary
+from adaptune.cli.commands import _summary
 from adaptune.errors import ConfigError
-from adaptune.io import CONFIG
-from adaptune.train import TrainConfig, balanced_class_weights, train
+from adaptune.core.io import CONFIG
+from adaptune.training.train import TrainConfig, balanced_class_weights, train
 
 from conftest import tiny_model, write_reviews_csv
 
@@ -134,7 +134,7 @@ def test_weighted_loss_divides_by_the_count_not_the_weight():
     """torch's weighted mean would cancel the weight of a batch holding one class; ours keeps it."""
     import torch.nn.functional as F
 
-    from adaptune.train import _loss
+    from adaptune.training.train import _loss
 
     logits, labels = torch.randn(4, 2), torch.tensor([1, 1, 1, 1])
     w = torch.tensor([0.5, 3.0])
@@ -148,7 +148,7 @@ def test_weighted_loss_divides_by_the_count_not_the_weight():
 def test_classifiers_train_on_random_batches_unless_bucketing_is_asked_for(tiny_model_dir, tmp_path, monkeypatch):
     """Length-sorted batches group a class whose texts are longer; classification and regression
     default to random batches, causal LMs (no classes) to bucketing."""
-    import adaptune.loop as L  # the training loop's batches
+    import adaptune.training.loop as L  # the training loop's batches
 
     calls = []
     real = L.bucket_batches

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from adaptune.metrics import METRICS
-from adaptune.tasks import GLUE_TASKS, TASK_TYPES, find_glue_task
+from adaptune.data.metrics import METRICS
+from adaptune.data.tasks import GLUE_TASKS, TASK_TYPES, find_glue_task
 
 # Primary metrics as the GLUE benchmark reports them (Wang et al. 2019, Table 1).
 EXPECTED_METRIC = {

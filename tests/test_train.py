@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from adaptune.errors import ConfigError, TrainingError
 from adaptune.predict import Predictor
-from adaptune.train import TrainConfig, train
+from adaptune.training.train import TrainConfig, train
 
 from conftest import KILL_DRIVER, write_reviews_csv
 
@@ -62,7 +62,7 @@ def test_adapter_run_writes_a_complete_reproducible_folder(tiny_model_dir, revie
     best = max(h["accuracy"] for h in result["history"])
     assert result["dev"]["accuracy"] == pytest.approx(best)
     # predicting from the folder gives the same dev metrics
-    from adaptune.data import load_task_data
+    from adaptune.data.loading import load_task_data
 
     data = load_task_data(str(reviews), text_column="review", label_column="score", seed=0)
     pred = Predictor(run, device="cpu")
@@ -256,7 +256,7 @@ def test_compiled_training_steps_equal_eager_ones():
     from conftest import tiny_batch, tiny_model
 
     from adaptune import AdapterConfig, add_adapter, train_strategy
-    from adaptune.train import make_optimizer, training_step
+    from adaptune.training.train import make_optimizer, training_step
 
     model = tiny_model("bert")
     for m in model.modules():
@@ -302,7 +302,7 @@ def test_optimizer_is_fused_adamw_and_steps_like_the_per_tensor_loop(strategy):
     from conftest import tiny_batch, tiny_model
 
     from adaptune import AdapterConfig, add_adapter, train_strategy
-    from adaptune.train import _loss, make_optimizer
+    from adaptune.training.train import _loss, make_optimizer
 
     model = tiny_model("bert")
     if strategy == "adapters":
@@ -336,7 +336,7 @@ def test_training_step_clips_exactly_the_trained_tensors(monkeypatch):
     from conftest import tiny_batch, tiny_model
 
     from adaptune import add_adapter, train_strategy
-    from adaptune.train import make_optimizer, training_step
+    from adaptune.training.train import make_optimizer, training_step
 
     model = tiny_model("bert")
     add_adapter(model, "t", "houlsby")
@@ -370,8 +370,8 @@ def test_resume_runs_the_update_the_way_this_process_chose(tmp_path):
     from conftest import tiny_batch, tiny_model
 
     from adaptune import add_adapter, train_strategy
-    from adaptune.checkpoint import load_checkpoint, save_checkpoint
-    from adaptune.train import make_optimizer, training_step
+    from adaptune.training.checkpoint import load_checkpoint, save_checkpoint
+    from adaptune.training.train import make_optimizer, training_step
 
     for saved_fused in (False, True):
         model = tiny_model("bert")

@@ -1,4 +1,4 @@
-"""Which parameters train, per strategy (src/adaptune/trainable.py).
+"""Which parameters train, per strategy (src/adaptune/core/trainable.py).
 
 The core check (PEFT ``test_only_params_are_updated``): after one real optimisation step, exactly
 the parameters the strategy selects have changed, and every one of them has. The expected sets

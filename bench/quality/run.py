@@ -1,6 +1,6 @@
 """The real-task quality suite: adapters against full fine-tuning and the other baselines, at defaults.
 
-Every column trains through ``adaptune.train.train`` with the library's defaults (only the strategy
+Every column trains through ``adaptune.training.train.train`` with the library's defaults (only the strategy
 and placement change), on the same seeded training subset, with the same epochs; AdapterHub's
 Houlsby adapter runs on the same files in its own venv (``adapterhub_worker.py``). One JSON file per
 run under ``OUT/results/``: an interrupted suite resumes run by run (a half-finished run resumes
@@ -87,7 +87,7 @@ def _pair_columns(task_dir: Path) -> dict:
 
 
 def run_adaptune(task: str, column: str, seed: int, train_file: Path, task_dir: Path, run_dir: Path) -> dict:
-    from adaptune.train import TrainConfig, train
+    from adaptune.training.train import TrainConfig, train
 
     cfg = TrainConfig(
         model="minilm",
@@ -117,8 +117,8 @@ def run_adaptune(task: str, column: str, seed: int, train_file: Path, task_dir: 
 
 
 def run_adapterhub(task: str, seed: int, train_file: Path, task_dir: Path) -> dict:
-    from adaptune.metrics import compute_metrics, default_positive, single_class_warning
-    from adaptune.models import resolve_model_path
+    from adaptune.data.metrics import compute_metrics, default_positive, single_class_warning
+    from adaptune.models.loading import resolve_model_path
 
     if not HUB_PYTHON.exists():
         raise SystemExit(

@@ -6,18 +6,19 @@ norms and head), and save it as a file of a few percent of the model's size.
 
 __version__ = "0.1.0"
 
-from adaptune.architectures import ARCHITECTURES, ArchSpec, SlotSpec
-from adaptune.bottleneck import Bottleneck
-from adaptune.config import PRESETS, AdapterConfig
+from adaptune.core.architectures import ARCHITECTURES, ArchSpec, SlotSpec
+from adaptune.core.bottleneck import Bottleneck
+from adaptune.core.config import PRESETS, AdapterConfig
 from adaptune.errors import AdapterFileError, AdaptuneError, ArchitectureError, ConfigError, DataError, TrainingError
-from adaptune.heap import keep_freed_memory
-from adaptune.inject import active_adapter, add_adapter, list_adapters, remove_adapter, set_active, using_adapters
-from adaptune.kernels import use_lean_kernels
-from adaptune.io import fingerprint, load_adapter, read_adapter_config, save_adapter
-from adaptune.trainable import STRATEGIES, ParamCount, count_parameters, train_strategy
+from adaptune.cpu.heap import keep_freed_memory
+from adaptune.core.inject import active_adapter, add_adapter, list_adapters, remove_adapter, set_active, using_adapters
+from adaptune.cpu.kernels import use_lean_kernels
+from adaptune.core.io import fingerprint, load_adapter, read_adapter_config, save_adapter
+from adaptune.core.trainable import STRATEGIES, ParamCount, count_parameters, train_strategy
 
-# The CPU backend: importing it registers its kernels with adaptune.backend (the core never imports it).
-from adaptune import adapter_gemm as _adapter_gemm, lean_gelu as _lean_gelu  # noqa: F401
+# The CPU backend: importing it registers its kernels with adaptune.core.backend (the core never imports it).
+from adaptune.cpu import adapter_gemm as _adapter_gemm  # noqa: F401
+from adaptune.cpu import lean_gelu as _lean_gelu  # noqa: F401
 
 __all__ = [
     "ARCHITECTURES",

@@ -2,6 +2,6 @@
 
 import sys
 
-from adaptune.cli import main
+from adaptune.cli.parser import main
 
 sys.exit(main())

@@ -15,13 +15,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from adaptune.data import Split, bucket_batches, collate, encode
-from adaptune.checkpoint import read_json
+from adaptune.data.loading import Split, bucket_batches, collate, encode
+from adaptune.training.checkpoint import read_json
 from adaptune.errors import ConfigError, DataError
-from adaptune.inject import _NAME, set_active
-from adaptune.io import load_adapter, read_adapter_config
-from adaptune.models import load_classifier, load_tokenizer
-from adaptune.train import TrainConfig, evaluate, pick_device
+from adaptune.core.inject import _NAME, set_active
+from adaptune.core.io import load_adapter, read_adapter_config
+from adaptune.models.loading import load_classifier, load_tokenizer
+from adaptune.training.train import TrainConfig, evaluate, pick_device
 
 
 def read_run(run: Path) -> tuple[TrainConfig, dict[str, Any]]:
@@ -40,7 +40,7 @@ def read_run(run: Path) -> tuple[TrainConfig, dict[str, Any]]:
     if task.get("task_type") == "causal-lm":
         raise ConfigError(
             f"{run} is a language-model run: generate with 'adaptune generate {run}' "
-            "(or adaptune.generate.Generator); 'adaptune eval' gives its perplexity"
+            "(or adaptune.lm.generate.Generator); 'adaptune eval' gives its perplexity"
         )
     if (run / "adapter").is_dir() and not read_adapter_config(run / "adapter")["config"].train_head:
         raise ConfigError(
@@ -71,7 +71,7 @@ class Predictor:
     """A trained task, loaded from its run folder.
 
     Args:
-        run_dir: folder written by :func:`adaptune.train.train`.
+        run_dir: folder written by :func:`adaptune.training.train.train`.
         device: ``"auto"``, ``"cpu"`` or ``"cuda[:i]"``.
 
     Raises:

@@ -1,0 +1,333 @@
+"""Save and load one task adapter: a folder with ``adapter.safetensors`` and ``adapter_config.json``.
+
+Only the task's own tensors are written (bottlenecks, and its layer-norm, pooler and head copies
+when it has them) — a few percent of the model. The JSON is stamped with the library version and the base
+model's identity: type, hidden size, depth and a fingerprint of the base weights. Loading is
+strict: a different base, an unknown field, a missing, unexpected or mis-shaped tensor, or a
+damaged file is an :class:`AdapterFileError` that names the problem. Nothing is unpickled.
+Writes are atomic: the folder appears complete or not at all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+from collections.abc import Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from adaptune.core.architectures import ArchSpec, backbone, model_identity
+from adaptune.core.config import AdapterConfig
+from adaptune.errors import AdapterFileError, AdaptuneError
+from adaptune.core.inject import _require, add_adapter, get_container, remove_adapter
+
+FORMAT = 1
+WEIGHTS = "adapter.safetensors"
+CONFIG = "adapter_config.json"
+_TOP_FIELDS = {"format", "adaptune_version", "name", "config", "base", "tensors", "extra", "sha256"}
+
+
+def fingerprint(model: nn.Module) -> str:
+    """A short hash of the base weights: names, shapes and 256 evenly spaced values per tensor.
+
+    Values are rounded to bfloat16 first, so the same checkpoint loaded in float32 or bfloat16
+    gives the same fingerprint; the task head and any adapters are left out.
+    """
+    h = hashlib.sha256()
+    for name, p in backbone(model).named_parameters():
+        if name.startswith("adaptune."):
+            continue
+        flat = p.detach().reshape(-1)
+        steps = min(256, flat.numel())  # evenly spaced, in integers (float32 rounds past 2**24 elements)
+        idx = torch.arange(steps, dtype=torch.int64) * (flat.numel() - 1) // max(steps - 1, 1)
+        sample = flat[idx].to(torch.bfloat16).to(torch.float32).cpu().numpy().tobytes()
+        h.update(f"{name}:{tuple(p.shape)}:".encode())
+        h.update(sample)
+    return h.hexdigest()[:16]
+
+
+def base_identity(model: nn.Module) -> dict[str, Any]:
+    container = get_container(model)
+    ident = model_identity(model, container.spec)
+    ident["fingerprint"] = fingerprint(model)
+    return ident
+
+
+def atomic_write_dir(path: Path, fill: Callable[[Path], None], overwrite: bool) -> None:
+    """Let ``fill`` write a temp folder beside ``path``, sync it, then swap it into place.
+
+    A crash at any point leaves either the old folder or the new one, never a mix and never
+    nothing; an existing folder is replaced only when ``overwrite`` is true. On Linux the swap is
+    one atomic exchange of the two folders (``renameat2(RENAME_EXCHANGE)``); elsewhere it is two
+    renames, and a crash between them leaves the old folder as ``.NAME.old-PID``, which the next
+    write or :func:`recover_swap` puts back.
+    """
+    path = Path(path)
+    recover_swap(path)
+    if path.exists() and not overwrite:
+        raise AdapterFileError(f"{path} already exists; choose another path or pass overwrite=True")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        fill(tmp)
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        if not path.exists():
+            os.replace(tmp, path)
+        elif _exchange(tmp, path):  # tmp now holds the old folder
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def recover_swap(path: Path) -> bool:
+    """Put back the folder a crash between the two renames of a non-atomic swap left aside (the
+    newest ``.NAME.old-PID`` beside a missing ``path``); True when it did."""
+    path = Path(path)
+    if path.exists() or not path.parent.is_dir():
+        return False
+    left = sorted(path.parent.glob(f".{path.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    if not left:
+        return False
+    os.replace(left[-1], path)
+    return True
+
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux ``renameat2``); False where it is not available."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd = -100
+    return fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0
+
+
+def save_adapter(
+    model: nn.Module, name: str, path: str | os.PathLike, *, overwrite: bool = False, extra: dict | None = None
+) -> Path:
+    """Write adapter ``name`` of ``model`` to the folder ``path``.
+
+    Args:
+        model: the model carrying the adapter.
+        name: which adapter.
+        path: target folder (created; must not exist unless ``overwrite``).
+        overwrite: replace an existing folder (atomically).
+        extra: JSON-serialisable metadata to keep beside the config (e.g. label names).
+
+    Returns:
+        The folder's path.
+
+    Raises:
+        ConfigError: no adapter of that name.
+        AdapterFileError: the folder exists and ``overwrite`` is false.
+    """
+    container = _require(model, name)
+    aset = container.sets[name]
+    tensors = {k: v.detach().contiguous().cpu() for k, v in aset.state_dict().items()}
+    meta = {
+        "format": FORMAT,
+        "adaptune_version": _version(),
+        "name": name,
+        "config": aset.config.to_dict(),
+        "base": base_identity(model),
+        "tensors": sorted(tensors),
+        "extra": extra or {},
+    }
+
+    def fill(folder: Path) -> None:
+        save_file(tensors, str(folder / WEIGHTS), metadata={"format": "pt"})
+        meta["sha256"] = _sha256(folder / WEIGHTS)  # safetensors checks its header, not the data
+        (folder / CONFIG).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+    atomic_write_dir(Path(path), fill, overwrite)
+    return Path(path)
+
+
+def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
+    """The parsed, validated ``adapter_config.json`` of an adapter folder (no tensors are read)."""
+    path = Path(path)
+    cfg_file = path / CONFIG
+    if not path.is_dir():
+        raise AdapterFileError(f"{path} is not an adapter folder (expected a folder with {CONFIG} and {WEIGHTS})")
+    if not cfg_file.is_file() or not (path / WEIGHTS).is_file():
+        missing = [n for n in (CONFIG, WEIGHTS) if not (path / n).is_file()]
+        raise AdapterFileError(f"{path} is missing {', '.join(missing)}; it is not a complete adapter folder")
+    try:
+        meta = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdapterFileError(f"{cfg_file} is not valid JSON ({e}); the file is damaged") from None
+    if not isinstance(meta, dict):
+        raise AdapterFileError(f"{cfg_file} must hold a JSON object")
+    unknown = sorted(set(meta) - _TOP_FIELDS)
+    if unknown:
+        raise AdapterFileError(f"{cfg_file} has unknown field(s) {unknown}; it was written by another tool or version")
+    if meta.get("format") != FORMAT:
+        raise AdapterFileError(f"{cfg_file} has format {meta.get('format')!r}; this adaptune reads format {FORMAT}")
+    if isinstance(meta.get("config"), dict) and "train_pooler" not in meta["config"]:
+        meta["config"]["train_pooler"] = False  # written before the field existed: no pooler copy
+    try:
+        meta["config"] = AdapterConfig.from_dict(meta.get("config"))
+    except AdaptuneError as e:
+        raise AdapterFileError(f"{cfg_file}: {e}") from None
+    return meta
+
+
+def _check_base(model: nn.Module, saved: dict[str, Any], where: Path) -> None:
+    here = base_identity(model)
+    for key in ("model_type", "hidden_size", "num_layers"):
+        if saved.get(key) != here[key]:
+            raise AdapterFileError(
+                f"adapter {where} was made for a base model with {key}={saved.get(key)!r}, "
+                f"but this model has {key}={here[key]!r}; load it on the base model it was trained on"
+            )
+    if saved.get("fingerprint") != here["fingerprint"]:
+        raise AdapterFileError(
+            f"adapter {where} was trained on different base weights (fingerprint {saved.get('fingerprint')} "
+            f"vs {here['fingerprint']}); load the same checkpoint it was trained on, or pass check_base=False"
+        )
+
+
+def load_adapter(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    name: str | None = None,
+    activate: bool = True,
+    check_base: bool = True,
+    arch: ArchSpec | None = None,
+) -> str:
+    """Load an adapter folder onto ``model`` as a new named adapter.
+
+    Args:
+        model: the base model it was trained on (any other adapters stay as they are).
+        path: folder written by :func:`save_adapter`.
+        name: name on this model (default: the saved name).
+        activate: make it the active adapter.
+        check_base: refuse a file made for a different base (type, size, depth, weights).
+        arch: placement table for a custom model family.
+
+    Returns:
+        The adapter's name on the model.
+
+    Raises:
+        AdapterFileError: missing, damaged or mismatched files, listing the offending keys.
+    """
+    path = Path(path)
+    meta = read_adapter_config(path)
+    name = name or meta.get("name")
+    config: AdapterConfig = meta["config"]
+    get_container(model, arch, create=True)
+    if check_base:
+        _check_base(model, meta.get("base") or {}, path)
+    try:
+        tensors = load_file(str(path / WEIGHTS), device="cpu")
+    except Exception as e:  # safetensors raises its own error type for truncated/corrupt headers
+        raise AdapterFileError(
+            f"{path / WEIGHTS} cannot be read ({str(e).splitlines()[0]}); the file is truncated or damaged"
+        ) from None
+    aset = add_adapter(model, name, config, activate=False)
+    try:
+        _fit_head_widths(aset, tensors)
+        expected = aset.state_dict()
+        missing = sorted(set(expected) - set(tensors))
+        unexpected = sorted(set(tensors) - set(expected))
+        shapes = sorted(k for k in set(expected) & set(tensors) if expected[k].shape != tensors[k].shape)
+        if missing or unexpected or shapes:
+            parts = []
+            if missing:
+                parts.append(f"missing {_few(missing)}")
+            if unexpected:
+                parts.append(f"unexpected {_few(unexpected)}")
+            if shapes:
+                parts.append(
+                    "shape mismatch "
+                    + _few([f"{k} {tuple(tensors[k].shape)} vs {tuple(expected[k].shape)}" for k in shapes])
+                )
+            raise AdapterFileError(f"{path / WEIGHTS} does not fit this model: {'; '.join(parts)}")
+        if meta.get("sha256") is not None and meta["sha256"] != _sha256(path / WEIGHTS):
+            raise AdapterFileError(
+                f"{path / WEIGHTS} does not match the checksum in {CONFIG}: the file is corrupted or was "
+                "changed after saving; save the adapter again"
+            )
+        broken = sorted(k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
+        if broken:
+            raise AdapterFileError(
+                f"{path / WEIGHTS} holds NaN or infinite values in {_few(broken)}; it was saved "
+                "from a run that diverged: train it again with a lower learning rate"
+            )
+        aset.load_state_dict(tensors, strict=True)
+    except BaseException:
+        remove_adapter(model, name)
+        raise
+    if activate:
+        get_container(model).active = name
+    return name
+
+
+def _fit_head_widths(aset: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Give the task's head copy the output width saved with it (its own number of labels).
+
+    A head copy starts as a copy of the base model's head, which has the width of whatever task
+    the base was loaded for; tasks with other label counts can share that base. Only a
+    ``Linear``'s output width changes (weight rows and bias), its input must match; any other
+    mismatch is left for the caller to report.
+    """
+    for mod_name, module in aset.named_modules():
+        if not mod_name.startswith("head.") or not isinstance(module, nn.Linear):
+            continue
+        w, b = tensors.get(f"{mod_name}.weight"), tensors.get(f"{mod_name}.bias")
+        if w is None or w.ndim != 2 or w.shape[1] != module.in_features or w.shape[0] == module.out_features:
+            continue
+        if (b is None) != (module.bias is None) or (b is not None and tuple(b.shape) != (w.shape[0],)):
+            continue
+        grad = module.weight.requires_grad
+        ref = module.weight
+        module.weight = nn.Parameter(torch.empty(w.shape, dtype=ref.dtype, device=ref.device), requires_grad=grad)
+        if b is not None:
+            module.bias = nn.Parameter(torch.empty(b.shape, dtype=ref.dtype, device=ref.device), requires_grad=grad)
+        module.out_features = w.shape[0]
+
+
+def _sha256(file: Path) -> str:
+    h = hashlib.sha256()
+    with open(file, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _few(keys: list[str], n: int = 5) -> str:
+    more = f" (+{len(keys) - n} more)" if len(keys) > n else ""
+    return ", ".join(keys[:n]) + more
+
+
+def _version() -> str:
+    from adaptune import __version__
+
+    return __version__

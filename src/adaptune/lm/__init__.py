@@ -1,0 +1,1 @@
+"""Causal language models: chat data, the response-only loss and perplexity, generation."""

@@ -1,0 +1,102 @@
+"""The language-modelling objective: response-only loss, held-out perplexity and token accuracy.
+
+Batches come from :func:`adaptune.lm.chat.encode_conversations` + :func:`adaptune.data.collate`:
+``labels`` is ``(B, T)`` with ``-100`` on every token that is not part of an assistant turn. The
+model predicts token ``t+1`` from position ``t``, so only positions whose *next* label is trained
+need logits: the columns where any row of the batch has one are passed as ``logits_to_keep``
+(a 1-D position tensor, which every ``transformers`` 5 release accepts), so the vocabulary
+projection (49k × 576 for SmolLM2, the largest single matrix product of the model) skips the
+prompts, the template and the padding that no row needs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import torch.nn.functional as F
+
+from adaptune.lm.chat import IGNORE
+from adaptune.data.loading import bucket_batches, collate
+
+
+def _keep_mask(labels: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool: positions whose next token is a trained label."""
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != IGNORE
+    return keep
+
+
+def response_logits(model, batch: dict[str, torch.Tensor], labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits ``(N, V)`` at the N positions that predict a response token, and those N targets."""
+    keep = _keep_mask(labels)  # (B, T)
+    cols = keep.any(0).nonzero().squeeze(1)  # (K,) positions some row needs
+    logits = model(**batch, logits_to_keep=cols).logits  # (B, K, V)
+    if logits.shape[1] != cols.numel():  # a model that ignored logits_to_keep: (B, T, V)
+        logits = logits[:, cols]
+    targets = torch.full_like(labels, IGNORE)
+    targets[:, :-1] = labels[:, 1:]  # target of position t is token t+1
+    sel = keep[:, cols]  # (B, K)
+    return logits[sel], targets[:, cols][sel]
+
+
+def lm_loss(model, batch: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the response tokens of ``batch``."""
+    logits, targets = response_logits(model, batch, labels)
+    return F.cross_entropy(logits.float(), targets)
+
+
+def lm_loss_sum(
+    model, batch: dict[str, torch.Tensor], labels: torch.Tensor, row_weight: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The summed cross-entropy over the response tokens of ``batch`` and how many tokens it sums
+    (each row's tokens weighted by ``row_weight``, (B,); a weight-0 row counts for nothing)."""
+    if row_weight is not None:
+        labels = labels.masked_fill(row_weight[:, None] == 0, IGNORE)
+    logits, targets = response_logits(model, batch, labels)
+    return F.cross_entropy(logits.float(), targets, reduction="sum"), torch.tensor(float(targets.numel()))
+
+
+@torch.no_grad()
+def evaluate_lm(
+    model, encoded: list[dict], *, batch_size: int, pad_id: int, device, dd=None, autocast_ctx=None
+) -> dict:
+    """``loss`` (mean over response tokens), ``perplexity`` = exp(loss) and ``token_accuracy``
+    (greedy next-token matches) of ``model`` on encoded conversations.
+
+    Under torchrun (``dd``) each rank scores every N-th conversation and the sums are gathered.
+    """
+    was_training = model.training
+    model.eval()
+    mine = list(range(len(encoded))) if dd is None else dd.shard(list(range(len(encoded))))
+    total = correct = 0
+    nll = 0.0
+    for idx in bucket_batches(
+        [len(encoded[mine[i]]["input_ids"]) for i in range(len(mine))], batch_size, shuffle=False
+    ):
+        batch = {k: v.to(device) for k, v in collate([encoded[mine[i]] for i in idx], pad_id).items()}
+        labels = batch.pop("labels")
+        batch.pop("token_type_ids", None)
+        with autocast_ctx() if autocast_ctx else contextlib.nullcontext():
+            logits, targets = response_logits(model, batch, labels)
+        logits = logits.float()
+        nll += F.cross_entropy(logits, targets, reduction="sum").item()
+        correct += (logits.argmax(-1) == targets).sum().item()
+        total += targets.numel()
+    if dd is not None:
+        parts = dd.gather((nll, correct, total))
+        nll, correct, total = (sum(p[i] for p in parts) for i in range(3))
+    model.train(was_training)
+    loss = nll / max(total, 1)
+    return {
+        "loss": loss,
+        "perplexity": math.exp(min(loss, 50.0)),
+        "token_accuracy": correct / max(total, 1),
+        "tokens": total,
+    }
+
+
+def normalise_answer(text: str) -> str:
+    """Lower case, single spaces, no surrounding punctuation: how exact match compares answers."""
+    return " ".join(text.lower().split()).strip(" .!?,;:'\"")

@@ -1,0 +1,375 @@
+"""The training loop of one run (:class:`Run`): set-up, resume, steps, evaluation on dev, checkpoints,
+and the finished run folder. :func:`adaptune.training.train.train` drives it."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import shutil
+import time
+from pathlib import Path
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from adaptune.training import checkpoint as ckpt
+from adaptune.cpu import native
+from adaptune.lm.causal_lm import evaluate_lm
+from adaptune.data.loading import bucket_batches, collate
+from adaptune.training.distributed import Dist
+from adaptune.errors import TrainingError
+from adaptune.core.inject import active_adapter, set_active
+from adaptune.core.io import atomic_write_dir, save_adapter
+from adaptune.training.layer_cache import FrozenBelow
+from adaptune.data.metrics import single_class_warning
+from adaptune.models.loading import (
+    load_tokenizer,
+    quiet_transformers,
+)
+from adaptune.training.prepared import _prepare, _Prepared
+from adaptune.training.steps import (
+    autocast,
+    balanced_class_weights,
+    build_model,
+    evaluate,
+    make_optimizer,
+    training_step,
+)
+from adaptune.training.config import ADAPTER_NAME, CAUSAL_LM, TrainConfig
+
+
+def _train(
+    cfg: TrainConfig, out: Path, resume: bool, quiet: bool, dd: Dist, on_step: Callable[[int], None] | None = None
+) -> dict[str, Any]:
+    """One run, start to finish: checked set-up, resume, the loop, the run folder."""
+    run = Run(cfg, out, dd, quiet, resume)
+    run.restore(resume)
+    run.loop(on_step)
+    return run.finish()
+
+
+class Run:
+    """One training run's state and phases. Data, tokenizer and model are all checked before anything
+    is written to disk; under torchrun every rank builds the same model and rank 0 writes."""
+
+    def __init__(self, cfg: TrainConfig, out: Path, dd: Dist, quiet: bool, resume: bool) -> None:
+        self.cfg, self.out, self.dd, self.device = cfg, out, dd, dd.device
+        self.tokenizer = load_tokenizer(cfg.model)
+        self.data = data = _prepare(cfg, self.tokenizer)
+        self.enc = data.enc
+        random.seed(cfg.seed)
+        self.model, self.counts = build_model(cfg, data.num_labels, self.device)  # the same weights on every rank
+        if cfg.lean_on(self.device) and self.device.type == "cpu" and native.library() is None:
+            data.notes.append(f"C kernels not available ({native.why_not()}): the lean kernels run in torch")
+        self.model.to(self.device).train()
+        self.lengths = [len(e["input_ids"]) for e in self.enc["train"]]
+        # dropout off (and the optional cache) below the lowest trained layer: checked before writing anything
+        self.frozen = (
+            None
+            if cfg.frozen_dropout
+            else FrozenBelow(self.model, cache=cfg.cache_frozen_layers, lengths=self.lengths)
+        )
+        if self.frozen is not None:
+            data.notes.append(self.frozen.describe())
+        if dd.enabled:
+            torch.manual_seed(cfg.seed + 7919 * dd.rank)  # own dropout masks per rank
+        dd.barrier()  # every rank has checked the run folder before rank 0 creates it
+        if not resume and dd.main:
+            _create_run_dir(out, cfg)
+        dd.barrier()
+        self.net = self._wrapped()
+        self.quiet = quiet or not dd.main
+        self.log = (lambda *a: None) if self.quiet else (lambda msg: tqdm.write(msg))
+        for note in data.notes:
+            self.log(f"note: {note}")
+        self.pad_id = self.tokenizer.pad_token_id
+        self.class_weight = self._class_weight()
+        self.total = len(self.batches_for(0)) * cfg.epochs
+        self.optimizer, self.scheduler = make_optimizer(self.model, cfg, self.total)
+        self.ck_dir = out / "checkpoint"
+        self.progress = {
+            "step": 0,
+            "epoch": 0,
+            "batch": 0,
+            "history": [],
+            "best": None,
+            "best_step": None,
+            "train_seconds": 0.0,
+        }
+        self.best_state = None
+
+    def _wrapped(self):
+        """The model as the steps run it: DistributedDataParallel under torchrun (only trained
+        parameters are synchronised), then ``torch.compile`` when asked."""
+        net = self.model
+        if self.dd.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            device = self.device
+            net = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+        if self.cfg.compile != "none":
+            net = torch.compile(net, mode=None if self.cfg.compile == "default" else self.cfg.compile)
+        return net
+
+    def _class_weight(self) -> torch.Tensor | None:
+        data = self.data
+        if self.cfg.class_weights != "balanced" or data.task_type != "classification":
+            return None
+        weight = balanced_class_weights([e["label"] for e in self.enc["train"]], data.num_labels).to(self.device)
+        names = data.task["label_names"]
+        self.log("note: class weights " + ", ".join(f"{n} {w:.3f}" for n, w in zip(names, weight.tolist())))
+        return weight
+
+    def batches_for(self, epoch: int) -> list[list[int]]:
+        """The epoch's batches of training indices: a pure function of seed and epoch."""
+        cfg = self.cfg
+        if cfg.bucketed:
+            return bucket_batches(self.lengths, cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch)
+        g = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
+        perm = torch.randperm(len(self.lengths), generator=g).tolist()
+        return [perm[i : i + cfg.batch_size] for i in range(0, len(perm), cfg.batch_size)]
+
+    def restore(self, resume: bool) -> None:
+        """Continue from the checkpoint (``resume``), saying so, or saying that there was none; then,
+        for a causal LM, the base model's scores once."""
+        if resume:
+            restored = ckpt.load_checkpoint(self.ck_dir, self.model, self.optimizer, self.scheduler, rank=self.dd.rank)
+            if restored is not None:
+                self.progress = restored
+                self.log(f"resumed {self.out} at step {self.progress['step']}/{self.total}")
+            else:  # said, and kept in metrics.json: the run stopped before its first checkpoint
+                self.data.notes.append(
+                    f"no checkpoint in {self.ck_dir}: the run stopped before its first one; started again from step 0"
+                )
+                self.log(f"note: {self.data.notes[-1]}")
+        self.best_state = ckpt.load_best(self.ck_dir) if self.progress["best"] is not None else None
+        if self.data.task_type == CAUSAL_LM and "base" not in self.progress:
+            self.progress["base"] = _score_base(
+                self.cfg, self.model, self.data, self.score, self.tokenizer, self.device, self.dd
+            )
+            base_dev = self.progress["base"]["dev"]
+            self.log(
+                f"base model: dev perplexity {base_dev['perplexity']:.2f}, "
+                f"token accuracy {base_dev['token_accuracy']:.4f}"
+            )
+
+    def score(self, split: str) -> dict:
+        cfg, device, dd = self.cfg, self.device, (self.dd if self.dd.enabled else None)
+        if self.data.task_type == CAUSAL_LM:
+            return evaluate_lm(
+                self.model,
+                self.enc[split],
+                batch_size=cfg.batch_size * 2,
+                pad_id=self.pad_id,
+                device=device,
+                dd=dd,
+                autocast_ctx=lambda: autocast(device, cfg.precision),
+            )
+        return evaluate(
+            self.model,
+            self.enc[split],
+            task_type=self.data.task_type,
+            num_labels=self.data.num_labels,
+            batch_size=cfg.batch_size * 2,
+            pad_id=self.pad_id,
+            device=device,
+            dd=dd,
+            precision=cfg.precision,
+            positive=self.data.positive,
+        )[0]
+
+    def evaluate_dev(self) -> None:
+        """Score dev, keep the weights when they are the best so far."""
+        progress, data = self.progress, self.data
+        metrics = self.score("dev")
+        progress["history"].append({"step": progress["step"], "epoch": progress["epoch"], **metrics})
+        value = metrics[data.metric]
+        best = progress["best"]
+        if best is None or (value > best if data.higher_is_better else value < best):
+            progress["best"], progress["best_step"] = value, progress["step"]
+            self.best_state = ckpt.trainable_state(self.model)
+            if self.dd.main:
+                ckpt.save_best(self.ck_dir, self.best_state)
+        self.log(
+            f"step {progress['step']}: dev {data.metric} {value:.4f} (best {progress['best']:.4f} at step "
+            f"{progress['best_step']})"
+        )
+
+    def loop(self, on_step: Callable[[int], None] | None = None) -> None:
+        """Epochs of steps from where the progress stands; ``on_step(step)`` after each step."""
+        cfg, progress = self.cfg, self.progress
+        bar = tqdm(
+            total=self.total,
+            initial=progress["step"],
+            disable=self.quiet,
+            unit="step",
+            dynamic_ncols=True,
+            desc=f"{cfg.strategy}",
+        )
+        t0 = time.perf_counter() - progress["train_seconds"]
+        while progress["epoch"] < cfg.epochs:
+            order = self.batches_for(progress["epoch"])
+            while progress["batch"] < len(order):
+                loss = self.step(order[progress["batch"]])
+                progress["step"] += 1
+                progress["batch"] += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.1e}")
+                if on_step is not None:
+                    on_step(progress["step"])
+                if cfg.eval_every and progress["step"] % cfg.eval_every == 0:
+                    self.evaluate_dev()
+                if progress["step"] % cfg.checkpoint_every == 0:
+                    progress["train_seconds"] = time.perf_counter() - t0
+                    _checkpoint(self.dd, self.ck_dir, self.model, self.optimizer, self.scheduler, progress)
+            progress["epoch"] += 1
+            progress["batch"] = 0
+            if not (cfg.eval_every and progress["step"] % cfg.eval_every == 0):
+                self.evaluate_dev()
+            progress["train_seconds"] = time.perf_counter() - t0
+            _checkpoint(self.dd, self.ck_dir, self.model, self.optimizer, self.scheduler, progress)
+        bar.close()
+        self.train_seconds = time.perf_counter() - t0
+
+    def step(self, global_batch: list[int]) -> float:
+        """One optimisation step on this rank's share of a global batch; the loss."""
+        idx = self.dd.shard(global_batch)
+        # an empty shard runs one example at weight 0: every rank takes part in DDP's all-reduce
+        row_weight = None if idx else torch.zeros(1, device=self.device)
+        idx = idx or global_batch[:1]
+        batch = {k: v.to(self.device) for k, v in collate([self.enc["train"][i] for i in idx], self.pad_id).items()}
+        cfg = self.cfg
+        with self.frozen.step(idx) if self.frozen is not None else contextlib.nullcontext():
+            loss = training_step(
+                self.net,
+                batch,
+                self.optimizer,
+                self.scheduler,
+                task_type=self.data.task_type,
+                max_grad_norm=cfg.max_grad_norm,
+                precision=cfg.precision,
+                class_weight=self.class_weight,
+                row_weight=row_weight,
+            )
+        if not math.isfinite(loss):
+            raise TrainingError(
+                f"loss became {loss} at step {self.progress['step'] + 1}; lower the learning rate "
+                f"(now {cfg.learning_rate:g}) or check the labels"
+            )
+        return loss
+
+    def finish(self) -> dict[str, Any]:
+        """Back to the best weights on dev, the final numbers, and (rank 0) the run folder."""
+        progress, data, cfg, dd = self.progress, self.data, self.cfg, self.dd
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, value in self.best_state.items():
+                params[name].copy_(value)
+        # the dev metrics of those weights were measured when they were kept: no second pass
+        best_entry = next(h for h in progress["history"] if h["step"] == progress["best_step"])
+        dev_metrics = {k: v for k, v in best_entry.items() if k not in ("step", "epoch")}
+        test_metrics = self.score("test") if "test" in self.enc else None
+        if data.task_type == CAUSAL_LM and cfg.eval_generate and test_metrics is not None:
+            test_metrics["exact_match"] = _exact_match(self.model, data, self.tokenizer, cfg, self.device, dd)
+        result = self._result(dev_metrics, test_metrics)
+        if dd.main:
+            _write_artifacts(self.out, self.model, self.tokenizer, cfg, data.task)
+            ckpt.atomic_write_text(self.out / "task.json", json.dumps(data.task, indent=2) + "\n")
+            # last: marks the run finished
+            ckpt.atomic_write_text(self.out / "metrics.json", json.dumps(result, indent=2) + "\n")
+            shutil.rmtree(self.ck_dir, ignore_errors=True)
+        dd.barrier()
+        return result
+
+    def _result(self, dev_metrics: dict, test_metrics: dict | None) -> dict[str, Any]:
+        """The content of ``metrics.json``."""
+        progress, data, cfg, counts = self.progress, self.data, self.cfg, self.counts
+        seconds = self.train_seconds
+        result = {
+            "task": data.description,
+            "strategy": cfg.strategy,
+            "metric": data.metric,
+            "dev": dev_metrics,
+            "test": test_metrics,
+            "best_step": progress["best_step"],
+            "steps": self.total,
+            "params": {"trainable": counts.trainable, "base": counts.base, "percent_trained": counts.percent},
+            "train_seconds": round(seconds, 2),
+            "examples_per_second": round(len(self.enc["train"]) * cfg.epochs / max(seconds, 1e-9), 2),
+            "processes": self.dd.world,
+            "history": progress["history"],
+            "notes": data.notes,
+        }
+        if data.task_type == "classification":
+            result["positive_label"] = data.task.get("positive_label")
+            result["warnings"] = [
+                f"{split}: {w}"
+                for split, m in (("dev", dev_metrics), ("test", test_metrics))
+                if m is not None and (w := single_class_warning(m)) is not None
+            ]
+        if "base" in progress:
+            result["base"] = progress["base"]
+        return result
+
+
+def _checkpoint(dd: Dist, folder: Path, model, optimizer, scheduler, progress: dict) -> None:
+    """Rank 0 writes the state, with every rank's RNG; the others wait until it is complete."""
+    rngs = dd.gather(torch.get_rng_state())
+    if dd.main:
+        ckpt.save_checkpoint(folder, model, optimizer, scheduler, progress, rank_rng=rngs if dd.enabled else None)
+    dd.barrier()
+
+
+def _score_base(cfg: TrainConfig, model, data: _Prepared, score, tokenizer, device, dd: Dist) -> dict:
+    """The untrained model's dev and test numbers (for adapter tuning: with the adapter switched off)."""
+    name = active_adapter(model)
+    set_active(model, None)
+    try:
+        out = {"dev": score("dev"), "test": score("test")}
+        if cfg.eval_generate:
+            out["test"]["exact_match"] = _exact_match(model, data, tokenizer, cfg, device, dd)
+    finally:
+        if name is not None:
+            set_active(model, name)
+    return out
+
+
+def _exact_match(model, data: _Prepared, tokenizer, cfg: TrainConfig, device, dd: Dist) -> float:
+    """Greedy replies to the first ``eval_generate`` test conversations, compared with the references."""
+    from adaptune.lm.generate import exact_match
+
+    convs = data.raw.test[: cfg.eval_generate]
+    mine = dd.shard(list(range(len(convs))))
+    share = exact_match(model, tokenizer, [convs[i] for i in mine], device=device) if mine else 0.0
+    parts = dd.gather((share * len(mine), len(mine)))
+    return sum(p[0] for p in parts) / max(1, sum(p[1] for p in parts))
+
+
+def _write_artifacts(out: Path, model, tokenizer, cfg: TrainConfig, task: dict) -> None:
+    """Adapter (or full model) and tokenizer, each written atomically; an earlier copy is replaced."""
+    with quiet_transformers():  # no "Writing model shards" bars
+        if cfg.strategy == "adapters":
+            save_adapter(model, ADAPTER_NAME, out / "adapter", overwrite=True, extra=task)
+        else:
+            atomic_write_dir(out / "model", lambda p: model.save_pretrained(str(p)), overwrite=True)
+        atomic_write_dir(out / "tokenizer", lambda p: tokenizer.save_pretrained(str(p)), overwrite=True)
+
+
+def _create_run_dir(out: Path, cfg: TrainConfig) -> None:
+    import adaptune
+    import transformers
+
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "train": cfg.to_dict(),
+        "versions": {
+            "adaptune": adaptune.__version__,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+        },
+    }
+    ckpt.atomic_write_text(out / "config.json", json.dumps(meta, indent=2) + "\n")

@@ -1,0 +1,221 @@
+"""The pieces of one optimisation step and of an evaluation pass, shared by the loop, ``compare``
+and the benchmarks: the model of a config, the loss and its one job-wide reduction, the optimiser
+and schedule (the paper's AdamW with linear warm-up and decay), and :func:`evaluate`."""
+
+from __future__ import annotations
+
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from adaptune.lm.causal_lm import lm_loss_sum
+from adaptune.data.loading import bucket_batches, collate
+from adaptune.training.distributed import Dist
+from adaptune.errors import ConfigError
+from adaptune.core.inject import add_adapter
+from adaptune.cpu.kernels import use_lean_kernels
+from adaptune.data.metrics import compute_metrics
+from adaptune.models.loading import (
+    load_causal_lm,
+    load_classifier,
+    pick_device,
+)
+from adaptune.core.trainable import train_strategy
+from adaptune.training.config import ADAPTER_NAME, CAUSAL_LM, TrainConfig
+
+
+def build_model(cfg: TrainConfig, num_labels: int, device: torch.device | None = None):
+    """The model for ``cfg``: base + fresh head, or the causal LM (+ the task adapter), with the strategy
+    applied and, where :meth:`TrainConfig.lean_on` says so for ``device`` (default: ``cfg.device``),
+    the lean kernels."""
+    torch.manual_seed(cfg.seed)  # head and adapter init depend on the seed only
+    if cfg.causal and cfg.strategy == "head":
+        raise ConfigError(
+            "strategy 'head' needs a task head; a causal LM has none (use adapters, full, top-k or layernorm)"
+        )
+    model = load_causal_lm(cfg.model) if cfg.causal else load_classifier(cfg.model, num_labels)
+    if cfg.strategy == "adapters":
+        add_adapter(model, ADAPTER_NAME, cfg.adapter_config())
+    counts = train_strategy(model, cfg.strategy, k=cfg.top_k, train_pooler=cfg.train_pooler)
+    if cfg.lean_on(pick_device(cfg.device) if device is None else device):  # every strategy alike (fair comparisons)
+        use_lean_kernels(model)
+    return model, counts
+
+
+def _loss(
+    logits: torch.Tensor, labels: torch.Tensor, task_type: str, weight: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The mean loss of a batch on one process (:func:`loss_sum` divided by its count)."""
+    total, count = loss_sum(logits, labels, task_type, weight)
+    return total / count.clamp(min=1)
+
+
+def loss_sum(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    task_type: str,
+    class_weight: torch.Tensor | None = None,
+    row_weight: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch's summed loss and the count it is a sum over (the examples), for :func:`job_mean`.
+
+    ``class_weight`` (K,) weighs each example's cross-entropy by its class; ``row_weight`` (B,) by
+    its row, 0 for a row that only fills a shard (it then counts for nothing). The count is that of
+    the examples, not their total weight: torch's ``"mean"`` with a weight divides by the weights'
+    sum, which cancels the weights in a batch of one class.
+    """
+    if task_type == "regression":
+        each = F.mse_loss(logits.squeeze(-1).float(), labels.float(), reduction="none")
+    else:
+        each = F.cross_entropy(logits.float(), labels, weight=class_weight, reduction="none")
+    if row_weight is None:
+        return each.sum(), torch.tensor(float(each.numel()), device=each.device)
+    return (each * row_weight).sum(), (row_weight != 0).sum().float()
+
+
+def job_mean(total: torch.Tensor, count: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """The one reduction of the training loss: ``total`` over ``count`` summed over every process of
+    a torchrun job, times their number (DDP averages the processes' gradients, so the job follows
+    the gradient of Σ total / Σ count, the mean over every example or token of the global batch
+    however unevenly the processes share it); and whether every process's loss is finite. One
+    all-reduce; without torchrun, ``total / count``."""
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    stats = torch.stack([count.to(total.device, torch.float32).reshape(()), (~torch.isfinite(total.detach())).float()])
+    if world > 1:
+        torch.distributed.all_reduce(stats)  # every rank must agree to skip, or DDP's all-reduce would hang
+    return total / stats[0].clamp(min=1) * world, bool(stats[1] == 0)
+
+
+def balanced_class_weights(labels, num_labels: int) -> torch.Tensor:
+    """scikit-learn's "balanced" weights, n / (k · count_c): every class carries the same total weight
+    in the loss. A class absent from ``labels`` gets weight 0 (nothing of it to weigh)."""
+    counts = torch.bincount(torch.as_tensor(labels, dtype=torch.long), minlength=num_labels).double()
+    present = int((counts > 0).sum())
+    weights = torch.where(counts > 0, counts.sum() / (present * counts.clamp(min=1)), torch.zeros_like(counts))
+    return weights.float()
+
+
+def _lr_lambda(total: int, warmup_frac: float):
+    warm = max(1, int(round(total * warmup_frac))) if warmup_frac > 0 else 0
+
+    def f(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return max(0.0, (total - step) / max(1, total - warm))
+
+    return f
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast for ``precision="bf16"`` (weights stay fp32); a no-op context for fp32."""
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError("this GPU does not support bf16; use --precision fp32")
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def training_step(
+    model,
+    batch: dict[str, torch.Tensor],
+    optimizer,
+    scheduler,
+    *,
+    task_type: str,
+    max_grad_norm: float,
+    precision: str = "fp32",
+    class_weight: torch.Tensor | None = None,
+    row_weight: torch.Tensor | None = None,
+) -> float:
+    """One optimisation step on ``batch`` (which holds ``labels``); returns the loss.
+
+    ``class_weight`` weighs the cross-entropy of each class (e.g. :func:`balanced_class_weights`);
+    ``row_weight`` (B,) each row, 0 for a filler row of an otherwise empty shard. Under torchrun
+    the loss is the mean over the whole global batch (:func:`job_mean`).
+    A non-finite loss is returned without touching the weights, for the caller to report.
+    """
+    batch = dict(batch)
+    labels = batch.pop("labels")
+    with autocast(labels.device, precision):
+        if task_type == CAUSAL_LM:
+            total, count = lm_loss_sum(model, batch, labels, row_weight)
+        else:
+            total, count = loss_sum(model(**batch).logits, labels, task_type, class_weight, row_weight)
+    loss, finite = job_mean(total, count)
+    if not finite:
+        return loss.item() if not torch.isfinite(loss) else float("nan")
+    loss.backward()
+    if max_grad_norm > 0:  # the optimizer's tensors are the trained ones (no walk over every module)
+        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item()
+
+
+def make_optimizer(model, cfg: TrainConfig, total_steps: int):
+    """AdamW over the trainable parameters and the paper's warm-up/linear-decay schedule."""
+    optimizer = _optimizer(model, cfg)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(total_steps, cfg.warmup))
+
+
+def _optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    # Decay matrices, not biases or norm gains (standard for BERT-style training).
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    # torch's fused AdamW (one kernel over all tensors) where it exists: on a CPU torch otherwise
+    # runs a Python loop over the tensors, 5-6 x slower for full fine-tuning of MiniLM and ~4 x for
+    # an adapter set's hundred small tensors. Same update, up to float rounding.
+    fused = all(p.device.type in ("cpu", "cuda") and p.dtype in _FUSED_DTYPES for p in params) or None
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, fused=fused)
+
+
+_FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@torch.no_grad()
+def evaluate(
+    model,
+    encoded: list[dict],
+    *,
+    task_type: str,
+    num_labels: int,
+    batch_size: int,
+    pad_id: int,
+    device,
+    dd: Dist | None = None,
+    precision: str = "fp32",
+    positive: int = 1,
+) -> tuple[dict, np.ndarray]:
+    """Metrics on an encoded split, and the raw outputs (probabilities, or scores for regression).
+
+    ``positive`` is the class whose F1 a two-class task reports (see :mod:`adaptune.data.metrics`).
+
+    Under torchrun (``dd``) each rank scores every N-th example and the outputs are gathered, so
+    every rank returns the same metrics.
+    """
+    was_training = model.training
+    model.eval()
+    mine = list(range(len(encoded))) if dd is None else dd.shard(list(range(len(encoded))))
+    order = bucket_batches([len(encoded[i]["input_ids"]) for i in mine], batch_size, shuffle=False)
+    scored: list[tuple[int, np.ndarray]] = []
+    for idx in order:
+        idx = [mine[i] for i in idx]
+        batch = {k: v.to(device) for k, v in collate([encoded[i] for i in idx], pad_id).items()}
+        batch.pop("labels")
+        with autocast(torch.device(device), precision):
+            logits = model(**batch).logits.float()
+        out = logits.squeeze(-1) if task_type == "regression" else logits.softmax(-1)
+        scored += zip(idx, out.cpu().numpy())
+    if dd is not None:
+        scored = [pair for part in dd.gather(scored) for pair in part]
+    outputs: list[np.ndarray | None] = [None] * len(encoded)
+    for i, row in scored:
+        outputs[i] = row
+    model.train(was_training)
+    outs = np.stack(outputs) if outputs else np.zeros((0,))
+    labels = np.array([e["label"] for e in encoded])
+    preds = outs if task_type == "regression" else outs.argmax(-1)
+    return compute_metrics(task_type, preds, labels, num_labels, positive), outs
