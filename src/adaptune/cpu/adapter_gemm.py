@@ -1,9 +1,8 @@
 """The adapter's skinny matrix products through a small C kernel (CPU, AVX2 + FMA, fp32).
 
 An adapter multiplies the (B*T, d) hidden state by d x m and m x d weights with m much smaller than
-d. BLAS libraries reach 50-65 GFLOP/s on a transformer's wide products on this project's CPU but
-35-45 on these skinny ones: they pack the large operand for only m columns of output. The kernel
-in ``csrc/adapter_gemm.c`` packs only the small weight, reads the large operand in place, and
+d, where BLAS libraries are slow: they pack the large operand for only m columns of output. The
+kernel in ``csrc/adapter_gemm.c`` packs only the small weight, reads the large operand in place, and
 starts each sum from the hidden state it adds onto (and the bias), so the adapter's add costs no
 separate pass. Four of an adapter's six products use it (the down- and up-projections and their
 input gradients). The two weight gradients contract over all B*T rows, so both their operands are
@@ -14,9 +13,8 @@ With the exact GELU (the default nonlinearity) the whole adapter runs as one ker
 GELU (``csrc/vmath.h``) and the up-projection onto h, so a block's rows of x and h are read once
 and stay in cache from the first product to the second, and the activation never goes to memory;
 backward likewise runs both input-side products and the GELU's gradient over one block of the
-incoming gradient, and hands torch the two weight gradients' operands. At 4096 x 384, m = 64, one
-thread: forward + backward 22.5 against 24.2 ms for the products one by one, the no-grad forward
-6.6 against 7.8 ms (paired 0.93 and 0.86; ``/tmp`` micro-benchmark, 40 alternating calls).
+incoming gradient, and hands torch the two weight gradients' operands. What it gains is measured
+in docs/performance.md.
 
 It is built and loaded with the other C kernels (:mod:`adaptune.cpu.native`) and splits the rows over
 torch's threads where that library runs in parallel. Every call returns ``None``, and the caller

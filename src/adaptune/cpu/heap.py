@@ -2,17 +2,14 @@
 
 A training step or a batched forward on the CPU allocates and frees hundreds of MiB of activations.
 glibc's ``malloc`` gives large freed blocks back to the kernel (``munmap``, or by trimming the top
-of its heap), so the next step gets the same memory back one 4 KiB page fault at a time. For
-all-MiniLM-L6-v2 at 32 × 128 tokens: 58,000 faults per forward in a process that only serves
-(kept: none, and the forward 14 % faster), 25,000 and 76,000 per training step of adapters and of
-full fine-tuning (kept: 0 and 2,300; the step time unchanged within noise).
-``bench/adapter_speed.py --only heap`` measures it.
+of its heap), so the next step gets the same memory back one 4 KiB page fault at a time
+(docs/performance.md, "Freed memory kept between steps", has the counts; ``bench/adapter_speed.py
+--only heap`` measures them).
 
 :func:`keep_freed_memory` sets glibc's mmap threshold to its maximum (32 MiB: smaller blocks come
 from the heap) and stops trimming while it is active, so freed blocks are reused by the next step.
 The peak barely moves, since what is kept is memory the job used anyway; the heap fragments a
-little more (peak RSS of a training process, glibc's default → kept: adapters 1,767 → 1,798 MiB,
-full fine-tuning 2,097 → 2,193 MiB). The setting is the whole process's, other threads included.
+little more. The setting is the whole process's, other threads included.
 Leaving the outermost block hands what is free back to the kernel (``malloc_trim``) and lets glibc
 trim its heap again above 64 MiB free. glibc cannot go back to its adaptive thresholds once set,
 so the process keeps a fixed 32 MiB mmap threshold and a 64 MiB trim threshold after it, about
