@@ -261,3 +261,16 @@ def fake_compiler(folder, script: str):
 # The kill-and-resume tests run this driver instead of `python -m adaptune`: it SIGKILLs the process
 # after step $KILL_AT_STEP (on rank $KILL_RANK under torchrun) through train()'s on_step callback.
 KILL_DRIVER = str(__import__("pathlib").Path(__file__).with_name("kill_at_step.py"))
+
+
+def kill_tiny_run(out, model_dir, data, at_step: int) -> None:
+    """A 2-epoch tiny run of the reviews CSV (batches of 8, a checkpoint every 2 steps) in a child
+    process that KILL_DRIVER SIGKILLs after step ``at_step``."""
+    import subprocess
+    import sys
+
+    args = ["train", "-o", str(out), "--model", str(model_dir), "--data", str(data), "--text-column", "review",
+            "--label-column", "score", "--epochs", "2", "--batch-size", "8", "--max-length", "16", "--device", "cpu",
+            "--checkpoint-every", "2", "--quiet"]  # fmt: skip
+    env = {**os.environ, "KILL_AT_STEP": str(at_step), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    assert subprocess.run([sys.executable, KILL_DRIVER, *args], env=env, capture_output=True).returncode != 0

@@ -6,15 +6,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import KILL_DRIVER, write_reviews_csv
+from conftest import kill_tiny_run, write_reviews_csv
 from safetensors.torch import load_file, save_file
 
 from adaptune.cli.parser import main
@@ -440,34 +437,7 @@ def interrupted_run(tiny_model_dir, tmp_path_factory):
     """A run killed at step 5 (its checkpoint holds step 4)."""
     tmp = tmp_path_factory.mktemp("interrupted")
     data = write_reviews_csv(tmp / "d.csv", n=40)
-    args = [
-        sys.executable,
-        KILL_DRIVER,
-        "train",
-        "-o",
-        str(tmp / "run"),
-        "--model",
-        str(tiny_model_dir),
-        "--data",
-        str(data),
-        "--text-column",
-        "review",
-        "--label-column",
-        "score",
-        "--epochs",
-        "2",
-        "--batch-size",
-        "8",
-        "--max-length",
-        "16",
-        "--device",
-        "cpu",
-        "--checkpoint-every",
-        "2",
-        "--quiet",
-    ]
-    env = {**os.environ, "KILL_AT_STEP": "5", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    assert subprocess.run(args, env=env, capture_output=True).returncode != 0
+    kill_tiny_run(tmp / "run", tiny_model_dir, data, at_step=5)
     assert (tmp / "run" / "checkpoint" / "state.safetensors").is_file()
     return tmp / "run"
 

@@ -13,13 +13,20 @@ import json
 import math
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import H, KILL_DRIVER, fake_compiler, save_tiny_causal_lm, tiny_model, tiny_tokenizer, write_reviews_csv
+from conftest import (
+    H,
+    fake_compiler,
+    kill_tiny_run,
+    save_tiny_causal_lm,
+    tiny_model,
+    tiny_tokenizer,
+    write_reviews_csv,
+)
 from safetensors.torch import load_file, save_file
 
 import adaptune.training.checkpoint as ckpt
@@ -182,34 +189,7 @@ def test_a_crash_between_the_two_renames_is_recovered(tmp_path, monkeypatch):
 def test_resume_recovers_a_checkpoint_left_aside_and_says_when_there_is_none(tiny_model_dir, tmp_path, capsys):
     data = write_reviews_csv(tmp_path / "d.csv", n=40)
     run = tmp_path / "run"
-    args = [
-        sys.executable,
-        KILL_DRIVER,
-        "train",
-        "-o",
-        str(run),
-        "--model",
-        str(tiny_model_dir),
-        "--data",
-        str(data),
-        "--text-column",
-        "review",
-        "--label-column",
-        "score",
-        "--epochs",
-        "2",
-        "--batch-size",
-        "8",
-        "--max-length",
-        "16",
-        "--device",
-        "cpu",
-        "--checkpoint-every",
-        "2",
-        "--quiet",
-    ]
-    env = {**os.environ, "KILL_AT_STEP": "5", "OMP_NUM_THREADS": "1"}
-    assert subprocess.run(args, env=env, capture_output=True).returncode != 0  # killed; checkpoint of step 4
+    kill_tiny_run(run, tiny_model_dir, data, at_step=5)  # its checkpoint holds step 4
     (run / "checkpoint").rename(run / ".checkpoint.old-12345")  # as a crash in the middle of a swap leaves it
     assert main(["train", "-o", str(run), "--resume"]) == 0
     said = capsys.readouterr()

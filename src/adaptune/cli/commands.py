@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from adaptune.cli.lm_commands import _eval_lm, _lm_line
-from adaptune.cli.options import config_from, print_json
+from adaptune.cli.options import EVAL_DATA_OPTIONS, config_from, print_json
 from adaptune.data.metrics import single_class_warning
 from adaptune.errors import ConfigError, DataError
 
@@ -71,20 +71,7 @@ def eval(args: argparse.Namespace) -> int:
     if task_file.is_file() and (read_json(task_file) or {}).get("task_type") == "causal-lm":
         return _eval_lm(args)
     pred = Predictor(args.run, device=args.device)
-    overrides = {
-        k: getattr(args, k)
-        for k in (
-            "data",
-            "text_column",
-            "text_pair_column",
-            "label_column",
-            "dev_file",
-            "test_file",
-            "glue_task",
-            "limit_eval",
-        )
-        if getattr(args, k) is not None
-    }
+    overrides = {k: getattr(args, k) for k in EVAL_DATA_OPTIONS if getattr(args, k) is not None}
     if "data" in overrides and overrides["data"] != pred.config.data:
         # a new source: keep none of the old source's column and file options unless given again
         for k in ("text_column", "text_pair_column", "label_column", "dev_file", "test_file", "glue_task"):

@@ -108,6 +108,19 @@ COMPARE_TRAIN_OPTIONS = (
 )
 
 
+# The data options that `adaptune eval` takes to score a run on other data than its own.
+EVAL_DATA_OPTIONS = (
+    "data",
+    "text_column",
+    "text_pair_column",
+    "label_column",
+    "dev_file",
+    "test_file",
+    "glue_task",
+    "limit_eval",
+)
+
+
 def add_config_options(
     p: argparse.ArgumentParser, cls, helps: dict[str, str], only: tuple[str, ...] | None = None
 ) -> None:

@@ -13,7 +13,7 @@ import os
 import sys
 
 from adaptune.errors import AdaptuneError
-from adaptune.cli.options import COMPARE_TRAIN_OPTIONS, TRAIN_HELP, add_config_options
+from adaptune.cli.options import COMPARE_TRAIN_OPTIONS, EVAL_DATA_OPTIONS, TRAIN_HELP, add_config_options
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,16 +61,7 @@ def _add_run_commands(sub) -> None:
     )
     p.add_argument("run", help="run folder written by 'adaptune train'")
     p.add_argument("--split", choices=("dev", "test"), default="dev", help="which split (default: dev)")
-    for name in (
-        "data",
-        "text_column",
-        "text_pair_column",
-        "label_column",
-        "dev_file",
-        "test_file",
-        "glue_task",
-        "limit_eval",
-    ):
+    for name in EVAL_DATA_OPTIONS:
         p.add_argument(
             "--" + name.replace("_", "-"),
             dest=name,
