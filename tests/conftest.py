@@ -274,3 +274,30 @@ def kill_tiny_run(out, model_dir, data, at_step: int) -> None:
             "--checkpoint-every", "2", "--quiet"]  # fmt: skip
     env = {**os.environ, "KILL_AT_STEP": str(at_step), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     assert subprocess.run([sys.executable, KILL_DRIVER, *args], env=env, capture_output=True).returncode != 0
+
+
+def train_argv(model_dir, data, out, *extra):
+    """`adaptune train` arguments for a short tiny-model run on the reviews CSV (``extra`` comes last, so it wins)."""
+    return [
+        "train",
+        "--quiet",
+        "-o",
+        str(out),
+        "--model",
+        str(model_dir),
+        "--data",
+        str(data),
+        "--text-column",
+        "review",
+        "--label-column",
+        "score",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--max-length",
+        "16",
+        "--device",
+        "cpu",
+        *extra,
+    ]

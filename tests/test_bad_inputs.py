@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import kill_tiny_run, write_reviews_csv
+from conftest import kill_tiny_run, train_argv, write_reviews_csv
 from safetensors.torch import load_file, save_file
 
 from adaptune.cli.parser import main
@@ -112,25 +112,7 @@ def test_bad_data_file(case, tiny_model_dir, tmp_path, capsys):
     (tmp_path / "dev.csv").write_text("review,score\nnice,good\nweird,excellent\n")
     (tmp_path / "devcols.csv").write_text("body,score\nnice,good\n")
     extra = [str(tmp_path / e) if e.endswith(".csv") else e for e in extra]
-    argv = [
-        "train",
-        "--quiet",
-        "-o",
-        str(tmp_path / "run"),
-        "--model",
-        str(tiny_model_dir),
-        "--data",
-        str(data),
-        "--text-column",
-        "review",
-        "--label-column",
-        "score",
-        "--epochs",
-        "1",
-        "--device",
-        "cpu",
-        *extra,
-    ]
+    argv = train_argv(tiny_model_dir, data, tmp_path / "run", *extra)
     _fails_cleanly(argv, tmp_path, capsys, *words)
     assert not (tmp_path / "run").exists()
 
@@ -186,25 +168,7 @@ def test_bad_argument(case, tiny_model_dir, tiny_lm_dir, tmp_path, capsys):
         "LM": str(tiny_lm_dir),
         "CHAT": str(tmp_path / "chat.jsonl"),
     }
-    argv = [
-        "train",
-        "--quiet",
-        "-o",
-        str(tmp_path / "run"),
-        "--model",
-        str(tiny_model_dir),
-        "--data",
-        str(data),
-        "--text-column",
-        "review",
-        "--label-column",
-        "score",
-        "--epochs",
-        "1",
-        "--device",
-        "cpu",
-        *[swap.get(e, e) for e in extra],
-    ]
+    argv = train_argv(tiny_model_dir, data, tmp_path / "run", *[swap.get(e, e) for e in extra])
     _fails_cleanly(argv, tmp_path, capsys, *words)
     assert not (tmp_path / "run").exists()
 

@@ -11,33 +11,7 @@ import pytest
 
 from adaptune.cli.parser import build_parser, main
 
-from conftest import MINILM, save_tiny_bert, write_reviews_csv
-
-
-def _train_args(model_dir, data, out, *extra):
-    return [
-        "train",
-        "--quiet",
-        "-o",
-        str(out),
-        "--model",
-        str(model_dir),
-        "--data",
-        str(data),
-        "--text-column",
-        "review",
-        "--label-column",
-        "score",
-        "--epochs",
-        "1",
-        "--batch-size",
-        "8",
-        "--max-length",
-        "16",
-        "--device",
-        "cpu",
-        *extra,
-    ]
+from conftest import MINILM, save_tiny_bert, train_argv, write_reviews_csv
 
 
 def _one_error_line(capsys, *must_contain):
@@ -55,7 +29,7 @@ def run_dir(tiny_model_dir, tmp_path_factory):
     """One finished tiny adapter run shared by the read-only commands below."""
     tmp = tmp_path_factory.mktemp("cli")
     data = write_reviews_csv(tmp / "d.csv", n=40)
-    assert main(_train_args(tiny_model_dir, data, tmp / "run")) == 0
+    assert main(train_argv(tiny_model_dir, data, tmp / "run")) == 0
     return tmp / "run"
 
 
@@ -131,14 +105,14 @@ def test_params_on_the_shipped_model(capsys):
 
 
 def test_missing_data_file(tiny_model_dir, tmp_path, capsys):
-    assert main(_train_args(tiny_model_dir, tmp_path / "nope.csv", tmp_path / "run")) == 2
+    assert main(train_argv(tiny_model_dir, tmp_path / "nope.csv", tmp_path / "run")) == 2
     _one_error_line(capsys, "nope.csv")
     assert not (tmp_path / "run").exists()
 
 
 def test_missing_column(tiny_model_dir, tmp_path, capsys):
     data = write_reviews_csv(tmp_path / "d.csv", n=20)
-    args = _train_args(tiny_model_dir, data, tmp_path / "run")
+    args = train_argv(tiny_model_dir, data, tmp_path / "run")
     args[args.index("review")] = "body"
     assert main(args) == 2
     _one_error_line(capsys, "body", "review")  # names the missing column and the ones there are
@@ -149,7 +123,7 @@ def test_unknown_label_in_dev(tiny_model_dir, tmp_path, capsys):
     data = write_reviews_csv(tmp_path / "d.csv", n=20)
     dev = tmp_path / "dev.csv"
     dev.write_text("review,score\nnice,good\nweird,excellent\n")
-    assert main(_train_args(tiny_model_dir, data, tmp_path / "run", "--dev-file", str(dev))) == 2
+    assert main(train_argv(tiny_model_dir, data, tmp_path / "run", "--dev-file", str(dev))) == 2
     _one_error_line(capsys, "excellent")
     assert not (tmp_path / "run").exists()
 
@@ -157,7 +131,7 @@ def test_unknown_label_in_dev(tiny_model_dir, tmp_path, capsys):
 def test_empty_dataset(tiny_model_dir, tmp_path, capsys):
     data = tmp_path / "d.csv"
     data.write_text("review,score\n")
-    assert main(_train_args(tiny_model_dir, data, tmp_path / "run")) == 2
+    assert main(train_argv(tiny_model_dir, data, tmp_path / "run")) == 2
     _one_error_line(capsys, "no examples")
     assert not (tmp_path / "run").exists()
 
@@ -165,7 +139,7 @@ def test_empty_dataset(tiny_model_dir, tmp_path, capsys):
 def test_non_utf8_file(tiny_model_dir, tmp_path, capsys):
     data = tmp_path / "d.csv"
     data.write_bytes("review,score\ncaf\xe9 great,good\n".encode("latin-1"))
-    assert main(_train_args(tiny_model_dir, data, tmp_path / "run")) == 2
+    assert main(train_argv(tiny_model_dir, data, tmp_path / "run")) == 2
     _one_error_line(capsys, "UTF-8")
     assert not (tmp_path / "run").exists()
 
@@ -174,7 +148,7 @@ def test_model_path_that_is_not_a_model(tmp_path, capsys):
     data = write_reviews_csv(tmp_path / "d.csv", n=20)
     not_model = tmp_path / "empty-folder"
     not_model.mkdir()
-    assert main(_train_args(not_model, data, tmp_path / "run")) == 2
+    assert main(train_argv(not_model, data, tmp_path / "run")) == 2
     _one_error_line(capsys, "empty-folder")
     assert not (tmp_path / "run").exists()
 
@@ -182,7 +156,7 @@ def test_model_path_that_is_not_a_model(tmp_path, capsys):
 def test_non_finite_loss(tiny_model_dir, tmp_path, capsys):
     data = tmp_path / "d.csv"
     data.write_text("review,score\n" + "".join(f"coffee {i},{'1e38' if i % 2 else '-1e38'}\n" for i in range(20)))
-    assert main(_train_args(tiny_model_dir, data, tmp_path / "run", "--task-type", "regression")) == 2
+    assert main(train_argv(tiny_model_dir, data, tmp_path / "run", "--task-type", "regression")) == 2
     _one_error_line(capsys, "loss became inf", "learning rate")
     assert not (tmp_path / "run" / "metrics.json").exists()
 
@@ -191,7 +165,7 @@ def test_existing_run_folder_is_kept(run_dir, tiny_model_dir, tmp_path, capsys):
     before = sorted(p.name for p in run_dir.iterdir())
     stamp = (run_dir / "metrics.json").read_bytes()
     data = write_reviews_csv(tmp_path / "d.csv", n=20)
-    assert main(_train_args(tiny_model_dir, data, run_dir)) == 2
+    assert main(train_argv(tiny_model_dir, data, run_dir)) == 2
     _one_error_line(capsys, "already exists", "--resume")
     assert sorted(p.name for p in run_dir.iterdir()) == before
     assert (run_dir / "metrics.json").read_bytes() == stamp
