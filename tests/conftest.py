@@ -301,3 +301,14 @@ def train_argv(model_dir, data, out, *extra):
         "cpu",
         *extra,
     ]
+
+
+def one_error_line(capsys, *must_contain) -> str:
+    """The CLI's one stderr line for a user error, holding every text of ``must_contain``; no traceback."""
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("adaptune: error: ")
+    assert "Traceback" not in err[0]
+    for text in must_contain:
+        assert text in err[0], err[0]
+    return err[0]

@@ -11,17 +11,7 @@ import pytest
 
 from adaptune.cli.parser import build_parser, main
 
-from conftest import MINILM, save_tiny_bert, train_argv, write_reviews_csv
-
-
-def _one_error_line(capsys, *must_contain):
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1, err
-    assert err[0].startswith("adaptune: error: ")
-    assert "Traceback" not in err[0]
-    for text in must_contain:
-        assert text in err[0], err[0]
-    return err[0]
+from conftest import MINILM, one_error_line, save_tiny_bert, train_argv, write_reviews_csv
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +55,7 @@ def test_train_prints_a_summary_and_eval_agrees(run_dir, capsys):
     assert out["accuracy"] == pytest.approx(metrics["dev"]["accuracy"])
     # the CSV run had no test file: asking for test is a clear error, not a crash
     assert main(["eval", str(run_dir), "--split", "test"]) == 2
-    _one_error_line(capsys, "test")
+    one_error_line(capsys, "test")
 
 
 def test_predict_from_arguments_and_stdin(run_dir, capsys, monkeypatch):
@@ -106,7 +96,7 @@ def test_params_on_the_shipped_model(capsys):
 
 def test_missing_data_file(tiny_model_dir, tmp_path, capsys):
     assert main(train_argv(tiny_model_dir, tmp_path / "nope.csv", tmp_path / "run")) == 2
-    _one_error_line(capsys, "nope.csv")
+    one_error_line(capsys, "nope.csv")
     assert not (tmp_path / "run").exists()
 
 
@@ -115,7 +105,7 @@ def test_missing_column(tiny_model_dir, tmp_path, capsys):
     args = train_argv(tiny_model_dir, data, tmp_path / "run")
     args[args.index("review")] = "body"
     assert main(args) == 2
-    _one_error_line(capsys, "body", "review")  # names the missing column and the ones there are
+    one_error_line(capsys, "body", "review")  # names the missing column and the ones there are
     assert not (tmp_path / "run").exists()
 
 
@@ -124,7 +114,7 @@ def test_unknown_label_in_dev(tiny_model_dir, tmp_path, capsys):
     dev = tmp_path / "dev.csv"
     dev.write_text("review,score\nnice,good\nweird,excellent\n")
     assert main(train_argv(tiny_model_dir, data, tmp_path / "run", "--dev-file", str(dev))) == 2
-    _one_error_line(capsys, "excellent")
+    one_error_line(capsys, "excellent")
     assert not (tmp_path / "run").exists()
 
 
@@ -132,7 +122,7 @@ def test_empty_dataset(tiny_model_dir, tmp_path, capsys):
     data = tmp_path / "d.csv"
     data.write_text("review,score\n")
     assert main(train_argv(tiny_model_dir, data, tmp_path / "run")) == 2
-    _one_error_line(capsys, "no examples")
+    one_error_line(capsys, "no examples")
     assert not (tmp_path / "run").exists()
 
 
@@ -140,7 +130,7 @@ def test_non_utf8_file(tiny_model_dir, tmp_path, capsys):
     data = tmp_path / "d.csv"
     data.write_bytes("review,score\ncaf\xe9 great,good\n".encode("latin-1"))
     assert main(train_argv(tiny_model_dir, data, tmp_path / "run")) == 2
-    _one_error_line(capsys, "UTF-8")
+    one_error_line(capsys, "UTF-8")
     assert not (tmp_path / "run").exists()
 
 
@@ -149,7 +139,7 @@ def test_model_path_that_is_not_a_model(tmp_path, capsys):
     not_model = tmp_path / "empty-folder"
     not_model.mkdir()
     assert main(train_argv(not_model, data, tmp_path / "run")) == 2
-    _one_error_line(capsys, "empty-folder")
+    one_error_line(capsys, "empty-folder")
     assert not (tmp_path / "run").exists()
 
 
@@ -157,7 +147,7 @@ def test_non_finite_loss(tiny_model_dir, tmp_path, capsys):
     data = tmp_path / "d.csv"
     data.write_text("review,score\n" + "".join(f"coffee {i},{'1e38' if i % 2 else '-1e38'}\n" for i in range(20)))
     assert main(train_argv(tiny_model_dir, data, tmp_path / "run", "--task-type", "regression")) == 2
-    _one_error_line(capsys, "loss became inf", "learning rate")
+    one_error_line(capsys, "loss became inf", "learning rate")
     assert not (tmp_path / "run" / "metrics.json").exists()
 
 
@@ -166,7 +156,7 @@ def test_existing_run_folder_is_kept(run_dir, tiny_model_dir, tmp_path, capsys):
     stamp = (run_dir / "metrics.json").read_bytes()
     data = write_reviews_csv(tmp_path / "d.csv", n=20)
     assert main(train_argv(tiny_model_dir, data, run_dir)) == 2
-    _one_error_line(capsys, "already exists", "--resume")
+    one_error_line(capsys, "already exists", "--resume")
     assert sorted(p.name for p in run_dir.iterdir()) == before
     assert (run_dir / "metrics.json").read_bytes() == stamp
 
@@ -182,14 +172,14 @@ def test_adapter_made_for_another_base_model(run_dir, tmp_path, capsys):
     (moved / "config.json").write_text(json.dumps(meta))
     capsys.readouterr()
     assert main(["eval", str(moved)]) == 2
-    _one_error_line(capsys, "different base weights")
+    one_error_line(capsys, "different base weights")
 
 
 def test_predict_on_a_folder_that_is_not_a_run(tmp_path, capsys):
     assert main(["predict", str(tmp_path), "hello"]) == 2
-    _one_error_line(capsys, "not a finished run")
+    one_error_line(capsys, "not a finished run")
     assert main(["info", str(tmp_path)]) == 2
-    _one_error_line(capsys, "adapter")
+    one_error_line(capsys, "adapter")
 
 
 def test_process_exit_code_and_no_traceback(tmp_path):

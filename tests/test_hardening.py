@@ -22,9 +22,11 @@ from conftest import (
     H,
     fake_compiler,
     kill_tiny_run,
+    one_error_line,
     save_tiny_causal_lm,
     tiny_model,
     tiny_tokenizer,
+    train_argv,
     write_reviews_csv,
 )
 from safetensors.torch import load_file, save_file
@@ -42,15 +44,6 @@ from adaptune.errors import AdapterFileError, TrainingError
 from adaptune.models.loading import load_classifier, load_tokenizer
 
 needs_kernel = pytest.mark.skipif(not adapter_gemm.available(), reason="no C compiler or no AVX2 CPU here")
-
-
-def _one_error_line(capsys, *must_contain) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1, err
-    assert err[0].startswith("adaptune: error: ") and "Traceback" not in err[0]
-    for text in must_contain:
-        assert text in err[0], err[0]
-    return err[0]
 
 
 # ---- 1. the C kernels allocate with their operands' dtype and device, not torch's defaults ----------
@@ -406,7 +399,7 @@ def test_info_refuses_an_adapter_whose_config_disagrees_with_its_tensors(adapter
     (meta["config"] if field == "size" else meta["base"])[field] = value
     (adapter_dir / aio.CONFIG).write_text(json.dumps(meta))
     assert main(["info", str(adapter_dir)]) == 2
-    _one_error_line(capsys, "shape", "edited")
+    one_error_line(capsys, "shape", "edited")
 
 
 def test_info_without_a_hidden_size_in_the_base_identity(adapter_dir, capsys):
@@ -427,50 +420,16 @@ def test_info_without_a_hidden_size_in_the_base_identity(adapter_dir, capsys):
 )
 def test_unknown_or_absent_device(tiny_model_dir, tmp_path, capsys, device, text):
     data = write_reviews_csv(tmp_path / "d.csv", n=24)
-    args = [
-        "train",
-        "--quiet",
-        "-o",
-        str(tmp_path / "r"),
-        "--model",
-        str(tiny_model_dir),
-        "--data",
-        str(data),
-        "--text-column",
-        "review",
-        "--label-column",
-        "score",
-        "--device",
-        device,
-    ]
-    assert main(args) == 2
-    _one_error_line(capsys, repr(device), text)
+    assert main(train_argv(tiny_model_dir, data, tmp_path / "r", "--device", device)) == 2
+    one_error_line(capsys, repr(device), text)
     assert not (tmp_path / "r").exists()
 
 
 def test_missing_model_folder_in_our_words(tmp_path, capsys):
     data = write_reviews_csv(tmp_path / "d.csv", n=24)
     missing = tmp_path / "no" / "such" / "model"
-    assert (
-        main(
-            [
-                "train",
-                "--quiet",
-                "-o",
-                str(tmp_path / "r"),
-                "--model",
-                str(missing),
-                "--data",
-                str(data),
-                "--text-column",
-                "review",
-                "--label-column",
-                "score",
-            ]
-        )
-        == 2
-    )
-    line = _one_error_line(capsys, "no model folder", str(missing))
+    assert main(train_argv(missing, data, tmp_path / "r")) == 2
+    line = one_error_line(capsys, "no model folder", str(missing))
     assert "Repo id" not in line
     assert not (tmp_path / "r").exists()
 
