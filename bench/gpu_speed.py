@@ -13,13 +13,20 @@ autocast, through the library's own ``training_step``:
 - mixed:  one batch whose rows cycle through 4 adapters vs the same batch on one adapter.
 - generate (LLaMA only): greedy tokens/s at batch 1, with vs without the adapter.
 
-``--compile none,default,reduce-overhead`` repeats the training figures with the model wrapped in
-``torch.compile`` (the same mode for adapters and full fine-tuning): ``default`` fuses the
-element-wise work; ``reduce-overhead`` also replays the step's kernels as CUDA graphs, which removes
-the per-kernel launch cost that a small model's adapter step is bound by.
+Each figure is taken eager, compiled (``torch.compile``, ``default``: fused element-wise work) and
+with CUDA graphs (``reduce-overhead``: the step's kernels replayed, no per-kernel launch cost, which
+a small model's adapter step is bound by), adapters and full fine-tuning in the same run. The
+compiled inference switches the active adapter and the rows' tasks between calls: the routing is
+tensor data, so that runs the graphs compiled first (a recompilation would show in the time).
+The step reads nothing back from the GPU (``training_step`` returns the loss on the device).
 
-Run:  python bench/gpu_speed.py [--json out.json] [--rounds 5] [--steps 10]
-      [--only minilm/b32/fp32,smollm2/b16/bf16] [--compile none,reduce-overhead]
+Order: bf16 before fp32, MiniLM before SmolLM2; ``--budget-minutes`` (default 8) skips what is left
+when the time is up, and the JSON is written after every figure, so a run cut short keeps what it
+measured. ``--smoke`` runs 2-layer, 64-wide versions for a minute on any device (the CPU included),
+to check the script before a GPU is lent.
+
+Run:  python bench/gpu_speed.py --json docs/gpu_speed_<gpu>.json
+      [--only minilm/b32/bf16,smollm2/b16/bf16] [--compile none,default,reduce-overhead] [--smoke]
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import time
 
 import torch
 import transformers as T
@@ -57,9 +65,17 @@ SHAPES = {
 }
 
 
+SMOKE = False  # --smoke: tiny versions of the shapes
+
+
 def make(shape: str, strategy: str, device, tasks: int = 1):
     torch.manual_seed(0)
     cfg = SHAPES[shape]()
+    if SMOKE:
+        cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size = 2, 64, 128
+        cfg.num_attention_heads = 4
+        if shape == "smollm2":
+            cfg.num_key_value_heads = 2
     cls = T.AutoModelForSequenceClassification if shape == "minilm" else T.AutoModelForCausalLM
     model = cls.from_config(cfg)
     if strategy == "adapters":
@@ -91,6 +107,11 @@ def batch_for(shape: str, n: int, device) -> tuple[dict, str]:
 
 
 def timed(fn, steps: int) -> float:
+    if not torch.cuda.is_available():  # --smoke on a CPU
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        return (time.perf_counter() - t0) * 1000 / steps
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(steps):
@@ -106,24 +127,18 @@ def bench_train(
     batch, task = batch_for(shape, n, device)
     runs = {}
     for strategy in ("adapters", "full"):
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+        _reset_memory()
         model = make(shape, strategy, device).train()
         opt, sched = make_optimizer(model, TrainConfig(strategy=strategy), 10_000)
-        run = (
-            model
-            if compile_mode == "none"
-            else torch.compile(model, mode=None if compile_mode == "default" else compile_mode)
-        )
+        run = model if compile_mode == "none" else torch.compile(model, mode=_mode(compile_mode))
 
         def step(model=run, opt=opt, sched=sched):
             training_step(model, batch, opt, sched, task_type=task, max_grad_norm=1.0, precision=precision)
 
         for _ in range(3):
             step()
-        torch.cuda.synchronize()
-        runs[strategy] = {"step": step, "times": [], "peak_mib": None, "model": model}
-        runs[strategy]["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        _sync()
+        runs[strategy] = {"step": step, "times": [], "peak_mib": _peak_mib(), "model": model}
     for r in range(rounds):
         for strategy in ("adapters", "full") if r % 2 == 0 else ("full", "adapters"):
             runs[strategy]["times"].append(timed(runs[strategy]["step"], steps))
@@ -132,29 +147,54 @@ def bench_train(
         "step_ms": {s: round(m, 2) for s, m in med.items()},
         "step_ratio": round(med["adapters"] / med["full"], 3),
         "peak_mib": {s: round(v["peak_mib"], 1) for s, v in runs.items()},
-        "memory_ratio": round(runs["adapters"]["peak_mib"] / runs["full"]["peak_mib"], 3),
+        "memory_ratio": round(runs["adapters"]["peak_mib"] / max(runs["full"]["peak_mib"], 1e-9), 3),
     }
     del runs
-    torch.cuda.empty_cache()
+    _reset_memory()
     return out
 
 
-def bench_infer(shape: str, precision: str, n: int, rounds: int, steps: int, device) -> dict:
+def _mode(compile_mode: str) -> str | None:
+    return None if compile_mode == "default" else compile_mode
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _reset_memory() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak_mib() -> float:
+    return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0
+
+
+def bench_infer(
+    shape: str, precision: str, n: int, rounds: int, steps: int, device, compile_mode: str = "none"
+) -> dict:
     batch, _ = batch_for(shape, n, device)
     batch = {k: v for k, v in batch.items() if k != "labels"}
     model = make(shape, "adapters", device, tasks=4).eval()
-    ctx = lambda: torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16")
+    net = model if compile_mode == "none" else torch.compile(model, mode=_mode(compile_mode))
+    ctx = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     rows = [f"t{i % 4}" for i in range(n)]
+    shifted = [f"t{(i + 1) % 4}" for i in range(n)]  # another assignment of rows to tasks, same graph
 
-    def fwd(route):
+    def fwd(*routes):
         def run():
-            set_active(model, route)
-            with torch.no_grad(), ctx():
-                model(**batch)
+            for route in routes:
+                set_active(model, route)
+                with torch.no_grad(), ctx():
+                    net(**batch)
 
         return run
 
-    variants = {"base": fwd(None), "adapter": fwd("t0"), "mixed": fwd(rows)}
+    # each variant runs two forwards, switching what is active between them
+    variants = {"base": fwd(None, None), "adapter": fwd("t0", "t1"), "mixed": fwd(rows, shifted)}
     for v in variants.values():
         for _ in range(3):
             v()
@@ -169,7 +209,7 @@ def bench_infer(shape: str, precision: str, n: int, rounds: int, steps: int, dev
         "adapter_overhead_pct": round(100 * (med["adapter"] / med["base"] - 1), 2),
         "mixed_over_single_throughput": round(med["adapter"] / med["mixed"], 3),
     }
-    if shape == "smollm2":
+    if shape == "smollm2" and compile_mode == "none":
         ids = batch["input_ids"][:1, :32]
 
         def gen(route):
@@ -201,59 +241,82 @@ def bench_infer(shape: str, precision: str, n: int, rounds: int, steps: int, dev
 
 
 def main() -> None:
+    global SMOKE
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--big-batch", type=int, default=256, help="a second MiniLM batch, where arithmetic dominates")
     ap.add_argument("--lm-batch", type=int, default=16)
-    ap.add_argument("--only", default=None, help="comma-separated keys such as minilm/b32/fp32 (default: all)")
+    ap.add_argument("--only", default=None, help="comma-separated keys such as minilm/b32/bf16 (default: all)")
     ap.add_argument(
         "--compile",
-        default="none",
-        help="comma-separated torch.compile modes for the training figures: none, default, reduce-overhead",
+        default="none,default,reduce-overhead",
+        help="comma-separated torch.compile modes, each measured: none (eager), default, reduce-overhead",
     )
     ap.add_argument("--no-infer", action="store_true", help="training figures only")
+    ap.add_argument("--budget-minutes", type=float, default=8.0, help="skip what is left after this long")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes, 1 round of 2 steps, on any device")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("gpu_speed.py needs a CUDA GPU")
-    device = torch.device("cuda")
+    SMOKE = args.smoke
+    if not torch.cuda.is_available() and not args.smoke:
+        raise SystemExit("gpu_speed.py needs a CUDA GPU (or --smoke, to check the script on a CPU)")
+    if args.smoke:
+        args.rounds, args.steps, args.batch, args.big_batch, args.lm_batch = 1, 2, 4, 8, 2
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = True
     report = {
-        "gpu": torch.cuda.get_device_name(0),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (--smoke on a CPU)",
         "torch": torch.__version__,
         "transformers": T.__version__,
+        "smoke": args.smoke,
         "results": {},
+        "skipped": [],
     }
-    for shape, n in (("minilm", args.batch), ("minilm", args.big_batch), ("smollm2", args.lm_batch)):
-        for precision in ("fp32", "bf16"):
-            key = f"{shape}/b{n}/{precision}"
-            if args.only and key not in args.only.split(","):
+    t0 = time.perf_counter()
+    keys = [
+        (shape, n, precision)
+        for precision in ("bf16", "fp32")
+        for shape, n in (("minilm", args.batch), ("smollm2", args.lm_batch), ("minilm", args.big_batch))
+    ]
+    for shape, n, precision in keys:
+        key = f"{shape}/b{n}/{precision}"
+        if args.only and key not in args.only.split(","):
+            continue
+        for mode in args.compile.split(","):
+            name = key if mode == "none" else f"{key}/compile-{mode}"
+            if time.perf_counter() - t0 > args.budget_minutes * 60:
+                report["skipped"].append(name)
                 continue
-            for mode in args.compile.split(","):
-                name = key if mode == "none" else f"{key}/compile-{mode}"
-                t = bench_train(shape, precision, n, args.rounds, args.steps, device, mode)
-                report["results"][name] = r = {"train": t}
-                line = (
-                    f"{name:<36} train step adapters/full {t['step_ratio']:.3f} ({t['step_ms']['adapters']:.1f} / "
-                    f"{t['step_ms']['full']:.1f} ms), peak memory {t['memory_ratio']:.3f} "
-                    f"({t['peak_mib']['adapters']:.0f} / {t['peak_mib']['full']:.0f} MiB)"
-                )
-                if mode == "none" and not args.no_infer:
-                    r["infer"] = i = bench_infer(shape, precision, n, args.rounds, args.steps, device)
-                    mixed = i["mixed_over_single_throughput"]
-                    line += f"; inference +{i['adapter_overhead_pct']:.1f} %, mixed/single {mixed:.3f}"
-                    if "generate_tokens_per_s" in i:
-                        line += (
-                            f"; generate {i['generate_tokens_per_s']['adapter']:.0f} vs "
-                            f"{i['generate_tokens_per_s']['base']:.0f} "
-                            f"tok/s ({i['generate_ratio_adapter_over_base']:.3f})"
-                        )
-                print(line, flush=True)
-                if args.json:  # after every figure, so a run cut short keeps what it measured
-                    with open(args.json, "w") as f:
-                        json.dump(report, f, indent=2)
+            t = bench_train(shape, precision, n, args.rounds, args.steps, device, mode)
+            report["results"][name] = r = {"train": t}
+            if not args.no_infer:
+                r["infer"] = bench_infer(shape, precision, n, args.rounds, args.steps, device, mode)
+            print(_line(name, r), flush=True)
+            if args.json:  # after every figure, so a run cut short keeps what it measured
+                with open(args.json, "w") as f:
+                    json.dump(report, f, indent=2)
+    if report["skipped"]:
+        print(f"skipped (over --budget-minutes {args.budget_minutes:g}): {', '.join(report['skipped'])}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+
+
+def _line(name: str, r: dict) -> str:
+    t = r["train"]
+    line = (
+        f"{name:<36} train step adapters/full {t['step_ratio']:.3f} ({t['step_ms']['adapters']:.1f} / "
+        f"{t['step_ms']['full']:.1f} ms), peak memory {t['memory_ratio']:.3f}"
+    )
+    if "infer" in r:
+        i = r["infer"]
+        line += f"; inference +{i['adapter_overhead_pct']:.1f} %, mixed/single {i['mixed_over_single_throughput']:.3f}"
+        if "generate_tokens_per_s" in i:
+            tok = i["generate_tokens_per_s"]
+            line += f"; generate {tok['adapter']:.0f} vs {tok['base']:.0f} tok/s"
+    return line
 
 
 if __name__ == "__main__":

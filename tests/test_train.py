@@ -274,7 +274,7 @@ def test_compiled_training_steps_equal_eager_ones():
     for _ in range(3):
         eager = training_step(model, batch, opt_a, sched_a, task_type="classification", max_grad_norm=1.0)
         fused = training_step(compiled, batch, opt_b, sched_b, task_type="classification", max_grad_norm=1.0)
-        assert fused == pytest.approx(eager, abs=1e-6)
+        assert float(fused) == pytest.approx(float(eager), abs=1e-6)
     for a, b in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
     assert any(not torch.equal(v, start[k]) for k, v in twin.adaptune.state_dict().items())  # the steps did train

@@ -15,9 +15,11 @@ from adaptune.core.architectures import (
     head_modules,
     layer_list,
 )
+from adaptune.core import grouped
+from adaptune.core.adapter_set import AdapterSet, _fresh_copy
 from adaptune.core.bottleneck import Bottleneck
-from adaptune.core.adapter_set import AdapterSet
-from adaptune.core.routing import _AdaptedOutput, _InputHook, _Route, _RoutedForward, _rows_index, _scatter_rows
+from adaptune.core.grouped import BottleneckBank, ModuleBank
+from adaptune.core.routing import _AdaptedOutput, _InputHook, _Route, _RoutedForward
 from adaptune.errors import ArchitectureError, ConfigError
 
 
@@ -26,7 +28,8 @@ class AdapterContainer(nn.Module):
     pre-hooks) that run the base through the active one(s).
 
     ``active`` is a name, ``None`` (the plain base), or a tuple with one name (or ``None``) per
-    batch row; assigning it validates the names and precomputes the row groups.
+    batch row; assigning it validates the names and sets the route, the tensor of task indices
+    that mixed-task batches and compiled graphs read (:mod:`adaptune.core.grouped`).
     """
 
     def __init__(self, spec: ArchSpec) -> None:
@@ -34,12 +37,26 @@ class AdapterContainer(nn.Module):
         self.sets = nn.ModuleDict()
         self.spec = spec
         self._active: str | tuple[str | None, ...] | None = None
-        self._groups: list[tuple[str | None, list[int]]] | None = None  # per-row routing, else None
-        self._index_cache: dict[tuple, torch.Tensor | slice] = {}
+        self._mixed = False  # rows of several tasks (or of tasks and the base) in one batch
+        # The routing as tensor data (see adaptune.core.grouped): one task index, or one per row.
+        self._task_route: torch.Tensor | None = None
+        self._route_index: int | None = None  # the index of a one-task route, for heads of other widths
+        self._present: frozenset[int] = frozenset()  # the task indices the route holds
+        self._banks: dict[tuple[int, str], list[BottleneckBank]] = {}
+        self._module_banks: dict[tuple[str, str], list[ModuleBank]] = {}
         # Layers whose adapters are bypassed at run time (the paper's ablation, Figure 6).
-        self.skip_layers: frozenset[int] = frozenset()
+        self._skip_layers: frozenset[int] = frozenset()
         self._hooks: dict[tuple, Any] = {}
         self._stash: dict[tuple[int, str], torch.Tensor] = {}
+
+    @property
+    def skip_layers(self) -> frozenset[int]:
+        return self._skip_layers
+
+    @skip_layers.setter
+    def skip_layers(self, layers) -> None:
+        self._skip_layers = frozenset(layers)
+        self._rebuild()
 
     @property
     def active(self) -> str | tuple[str | None, ...] | None:
@@ -50,22 +67,33 @@ class AdapterContainer(nn.Module):
         if value is None or isinstance(value, str):
             if value is not None and value not in self.sets:
                 raise ConfigError(f"no adapter named {value!r} on this model; it has {list(self.sets) or 'none'}")
-            self._active, self._groups = value, None
-            return
-        rows = tuple(value)
-        unknown = sorted({str(n) for n in rows if n is not None and n not in self.sets})
-        if not rows or unknown:
-            raise ConfigError(
-                f"per-row adapters must be a non-empty list of names or None; unknown {unknown}, "
-                f"this model has {list(self.sets) or 'none'}"
-            )
-        if len(set(rows)) == 1:  # one task for every row: the plain fast path
-            self._active, self._groups = rows, None
-            return
-        groups: dict[str | None, list[int]] = {}
-        for i, name in enumerate(rows):
-            groups.setdefault(name, []).append(i)
-        self._active, self._groups, self._index_cache = rows, list(groups.items()), {}
+            self._active, self._mixed = value, False
+        else:
+            rows = tuple(value)
+            unknown = sorted({str(n) for n in rows if n is not None and n not in self.sets})
+            if not rows or unknown:
+                raise ConfigError(
+                    f"per-row adapters must be a non-empty list of names or None; unknown {unknown}, "
+                    f"this model has {list(self.sets) or 'none'}"
+                )
+            # one task for every row: eager runs take the plain one-task path
+            self._active, self._mixed = rows, len(set(rows)) > 1
+        self._set_route()
+
+    def _set_route(self) -> None:
+        """``_task_route`` from ``_active``: the tensor a compiled graph reads (so no recompilation)."""
+        names = {n: i for i, n in enumerate(self.sets)}
+        ref = next(self.parameters(), None)
+        device = ref.device if ref is not None else None
+        value = self._active
+        if value is None or isinstance(value, str):
+            self._route_index = len(names) if value is None else names[value]
+            self._task_route = _on(torch.tensor(self._route_index), device)
+            self._present = frozenset([self._route_index])
+        else:
+            self._route_index = None
+            rows = [len(names) if n is None else names[n] for n in value]
+            self._task_route, self._present = _on(torch.tensor(rows), device), frozenset(rows)
 
     def _single(self) -> str | None:
         """The adapter of every row when routing is not per row."""
@@ -81,7 +109,7 @@ class AdapterContainer(nn.Module):
 
     def active_set(self) -> AdapterSet | None:
         """The one set every row goes through (``None`` for the base or per-row routing)."""
-        if self._groups is not None:
+        if self._mixed:
             return None
         name = self._single()
         return self._modules["sets"]._modules[name] if name is not None else None
@@ -124,28 +152,87 @@ class AdapterContainer(nn.Module):
         heads = head_modules(model)
         for name in aset.head:
             self._route(("head", name), heads[name], _Route(self, heads[name].forward, "head", name))
+        self._rebuild()
 
     def remove_hooks(self) -> None:
         for handle in reversed(list(self._hooks.values())):
             handle.remove()
         self._hooks.clear()
         self._stash.clear()
+        self._banks, self._module_banks = {}, {}
 
-    def _rows(self, rows: list[int], device: torch.device) -> torch.Tensor | slice:
-        key = (tuple(rows), device)
-        if key not in self._index_cache:
-            self._index_cache[key] = _rows_index(rows, device)
-        return self._index_cache[key]
+    # ---- the routing as tensor data (adaptune.core.grouped) ---------------------------------
+    def _rebuild(self) -> None:
+        """The banks of stacked adapters and module copies, and the route, for the current sets,
+        skipped layers and device. Called whenever one of them changes, never during a forward
+        (a compiled graph then only reads what it guards on)."""
+        ref = next(self.parameters(), None)
+        device = ref.device if ref is not None else None
+        names = list(self.sets)
+        banks: dict[tuple[int, str], dict[tuple, list]] = {}
+        for i, name in enumerate(names):
+            aset = self.sets[name]
+            for layer_id, slots in aset.adapters.items():
+                if int(layer_id) in self._skip_layers:
+                    continue
+                for slot, adapter in slots.items():
+                    key = grouped.bottleneck_key(adapter, aset.config.mode == "parallel")
+                    banks.setdefault((int(layer_id), slot), {}).setdefault(key, []).append((i, adapter))
+        self._banks = {
+            where: [grouped.BottleneckBank(m, len(names), key[-1], device) for key, m in by_key.items()]
+            for where, by_key in banks.items()
+        }
+        self._module_banks = {}
+        for hook_key, handle in self._hooks.items():
+            if hook_key[0] in _GROUPS:
+                group, key = _GROUPS[hook_key[0]], hook_key[1]
+                self._module_banks[(group, key)] = self._module_bank(group, key, handle.module, names, device)
+        if not set(self.active_names()) <= set(names):
+            self._active, self._mixed = None, False
+        if names:
+            self._set_route()
+        else:
+            self._task_route = self._route_index = None
 
-    def _check_batch(self, n: int) -> None:
-        if n != len(self._active):
+    def _module_bank(self, group: str, key: str, base: nn.Module, names: list[str], device) -> list[ModuleBank]:
+        """The banks of one routed module: each task's copy (or the base module), grouped by shapes."""
+        by_key: dict[tuple, list[tuple[int, nn.Module]]] = {}
+        for i, name in enumerate([*names, None]):
+            copy_ = None if name is None else self.sets[name]._modules[group]._modules.get(key)
+            module = base if copy_ is None else copy_
+            by_key.setdefault(grouped.module_key(module), []).append((i, module))
+        out = []
+        for members in by_key.values():
+            copies = [m for _, m in members if m is not base]
+            template = copies[0] if copies else _fresh_copy(base)
+            out.append(ModuleBank(template, members, len(names), device))
+        return out
+
+    def _apply(self, fn, recurse: bool = True):
+        super()._apply(fn, recurse)
+        self._rebuild()  # the tables and the route on the parameters' new device
+        return self
+
+    def _tensor_routing(self) -> bool:
+        """Rows of several tasks, or a compiled graph: the route is read as tensor data."""
+        return torch.compiler.is_compiling() or self._mixed
+
+    def _known_present(self) -> frozenset[int] | None:
+        """The tasks of the batch's rows in an eager run (their weights alone get gradients), or
+        None in a compiled graph (which must not guard on them: absent tasks get zero gradients)."""
+        return None if torch.compiler.is_compiling() else self._present
+
+    def _route_for(self, n: int) -> torch.Tensor:
+        route = self._task_route
+        if route.dim() == 1 and route.shape[0] != n:
             raise ConfigError(
-                f"per-row adapters name {len(self._active)} rows but the batch has {n}; "
+                f"per-row adapters name {route.shape[0]} rows but the batch has {n}; "
                 "call set_active with one name per row"
             )
+        return route
 
     def _bottleneck(self, name: str | None, layer: int, slot: str) -> Bottleneck | None:
-        if name is None or layer in self.skip_layers:
+        if name is None or layer in self._skip_layers:
             return None
         return self._modules["sets"]._modules[name].bottleneck(layer, slot)
 
@@ -153,57 +240,59 @@ class AdapterContainer(nn.Module):
         """After a sub-layer's output module: its output with the active adapter(s) added, or None."""
         x_in = self._stash.pop((layer, slot), None) if self._stash else None
         h = out[0] if isinstance(out, tuple) else out
-        if self._groups is None:
+        if self._tensor_routing():
+            banks = self._banks.get((layer, slot))
+            if not banks:
+                return None
+            route, present = self._route_for(h.shape[0]), self._known_present()
+            for bank in banks:  # rows of other banks get an exact zero added
+                h = bank.add_rows(route, h, x_in if bank.parallel else None, present)
+        else:
             aset = self.active_set()
             adapter = None if aset is None else self._bottleneck(self._single(), layer, slot)
             if adapter is None:
                 return None
             # (B, T, d): sequential reads h (internal skip), parallel the sub-layer's input
             h = adapter.add_to(h, x_in if aset.config.mode == "parallel" else None)
-        else:
-            self._check_batch(h.shape[0])
-            pieces = []
-            for name, rows in self._groups:
-                idx = self._rows(rows, h.device)
-                adapter = self._bottleneck(name, layer, slot)
-                if adapter is None:
-                    pieces.append((idx, h[idx]))
-                else:
-                    par = self.sets[name].config.mode == "parallel"
-                    pieces.append((idx, adapter.add_to(h[idx], x_in[idx] if par else None)))
-            h = _scatter_rows(pieces, h.shape[0])
         return (h, *out[1:]) if isinstance(out, tuple) else h
 
     def _on_input(self, layer: int, slot: str, args, kwargs) -> None:
         """Forward pre-hook of a sub-layer's input module: keep x for parallel adapters."""
-        names = self.active_names()
-        if any(self.sets[n].config.mode == "parallel" and self._bottleneck(n, layer, slot) is not None for n in names):
+        if self._tensor_routing():
+            need = any(bank.parallel for bank in self._banks.get((layer, slot), ()))
+        else:
+            name = self._single()
+            need = name is not None and self.sets[name].config.mode == "parallel"
+            need = need and self._bottleneck(name, layer, slot) is not None
+        if need:
             x = args[0] if args else kwargs.get("hidden_states", next(iter(kwargs.values()), None))
             self._stash[(layer, slot)] = x
 
     def _routed_call(self, base_forward, group: str, key: str, args, kwargs):
         """The base module's new ``forward``: the active task's copy when it has one, else the base.
 
-        Per-row routing splits the batch (dim 0 of the first argument) by task; tasks without a
-        copy of this module share one call of the base.
+        Rows of several tasks run through :mod:`adaptune.core.grouped` (each row with its task's
+        copy, or the base module's own parameters), as one batched call per bank of equal shapes.
         """
-        if self._groups is None:
+        if not self._tensor_routing():
             aset = self.active_set()
             copy_ = None if aset is None else aset._modules[group]._modules.get(key)
             return base_forward(*args, **kwargs) if copy_ is None else copy_(*args, **kwargs)
-        x, rest = args[0], args[1:]
-        self._check_batch(x.shape[0])
-        by_module: dict[int, tuple[Any, list[int]]] = {}
-        for name, rows in self._groups:
-            table = None if name is None else getattr(self.sets[name], group)
-            fn = table[key] if table is not None and key in table else base_forward
-            by_module.setdefault(id(fn), (fn, []))[1].extend(rows)
-        pieces = []
-        for fn, rows in by_module.values():
-            idx = self._rows(sorted(rows), x.device)
-            pieces.append((idx, fn(x[idx], *rest, **kwargs)))
-        if len(pieces) == 1:
-            return pieces[0][1]
-        if not all(isinstance(p, torch.Tensor) for _, p in pieces):
-            raise ArchitectureError(f"per-row adapters need {group} modules that return one tensor; {key!r} does not")
-        return _scatter_rows(pieces, x.shape[0])
+        banks = self._module_banks[(group, key)]
+        route = self._route_for(args[0].shape[0])
+        if route.dim() == 0 and len(banks) > 1:  # copies of other shapes (heads of other widths)
+            index = len(self.sets) if self._route_index is None else self._route_index
+            banks = [b for b in banks if index in b.tasks]
+        return grouped.run_module_banks(banks, route, args, kwargs, f"{group} module {key!r}", self._known_present())
+
+
+_GROUPS = {"norm": "norms", "pooler": "pooler", "head": "head"}
+
+
+def _on(t: torch.Tensor, device: torch.device | None) -> torch.Tensor:
+    """``t`` (on the CPU) on ``device``; to a GPU from pinned memory without waiting for its queue."""
+    if device is None or device.type == "cpu":
+        return t
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)

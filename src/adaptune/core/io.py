@@ -254,6 +254,7 @@ def load_adapter(
     aset = add_adapter(model, name, config, activate=False)
     try:
         _fit_head_widths(aset, tensors)
+        get_container(model)._rebuild()  # the head copy's new width: another bank for mixed batches
         expected = aset.state_dict()
         missing = sorted(set(expected) - set(tensors))
         unexpected = sorted(set(tensors) - set(expected))

@@ -1,12 +1,10 @@
 """How adapters reach a model's modules: routed ``forward`` methods (not hooks: hooks send a module
-down ``nn.Module``'s slow call path), the input hook of parallel adapters, and the row bookkeeping
-of mixed-task batches. Each calls back into the :class:`adaptune.core.inject.AdapterContainer` it serves."""
+down ``nn.Module``'s slow call path) and the input hook of parallel adapters. Each calls back into
+the :class:`adaptune.core.inject.AdapterContainer` it serves."""
 
 from __future__ import annotations
 
-from typing import Any
 
-import torch
 from torch import nn
 
 from typing import TYPE_CHECKING
@@ -41,28 +39,6 @@ class _RoutedForward:
             self.module.forward = self.previous
         else:
             del self.module.forward
-
-
-def _rows_index(rows: list[int], device: torch.device) -> torch.Tensor | slice:
-    """A slice for contiguous rows (zero-copy views), else an index tensor on ``device``."""
-    if rows == list(range(rows[0], rows[0] + len(rows))):
-        return slice(rows[0], rows[0] + len(rows))
-    return torch.tensor(rows, dtype=torch.long, device=device)
-
-
-def _scatter_rows(pieces: list[tuple[Any, torch.Tensor]], batch: int) -> torch.Tensor:
-    """One tensor from per-row-group results; trailing sizes that differ (heads of different
-    widths) are padded with NaN to the widest."""
-    first = pieces[0][1]
-    tail = [max(p.shape[d] for _, p in pieces) for d in range(1, first.dim())]
-    ragged = any(list(p.shape[1:]) != tail for _, p in pieces)
-    out = first.new_full((batch, *tail), float("nan")) if ragged else first.new_empty((batch, *tail))
-    for rows, piece in pieces:
-        if ragged:
-            out[(rows, *(slice(0, n) for n in piece.shape[1:]))] = piece
-        else:
-            out[rows] = piece
-    return out
 
 
 class _AdaptedOutput:

@@ -91,8 +91,8 @@ def native_dropout_agrees(lib: ctypes.CDLL) -> bool:
 
 def lean_dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     """``F.dropout(x, p, training)`` with a 1-byte kept mask (CPU; drawn and applied in C where the
-    C kernels load); elsewhere ``F.dropout`` itself."""
-    if not training or p == 0.0 or x.device.type != "cpu":
+    C kernels load); elsewhere, and under a ``torch.func`` transform, ``F.dropout`` itself."""
+    if not training or p == 0.0 or x.device.type != "cpu" or torch._C._are_functorch_transforms_active():
         return nn.functional.dropout(x, p, training)
     if p == 1.0:
         return x * 0.0

@@ -270,8 +270,13 @@ def why_not() -> str | None:
 
 def usable() -> ctypes.CDLL | None:
     """The library where a kernel may run now: loaded, at torch's thread count, and not under a
-    compiler's trace or a dispatch mode (FLOP counters and fake tensors see torch's ops, not a C call)."""
-    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
+    compiler's trace, a dispatch mode (FLOP counters and fake tensors see torch's ops, not a C call) or
+    a ``torch.func`` transform (``vmap`` runs a task's copy of a module per row: its tensors are not plain)."""
+    if (
+        torch.compiler.is_compiling()
+        or _get_current_dispatch_mode() is not None
+        or torch._C._are_functorch_transforms_active()
+    ):
         return None
     lib = library()
     return None if lib is None or (torch.get_num_threads() > 1 and not lib.parallel) else lib

@@ -71,6 +71,16 @@ def bucket_batches(
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
+def bucket_length(longest: int, max_length: int, smallest: int = 16) -> int:
+    """The padded length of a batch whose longest example has ``longest`` tokens, from a few fixed
+    sizes (powers of two from ``smallest``, and ``max_length``): a compiled model (CUDA graphs
+    above all) then sees a handful of shapes instead of one per length."""
+    size = smallest
+    while size < longest:
+        size *= 2
+    return max(longest, min(size, max_length))
+
+
 def collate(features: list[dict], pad_token_id: int, *, pad_to: int | None = None) -> dict[str, torch.Tensor]:
     """Pad a batch of :func:`encode` features to its longest example (right padding).
 

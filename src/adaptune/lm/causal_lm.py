@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -28,17 +29,44 @@ def _keep_mask(labels: torch.Tensor) -> torch.Tensor:
     return keep
 
 
-def response_logits(model, batch: dict[str, torch.Tensor], labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits ``(N, V)`` at the N positions that predict a response token, and those N targets."""
-    keep = _keep_mask(labels)  # (B, T)
-    cols = keep.any(0).nonzero().squeeze(1)  # (K,) positions some row needs
-    logits = model(**batch, logits_to_keep=cols).logits  # (B, K, V)
-    if logits.shape[1] != cols.numel():  # a model that ignored logits_to_keep: (B, T, V)
-        logits = logits[:, cols]
-    targets = torch.full_like(labels, IGNORE)
-    targets[:, :-1] = labels[:, 1:]  # target of position t is token t+1
-    sel = keep[:, cols]  # (B, K)
-    return logits[sel], targets[:, cols][sel]
+class ResponseIndex(NamedTuple):
+    """Where a batch's trained response tokens are, computed from its labels where they live (the
+    host, in the training loop) so that the step on the device reads nothing back.
+
+    ``cols`` (K,): positions some row needs (passed as ``logits_to_keep``); ``rows``, ``at`` (N,):
+    the row and the index into ``cols`` of each predicting position; ``targets`` (N,): its token."""
+
+    cols: torch.Tensor
+    rows: torch.Tensor
+    at: torch.Tensor
+    targets: torch.Tensor
+
+    def to(self, device) -> ResponseIndex:
+        return ResponseIndex(*(t.to(device, non_blocking=True) for t in self))
+
+
+def response_index(labels: torch.Tensor, row_weight: torch.Tensor | None = None) -> ResponseIndex:
+    """The :class:`ResponseIndex` of ``labels`` (B, T); rows of ``row_weight`` 0 count for nothing.
+    Its sizes depend on the labels' values: on a GPU this reads them back, so call it on the host copy."""
+    keep = _keep_mask(labels)
+    if row_weight is not None:
+        keep &= row_weight[:, None].to(keep.device) != 0
+    cols = keep.any(0).nonzero().squeeze(1)  # (K,)
+    rows, at = keep[:, cols].nonzero(as_tuple=True)  # (N,), (N,)
+    return ResponseIndex(cols, rows, at, labels[rows, cols[at] + 1])
+
+
+def response_logits(
+    model, batch: dict[str, torch.Tensor], labels: torch.Tensor | None = None, index: ResponseIndex | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits ``(N, V)`` at the N positions that predict a response token, and those N targets
+    (from ``index``, else from ``labels``)."""
+    device = batch["input_ids"].device
+    index = (response_index(labels) if index is None else index).to(device)
+    logits = model(**batch, logits_to_keep=index.cols).logits  # (B, K, V)
+    if logits.shape[1] != index.cols.shape[0]:  # a model that ignored logits_to_keep: (B, T, V)
+        logits = logits[:, index.cols]
+    return logits[index.rows, index.at], index.targets
 
 
 def lm_loss(model, batch: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
@@ -48,14 +76,20 @@ def lm_loss(model, batch: dict[str, torch.Tensor], labels: torch.Tensor) -> torc
 
 
 def lm_loss_sum(
-    model, batch: dict[str, torch.Tensor], labels: torch.Tensor, row_weight: torch.Tensor | None = None
+    model,
+    batch: dict[str, torch.Tensor],
+    labels: torch.Tensor,
+    row_weight: torch.Tensor | None = None,
+    index: ResponseIndex | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The summed cross-entropy over the response tokens of ``batch`` and how many tokens it sums
-    (each row's tokens weighted by ``row_weight``, (B,); a weight-0 row counts for nothing)."""
-    if row_weight is not None:
-        labels = labels.masked_fill(row_weight[:, None] == 0, IGNORE)
-    logits, targets = response_logits(model, batch, labels)
-    return F.cross_entropy(logits.float(), targets, reduction="sum"), torch.tensor(float(targets.numel()))
+    (each row's tokens weighted by ``row_weight``, (B,); a weight-0 row counts for nothing).
+    ``index``: :func:`response_index` of the labels, computed beforehand on the host."""
+    if index is None:
+        index = response_index(labels, row_weight)
+    logits, targets = response_logits(model, batch, index=index)
+    count = torch.tensor(float(index.targets.shape[0]), device=logits.device)
+    return F.cross_entropy(logits.float(), targets, reduction="sum"), count
 
 
 @torch.no_grad()

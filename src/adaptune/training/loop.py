@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import random
 import shutil
 import time
@@ -18,13 +17,14 @@ from tqdm.auto import tqdm
 
 from adaptune.training import checkpoint as ckpt
 from adaptune.cpu import native
-from adaptune.lm.causal_lm import evaluate_lm
+from adaptune.lm.causal_lm import evaluate_lm, response_index
+from adaptune.data.batching import bucket_length
 from adaptune.data.loading import bucket_batches, collate
 from adaptune.training.distributed import Dist
-from adaptune.errors import TrainingError
 from adaptune.core.inject import active_adapter, set_active
 from adaptune.core.io import atomic_write_dir, save_adapter
 from adaptune.training.layer_cache import FrozenBelow
+from adaptune.training.losses import LossLog
 from adaptune.data.metrics import single_class_warning
 from adaptune.models.loading import (
     load_tokenizer,
@@ -101,6 +101,7 @@ class Run:
             "train_seconds": 0.0,
         }
         self.best_state = None
+        self.losses = LossLog()
 
     def _wrapped(self):
         """The model as the steps run it: DistributedDataParallel under torchrun (only trained
@@ -214,18 +215,22 @@ class Run:
         while progress["epoch"] < cfg.epochs:
             order = self.batches_for(progress["epoch"])
             while progress["batch"] < len(order):
-                loss = self.step(order[progress["batch"]])
+                self.losses.add(progress["step"] + 1, self.step(order[progress["batch"]]))
                 progress["step"] += 1
                 progress["batch"] += 1
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.1e}")
+                evaluating = cfg.eval_every and progress["step"] % cfg.eval_every == 0
+                saving = progress["step"] % cfg.checkpoint_every == 0
+                if evaluating or saving or self.losses.due():
+                    self.report(bar)
                 if on_step is not None:
                     on_step(progress["step"])
-                if cfg.eval_every and progress["step"] % cfg.eval_every == 0:
+                if evaluating:
                     self.evaluate_dev()
-                if progress["step"] % cfg.checkpoint_every == 0:
+                if saving:
                     progress["train_seconds"] = time.perf_counter() - t0
                     _checkpoint(self.dd, self.ck_dir, self.model, self.optimizer, self.scheduler, progress)
+            self.report(bar)
             progress["epoch"] += 1
             progress["batch"] = 0
             if not (cfg.eval_every and progress["step"] % cfg.eval_every == 0):
@@ -235,16 +240,34 @@ class Run:
         bar.close()
         self.train_seconds = time.perf_counter() - t0
 
-    def step(self, global_batch: list[int]) -> float:
-        """One optimisation step on this rank's share of a global batch; the loss."""
+    def report(self, bar) -> None:
+        """Read the losses of the steps since the last report (:class:`LossLog`), show the last on
+        the progress bar and note the steps that a non-finite loss skipped."""
+        last, skipped = self.losses.read(self.cfg.learning_rate)
+        if last is not None:
+            bar.set_postfix(loss=f"{last:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.1e}")
+        if skipped:
+            self.log(f"note: step(s) {', '.join(map(str, skipped))} skipped: the loss was not finite (no update)")
+
+    def step(self, global_batch: list[int]) -> torch.Tensor:
+        """One optimisation step on this rank's share of a global batch; the loss, on the device."""
         idx = self.dd.shard(global_batch)
         # an empty shard runs one example at weight 0: every rank takes part in DDP's all-reduce
-        row_weight = None if idx else torch.zeros(1, device=self.device)
+        empty = not idx
         idx = idx or global_batch[:1]
-        batch = {k: v.to(self.device) for k, v in collate([self.enc["train"][i] for i in idx], self.pad_id).items()}
+        examples = [self.enc["train"][i] for i in idx]
+        pad_to = None
+        if self.cfg.compile != "none":  # a few padded lengths: a few graphs (and CUDA graphs) to compile
+            pad_to = bucket_length(max(len(e["input_ids"]) for e in examples), self.cfg.max_length)
+        host = collate(examples, self.pad_id, pad_to=pad_to)
+        lm_index = None
+        if self.data.task_type == CAUSAL_LM:  # from the host's labels: the step reads nothing back
+            lm_index = response_index(host["labels"], torch.zeros(1) if empty else None)
+        batch = {k: v.to(self.device) for k, v in host.items()}
+        row_weight = torch.zeros(1, device=self.device) if empty else None
         cfg = self.cfg
         with self.frozen.step(idx) if self.frozen is not None else contextlib.nullcontext():
-            loss = training_step(
+            return training_step(
                 self.net,
                 batch,
                 self.optimizer,
@@ -254,13 +277,8 @@ class Run:
                 precision=cfg.precision,
                 class_weight=self.class_weight,
                 row_weight=row_weight,
+                lm_index=lm_index,
             )
-        if not math.isfinite(loss):
-            raise TrainingError(
-                f"loss became {loss} at step {self.progress['step'] + 1}; lower the learning rate "
-                f"(now {cfg.learning_rate:g}) or check the labels"
-            )
-        return loss
 
     def finish(self) -> dict[str, Any]:
         """Back to the best weights on dev, the final numbers, and (rank 0) the run folder."""

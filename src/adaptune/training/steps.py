@@ -9,7 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from adaptune.lm.causal_lm import lm_loss_sum
+from adaptune.lm.causal_lm import ResponseIndex, lm_loss_sum
 from adaptune.data.loading import bucket_batches, collate
 from adaptune.training.distributed import Dist
 from adaptune.errors import ConfigError
@@ -74,17 +74,18 @@ def loss_sum(
     return (each * row_weight).sum(), (row_weight != 0).sum().float()
 
 
-def job_mean(total: torch.Tensor, count: torch.Tensor) -> tuple[torch.Tensor, bool]:
+def job_mean(total: torch.Tensor, count: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The one reduction of the training loss: ``total`` over ``count`` summed over every process of
     a torchrun job, times their number (DDP averages the processes' gradients, so the job follows
     the gradient of Σ total / Σ count, the mean over every example or token of the global batch
-    however unevenly the processes share it); and whether every process's loss is finite. One
-    all-reduce; without torchrun, ``total / count``."""
+    however unevenly the processes share it); and whether every process's loss is finite, as a
+    0-dim bool tensor on the device (nothing is read back). One all-reduce; without torchrun,
+    ``total / count``."""
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     stats = torch.stack([count.to(total.device, torch.float32).reshape(()), (~torch.isfinite(total.detach())).float()])
     if world > 1:
         torch.distributed.all_reduce(stats)  # every rank must agree to skip, or DDP's all-reduce would hang
-    return total / stats[0].clamp(min=1) * world, bool(stats[1] == 0)
+    return total / stats[0].clamp(min=1) * world, stats[1] == 0
 
 
 def balanced_class_weights(labels, num_labels: int) -> torch.Tensor:
@@ -125,31 +126,57 @@ def training_step(
     precision: str = "fp32",
     class_weight: torch.Tensor | None = None,
     row_weight: torch.Tensor | None = None,
-) -> float:
-    """One optimisation step on ``batch`` (which holds ``labels``); returns the loss.
+    lm_index: ResponseIndex | None = None,
+) -> torch.Tensor:
+    """One optimisation step on ``batch`` (which holds ``labels``); returns the loss as a 0-dim
+    tensor on the device, for the caller to read when it reports (reading it waits for the step).
 
     ``class_weight`` weighs the cross-entropy of each class (e.g. :func:`balanced_class_weights`);
     ``row_weight`` (B,) each row, 0 for a filler row of an otherwise empty shard. Under torchrun
-    the loss is the mean over the whole global batch (:func:`job_mean`).
-    A non-finite loss is returned without touching the weights, for the caller to report.
+    the loss is the mean over the whole global batch (:func:`job_mean`). ``lm_index``: for a causal
+    LM, :func:`adaptune.lm.causal_lm.response_index` of the labels, computed on the host.
+
+    Nothing in the step reads a device value back: a non-finite loss skips the update on the
+    device (the fused AdamW's ``found_inf``, as with a gradient scaler: no weight, moment or step
+    count changes; the schedule still advances), and the returned loss is that non-finite value.
+    An optimizer without ``found_inf`` support reads the flag and skips the update on the host.
     """
     batch = dict(batch)
     labels = batch.pop("labels")
     with autocast(labels.device, precision):
         if task_type == CAUSAL_LM:
-            total, count = lm_loss_sum(model, batch, labels, row_weight)
+            total, count = lm_loss_sum(model, batch, labels, row_weight, lm_index)
         else:
             total, count = loss_sum(model(**batch).logits, labels, task_type, class_weight, row_weight)
     loss, finite = job_mean(total, count)
-    if not finite:
-        return loss.item() if not torch.isfinite(loss) else float("nan")
+    on_device = _skips_on_device(optimizer)
+    if not on_device and not bool(finite):
+        return loss.detach()
     loss.backward()
     if max_grad_norm > 0:  # the optimizer's tensors are the trained ones (no walk over every module)
         torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], max_grad_norm)
-    optimizer.step()
+    if on_device:
+        before = optimizer.__dict__.get("found_inf")
+        optimizer.found_inf = (~finite).float()
+        try:
+            optimizer.step()
+        finally:
+            if before is None:
+                del optimizer.found_inf
+            else:
+                optimizer.found_inf = before
+    else:
+        optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss.item()
+    return loss.detach()
+
+
+def _skips_on_device(optimizer) -> bool:
+    """Whether ``optimizer.step`` honours ``found_inf`` (torch's fused Adam and AdamW do)."""
+    return bool(getattr(optimizer, "_step_supports_amp_scaling", False)) and all(
+        g.get("fused") for g in optimizer.param_groups
+    )
 
 
 def make_optimizer(model, cfg: TrainConfig, total_steps: int):
