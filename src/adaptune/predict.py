@@ -18,7 +18,7 @@ import torch
 from adaptune.data.loading import Split, bucket_batches, collate, encode
 from adaptune.training.checkpoint import read_json
 from adaptune.errors import ConfigError, DataError
-from adaptune.core.inject import _NAME, set_active
+from adaptune.core.inject import _NAME, remove_adapter, set_active
 from adaptune.core.io import load_adapter, read_adapter_config
 from adaptune.models.loading import load_classifier, load_tokenizer
 from adaptune.training.train import TrainConfig, evaluate, pick_device
@@ -186,6 +186,8 @@ class MultiTaskPredictor:
     Args:
         runs: task name -> run folder, or a list of folders (see :func:`name_runs`).
         device: ``"auto"``, ``"cpu"`` or ``"cuda[:i]"``.
+        base: the base model to load instead of the one the first run names (e.g. a local copy);
+            every adapter is checked against it by its weight fingerprint.
 
     Raises:
         ConfigError: a folder is not a finished adapter run (with a head of its own), or two
@@ -199,7 +201,12 @@ class MultiTaskPredictor:
         ['great', 'business']
     """
 
-    def __init__(self, runs: dict[str, str | os.PathLike] | list[str | os.PathLike], device: str = "auto") -> None:
+    def __init__(
+        self,
+        runs: dict[str, str | os.PathLike] | list[str | os.PathLike],
+        device: str = "auto",
+        base: str | None = None,
+    ) -> None:
         if not isinstance(runs, dict):
             runs = name_runs(runs)
         if not runs:
@@ -216,10 +223,38 @@ class MultiTaskPredictor:
         first = next(iter(runs))
         self.device = pick_device(device)
         self.tokenizer = load_tokenizer(str(Path(runs[first]) / "tokenizer"))
-        self.model = load_classifier(configs[first].model, _num_outputs(self.tasks[first]))
+        self.base = base or configs[first].model  # another copy of the base (checked by fingerprint)
+        self.model = load_classifier(self.base, _num_outputs(self.tasks[first]))
         for name, folder in runs.items():
             load_adapter(self.model, Path(folder) / "adapter", name=name, activate=False)
         self.model.to(self.device).eval()
+
+    def add_run(self, name: str, folder: str | os.PathLike) -> None:
+        """Serve one more run as task ``name``, checked as strictly as at start (a finished adapter
+        run with a head of its own, whose adapter fits this base); nothing changes if it fails.
+
+        Raises:
+            ConfigError: the name is taken or unusable, or the folder is not a finished adapter run.
+            AdapterFileError: the adapter does not fit the base (another base, a damaged file).
+        """
+        folder = Path(folder)
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise ConfigError(f"task name {name!r} is not usable: use letters, digits, '_' and '-'")
+        if name in self.tasks:
+            raise ConfigError(f"a task named {name!r} is already served; unload it first or pick another name")
+        _, task = read_run(folder)
+        if not (folder / "adapter").is_dir():
+            raise ConfigError(f"{folder} is not an adapter run (no adapter/)")
+        load_adapter(self.model, folder / "adapter", name=name, activate=False)
+        self.model.to(self.device)
+        self.tasks[name] = task
+
+    def remove_task(self, name: str) -> None:
+        """Stop serving task ``name`` (its adapter, norm and head copies leave the model)."""
+        if name not in self.tasks:
+            raise ConfigError(f"no task named {name!r}; served: {', '.join(self.tasks) or 'none'}")
+        remove_adapter(self.model, name)
+        del self.tasks[name]
 
     @torch.no_grad()
     def predict(

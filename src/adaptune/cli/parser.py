@@ -29,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compare_command(sub)
     _add_demo_commands(sub)
     _add_lm_commands(sub)
+    _add_serve_command(sub)
     return parser
 
 
@@ -293,6 +294,34 @@ def _add_lm_commands(sub) -> None:
     _common(p)
 
 
+def _add_serve_command(sub) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="serve finished runs over HTTP: one base in memory, mixed-task batches",
+        description="Load the base model once and every run's adapter, and answer POST /v1/predict (or "
+        "/v1/generate for causal-LM runs), GET /v1/tasks, /healthz, /metrics and a page at /. Requests of all "
+        "tasks are batched together. Stops on SIGTERM or Ctrl-C after finishing the requests in flight.",
+    )
+    p.add_argument("runs", nargs="+", help="finished adapter run folders, or NAME=FOLDER to name a task")
+    p.add_argument("--model", default=None, help="load this base instead of the one the runs name (e.g. a local copy)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (default: auto)")
+    p.add_argument("--max-batch-size", type=int, default=32, help="most rows in one forward pass (default: 32)")
+    p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits for more (default: 5)")
+    p.add_argument("--max-queue", type=int, default=256, help="requests waiting before 503 (default: 256)")
+    p.add_argument("--no-batching", action="store_true", help="one request per forward pass (for comparison)")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default: 1 MiB)")
+    p.add_argument("--max-inputs", type=int, default=64, help="most inputs in one request (default: 64)")
+    p.add_argument("--max-chars", type=int, default=20_000, help="longest input in characters (default: 20000)")
+    p.add_argument("--timeout-s", type=float, default=30.0, help="answer 504 after this long (default: 30)")
+    p.add_argument("--adapter-root", default=None, help="the one folder POST /v1/adapters may load runs from")
+    p.add_argument(
+        "--token", default=None, help="bearer token for the adapter endpoints (default: $ADAPTUNE_SERVE_TOKEN)"
+    )
+    _common(p)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -310,12 +339,13 @@ def main(argv: list[str] | None = None) -> int:
         from adaptune.cli import adapter_commands
         from adaptune.cli import commands
         from adaptune.cli import lm_commands
+        from adaptune.cli import serve_commands
         from adaptune.cpu.heap import keep_freed_memory
 
         # this process's CPU work reuses freed memory instead of faulting it back in; it exits after
         with keep_freed_memory(give_back=False):
             name = args.command.replace("-", "_")
-            module = next(m for m in (commands, adapter_commands, lm_commands) if hasattr(m, name))
+            module = next(m for m in (commands, adapter_commands, lm_commands, serve_commands) if hasattr(m, name))
             return getattr(module, name)(args) or 0
     except AdaptuneError as e:
         if args.debug:

@@ -139,11 +139,27 @@ class ModuleBank:
         if route.dim() == 0:
             return functional_call(self.template, {n: p[0] for n, p in params.items()}, args, kwargs)
         x, rest = args[0], args[1:]
+        if _plain_layer_norm(self.template) and not rest and not kwargs:
+            # normalise once, then each row's own gain and bias (what vmap would do, without its overhead)
+            t = self.template
+            shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (x.shape[-1],)
+            normed = F.layer_norm(x, t.normalized_shape, None, None, t.eps)
+            return torch.addcmul(params["bias"].view(shape), normed, params["weight"].view(shape))
 
         def one_row(p: dict[str, torch.Tensor], row: torch.Tensor) -> torch.Tensor:
             return functional_call(self.template, p, (row.unsqueeze(0), *rest), kwargs).squeeze(0)
 
         return vmap(one_row, randomness="different")(params, x)
+
+
+def _plain_layer_norm(module: nn.Module) -> bool:
+    """A ``torch.nn.LayerNorm`` itself (not a subclass) over the last dimension, with gain and bias."""
+    return (
+        type(module) is nn.LayerNorm
+        and module.elementwise_affine
+        and module.bias is not None
+        and len(module.normalized_shape) == 1
+    )
 
 
 def run_module_banks(
