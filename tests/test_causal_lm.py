@@ -199,6 +199,7 @@ def test_adapter_training_lowers_held_out_perplexity_and_round_trips(lm_dir, cha
     assert sorted(p.name for p in run.iterdir()) == [
         "adapter",
         "config.json",
+        "log.jsonl",
         "metrics.json",
         "task.json",
         "tokenizer",

@@ -89,6 +89,7 @@ def test_two_processes_match_one_and_resume_after_a_rank_is_killed(setup):
     assert sorted(p.name for p in (tmp / "two").iterdir()) == [
         "adapter",
         "config.json",
+        "log.jsonl",
         "metrics.json",
         "task.json",
         "tokenizer",

@@ -49,6 +49,7 @@ def test_adapter_run_writes_a_complete_reproducible_folder(tiny_model_dir, revie
     assert sorted(p.name for p in run.iterdir()) == [
         "adapter",
         "config.json",
+        "log.jsonl",
         "metrics.json",
         "task.json",
         "tokenizer",

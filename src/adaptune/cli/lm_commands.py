@@ -122,6 +122,7 @@ def lm_demo(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         max_length=args.max_length,
         eval_generate=args.eval_generate,
+        quantize=args.quantize,
     )
     out = Path(args.output)
     saved = out / "config.json"

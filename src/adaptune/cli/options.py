@@ -74,6 +74,15 @@ TRAIN_HELP: dict[str, str] = {
     "strategy "
     "alike (default: on when training on the CPU); --no-lean-kernels runs torch's own operators and "
     "dropout stream (docs/lean-kernels.md)",
+    "quantize": "keep the frozen base's linear layers quantised: none, int8 or int4 (torchao weight-only; adapters, "
+    "norms and head train in full precision; the adapter loads on the full base too)",
+    "gradient_checkpointing": "recompute each layer's activations in the backward pass: less memory, about a "
+    "third more time",
+    "grad_accum": "split each batch into this many micro-batches, one optimiser step for them all (the same step "
+    "as the whole batch, in less memory)",
+    "early_stop": "stop after this many evaluations on dev without a better metric, keeping the best weights "
+    "(0 = off)",
+    "log_dir": "also write TensorBoard event files here (log.jsonl in the run folder is always written)",
 }
 
 

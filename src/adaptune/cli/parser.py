@@ -216,6 +216,7 @@ def _add_demo_commands(sub) -> None:
         "--output", "-o", default="runs/lm-demo", help="run folder (default: runs/lm-demo; an unfinished run resumes)"
     )
     p.add_argument("--model", default="smollm2", help="causal LM (default: smollm2)")
+    p.add_argument("--quantize", default="none", help="frozen base in int8 or int4 (torchao; default: none)")
     p.add_argument(
         "--limit-train",
         type=int,

@@ -32,6 +32,11 @@ class Bottleneck(nn.Module):
         config: the adapter's configuration (size m, nonlinearity, init_std, scale).
     """
 
+    # True: run torch's own operators with autograd's graph, no backend kernels and no fused node.
+    # Gradient checkpointing sets it: torch's recomputation miscounts the tensors saved around
+    # the C kernels' outputs (adaptune.training.steps._checkpoint_layers).
+    torch_only = False
+
     def __init__(self, hidden_size: int, config: AdapterConfig) -> None:
         super().__init__()
         self.down = nn.Linear(hidden_size, config.size)
@@ -78,6 +83,9 @@ class Bottleneck(nn.Module):
         """
         mods = self._modules
         act, (w_down, b_down), (w_up, b_up) = mods["act"], _weight_bias(mods["down"]), _weight_bias(mods["up"])
+        if self.torch_only:  # autograd's own graph of torch's operators (see torch_only)
+            z = F.linear(h if x is None else x, w_down, b_down)
+            return h + self.scale * F.linear(act(z), w_up, b_up)
         fns = _ACTS.get(type(act))
         plain = not torch.is_autocast_enabled(h.device.type) and not torch._C._are_functorch_transforms_active()
         if fns is not None and plain and torch.is_grad_enabled():  # (torch.func: autograd's own graph)

@@ -38,8 +38,12 @@ def fingerprint(model: nn.Module) -> str:
     """A short hash of the base weights: names, shapes and 256 evenly spaced values per tensor.
 
     Values are rounded to bfloat16 first, so the same checkpoint loaded in float32 or bfloat16
-    gives the same fingerprint; the task head and any adapters are left out.
+    gives the same fingerprint; the task head and any adapters are left out. A base quantised by
+    :func:`adaptune.models.quantize.quantize_base` gives the fingerprint of its weights before.
     """
+    kept = getattr(model, "adaptune_base_fingerprint", None)
+    if kept is not None:
+        return kept
     h = hashlib.sha256()
     for name, p in backbone(model).named_parameters():
         if name.startswith("adaptune."):
@@ -57,6 +61,9 @@ def base_identity(model: nn.Module) -> dict[str, Any]:
     container = get_container(model)
     ident = model_identity(model, container.spec)
     ident["fingerprint"] = fingerprint(model)
+    quantized = getattr(model, "adaptune_quantized", None)
+    if quantized is not None:  # trained on a quantised base; it loads on the full one too
+        ident["quantized"] = quantized
     return ident
 
 

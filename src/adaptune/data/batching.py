@@ -81,6 +81,14 @@ def bucket_length(longest: int, max_length: int, smallest: int = 16) -> int:
     return max(longest, min(size, max_length))
 
 
+def split_even(idx: list[int], parts: int) -> list[list[int]]:
+    """``idx`` in ``parts`` contiguous pieces as even as possible (none empty)."""
+    parts = min(parts, len(idx))
+    size, extra = divmod(len(idx), parts)
+    bounds = [k * size + min(k, extra) for k in range(parts + 1)]
+    return [idx[bounds[k] : bounds[k + 1]] for k in range(parts)]
+
+
 def collate(features: list[dict], pad_token_id: int, *, pad_to: int | None = None) -> dict[str, torch.Tensor]:
     """Pad a batch of :func:`encode` features to its longest example (right padding).
 

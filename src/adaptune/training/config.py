@@ -16,6 +16,7 @@ from adaptune.models.loading import (
     DEFAULT_MODEL,
 )
 from adaptune.core.trainable import STRATEGIES
+from adaptune.models.quantize import QUANTIZE
 
 ADAPTER_NAME = "task"
 
@@ -47,6 +48,11 @@ class TrainConfig:
     ``compile`` wraps the model for the training steps in ``torch.compile`` with that mode
     (``"default"``, ``"reduce-overhead"`` = CUDA graphs on a GPU, ``"max-autotune"``); evaluation
     runs the plain model. The first steps of each new batch shape pay for the compilation.
+    ``quantize`` keeps the frozen base's linear layers in int8 or int4 (:mod:`adaptune.models.quantize`);
+    ``gradient_checkpointing`` recomputes each layer's activations in the backward pass;
+    ``grad_accum`` splits each batch of ``batch_size`` into that many micro-batches, one optimiser
+    step for them all; ``early_stop`` stops after that many evaluations without a better dev metric;
+    ``log_dir`` writes TensorBoard event files there (``log.jsonl`` in the run folder is always written).
     """
 
     model: str = DEFAULT_MODEL
@@ -92,6 +98,11 @@ class TrainConfig:
     class_weights: str = "none"
     positive_label: str | None = None
     metric: str | None = None
+    quantize: str = "none"
+    gradient_checkpointing: bool = False
+    grad_accum: int = 1
+    early_stop: int = 0
+    log_dir: str | None = None
 
     def __post_init__(self) -> None:
         if self.adapter_layers is not None:
@@ -124,6 +135,19 @@ class TrainConfig:
                 "--compile and --cache-frozen-layers do not combine (the cache swaps modules per step); "
                 "drop one of them"
             )
+        if self.quantize not in QUANTIZE:
+            raise ConfigError(f"quantize must be one of {', '.join(QUANTIZE)}, got {self.quantize!r}")
+        if self.quantize != "none" and self.strategy not in ("adapters", "head", "layernorm"):
+            raise ConfigError(
+                f"--quantize keeps the frozen base quantised; strategy {self.strategy!r} trains base weights "
+                "(use adapters, head or layernorm)"
+            )
+        if self.grad_accum < 1 or self.grad_accum > self.batch_size:
+            raise ConfigError(
+                f"grad_accum must be between 1 and the batch size ({self.batch_size}), got {self.grad_accum}"
+            )
+        if self.early_stop < 0:
+            raise ConfigError(f"early_stop must be 0 (off) or a number of evaluations, got {self.early_stop}")
         if self.class_weights not in CLASS_WEIGHTS:
             raise ConfigError(f"class_weights must be one of {', '.join(CLASS_WEIGHTS)}, got {self.class_weights!r}")
         if self.metric is not None and self.metric not in {m for ms in METRICS.values() for m in ms}:

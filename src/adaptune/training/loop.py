@@ -18,18 +18,16 @@ from tqdm.auto import tqdm
 from adaptune.training import checkpoint as ckpt
 from adaptune.cpu import native
 from adaptune.lm.causal_lm import evaluate_lm, response_index
-from adaptune.data.batching import bucket_length
+from adaptune.data.batching import bucket_length, split_even
+from adaptune.training.run_folder import create_run_dir, write_artifacts
 from adaptune.data.loading import bucket_batches, collate
 from adaptune.training.distributed import Dist
 from adaptune.core.inject import active_adapter, set_active
-from adaptune.core.io import atomic_write_dir, save_adapter
 from adaptune.training.layer_cache import FrozenBelow
 from adaptune.training.losses import LossLog
+from adaptune.training.monitor import RunLog, early_stop_reason
 from adaptune.data.metrics import single_class_warning
-from adaptune.models.loading import (
-    load_tokenizer,
-    quiet_transformers,
-)
+from adaptune.models.loading import load_tokenizer
 from adaptune.training.prepared import _prepare, _Prepared
 from adaptune.training.steps import (
     autocast,
@@ -39,7 +37,7 @@ from adaptune.training.steps import (
     make_optimizer,
     training_step,
 )
-from adaptune.training.config import ADAPTER_NAME, CAUSAL_LM, TrainConfig
+from adaptune.training.config import CAUSAL_LM, TrainConfig
 
 
 def _train(
@@ -79,7 +77,7 @@ class Run:
             torch.manual_seed(cfg.seed + 7919 * dd.rank)  # own dropout masks per rank
         dd.barrier()  # every rank has checked the run folder before rank 0 creates it
         if not resume and dd.main:
-            _create_run_dir(out, cfg)
+            create_run_dir(out, cfg)
         dd.barrier()
         self.net = self._wrapped()
         self.quiet = quiet or not dd.main
@@ -102,6 +100,8 @@ class Run:
         }
         self.best_state = None
         self.losses = LossLog()
+        self.examples, self.since = 0, (time.perf_counter(), 0)  # for the throughput the log reports
+        self.runlog = RunLog(out / "log.jsonl", cfg.log_dir) if dd.main else None
 
     def _wrapped(self):
         """The model as the steps run it: DistributedDataParallel under torchrun (only trained
@@ -199,6 +199,15 @@ class Run:
             f"step {progress['step']}: dev {data.metric} {value:.4f} (best {progress['best']:.4f} at step "
             f"{progress['best_step']})"
         )
+        if self.runlog is not None:
+            self.runlog.write(
+                "dev", progress["step"], {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+            )
+            self.runlog.flush()
+        reason = early_stop_reason(progress["history"], progress["best_step"], data.metric, self.cfg.early_stop)
+        if reason is not None:
+            progress["stopped_early"] = reason
+            self.log(reason)
 
     def loop(self, on_step: Callable[[int], None] | None = None) -> None:
         """Epochs of steps from where the progress stands; ``on_step(step)`` after each step."""
@@ -215,7 +224,9 @@ class Run:
         while progress["epoch"] < cfg.epochs:
             order = self.batches_for(progress["epoch"])
             while progress["batch"] < len(order):
-                self.losses.add(progress["step"] + 1, self.step(order[progress["batch"]]))
+                lr = self.scheduler.get_last_lr()[0]
+                loss, grad_norm = self.step(order[progress["batch"]])
+                self.losses.add(progress["step"] + 1, loss, lr, grad_norm)
                 progress["step"] += 1
                 progress["batch"] += 1
                 bar.update(1)
@@ -227,10 +238,14 @@ class Run:
                     on_step(progress["step"])
                 if evaluating:
                     self.evaluate_dev()
+                if progress.get("stopped_early"):
+                    break
                 if saving:
                     progress["train_seconds"] = time.perf_counter() - t0
                     _checkpoint(self.dd, self.ck_dir, self.model, self.optimizer, self.scheduler, progress)
             self.report(bar)
+            if progress.get("stopped_early"):
+                break
             progress["epoch"] += 1
             progress["batch"] = 0
             if not (cfg.eval_every and progress["step"] % cfg.eval_every == 0):
@@ -244,17 +259,45 @@ class Run:
         """Read the losses of the steps since the last report (:class:`LossLog`), show the last on
         the progress bar and note the steps that a non-finite loss skipped."""
         last, skipped = self.losses.read(self.cfg.learning_rate)
+        now = time.perf_counter()
+        if self.runlog is not None and self.losses.records:
+            speed = (self.examples - self.since[1]) / (now - self.since[0])
+            self.runlog.steps(self.losses.records, self.progress["step"], speed)
+        self.since = (now, self.examples)
         if last is not None:
             bar.set_postfix(loss=f"{last:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.1e}")
         if skipped:
             self.log(f"note: step(s) {', '.join(map(str, skipped))} skipped: the loss was not finite (no update)")
 
     def step(self, global_batch: list[int]) -> torch.Tensor:
-        """One optimisation step on this rank's share of a global batch; the loss, on the device."""
+        """One optimisation step on this rank's share of a global batch (in ``--grad-accum``
+        micro-batches); the loss, on the device."""
         idx = self.dd.shard(global_batch)
         # an empty shard runs one example at weight 0: every rank takes part in DDP's all-reduce
         empty = not idx
         idx = idx or global_batch[:1]
+        parts = split_even(idx, 1 if empty else self.cfg.grad_accum)
+        micro = [self._micro(part, empty) for part in parts]
+        cfg, stats = self.cfg, {}
+        with self.frozen.step(idx) if self.frozen is not None else contextlib.nullcontext():
+            loss = training_step(
+                self.net,
+                [b for b, _, _ in micro] if len(micro) > 1 else micro[0][0],
+                self.optimizer,
+                self.scheduler,
+                task_type=self.data.task_type,
+                max_grad_norm=cfg.max_grad_norm,
+                precision=cfg.precision,
+                class_weight=self.class_weight,
+                row_weight=[w for _, w, _ in micro] if len(micro) > 1 else micro[0][1],
+                lm_index=[i for _, _, i in micro] if len(micro) > 1 else micro[0][2],
+                stats=stats,
+            )
+        self.examples += len(idx)
+        return loss, stats.get("grad_norm")
+
+    def _micro(self, idx: list[int], empty: bool):
+        """One (micro-)batch on the device, its row weight and (causal LMs) its response index."""
         examples = [self.enc["train"][i] for i in idx]
         pad_to = None
         if self.cfg.compile != "none":  # a few padded lengths: a few graphs (and CUDA graphs) to compile
@@ -264,21 +307,7 @@ class Run:
         if self.data.task_type == CAUSAL_LM:  # from the host's labels: the step reads nothing back
             lm_index = response_index(host["labels"], torch.zeros(1) if empty else None)
         batch = {k: v.to(self.device) for k, v in host.items()}
-        row_weight = torch.zeros(1, device=self.device) if empty else None
-        cfg = self.cfg
-        with self.frozen.step(idx) if self.frozen is not None else contextlib.nullcontext():
-            return training_step(
-                self.net,
-                batch,
-                self.optimizer,
-                self.scheduler,
-                task_type=self.data.task_type,
-                max_grad_norm=cfg.max_grad_norm,
-                precision=cfg.precision,
-                class_weight=self.class_weight,
-                row_weight=row_weight,
-                lm_index=lm_index,
-            )
+        return batch, (torch.zeros(1, device=self.device) if empty else None), lm_index
 
     def finish(self) -> dict[str, Any]:
         """Back to the best weights on dev, the final numbers, and (rank 0) the run folder."""
@@ -295,11 +324,12 @@ class Run:
             test_metrics["exact_match"] = _exact_match(self.model, data, self.tokenizer, cfg, self.device, dd)
         result = self._result(dev_metrics, test_metrics)
         if dd.main:
-            _write_artifacts(self.out, self.model, self.tokenizer, cfg, data.task)
+            write_artifacts(self.out, self.model, self.tokenizer, cfg, data.task)
             ckpt.atomic_write_text(self.out / "task.json", json.dumps(data.task, indent=2) + "\n")
             # last: marks the run finished
             ckpt.atomic_write_text(self.out / "metrics.json", json.dumps(result, indent=2) + "\n")
             shutil.rmtree(self.ck_dir, ignore_errors=True)
+            self.runlog.close()
         dd.barrier()
         return result
 
@@ -329,8 +359,9 @@ class Run:
                 for split, m in (("dev", dev_metrics), ("test", test_metrics))
                 if m is not None and (w := single_class_warning(m)) is not None
             ]
-        if "base" in progress:
-            result["base"] = progress["base"]
+        for key in ("base", "stopped_early"):  # a causal LM's base scores; why the run stopped early
+            if key in progress:
+                result[key] = progress[key]
         return result
 
 
@@ -365,29 +396,3 @@ def _exact_match(model, data: _Prepared, tokenizer, cfg: TrainConfig, device, dd
     share = exact_match(model, tokenizer, [convs[i] for i in mine], device=device) if mine else 0.0
     parts = dd.gather((share * len(mine), len(mine)))
     return sum(p[0] for p in parts) / max(1, sum(p[1] for p in parts))
-
-
-def _write_artifacts(out: Path, model, tokenizer, cfg: TrainConfig, task: dict) -> None:
-    """Adapter (or full model) and tokenizer, each written atomically; an earlier copy is replaced."""
-    with quiet_transformers():  # no "Writing model shards" bars
-        if cfg.strategy == "adapters":
-            save_adapter(model, ADAPTER_NAME, out / "adapter", overwrite=True, extra=task)
-        else:
-            atomic_write_dir(out / "model", lambda p: model.save_pretrained(str(p)), overwrite=True)
-        atomic_write_dir(out / "tokenizer", lambda p: tokenizer.save_pretrained(str(p)), overwrite=True)
-
-
-def _create_run_dir(out: Path, cfg: TrainConfig) -> None:
-    import adaptune
-    import transformers
-
-    out.mkdir(parents=True, exist_ok=True)
-    meta = {
-        "train": cfg.to_dict(),
-        "versions": {
-            "adaptune": adaptune.__version__,
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-        },
-    }
-    ckpt.atomic_write_text(out / "config.json", json.dumps(meta, indent=2) + "\n")

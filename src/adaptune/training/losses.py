@@ -19,11 +19,13 @@ class LossLog:
     """Losses of the steps since the last read, and the current run of non-finite ones."""
 
     def __init__(self) -> None:
-        self.pending: list[tuple[int, torch.Tensor]] = []  # (step, loss on the device)
+        # (step, loss on the device, learning rate, gradient norm on the device or None)
+        self.pending: list[tuple[int, torch.Tensor, float, torch.Tensor | None]] = []
         self.bad_run: tuple[int, float, int] | None = None  # (first step, its loss, length)
+        self.records: list[dict] = []  # what the last read found, step by step (for the run's log)
 
-    def add(self, step: int, loss: torch.Tensor) -> None:
-        self.pending.append((step, loss))
+    def add(self, step: int, loss: torch.Tensor, lr: float = 0.0, grad_norm: torch.Tensor | None = None) -> None:
+        self.pending.append((step, loss, lr, grad_norm))
 
     def due(self) -> bool:
         return len(self.pending) >= REPORT_EVERY
@@ -35,11 +37,18 @@ class LossLog:
             TrainingError: the loss stayed non-finite for :data:`PERSIST` steps in a row, or for
                 every step so far.
         """
+        self.records = []
         if not self.pending:
             return None, []
-        steps = [n for n, _ in self.pending]
-        values = torch.stack([loss.float() for _, loss in self.pending]).tolist()
-        self.pending.clear()
+        pending, self.pending = self.pending, []
+        steps = [p[0] for p in pending]
+        norms = [p[3] if p[3] is not None else torch.full_like(p[1], float("nan")) for p in pending]
+        values, grad_norms = torch.stack([torch.stack([p[1].float() for p in pending]), torch.stack(norms).float()])
+        values, grad_norms = values.tolist(), grad_norms.tolist()  # one read of the device
+        self.records = [
+            {"step": n, "loss": v, "lr": p[2], "grad_norm": g}
+            for n, v, p, g in zip(steps, values, pending, grad_norms)
+        ]
         last, skipped = None, []
         for step, value in zip(steps, values):
             if math.isfinite(value):

@@ -4,15 +4,17 @@ and schedule (the paper's AdamW with linear warm-up and decay), and :func:`evalu
 
 from __future__ import annotations
 
+import contextlib
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from adaptune.lm.causal_lm import ResponseIndex, lm_loss_sum
+from adaptune.lm.causal_lm import ResponseIndex, lm_loss_sum, response_index
 from adaptune.data.loading import bucket_batches, collate
 from adaptune.training.distributed import Dist
 from adaptune.errors import ConfigError
+from adaptune.core.bottleneck import Bottleneck
 from adaptune.core.inject import add_adapter
 from adaptune.cpu.kernels import use_lean_kernels
 from adaptune.data.metrics import compute_metrics
@@ -22,6 +24,7 @@ from adaptune.models.loading import (
     pick_device,
 )
 from adaptune.core.trainable import train_strategy
+from adaptune.models.quantize import quantize_base
 from adaptune.training.config import ADAPTER_NAME, CAUSAL_LM, TrainConfig
 
 
@@ -38,9 +41,29 @@ def build_model(cfg: TrainConfig, num_labels: int, device: torch.device | None =
     if cfg.strategy == "adapters":
         add_adapter(model, ADAPTER_NAME, cfg.adapter_config())
     counts = train_strategy(model, cfg.strategy, k=cfg.top_k, train_pooler=cfg.train_pooler)
+    quantize_base(model, cfg.quantize)  # the frozen linear layers only, after the strategy froze them
+    if cfg.gradient_checkpointing:
+        _checkpoint_layers(model)
     if cfg.lean_on(pick_device(cfg.device) if device is None else device):  # every strategy alike (fair comparisons)
         use_lean_kernels(model)
     return model, counts
+
+
+def _checkpoint_layers(model) -> None:
+    """transformers' gradient checkpointing of the layers (non-reentrant: frozen inputs are fine, and
+    torch's RNG state is restored on recompute, so dropout masks repeat).
+
+    The adapters then run torch's own operators (``Bottleneck.torch_only``): around the adapter's
+    C kernels torch's recomputation saved another number of tensors than the forward, for some
+    batch shapes, and stopped the run."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ConfigError(f"{type(model).__name__} does not support gradient checkpointing")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    for module in model.modules():
+        if isinstance(module, Bottleneck):
+            module.torch_only = True
+    if getattr(model.config, "use_cache", None):
+        model.config.use_cache = False  # no KV cache while training (transformers would turn it off anyway)
 
 
 def _loss(
@@ -117,7 +140,7 @@ def autocast(device: torch.device, precision: str):
 
 def training_step(
     model,
-    batch: dict[str, torch.Tensor],
+    batch: dict[str, torch.Tensor] | list[dict[str, torch.Tensor]],
     optimizer,
     scheduler,
     *,
@@ -125,36 +148,104 @@ def training_step(
     max_grad_norm: float,
     precision: str = "fp32",
     class_weight: torch.Tensor | None = None,
-    row_weight: torch.Tensor | None = None,
-    lm_index: ResponseIndex | None = None,
+    row_weight: torch.Tensor | list | None = None,
+    lm_index: ResponseIndex | list | None = None,
+    stats: dict | None = None,
 ) -> torch.Tensor:
     """One optimisation step on ``batch`` (which holds ``labels``); returns the loss as a 0-dim
     tensor on the device, for the caller to read when it reports (reading it waits for the step).
+
+    ``batch`` may be a list of micro-batches (gradient accumulation): one step for them all, each
+    one's activations freed after its backward, and ``row_weight``/``lm_index`` then lists of
+    theirs. The loss is normalised by the example (or response-token) count of the whole step, so
+    the step equals one on the concatenated batch (dropout off) up to float rounding.
 
     ``class_weight`` weighs the cross-entropy of each class (e.g. :func:`balanced_class_weights`);
     ``row_weight`` (B,) each row, 0 for a filler row of an otherwise empty shard. Under torchrun
     the loss is the mean over the whole global batch (:func:`job_mean`). ``lm_index``: for a causal
     LM, :func:`adaptune.lm.causal_lm.response_index` of the labels, computed on the host.
+    ``stats``: a dict that receives ``grad_norm`` (a device tensor) when clipping is on.
 
     Nothing in the step reads a device value back: a non-finite loss skips the update on the
     device (the fused AdamW's ``found_inf``, as with a gradient scaler: no weight, moment or step
     count changes; the schedule still advances), and the returned loss is that non-finite value.
     An optimizer without ``found_inf`` support reads the flag and skips the update on the host.
     """
-    batch = dict(batch)
-    labels = batch.pop("labels")
+    if isinstance(batch, list):
+        loss, finite = _accumulate(model, batch, task_type, precision, class_weight, row_weight, lm_index)
+    else:
+        batch = dict(batch)
+        labels = batch.pop("labels")
+        if task_type == CAUSAL_LM and lm_index is None:
+            lm_index = response_index(labels, row_weight)
+        total = _micro_total(model, batch, labels, task_type, precision, class_weight, row_weight, lm_index)
+        loss, finite = job_mean(total, _count(labels, task_type, row_weight, lm_index))
+        if _skips_on_device(optimizer) or bool(finite):
+            loss.backward()
+    return _update(optimizer, scheduler, loss.detach(), finite, max_grad_norm, stats)
+
+
+def _micro_total(model, batch, labels, task_type, precision, class_weight, row_weight, lm_index) -> torch.Tensor:
+    """The summed loss of one (micro-)batch, ``labels`` popped from it."""
     with autocast(labels.device, precision):
         if task_type == CAUSAL_LM:
-            total, count = lm_loss_sum(model, batch, labels, row_weight, lm_index)
-        else:
-            total, count = loss_sum(model(**batch).logits, labels, task_type, class_weight, row_weight)
-    loss, finite = job_mean(total, count)
+            return lm_loss_sum(model, batch, labels, row_weight, lm_index)[0]
+        return loss_sum(model(**batch).logits, labels, task_type, class_weight, row_weight)[0]
+
+
+def _count(labels, task_type: str, row_weight, lm_index) -> torch.Tensor:
+    """What a (micro-)batch's loss is a sum over: its examples, or its response tokens."""
+    if task_type == CAUSAL_LM:
+        index = lm_index if lm_index is not None else response_index(labels, row_weight)
+        return torch.tensor(float(index.targets.shape[0]), device=labels.device)
+    if row_weight is None:
+        return torch.tensor(float(labels.shape[0]), device=labels.device)
+    return (row_weight != 0).sum().float()
+
+
+def _accumulate(model, micro, task_type, precision, class_weight, row_weights, lm_indexes):
+    """Backward of every micro-batch, each divided by the whole step's count (summed over the
+    micro-batches, and over torchrun's processes before the first backward); under DDP the
+    gradients are all-reduced once, with the last. Returns the step's loss and finite flag."""
+    n = len(micro)
+    row_weights = row_weights if isinstance(row_weights, list) else [row_weights] * n
+    lm_indexes = lm_indexes if isinstance(lm_indexes, list) else [None] * n
+    if task_type == CAUSAL_LM:  # the response positions of each micro-batch, from its labels
+        lm_indexes = [
+            i if i is not None else response_index(b["labels"], w) for b, w, i in zip(micro, row_weights, lm_indexes)
+        ]
+    counts = [_count(b["labels"], task_type, w, i) for b, w, i in zip(micro, row_weights, lm_indexes)]
+    count = torch.stack(counts).sum()
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    if world > 1:
+        torch.distributed.all_reduce(count)
+    bad = loss = torch.zeros((), device=count.device)
+    for k, (batch, weight, index) in enumerate(zip(micro, row_weights, lm_indexes)):
+        batch = dict(batch)
+        labels = batch.pop("labels")
+        sync = model.no_sync() if k < n - 1 and hasattr(model, "no_sync") else contextlib.nullcontext()
+        with sync:
+            total = _micro_total(model, batch, labels, task_type, precision, class_weight, weight, index)
+            part = total / count.clamp(min=1) * world
+            part.backward()
+        bad = bad + (~torch.isfinite(total.detach())).float()
+        loss = loss + part.detach()
+    if world > 1:
+        torch.distributed.all_reduce(bad)
+    return loss, bad == 0
+
+
+def _update(optimizer, scheduler, loss, finite, max_grad_norm: float, stats: dict | None) -> torch.Tensor:
+    """Clip, step (skipped on the device when ``finite`` is false), schedule, clear the gradients."""
     on_device = _skips_on_device(optimizer)
     if not on_device and not bool(finite):
-        return loss.detach()
-    loss.backward()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
     if max_grad_norm > 0:  # the optimizer's tensors are the trained ones (no walk over every module)
-        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], max_grad_norm)
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        if stats is not None:
+            stats["grad_norm"] = norm.detach()
     if on_device:
         before = optimizer.__dict__.get("found_inf")
         optimizer.found_inf = (~finite).float()
@@ -169,7 +260,7 @@ def training_step(
         optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss.detach()
+    return loss
 
 
 def _skips_on_device(optimizer) -> bool:
