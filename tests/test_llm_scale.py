@@ -275,3 +275,22 @@ def test_a_trainer_run_saves_an_adapter_that_adaptune_predict_loads(tiny_model_d
     assert main(["predict", str(tmp_path / "run"), "this coffee is great", "--json"]) == 0
     row = json.loads(capsys.readouterr().out.strip().splitlines()[0])
     assert row["label"] in ("good", "bad") and set(row["probabilities"]) == {"good", "bad"}
+
+
+def test_slow_steps_are_reported_every_few_seconds(monkeypatch):
+    """The loop reads the losses every 16 steps, or sooner when steps are slow (a large model on a
+    CPU), so the progress bar never shows a loss minutes old."""
+    from adaptune.training import losses
+
+    log = losses.LossLog()
+    clock = [100.0]
+    monkeypatch.setattr(losses.time, "perf_counter", lambda: clock[0])
+    log.last_read = clock[0]
+    log.add(1, torch.tensor(0.5))
+    assert not log.due()
+    clock[0] += losses.REPORT_SECONDS
+    assert log.due()
+    assert log.read(1e-3) == (0.5, []) and not log.due()
+    for step in range(2, 2 + losses.REPORT_EVERY):
+        log.add(step, torch.tensor(0.4))
+    assert log.due()  # 16 quick steps

@@ -4,14 +4,17 @@ would make the host wait for the step), and :class:`LossLog` reads those of many
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 
 from adaptune.errors import TrainingError
 
-# The losses are read every REPORT_EVERY steps (and before evaluations and checkpoints); a run stops
-# when PERSIST steps in a row (or every step so far) had a non-finite loss.
+# The losses are read every REPORT_EVERY steps or REPORT_SECONDS, whichever comes first (and before
+# evaluations and checkpoints); a run stops when PERSIST steps in a row (or every step so far) had
+# a non-finite loss.
 REPORT_EVERY = 16
+REPORT_SECONDS = 10.0  # slow steps (a large model on a CPU) still show a fresh loss this often
 PERSIST = 3
 
 
@@ -23,12 +26,13 @@ class LossLog:
         self.pending: list[tuple[int, torch.Tensor, float, torch.Tensor | None]] = []
         self.bad_run: tuple[int, float, int] | None = None  # (first step, its loss, length)
         self.records: list[dict] = []  # what the last read found, step by step (for the run's log)
+        self.last_read = time.perf_counter()
 
     def add(self, step: int, loss: torch.Tensor, lr: float = 0.0, grad_norm: torch.Tensor | None = None) -> None:
         self.pending.append((step, loss, lr, grad_norm))
 
     def due(self) -> bool:
-        return len(self.pending) >= REPORT_EVERY
+        return len(self.pending) >= REPORT_EVERY or time.perf_counter() - self.last_read >= REPORT_SECONDS
 
     def read(self, learning_rate: float) -> tuple[float | None, list[int]]:
         """One read of the device: the last finite loss (None if none) and the skipped steps.
@@ -37,7 +41,7 @@ class LossLog:
             TrainingError: the loss stayed non-finite for :data:`PERSIST` steps in a row, or for
                 every step so far.
         """
-        self.records = []
+        self.records, self.last_read = [], time.perf_counter()
         if not self.pending:
             return None, []
         pending, self.pending = self.pending, []
