@@ -44,6 +44,10 @@ class ResponseIndex(NamedTuple):
     def to(self, device) -> ResponseIndex:
         return ResponseIndex(*(t.to(device, non_blocking=True) for t in self))
 
+    def count(self, device) -> torch.Tensor:
+        """How many response tokens the loss sums over, as a tensor on ``device`` (known on the host)."""
+        return torch.tensor(float(self.targets.shape[0]), device=device)
+
 
 def response_index(labels: torch.Tensor, row_weight: torch.Tensor | None = None) -> ResponseIndex:
     """The :class:`ResponseIndex` of ``labels`` (B, T); rows of ``row_weight`` 0 count for nothing.
@@ -88,8 +92,7 @@ def lm_loss_sum(
     if index is None:
         index = response_index(labels, row_weight)
     logits, targets = response_logits(model, batch, index=index)
-    count = torch.tensor(float(index.targets.shape[0]), device=logits.device)
-    return F.cross_entropy(logits.float(), targets, reduction="sum"), count
+    return F.cross_entropy(logits.float(), targets, reduction="sum"), index.count(logits.device)
 
 
 @torch.no_grad()

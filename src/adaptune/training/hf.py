@@ -19,17 +19,14 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from pathlib import Path
 
 from transformers import TrainerCallback
 
-from adaptune.core.io import atomic_write_dir, save_adapter
-from adaptune.env import quiet_transformers
 from adaptune.errors import ConfigError
-from adaptune.training.checkpoint import atomic_write_text
 from adaptune.training.config import TrainConfig
+from adaptune.training.run_folder import create_run_dir, write_artifacts
 
 
 class AdapterRunCallback(TrainerCallback):
@@ -81,11 +78,6 @@ class AdapterRunCallback(TrainerCallback):
             name = next(iter(sets))
         aset = sets[name]
         cfg = TrainConfig(model=self.base, adapter_size=aset.config.size, epochs=max(1, round(args.num_train_epochs)))
-        self.out.mkdir(parents=True)
         trainer = {"global_step": state.global_step, "adapter_config": dataclasses.asdict(aset.config)}
-        meta = {"train": cfg.to_dict(), "trainer": trainer}
-        atomic_write_text(self.out / "config.json", json.dumps(meta, indent=2) + "\n")
-        with quiet_transformers():
-            save_adapter(unwrapped, name, self.out / "adapter", extra=self.task)
-            atomic_write_dir(self.out / "tokenizer", lambda p: self.tokenizer.save_pretrained(str(p)), overwrite=True)
-        atomic_write_text(self.out / "task.json", json.dumps(self.task, indent=2) + "\n")
+        create_run_dir(self.out, cfg, trainer=trainer)
+        write_artifacts(self.out, unwrapped, self.tokenizer, cfg, self.task, adapter=name)

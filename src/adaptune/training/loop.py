@@ -200,9 +200,7 @@ class Run:
             f"{progress['best_step']})"
         )
         if self.runlog is not None:
-            self.runlog.write(
-                "dev", progress["step"], {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-            )
+            self.runlog.write("dev", progress["step"], metrics)  # (it keeps the numbers)
             self.runlog.flush()
         reason = early_stop_reason(progress["history"], progress["best_step"], data.metric, self.cfg.early_stop)
         if reason is not None:
@@ -269,9 +267,9 @@ class Run:
         if skipped:
             self.log(f"note: step(s) {', '.join(map(str, skipped))} skipped: the loss was not finite (no update)")
 
-    def step(self, global_batch: list[int]) -> torch.Tensor:
+    def step(self, global_batch: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One optimisation step on this rank's share of a global batch (in ``--grad-accum``
-        micro-batches); the loss, on the device."""
+        micro-batches); the loss and the gradient norm (None without clipping), on the device."""
         idx = self.dd.shard(global_batch)
         # an empty shard runs one example at weight 0: every rank takes part in DDP's all-reduce
         empty = not idx
@@ -293,7 +291,7 @@ class Run:
                 lm_index=[i for _, _, i in micro] if len(micro) > 1 else micro[0][2],
                 stats=stats,
             )
-        self.examples += len(idx)
+        self.examples += 0 if empty else len(idx)  # a filler row trains nothing
         return loss, stats.get("grad_norm")
 
     def _micro(self, idx: list[int], empty: bool):
@@ -325,7 +323,6 @@ class Run:
         result = self._result(dev_metrics, test_metrics)
         if dd.main:
             write_artifacts(self.out, self.model, self.tokenizer, cfg, data.task)
-            ckpt.atomic_write_text(self.out / "task.json", json.dumps(data.task, indent=2) + "\n")
             # last: marks the run finished
             ckpt.atomic_write_text(self.out / "metrics.json", json.dumps(result, indent=2) + "\n")
             shutil.rmtree(self.ck_dir, ignore_errors=True)

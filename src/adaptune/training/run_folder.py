@@ -14,17 +14,20 @@ from adaptune.training import checkpoint as ckpt
 from adaptune.training.config import ADAPTER_NAME, TrainConfig
 
 
-def write_artifacts(out: Path, model, tokenizer, cfg: TrainConfig, task: dict) -> None:
-    """Adapter (or full model) and tokenizer, each written atomically; an earlier copy is replaced."""
+def write_artifacts(out: Path, model, tokenizer, cfg: TrainConfig, task: dict, adapter: str = ADAPTER_NAME) -> None:
+    """Adapter ``adapter`` (or the full model), tokenizer and ``task.json``, each written atomically;
+    an earlier copy is replaced."""
     with quiet_transformers():  # no "Writing model shards" bars
         if cfg.strategy == "adapters":
-            save_adapter(model, ADAPTER_NAME, out / "adapter", overwrite=True, extra=task)
+            save_adapter(model, adapter, out / "adapter", overwrite=True, extra=task)
         else:
             atomic_write_dir(out / "model", lambda p: model.save_pretrained(str(p)), overwrite=True)
         atomic_write_dir(out / "tokenizer", lambda p: tokenizer.save_pretrained(str(p)), overwrite=True)
+    ckpt.atomic_write_text(out / "task.json", json.dumps(task, indent=2) + "\n")
 
 
-def create_run_dir(out: Path, cfg: TrainConfig) -> None:
+def create_run_dir(out: Path, cfg: TrainConfig, **extra) -> None:
+    """The run folder and its ``config.json``: the training options, the versions, and ``extra``."""
     import adaptune
     import transformers
 
@@ -36,5 +39,6 @@ def create_run_dir(out: Path, cfg: TrainConfig) -> None:
             "torch": torch.__version__,
             "transformers": transformers.__version__,
         },
+        **extra,
     }
     ckpt.atomic_write_text(out / "config.json", json.dumps(meta, indent=2) + "\n")

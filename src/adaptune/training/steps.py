@@ -92,9 +92,15 @@ def loss_sum(
         each = F.mse_loss(logits.squeeze(-1).float(), labels.float(), reduction="none")
     else:
         each = F.cross_entropy(logits.float(), labels, weight=class_weight, reduction="none")
+    total = each.sum() if row_weight is None else (each * row_weight).sum()
+    return total, example_count(labels, row_weight)
+
+
+def example_count(labels: torch.Tensor, row_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """How many examples a batch's loss sums over: its rows, less those of ``row_weight`` 0."""
     if row_weight is None:
-        return each.sum(), torch.tensor(float(each.numel()), device=each.device)
-    return (each * row_weight).sum(), (row_weight != 0).sum().float()
+        return torch.tensor(float(labels.shape[0]), device=labels.device)
+    return (row_weight != 0).sum().float()
 
 
 def job_mean(total: torch.Tensor, count: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -176,31 +182,20 @@ def training_step(
     else:
         batch = dict(batch)
         labels = batch.pop("labels")
-        if task_type == CAUSAL_LM and lm_index is None:
-            lm_index = response_index(labels, row_weight)
-        total = _micro_total(model, batch, labels, task_type, precision, class_weight, row_weight, lm_index)
-        loss, finite = job_mean(total, _count(labels, task_type, row_weight, lm_index))
+        loss, finite = job_mean(
+            *_micro_loss(model, batch, labels, task_type, precision, class_weight, row_weight, lm_index)
+        )
         if _skips_on_device(optimizer) or bool(finite):
             loss.backward()
     return _update(optimizer, scheduler, loss.detach(), finite, max_grad_norm, stats)
 
 
-def _micro_total(model, batch, labels, task_type, precision, class_weight, row_weight, lm_index) -> torch.Tensor:
-    """The summed loss of one (micro-)batch, ``labels`` popped from it."""
+def _micro_loss(model, batch, labels, task_type, precision, class_weight, row_weight, lm_index):
+    """The summed loss of one (micro-)batch (``labels`` popped from it) and what it sums over."""
     with autocast(labels.device, precision):
         if task_type == CAUSAL_LM:
-            return lm_loss_sum(model, batch, labels, row_weight, lm_index)[0]
-        return loss_sum(model(**batch).logits, labels, task_type, class_weight, row_weight)[0]
-
-
-def _count(labels, task_type: str, row_weight, lm_index) -> torch.Tensor:
-    """What a (micro-)batch's loss is a sum over: its examples, or its response tokens."""
-    if task_type == CAUSAL_LM:
-        index = lm_index if lm_index is not None else response_index(labels, row_weight)
-        return torch.tensor(float(index.targets.shape[0]), device=labels.device)
-    if row_weight is None:
-        return torch.tensor(float(labels.shape[0]), device=labels.device)
-    return (row_weight != 0).sum().float()
+            return lm_loss_sum(model, batch, labels, row_weight, lm_index)
+        return loss_sum(model(**batch).logits, labels, task_type, class_weight, row_weight)
 
 
 def _accumulate(model, micro, task_type, precision, class_weight, row_weights, lm_indexes):
@@ -210,11 +205,14 @@ def _accumulate(model, micro, task_type, precision, class_weight, row_weights, l
     n = len(micro)
     row_weights = row_weights if isinstance(row_weights, list) else [row_weights] * n
     lm_indexes = lm_indexes if isinstance(lm_indexes, list) else [None] * n
-    if task_type == CAUSAL_LM:  # the response positions of each micro-batch, from its labels
+    # what the whole step sums over, before any backward: the examples, or the response tokens
+    if task_type == CAUSAL_LM:
         lm_indexes = [
             i if i is not None else response_index(b["labels"], w) for b, w, i in zip(micro, row_weights, lm_indexes)
         ]
-    counts = [_count(b["labels"], task_type, w, i) for b, w, i in zip(micro, row_weights, lm_indexes)]
+        counts = [i.count(b["labels"].device) for b, i in zip(micro, lm_indexes)]
+    else:
+        counts = [example_count(b["labels"], w) for b, w in zip(micro, row_weights)]
     count = torch.stack(counts).sum()
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     if world > 1:
@@ -225,7 +223,7 @@ def _accumulate(model, micro, task_type, precision, class_weight, row_weights, l
         labels = batch.pop("labels")
         sync = model.no_sync() if k < n - 1 and hasattr(model, "no_sync") else contextlib.nullcontext()
         with sync:
-            total = _micro_total(model, batch, labels, task_type, precision, class_weight, weight, index)
+            total, _ = _micro_loss(model, batch, labels, task_type, precision, class_weight, weight, index)
             part = total / count.clamp(min=1) * world
             part.backward()
         bad = bad + (~torch.isfinite(total.detach())).float()
