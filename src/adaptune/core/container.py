@@ -82,9 +82,7 @@ class AdapterContainer(nn.Module):
 
     def _set_route(self) -> None:
         """``_task_route`` from ``_active``: the tensor a compiled graph reads (so no recompilation)."""
-        names = {n: i for i, n in enumerate(self.sets)}
-        ref = next(self.parameters(), None)
-        device = ref.device if ref is not None else None
+        names, device = {n: i for i, n in enumerate(self.sets)}, self._device()
         value = self._active
         if value is None or isinstance(value, str):
             self._route_index = len(names) if value is None else names[value]
@@ -94,6 +92,11 @@ class AdapterContainer(nn.Module):
             self._route_index = None
             rows = [len(names) if n is None else names[n] for n in value]
             self._task_route, self._present = _on(torch.tensor(rows), device), frozenset(rows)
+
+    def _device(self) -> torch.device | None:
+        """Where the adapters' parameters are (None: there are none yet)."""
+        ref = next(self.parameters(), None)
+        return None if ref is None else ref.device
 
     def _single(self) -> str | None:
         """The adapter of every row when routing is not per row."""
@@ -166,9 +169,7 @@ class AdapterContainer(nn.Module):
         """The banks of stacked adapters and module copies, and the route, for the current sets,
         skipped layers and device. Called whenever one of them changes, never during a forward
         (a compiled graph then only reads what it guards on)."""
-        ref = next(self.parameters(), None)
-        device = ref.device if ref is not None else None
-        names = list(self.sets)
+        device, names = self._device(), list(self.sets)
         banks: dict[tuple[int, str], dict[tuple, list]] = {}
         for i, name in enumerate(names):
             aset = self.sets[name]

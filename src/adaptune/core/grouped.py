@@ -33,11 +33,20 @@ from adaptune.core.bottleneck import Bottleneck
 from adaptune.errors import ArchitectureError
 
 
-def _lookup(members: Sequence[int], num_tasks: int, missing: int, device) -> torch.Tensor:
-    """(num_tasks + 1,) long: the bank row of each task index (``missing`` for tasks not in the bank)."""
+def _lookup(tasks: Sequence[int], rows: Sequence[int], num_tasks: int, missing: int, device) -> torch.Tensor:
+    """(num_tasks + 1,) long: ``rows[k]`` at task index ``tasks[k]``, ``missing`` for the others."""
     table = torch.full((num_tasks + 1,), missing, dtype=torch.long, device=device)
-    table[list(members)] = torch.arange(len(members), device=device)
+    table[list(tasks)] = torch.tensor(list(rows), dtype=torch.long, device=device)
     return table
+
+
+def _detach_absent(ts: list[torch.Tensor], served: list[set[int]], present: frozenset[int] | None) -> list:
+    """``ts`` with those whose tasks (``served``) are all absent from the batch detached, so their
+    gradients stay None (not zero, which AdamW would still act on); ``present`` None: known only
+    to the data (a compiled graph), none detached."""
+    if present is None:
+        return ts
+    return [t if tasks & present else t.detach() for t, tasks in zip(ts, served)]
 
 
 class BottleneckBank:
@@ -52,22 +61,21 @@ class BottleneckBank:
 
     def __init__(self, members: list[tuple[int, Bottleneck]], num_tasks: int, parallel: bool, device) -> None:
         self.adapters = [a for _, a in members]
-        self.tasks = [i for i, _ in members]
+        self.served = [{i} for i, _ in members]  # the task of each adapter
         self.act = self.adapters[0].act
         self.parallel = parallel
-        self.table = _lookup([i for i, _ in members], num_tasks, len(members), device)
+        self.table = _lookup([i for i, _ in members], range(len(members)), num_tasks, len(members), device)
         self.scales = torch.tensor([float(a.scale) for a in self.adapters] + [0.0], device=device)
 
     def stacked(self, present: frozenset[int] | None = None) -> list[torch.Tensor]:
         """down weight (K+1, m, d), down bias (K+1, m), up weight (K+1, d, m), up bias (K+1, d).
 
-        ``present``: the tasks the batch has, where known (eager runs); the others' weights are
-        detached, so their gradients stay None (not zero, which AdamW would still act on)."""
+        ``present``: the tasks the batch has, where known (eager runs): see :func:`_detach_absent`."""
         out = []
         for part in ("down", "up"):
             for attr in ("weight", "bias"):
                 ts = [getattr(getattr(a, part), attr) for a in self.adapters]
-                ts = _detach_absent(ts, self.tasks, present)
+                ts = _detach_absent(ts, self.served, present)
                 out.append(torch.stack([*ts, torch.zeros_like(ts[0])]))
         return out
 
@@ -89,12 +97,6 @@ class BottleneckBank:
         return torch.addcmul(flat_h, up, scale.view(b, 1, 1)).view(h.shape)
 
 
-def _detach_absent(ts: list[torch.Tensor], tasks: list[int], present: frozenset[int] | None) -> list[torch.Tensor]:
-    if present is None:
-        return ts
-    return [t if i in present else t.detach() for t, i in zip(ts, tasks)]
-
-
 class ModuleBank:
     """Copies of one base module (a layer norm, the pooler, a head) with the same parameter shapes;
     the base module itself is a member for the tasks that have no copy of it.
@@ -110,11 +112,9 @@ class ModuleBank:
     def __init__(self, template: nn.Module, members: list[tuple[int, nn.Module]], num_tasks: int, device) -> None:
         self.template = template
         self.modules = list(dict.fromkeys(m for _, m in members))  # the base module may serve several tasks
-        rows = [self.modules.index(m) for _, m in members]
-        self.table = torch.zeros(num_tasks + 1, dtype=torch.long, device=device)
-        self.table[[i for i, _ in members]] = torch.tensor(rows, dtype=torch.long, device=device)
-        self.member = torch.zeros(num_tasks + 1, dtype=torch.bool, device=device)
-        self.member[[i for i, _ in members]] = True
+        tasks = [i for i, _ in members]
+        self.table = _lookup(tasks, [self.modules.index(m) for _, m in members], num_tasks, 0, device)
+        self.member = _lookup(tasks, [1] * len(tasks), num_tasks, 0, device).bool()
         self.names = [n for n, _ in template.named_parameters()]
         self.tasks = {i for i, _ in members}
         # the task indices each member module serves (the base module: every task without a copy)
@@ -125,9 +125,7 @@ class ModuleBank:
         serve no task in ``present`` detached, as in :meth:`BottleneckBank.stacked`)."""
         out = {}
         for name in self.names:
-            ts = [m.get_parameter(name) for m in self.modules]
-            if present is not None:
-                ts = [t if served & present else t.detach() for t, served in zip(ts, self.served)]
+            ts = _detach_absent([m.get_parameter(name) for m in self.modules], self.served, present)
             out[name] = torch.stack(ts).index_select(0, sel)
         return out
 
