@@ -52,10 +52,7 @@ class Live:
 
     def __init__(self, engine: Engine, **app_kw) -> None:
         self.engine = engine
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        self.port = sock.getsockname()[1]
-        sock.close()
+        self.port = _free_port()
         config = uvicorn.Config(create_app(engine, **app_kw), host="127.0.0.1", port=self.port, log_level="error")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
@@ -189,6 +186,15 @@ BAD = {
     "task not a text": ("POST", "/v1/predict", {"task": 3, "inputs": ["x"]}, None, {}, 422, '"task"'),
     "inputs not a list": ("POST", "/v1/predict", {"task": "two", "inputs": "x"}, None, {}, 422, '"inputs"'),
     "input not a text": ("POST", "/v1/predict", {"task": "two", "inputs": ["ok", 5]}, None, {}, 422, "inputs[1]"),
+    "input of 3 texts": (
+        "POST",
+        "/v1/predict",
+        {"task": "two", "inputs": [["a", "b", "c"]]},
+        None,
+        {},
+        422,
+        "inputs[0]",
+    ),
     "empty inputs": ("POST", "/v1/predict", {"task": "two", "inputs": []}, None, {}, 422, "non-empty"),
     "too many inputs": ("POST", "/v1/predict", {"task": "two", "inputs": ["x"] * 9}, None, {}, 413, "limit of 8"),
     "oversize body": ("POST", "/v1/predict", {"task": "two", "inputs": ["x" * 5000]}, None, {}, 413, "4096"),

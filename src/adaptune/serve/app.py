@@ -81,9 +81,7 @@ def _rows(body: dict, limits: Limits, pair_task: bool) -> list[tuple[str, str | 
         raise HTTPError(413, f"{len(inputs)} inputs are over the limit of {limits.max_inputs} per request")
     rows = []
     for i, item in enumerate(inputs):
-        if isinstance(item, dict):
-            item = [item.get("text"), item.get("pair")]
-        text, pair = (item, None) if isinstance(item, str) else (item if isinstance(item, list) else [None, None])
+        text, pair = _text_and_pair(item)
         if not isinstance(text, str) or (pair is not None and not isinstance(pair, str)):
             raise HTTPError(422, f"inputs[{i}] must be a text, or [text, pair] for a pair task")
         if pair_task and pair is None:
@@ -92,6 +90,18 @@ def _rows(body: dict, limits: Limits, pair_task: bool) -> list[tuple[str, str | 
             raise HTTPError(413, f"inputs[{i}] has over {limits.max_chars} characters (--max-chars)")
         rows.append((text, pair))
     return rows
+
+
+def _text_and_pair(item) -> tuple:
+    """An input as (text, pair): a string, [text, pair] or {"text", "pair"}; (None, None) for
+    anything else (a list of another length, a number), which the caller refuses."""
+    if isinstance(item, str):
+        return item, None
+    if isinstance(item, dict):
+        return item.get("text"), item.get("pair")
+    if isinstance(item, list) and len(item) == 2:
+        return item[0], item[1]
+    return None, None
 
 
 async def _wait(future, timeout: float):

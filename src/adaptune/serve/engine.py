@@ -104,6 +104,7 @@ class Engine:
         self._waiting = 0
         self._lock = threading.Lock()
         self._tasks_lock = threading.Lock()  # load/unload (batcher) against tasks() (HTTP threads)
+        self._described: dict | None = None  # tasks(), until the next load or unload
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="adaptune-batcher", daemon=True)
         self._thread.start()
@@ -114,9 +115,13 @@ class Engine:
         items = list(runs.items())
         self.generator = Generator(items[0][1], device=device)
         self.generator.default = None
-        # the first run's adapter was added under its folder name: serve it under the given one
-        remove_adapter(self.generator.model, self.generator.adapters[0])
         self._tasks_lm: dict[str, dict] = {}
+        loaded = self.generator.adapters[0]  # the first run's adapter, under its folder's name
+        if loaded == items[0][0]:
+            self._tasks_lm[loaded] = {"task_type": "causal-lm"}
+            items = items[1:]
+        else:  # served under the name given
+            remove_adapter(self.generator.model, loaded)
         for name, folder in items:
             self.generator.add_adapter(folder, name=name)
             self._tasks_lm[name] = {"task_type": "causal-lm"}
@@ -127,10 +132,16 @@ class Engine:
         return "generate" if self.generator is not None else "predict"
 
     def tasks(self) -> dict[str, dict[str, Any]]:
-        """Task name -> its description (task type, labels, text pairs, adapter size)."""
+        """Task name -> its description (task type, labels, text pairs, adapter size); built once
+        after each load or unload (every request reads it), not to be changed by the caller."""
         with self._tasks_lock:
-            table = dict(self.predictor.tasks if self.predictor else self._tasks_lm)
-            sizes = {r["name"]: r for r in list_adapters(self.model)}
+            if self._described is None:
+                self._described = self._describe()
+            return self._described
+
+    def _describe(self) -> dict[str, dict[str, Any]]:
+        table = self.predictor.tasks if self.predictor else self._tasks_lm
+        sizes = {r["name"]: r for r in list_adapters(self.model)}
         out = {}
         for name, task in table.items():
             row = sizes.get(name, {})
@@ -201,6 +212,7 @@ class Engine:
                     raise ConfigError(f"a task named {name!r} is already served; unload it first or pick another name")
                 self.generator.add_adapter(folder, name=name)
                 self._tasks_lm[name] = {"task_type": "causal-lm"}
+            self._described = None
         return self.tasks()[name]
 
     def _unload(self, name: str) -> None:
@@ -212,6 +224,7 @@ class Engine:
             else:
                 remove_adapter(self.generator.model, name)
                 del self._tasks_lm[name]
+            self._described = None
 
     # ---- the batcher --------------------------------------------------------------------------
     def _take(self) -> _Job | object:
