@@ -228,33 +228,7 @@ def tiny_lm_dir(tmp_path_factory):
 def finished_run(tiny_model_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("finished")
     data = write_reviews_csv(tmp / "d.csv", n=24)
-    assert (
-        main(
-            [
-                "train",
-                "--quiet",
-                "-o",
-                str(tmp / "run"),
-                "--model",
-                str(tiny_model_dir),
-                "--data",
-                str(data),
-                "--text-column",
-                "review",
-                "--label-column",
-                "score",
-                "--epochs",
-                "1",
-                "--batch-size",
-                "8",
-                "--max-length",
-                "16",
-                "--device",
-                "cpu",
-            ]
-        )
-        == 0
-    )
+    assert main(train_argv(tiny_model_dir, data, tmp / "run")) == 0
     return tmp / "run"
 
 

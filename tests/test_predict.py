@@ -7,7 +7,7 @@ import json
 import sys
 
 import pytest
-from conftest import write_reviews_csv
+from conftest import train_argv, write_reviews_csv
 
 from adaptune import ConfigError, DataError
 from adaptune.cli.parser import main
@@ -15,28 +15,8 @@ from adaptune.predict import MultiTaskPredictor, Predictor
 
 
 def _train(model_dir, data, out, *extra):
-    args = [
-        "train",
-        "--quiet",
-        "-o",
-        str(out),
-        "--model",
-        str(model_dir),
-        "--data",
-        str(data),
-        "--text-column",
-        "review",
-        "--label-column",
-        "score",
-        "--epochs",
-        "1",
-        "--batch-size",
-        "8",
-        "--device",
-        "cpu",
-        *extra,
-    ]
-    assert main(args) == 0
+    """A short tiny-model run (``extra`` wins over :func:`conftest.train_argv`'s settings)."""
+    assert main(train_argv(model_dir, data, out, *extra)) == 0
     return out
 
 
