@@ -20,7 +20,8 @@ compiled inference switches the active adapter and the rows' tasks between calls
 tensor data, so that runs the graphs compiled first (a recompilation would show in the time).
 The step reads nothing back from the GPU (``training_step`` returns the loss on the device).
 
-Order: bf16 before fp32, MiniLM before SmolLM2; ``--budget-minutes`` (default 8) skips what is left
+Order: every eager figure of MiniLM 32 x 128 and SmolLM2 16 x 256 first, then their compiled
+bf16 figures, then compiled fp32, then the big MiniLM batch; ``--budget-minutes`` (default 8) skips what is left
 when the time is up, and the JSON is written after every figure, so a run cut short keeps what it
 measured. ``--smoke`` runs 2-layer, 64-wide versions for a minute on any device (the CPU included),
 to check the script before a GPU is lent.
@@ -125,6 +126,7 @@ def bench_train(
     shape: str, precision: str, n: int, rounds: int, steps: int, device, compile_mode: str = "none"
 ) -> dict:
     batch, task = batch_for(shape, n, device)
+    _fresh_compiler(compile_mode)
     runs = {}
     for strategy in ("adapters", "full"):
         _reset_memory()
@@ -154,6 +156,15 @@ def bench_train(
     return out
 
 
+def _fresh_compiler(compile_mode: str) -> None:
+    """Forget the graphs of earlier figures. transformers' forward wrapper is one code object shared
+    by every model, so their graphs pile up on it; past dynamo's recompile limit (8) it runs eager
+    and a "compiled" figure silently measures eager code (seen on the first H100 run)."""
+    if compile_mode != "none":
+        torch._dynamo.reset()
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+
+
 def _mode(compile_mode: str) -> str | None:
     return None if compile_mode == "default" else compile_mode
 
@@ -178,6 +189,7 @@ def bench_infer(
 ) -> dict:
     batch, _ = batch_for(shape, n, device)
     batch = {k: v for k, v in batch.items() if k != "labels"}
+    _fresh_compiler(compile_mode)
     model = make(shape, "adapters", device, tasks=4).eval()
     net = model if compile_mode == "none" else torch.compile(model, mode=_mode(compile_mode))
     ctx = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
@@ -271,37 +283,52 @@ def main() -> None:
         "torch": torch.__version__,
         "transformers": T.__version__,
         "smoke": args.smoke,
+        "tf32_matmul": True,
         "results": {},
         "skipped": [],
+        "failed": {},
     }
     t0 = time.perf_counter()
-    keys = [
-        (shape, n, precision)
-        for precision in ("bf16", "fp32")
-        for shape, n in (("minilm", args.batch), ("smollm2", args.lm_batch), ("minilm", args.big_batch))
-    ]
-    for shape, n, precision in keys:
+    for shape, n, precision, mode in _plan(args):
         key = f"{shape}/b{n}/{precision}"
         if args.only and key not in args.only.split(","):
             continue
-        for mode in args.compile.split(","):
-            name = key if mode == "none" else f"{key}/compile-{mode}"
-            if time.perf_counter() - t0 > args.budget_minutes * 60:
-                report["skipped"].append(name)
-                continue
-            t = bench_train(shape, precision, n, args.rounds, args.steps, device, mode)
-            report["results"][name] = r = {"train": t}
+        name = key if mode == "none" else f"{key}/compile-{mode}"
+        if time.perf_counter() - t0 > args.budget_minutes * 60:
+            report["skipped"].append(name)
+            continue
+        try:
+            r = {"train": bench_train(shape, precision, n, args.rounds, args.steps, device, mode)}
             if not args.no_infer:
                 r["infer"] = bench_infer(shape, precision, n, args.rounds, args.steps, device, mode)
-            print(_line(name, r), flush=True)
-            if args.json:  # after every figure, so a run cut short keeps what it measured
-                with open(args.json, "w") as f:
-                    json.dump(report, f, indent=2)
+        except Exception as e:  # one failing figure (a compiler error, say) must not lose the others
+            report["failed"][name] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            print(f"{name:<36} FAILED {report['failed'][name]}", flush=True)
+            torch._dynamo.reset()
+            continue
+        r["seconds"] = round(time.perf_counter() - t0, 1)
+        report["results"][name] = r
+        print(_line(name, r), flush=True)
+        if args.json:  # after every figure, so a run cut short keeps what it measured
+            with open(args.json, "w") as f:
+                json.dump(report, f, indent=2)
     if report["skipped"]:
         print(f"skipped (over --budget-minutes {args.budget_minutes:g}): {', '.join(report['skipped'])}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)
+
+
+def _plan(args) -> list[tuple[str, int, str, str]]:
+    """What to measure, most wanted first: every eager figure of the two shapes the goals name, then
+    compiled bf16, then compiled fp32, then the big MiniLM batch (device time is scarce)."""
+    modes = args.compile.split(",")
+    shapes = [("minilm", args.batch), ("smollm2", args.lm_batch)]
+    plan = [(s, n, p, "none") for p in ("bf16", "fp32") for s, n in shapes if "none" in modes]
+    compiled = [m for m in modes if m != "none"]
+    plan += [(s, n, p, m) for p in ("bf16", "fp32") for s, n in shapes for m in compiled]
+    plan += [("minilm", args.big_batch, p, m) for p in ("bf16", "fp32") for m in modes]
+    return plan
 
 
 def _line(name: str, r: dict) -> str:
