@@ -1,6 +1,10 @@
 """Peak training memory and step time of SmolLM2-135M with a Houlsby adapter: fp32 base, int8 base,
 gradient checkpointing, int8 + checkpointing. Each configuration runs in a process of its own.
 
+The causal-LM loss is taken from the backbone's hidden states a few rows of logits at a time
+(``adaptune.lm.causal_lm``); the row "fp32, whole logits" measures the loss over all (N, V)
+logits at once, as it was before.
+
 Batches: 16 rows × 256 tokens (random token ids; the second half of each row is the response the
 loss covers, as in ``bench/gpu_speed.py``), through the library's own ``build_model`` +
 ``training_step``. Per configuration: the bytes of the model's weights (quantised ones counted
@@ -9,7 +13,14 @@ steps (``VmHWM``, reset after loading: the full-precision weights a quantised ba
 do not count, though what glibc's heap keeps of them does), the peak minus the weights
 (activations, gradients, optimiser state, the runtime), and the median step time.
 
+glibc's heap keeps freed blocks between live ones, so the peak resident memory depends on the
+allocator as much as on the tensors. ``MALLOC_MMAP_THRESHOLD_=1048576`` maps every block of 1 MiB
+or more apart and unmaps it when freed, as ``adaptune train`` does for runs that save memory
+(``--quantize``, ``--gradient-checkpointing``; ``adaptune.cpu.heap.return_freed_memory``).
+
 Run:  OMP_NUM_THREADS=2 .venv/bin/python bench/lm_memory.py [--steps 3] [--json bench/results/lm_memory.json]
+      MALLOC_MMAP_THRESHOLD_=1048576 OMP_NUM_THREADS=2 .venv/bin/python bench/lm_memory.py \
+          --json bench/results/lm_memory_mmap1m.json
 """
 
 from __future__ import annotations
@@ -27,6 +38,7 @@ from pathlib import Path
 
 CONFIGS = {
     "fp32": {},
+    "fp32, whole logits": {},  # the loss over the (N, V) logits at once, as before the chunked loss
     "int8": {"quantize": "int8"},
     "checkpointing": {"gradient_checkpointing": True},
     "int8+checkpointing": {"quantize": "int8", "gradient_checkpointing": True},
@@ -45,6 +57,10 @@ def one(name: str, steps: int, batch: int, length: int) -> dict:
     from adaptune.training.steps import build_model, make_optimizer, training_step
     from adaptune.training.train import TrainConfig
 
+    if name == "fp32, whole logits":
+        from adaptune.lm import causal_lm
+
+        causal_lm._PLAIN_HEAD_FAMILIES = ()  # no family takes the chunked loss
     cfg = TrainConfig(model="smollm2", data="chatterbot", device="cpu", **CONFIGS[name])
     model, counts = build_model(cfg, num_labels=0, device=torch.device("cpu"))
     model.train()
@@ -110,6 +126,7 @@ def main() -> None:
         "length": args.length,
         "steps": args.steps,
         "threads": os.environ.get("OMP_NUM_THREADS"),
+        "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),  # unset: glibc's adaptive rule
         "rows": rows,
     }
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -126,8 +126,9 @@ def test_int8_base_trains_adapters_and_the_adapter_loads_on_the_full_base(tmp_pa
 
     model = _model("llama", causal=True)
     full_print, full_bytes = fingerprint(model), weight_bytes(model)
-    untied = not model.config.tie_word_embeddings  # an output layer of its own is quantised too
-    assert quantize_base(model, "int8") == 4 * 7 + untied  # q, k, v, o, gate, up, down in 4 layers
+    # q, k, v, o, gate, up, down in 4 layers, the input embedding, and the output layer (its own
+    # int8 linear when untied, or reading the embedding's int8 table when tied)
+    assert quantize_base(model, "int8") == 4 * 7 + 2
     assert weight_bytes(model) < full_bytes and fingerprint(model) == full_print
     batch = tiny_batch(batch=4)
     model.train()
@@ -153,6 +154,114 @@ def test_int8_base_trains_adapters_and_the_adapter_loads_on_the_full_base(tmp_pa
     full = _model("llama", causal=True, seed=0)
     load_adapter(full, tmp_path / "a", name="back")  # the full base takes it (same fingerprint)
     torch.testing.assert_close(full.adaptune.sets["back"].adapters["0"]["attn"].down.weight, lowest.detach())
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_int8_embedding_and_tied_output_layer(tied):
+    """The input embedding becomes int8 rows (each value within half a step of its row's scale); a
+    tied output layer reads the same table, stored once; logits stay close to the full model's and
+    generation runs; the weights take under 0.3 of their fp32 bytes."""
+    pytest.importorskip("torchao")
+    from adaptune.models.quantize import Int8Embedding, Int8TiedHead, quantize_base, weight_bytes
+
+    torch.manual_seed(0)
+    cfg = TINY_CONFIGS["llama"]()
+    cfg.tie_word_embeddings = tied
+    model = T.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+    add_adapter(model, "t", AdapterConfig.preset("houlsby", size=8))
+    train_strategy(model, "adapters")
+    original = model.get_input_embeddings().weight.detach().clone()
+    ids = tiny_batch(batch=2)["input_ids"]
+    with torch.no_grad():
+        before, full_bytes = model(input_ids=ids).logits, weight_bytes(model)
+    quantize_base(model, "int8")
+    table = model.get_input_embeddings()
+    assert isinstance(table, Int8Embedding) and table.qweight.dtype == torch.int8
+    assert ((table.dequantize() - original).abs() <= table.scale[:, None] / 2 + 1e-7).all()
+    assert isinstance(model.get_output_embeddings(), Int8TiedHead) == tied
+    if tied:  # one table: the model's buffers hold the int8 embedding once
+        assert sum(b.dtype == torch.int8 and b.shape == original.shape for b in model.buffers()) == 1
+    with torch.no_grad():
+        after = model(input_ids=ids).logits
+        out = model.generate(input_ids=ids[:1, :4], max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert (after - before).abs().max() < 0.05 * before.abs().max()
+    assert out.shape == (1, 7)
+    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    assert (weight_bytes(model) - trainable) < 0.3 * (full_bytes - trainable)
+
+
+def test_quantising_unmaps_the_weights_file(tmp_path):
+    """A base read from safetensors holds views of the mapped file; after quantising, what stays
+    float is copied out, so the file is unmapped (its pages no longer resident in the process)."""
+    pytest.importorskip("torchao")
+    import gc
+
+    from conftest import save_tiny_causal_lm
+
+    from adaptune.models.quantize import quantize_base
+
+    folder = tmp_path / "lm"
+    save_tiny_causal_lm(folder)
+    weights = str((folder / "model.safetensors").resolve())
+
+    def mapped() -> bool:
+        with open("/proc/self/maps") as f:
+            return any(line.rstrip().endswith(weights) for line in f)
+
+    model = T.AutoModelForCausalLM.from_pretrained(folder)
+    add_adapter(model, "t", AdapterConfig.preset("houlsby", size=8))
+    train_strategy(model, "adapters")
+    if not mapped():
+        pytest.skip("this transformers copies the weights on loading (no mapping to release)")
+    quantize_base(model, "int8")
+    gc.collect()
+    assert not mapped()
+    assert model(input_ids=torch.tensor([[3, 4, 5]])).logits.isfinite().all()
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("strategy", ["adapters", "full"])
+def test_chunked_lm_loss_equals_the_full_logits_loss(family, strategy, monkeypatch):
+    """The causal-LM loss from the backbone's hidden states, a few rows of logits at a time, gives
+    the loss and every gradient of the loss over the whole (N, V) logits (the output layer's too,
+    where it trains), int8 tied output layer included."""
+    from adaptune.lm import causal_lm
+    from adaptune.models.quantize import quantize_base
+
+    def build():
+        torch.manual_seed(0)
+        model = T.AutoModelForCausalLM.from_config(TINY_CONFIGS[family](), attn_implementation="eager").eval()
+        if strategy == "adapters":
+            add_adapter(model, "t", AdapterConfig.preset("houlsby", size=8))
+        train_strategy(model, strategy)
+        return model
+
+    batch = tiny_batch(batch=3, length=11, seed=2)
+    labels = batch["input_ids"].clone()
+    labels[:, :4] = -100
+    labels[2, :9] = -100
+    index = response_index(labels)
+    monkeypatch.setattr(causal_lm, "CHUNK_ELEMENTS", 7 * TINY_CONFIGS[family]().vocab_size)  # 7 rows a chunk
+    for quantized in [False, True] if strategy == "adapters" and family == "llama" else [False]:
+        chunked, plain = build(), build()
+        if quantized:
+            pytest.importorskip("torchao")
+            quantize_base(chunked, "int8")
+            quantize_base(plain, "int8")
+        loss, count = causal_lm.lm_loss_sum(chunked, batch, labels)
+        logits, targets = causal_lm.response_logits(plain, batch, index=index)
+        reference = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
+        assert int(count) == len(targets) > 7  # more than one chunk
+        torch.testing.assert_close(loss, reference, rtol=1e-6, atol=1e-5)
+        (2 * loss).backward()
+        (2 * reference).backward()
+        grads = [
+            (n, p.grad, q.grad) for (n, p), q in zip(chunked.named_parameters(), plain.parameters()) if p.requires_grad
+        ]
+        assert grads and all(g is not None for _, g, _ in grads)
+        for name, g, h in grads:
+            # float rounding only: the chunks sum the rows in another order (gradients of a summed loss)
+            torch.testing.assert_close(g, h, rtol=1e-4, atol=1e-5, msg=f"{name} (int8 base: {quantized})")
 
 
 def test_quantize_refuses_strategies_that_train_the_base():

@@ -341,10 +341,14 @@ def main(argv: list[str] | None = None) -> int:
         from adaptune.cli import commands
         from adaptune.cli import lm_commands
         from adaptune.cli import serve_commands
-        from adaptune.cpu.heap import keep_freed_memory
+        from adaptune.cpu.heap import keep_freed_memory, return_freed_memory
 
-        # this process's CPU work reuses freed memory instead of faulting it back in; it exits after
-        with keep_freed_memory(give_back=False):
+        # this process's CPU work reuses freed memory instead of faulting it back in (it exits
+        # after), unless the run asked to save memory: then freed blocks go back at once
+        saving = getattr(args, "quantize", "none") not in (None, "none") or getattr(
+            args, "gradient_checkpointing", False
+        )
+        with (return_freed_memory if saving else keep_freed_memory)(give_back=False):
             name = args.command.replace("-", "_")
             module = next(m for m in (commands, adapter_commands, lm_commands, serve_commands) if hasattr(m, name))
             return getattr(module, name)(args) or 0

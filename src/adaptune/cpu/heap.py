@@ -36,6 +36,7 @@ from collections.abc import Iterator
 # mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _MMAP_THRESHOLD = 32 << 20  # glibc's largest on 64-bit systems
+_SMALL_MMAP_THRESHOLD = 1 << 20  # return_freed_memory: blocks of 1 MiB and more mapped apart
 _TRIM_AFTER = 64 << 20  # twice that: where glibc's adaptive trim threshold tops out
 _USER_SETTINGS = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_")
 _OTHER_ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc")
@@ -76,18 +77,37 @@ def keep_freed_memory(give_back: bool = True) -> Iterator[bool]:
     Yields whether the setting applies here (glibc's own, untuned ``malloc``, 64-bit). Nests: only
     the outermost block changes the setting and, with ``give_back`` (the command line, about to
     exit, skips it), returns the free memory on leaving. The command line runs every command inside
-    it; library calls (:func:`adaptune.training.train.train`, ``evaluate``, :class:`adaptune.Predictor`) never
+    it (or inside :func:`return_freed_memory` when memory comes first); library calls
+    (:func:`adaptune.training.train.train`, ``evaluate``, :class:`adaptune.Predictor`) never
     change this process-wide setting themselves. Python callers opt in around their own work::
 
         with adaptune.keep_freed_memory():
             adaptune.training.train(cfg, "runs/r")    # or a loop of model(**batch), or Predictor.predict
     """
+    with _heap_block(_MMAP_THRESHOLD, -1, give_back) as applied:  # trim -1: never trim (mallopt(3))
+        yield applied
+
+
+@contextlib.contextmanager
+def return_freed_memory(give_back: bool = True) -> Iterator[bool]:
+    """The opposite choice, for work that must fit the machine: within the block, every block of
+    1 MiB or more is mapped apart and unmapped when freed, so the process's resident memory follows
+    what its tensors hold, not the most its heap ever held. Each such block is faulted in anew, a
+    page at a time, which costs time. The command line uses it for runs that ask to save memory
+    (``--quantize``, ``--gradient-checkpointing``). Same nesting and conditions as
+    :func:`keep_freed_memory`; the outermost block of either kind decides."""
+    with _heap_block(_SMALL_MMAP_THRESHOLD, _TRIM_AFTER, give_back) as applied:
+        yield applied
+
+
+@contextlib.contextmanager
+def _heap_block(mmap_threshold: int, trim_threshold: int, give_back: bool) -> Iterator[bool]:
     global _depth, _libc
     with _lock:
         if _depth == 0:
             libc = _glibc()
-            if libc is not None and libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD) == 1:
-                libc.mallopt(_M_TRIM_THRESHOLD, -1)  # -1: never trim (mallopt(3))
+            if libc is not None and libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold) == 1:
+                libc.mallopt(_M_TRIM_THRESHOLD, trim_threshold)
                 _libc = libc
         _depth += 1
         applied = _libc is not None

@@ -6,7 +6,9 @@ model predicts token ``t+1`` from position ``t``, so only positions whose *next*
 need logits: the columns where any row of the batch has one are passed as ``logits_to_keep``
 (a 1-D position tensor, which every ``transformers`` 5 release accepts), so the vocabulary
 projection (49k × 576 for SmolLM2, the largest single matrix product of the model) skips the
-prompts, the template and the padding that no row needs.
+prompts, the template and the padding that no row needs. In training, families whose logits are the
+output layer applied to the last hidden state take the loss from those hidden states a chunk of
+rows at a time (:class:`_LinearCrossEntropy`), so the (N, V) logits never exist at once.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from adaptune.core.architectures import backbone
 from adaptune.lm.chat import IGNORE
+from adaptune.models.quantize import Int8TiedHead, dense_head
 from adaptune.data.loading import bucket_batches, collate
 
 
@@ -91,8 +95,86 @@ def lm_loss_sum(
     ``index``: :func:`response_index` of the labels, computed beforehand on the host."""
     if index is None:
         index = response_index(labels, row_weight)
-    logits, targets = response_logits(model, batch, index=index)
-    return F.cross_entropy(logits.float(), targets, reduction="sum"), index.count(logits.device)
+    head = _chunkable_head(model)
+    if head is None:
+        logits, targets = response_logits(model, batch, index=index)
+        return F.cross_entropy(logits.float(), targets, reduction="sum"), index.count(logits.device)
+    device = batch["input_ids"].device
+    index = index.to(device)
+    hidden = backbone(model)(**batch).last_hidden_state  # (B, T, H): the backbone without its output layer
+    hidden = hidden[index.rows, index.cols[index.at]]  # (N, H): the positions that predict a response token
+    weight, bias = dense_head(head)
+    return _LinearCrossEntropy.apply(hidden, weight, bias, index.targets), index.count(device)
+
+
+# Families whose causal-LM logits are exactly output_layer(backbone(...).last_hidden_state): no
+# logit scaling or soft-capping after the product.
+_PLAIN_HEAD_FAMILIES = ("gpt2", "llama", "mistral", "qwen2")
+
+
+def _chunkable_head(model) -> torch.nn.Module | None:
+    """The output layer, where the loss can be computed from the backbone's hidden states chunk by
+    chunk. Only for the model itself: a ``DistributedDataParallel`` or ``torch.compile`` wrapper has
+    to run its own forward (gradient synchronisation, the compiled graph)."""
+    if torch.compiler.is_compiling():
+        return None
+    from transformers import PreTrainedModel  # here: importing it at start-up would load torchao for every command
+
+    if not isinstance(model, PreTrainedModel):
+        return None
+    if getattr(model.config, "model_type", None) not in _PLAIN_HEAD_FAMILIES:
+        return None
+    if backbone(model) is model or not callable(getattr(model, "get_output_embeddings", None)):
+        return None
+    head = model.get_output_embeddings()
+    return head if isinstance(head, (torch.nn.Linear, Int8TiedHead)) else None
+
+
+CHUNK_ELEMENTS = 2**22  # logits per chunk (16 MiB in fp32): the rows of a chunk × the vocabulary
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """``cross_entropy(hidden @ weightᵀ + bias, targets, reduction="sum")`` without the (N, V) logits:
+    they are made a chunk of rows at a time, and each chunk's gradients are taken at once, so only
+    (N, H) gradients for the hidden states (and the weight's, where it trains) outlive the chunk.
+    For SmolLM2 (V = 49152) the logits of 2048 response tokens are 400 MB in fp32, and autograd
+    kept three such tensors until the backward pass."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets):
+        n, v = hidden.shape[0], weight.shape[0]
+        rows = max(1, CHUNK_ELEMENTS // v)
+        w = weight.to(hidden.dtype)
+        total = hidden.new_zeros((), dtype=torch.float32)
+        grad_h = torch.empty_like(hidden)
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        grad_b = torch.zeros(v, dtype=torch.float32, device=hidden.device) if ctx.needs_input_grad[2] else None
+        for lo in range(0, n, rows):
+            h, t = hidden[lo : lo + rows], targets[lo : lo + rows]
+            logits = F.linear(h, w, None if bias is None else bias.to(h.dtype)).float()
+            lse = torch.logsumexp(logits, 1)
+            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+            probs[torch.arange(len(t), device=t.device), t] -= 1  # d loss / d logits
+            grad_h[lo : lo + rows] = (probs.to(w.dtype) @ w).to(hidden.dtype)
+            if grad_w is not None:
+                grad_w.addmm_(probs.t(), h.float())
+            if grad_b is not None:
+                grad_b += probs.sum(0)
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        w_dtype, b_dtype = ctx.dtypes
+        return (
+            grad_h * grad.to(grad_h.dtype),
+            None if grad_w is None else (grad_w * grad).to(w_dtype),
+            None if grad_b is None else (grad_b * grad).to(b_dtype),
+            None,
+        )
 
 
 @torch.no_grad()

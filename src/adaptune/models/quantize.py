@@ -6,7 +6,9 @@ chosen ``nn.Linear``'s weight by a quantised tensor subclass; its matrix product
 gradient to their input, so the adapters below a quantised layer train (checked in the suite).
 Only frozen ``nn.Linear`` layers of the base are quantised: never the adapters or task copies
 (``model.adaptune``), nor a layer whose weight is shared with the input embeddings (a tied output
-layer of a language model).
+layer of a language model). A frozen input embedding becomes int8 rows with a scale per row
+(:class:`Int8Embedding`, also under ``int4``), and an output layer tied to it reads the same table
+(:class:`Int8TiedHead`).
 
 Autograd would keep, for each quantised layer, the full-precision copy of its weight that the
 product dequantises (the input gradient needs the weight): no memory saved. So the quantised layers
@@ -62,7 +64,99 @@ def quantize_base(model: nn.Module, kind: str) -> int:
     for name in chosen:
         model.get_submodule(name).__class__ = FrozenQuantizedLinear
     model.adaptune_quantized = kind
-    return len(chosen)
+    replaced = len(chosen) + _quantize_embedding(model, embedding)
+    _own_memory(model)
+    return replaced
+
+
+@torch.no_grad()
+def _own_memory(model: nn.Module) -> None:
+    """Copy the float tensors that stay (norms, biases, adapters) into memory of their own. A base
+    read from safetensors holds views of the memory-mapped file; while any of them lives, the whole
+    file stays mapped, and the pages quantising read stay resident (SmolLM2: 513 MiB beside
+    147 MiB of int8 weights)."""
+    copies: dict[int, torch.Tensor] = {}
+    for module in model.modules():
+        for table in (module._parameters, module._buffers):
+            for key, t in table.items():
+                if t is None or type(t.data) is not torch.Tensor:  # a quantised tensor is new memory already
+                    continue
+                if id(t) not in copies:
+                    copies[id(t)] = t.data.clone()
+                fresh = copies[id(t)]
+                if isinstance(t, nn.Parameter):
+                    t.data = fresh
+                else:
+                    table[key] = fresh
+
+
+def _quantize_embedding(model: nn.Module, embedding: nn.Module | None) -> int:
+    """Quantise a frozen input embedding to int8 rows (a language model's largest matrix: SmolLM2's
+    49152 × 576 is a fifth of its weights) and an output layer tied to it: both then read one int8
+    table. How many modules it replaced (0 when the embedding trains or is not a plain one)."""
+    if type(embedding) is not nn.Embedding or embedding.weight.requires_grad:
+        return 0
+    get_out = getattr(model, "get_output_embeddings", None)
+    head = get_out() if callable(get_out) else None
+    tied = type(head) is nn.Linear and head.weight is embedding.weight
+    if tied and head.bias is not None and head.bias.requires_grad:
+        return 0  # a trained bias of the output layer: keep the layer as it is
+    table = Int8Embedding(embedding.weight, embedding.padding_idx)
+    model.set_input_embeddings(table)
+    if tied:
+        model.set_output_embeddings(Int8TiedHead(table, head.bias))
+    return 1 + tied
+
+
+class Int8Embedding(nn.Module):
+    """A frozen embedding table kept as int8 rows with one scale per row (symmetric: the row's
+    largest magnitude maps to 127). A lookup dequantises only the rows it reads."""
+
+    def __init__(self, weight: torch.Tensor, padding_idx: int | None = None):
+        super().__init__()
+        w = weight.detach()
+        scale = w.float().abs().amax(1).clamp_min(1e-12) / 127
+        self.register_buffer("qweight", torch.round(w.float() / scale[:, None]).to(torch.int8))
+        self.register_buffer("scale", scale.to(w.dtype))
+        self.num_embeddings, self.embedding_dim = w.shape
+        self.padding_idx = padding_idx
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.qweight[ids].to(self.scale.dtype) * self.scale[ids, None]
+
+    def dequantize(self) -> torch.Tensor:
+        """The whole table in the embedding's float type (for an output layer's product)."""
+        return self.qweight.to(self.scale.dtype) * self.scale[:, None]
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, int8 rows"
+
+
+class Int8TiedHead(nn.Module):
+    """An output layer tied to an :class:`Int8Embedding`: logits from the same int8 table. The table
+    is referenced, not registered, so it is stored and moved once, with the embedding."""
+
+    def __init__(self, table: Int8Embedding, bias: torch.Tensor | None = None):
+        super().__init__()
+        self._table = (table,)  # a tuple: not a submodule
+        self.bias = bias
+        self.in_features, self.out_features = table.embedding_dim, table.num_embeddings
+
+    def dequantize(self) -> torch.Tensor:
+        return self._table[0].dequantize()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.dequantize().to(x.dtype), self.bias)
+
+
+def dense_head(head: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """An output layer's weight as a plain (dequantised) tensor, and its bias: for a product computed
+    outside the layer (the chunked language-model loss)."""
+    if isinstance(head, Int8TiedHead):
+        return head.dequantize(), head.bias
+    if isinstance(head, FrozenQuantizedLinear):
+        return head.weight.dequantize(), head.bias
+    return head.weight, head.bias
 
 
 class _FrozenProduct(torch.autograd.Function):
