@@ -233,3 +233,31 @@ def test_the_command_line_returns_freed_memory_when_a_run_saves_memory(monkeypat
     monkeypatch.setattr(commands, "train", lambda args: 0)
     assert main(["train", "--data", "x.csv", "-o", "unused", *flags]) == 0
     assert used == [chosen]
+
+
+def test_leaving_return_freed_memory_restores_the_fixed_thresholds(monkeypatch):
+    """Leaving the block puts back the 32 MiB mmap and 64 MiB trim thresholds (glibc cannot return
+    to its adaptive ones); a block of the other kind nested inside applies nothing and says so."""
+    calls = []
+
+    class FakeLibc:
+        def mallopt(self, what, value):
+            calls.append((what, value))
+            return 1
+
+        def malloc_trim(self, pad):
+            calls.append(("trim", pad))
+
+    monkeypatch.setattr(heap, "_glibc", lambda: FakeLibc())
+    with heap.return_freed_memory() as outer:
+        assert outer and calls == [(heap._M_MMAP_THRESHOLD, 1 << 20), (heap._M_TRIM_THRESHOLD, heap._TRIM_AFTER)]
+        with keep_freed_memory() as inner:
+            assert not inner  # the outer block's setting holds
+        with heap.return_freed_memory() as same:
+            assert same
+        assert len(calls) == 2  # nested blocks changed nothing
+    assert calls[2:] == [
+        (heap._M_MMAP_THRESHOLD, heap._MMAP_THRESHOLD),
+        (heap._M_TRIM_THRESHOLD, heap._TRIM_AFTER),
+        ("trim", 0),
+    ]

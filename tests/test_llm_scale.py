@@ -226,11 +226,13 @@ def test_chunked_lm_loss_equals_the_full_logits_loss(family, strategy, monkeypat
     the loss and every gradient of the loss over the whole (N, V) logits (the output layer's too,
     where it trains), int8 tied output layer included."""
     from adaptune.lm import causal_lm
-    from adaptune.models.quantize import quantize_base
+    from adaptune.models.quantize import Int8TiedHead, quantize_base
 
-    def build():
+    def build(tied: bool):
         torch.manual_seed(0)
-        model = T.AutoModelForCausalLM.from_config(TINY_CONFIGS[family](), attn_implementation="eager").eval()
+        cfg = TINY_CONFIGS[family]()
+        cfg.tie_word_embeddings = tied
+        model = T.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
         if strategy == "adapters":
             add_adapter(model, "t", AdapterConfig.preset("houlsby", size=8))
         train_strategy(model, strategy)
@@ -242,13 +244,18 @@ def test_chunked_lm_loss_equals_the_full_logits_loss(family, strategy, monkeypat
     labels[2, :9] = -100
     index = response_index(labels)
     monkeypatch.setattr(causal_lm, "CHUNK_ELEMENTS", 7 * TINY_CONFIGS[family]().vocab_size)  # 7 rows a chunk
+    calls = []
+    chunked_loss = causal_lm._LinearCrossEntropy.apply
+    monkeypatch.setattr(causal_lm._LinearCrossEntropy, "apply", lambda *a: calls.append(1) or chunked_loss(*a))
     for quantized in [False, True] if strategy == "adapters" and family == "llama" else [False]:
-        chunked, plain = build(), build()
+        chunked, plain = build(tied=quantized), build(tied=quantized)  # the int8 case: a tied output layer
         if quantized:
             pytest.importorskip("torchao")
             quantize_base(chunked, "int8")
             quantize_base(plain, "int8")
+            assert isinstance(chunked.get_output_embeddings(), Int8TiedHead)
         loss, count = causal_lm.lm_loss_sum(chunked, batch, labels)
+        assert len(calls) == 1 + quantized  # the chunked loss ran
         logits, targets = causal_lm.response_logits(plain, batch, index=index)
         reference = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
         assert int(count) == len(targets) > 7  # more than one chunk

@@ -74,8 +74,9 @@ TRAIN_HELP: dict[str, str] = {
     "strategy "
     "alike (default: on when training on the CPU); --no-lean-kernels runs torch's own operators and "
     "dropout stream (docs/lean-kernels.md)",
-    "quantize": "keep the frozen base's linear layers quantised: none, int8 or int4 (torchao weight-only; adapters, "
-    "norms and head train in full precision; the adapter loads on the full base too)",
+    "quantize": "keep the frozen base's linear layers quantised: none, int8 or int4 (torchao weight-only; the "
+    "embedding in int8 rows; adapters, norms and head train in full precision; --strategy adapters only; the "
+    "adapter loads on the full base too)",
     "gradient_checkpointing": "recompute each layer's activations in the backward pass: less memory, about a "
     "third more time",
     "grad_accum": "split each batch into this many micro-batches, one optimiser step for them all (the same step "

@@ -16,6 +16,13 @@ so the process keeps a fixed 32 MiB mmap threshold and a 64 MiB trim threshold a
 where glibc's own rule would have taken them for this work.
 A child forked inside the block (a ``fork`` DataLoader worker) starts outside it, with trimming on.
 
+:func:`return_freed_memory` is the opposite choice, for work that must fit the machine: blocks of
+1 MiB and more are mapped apart and unmapped when freed, so the resident memory follows the live
+tensors (checkpointed training frees and re-creates activations between live ones, and glibc's heap
+would keep the holes). Leaving it, or a child forked inside it, returns to the same fixed 32 MiB
+and 64 MiB thresholds. The outermost block of either kind decides; a block nested in one of the
+other kind yields False.
+
 It does nothing on other C libraries (macOS, Windows, musl), under a preloaded allocator (jemalloc,
 tcmalloc, mimalloc), when ``MALLOC_TRIM_THRESHOLD_``, ``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TOP_PAD_``,
 ``MALLOC_MMAP_MAX_`` or a ``glibc.malloc.*`` tunable in ``GLIBC_TUNABLES`` is set (the user chose), or
@@ -44,6 +51,7 @@ _OTHER_ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc")
 _lock = threading.Lock()
 _depth = 0  # open keep_freed_memory blocks
 _libc: ctypes.CDLL | None = None  # set while the outermost block applies the setting
+_mmap_threshold = 0  # the mmap threshold the outermost block set
 
 
 @functools.cache
@@ -95,22 +103,23 @@ def return_freed_memory(give_back: bool = True) -> Iterator[bool]:
     what its tensors hold, not the most its heap ever held. Each such block is faulted in anew, a
     page at a time, which costs time. The command line uses it for runs that ask to save memory
     (``--quantize``, ``--gradient-checkpointing``). Same nesting and conditions as
-    :func:`keep_freed_memory`; the outermost block of either kind decides."""
+    :func:`keep_freed_memory`; the outermost block of either kind decides (a block nested in one of
+    the other kind yields False)."""
     with _heap_block(_SMALL_MMAP_THRESHOLD, _TRIM_AFTER, give_back) as applied:
         yield applied
 
 
 @contextlib.contextmanager
 def _heap_block(mmap_threshold: int, trim_threshold: int, give_back: bool) -> Iterator[bool]:
-    global _depth, _libc
+    global _depth, _libc, _mmap_threshold
     with _lock:
         if _depth == 0:
             libc = _glibc()
             if libc is not None and libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold) == 1:
                 libc.mallopt(_M_TRIM_THRESHOLD, trim_threshold)
-                _libc = libc
+                _libc, _mmap_threshold = libc, mmap_threshold
         _depth += 1
-        applied = _libc is not None
+        applied = _libc is not None and _mmap_threshold == mmap_threshold  # this block's setting holds
     try:
         yield applied
     finally:
@@ -118,6 +127,7 @@ def _heap_block(mmap_threshold: int, trim_threshold: int, give_back: bool) -> It
             if _depth > 0:  # 0 in a child forked inside the block that unwinds it
                 _depth -= 1
                 if _depth == 0 and _libc is not None:
+                    _libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)
                     _libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_AFTER)
                     if give_back:
                         _libc.malloc_trim(0)
@@ -128,6 +138,7 @@ def _outside_in_child() -> None:
     """A forked child does not inherit the parent's open blocks: trimming back on, nothing open."""
     global _depth, _libc
     if _libc is not None:
+        _libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)
         _libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_AFTER)
     _depth, _libc = 0, None
 

@@ -107,9 +107,10 @@ def lm_loss_sum(
     return _LinearCrossEntropy.apply(hidden, weight, bias, index.targets), index.count(device)
 
 
-# Families whose causal-LM logits are exactly output_layer(backbone(...).last_hidden_state): no
-# logit scaling or soft-capping after the product.
-_PLAIN_HEAD_FAMILIES = ("gpt2", "llama", "mistral", "qwen2")
+# Classes whose logits are exactly output_layer(backbone(...).last_hidden_state): no logit scaling
+# or soft-capping after the product. Exact classes, not subclasses nor remote code that reports the
+# same model_type.
+_PLAIN_HEAD_CLASSES = ("GPT2LMHeadModel", "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 
 
 def _chunkable_head(model) -> torch.nn.Module | None:
@@ -118,11 +119,10 @@ def _chunkable_head(model) -> torch.nn.Module | None:
     to run its own forward (gradient synchronisation, the compiled graph)."""
     if torch.compiler.is_compiling():
         return None
-    from transformers import PreTrainedModel  # here: importing it at start-up would load torchao for every command
+    import transformers  # here: importing its models at start-up would load torchao for every command
 
-    if not isinstance(model, PreTrainedModel):
-        return None
-    if getattr(model.config, "model_type", None) not in _PLAIN_HEAD_FAMILIES:
+    cls = type(model)
+    if cls.__name__ not in _PLAIN_HEAD_CLASSES or getattr(transformers, cls.__name__, None) is not cls:
         return None
     if backbone(model) is model or not callable(getattr(model, "get_output_embeddings", None)):
         return None
@@ -143,15 +143,19 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets):
         n, v = hidden.shape[0], weight.shape[0]
-        rows = max(1, CHUNK_ELEMENTS // v)
-        w = weight.to(hidden.dtype)
+        device = hidden.device.type
+        # a CPU takes small chunks (its caches); a GPU wants each product large: 64 × as many rows
+        rows = max(1, CHUNK_ELEMENTS * (1 if device == "cpu" else 64) // v)
+        # the products' type, cast once for all chunks (under autocast, its type)
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+        w = weight.to(dtype)
         total = hidden.new_zeros((), dtype=torch.float32)
         grad_h = torch.empty_like(hidden)
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
         grad_b = torch.zeros(v, dtype=torch.float32, device=hidden.device) if ctx.needs_input_grad[2] else None
         for lo in range(0, n, rows):
-            h, t = hidden[lo : lo + rows], targets[lo : lo + rows]
-            logits = F.linear(h, w, None if bias is None else bias.to(h.dtype)).float()
+            h, t = hidden[lo : lo + rows].to(dtype), targets[lo : lo + rows]
+            logits = F.linear(h, w, None if bias is None else bias.to(dtype)).float()
             lse = torch.logsumexp(logits, 1)
             total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
             probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits

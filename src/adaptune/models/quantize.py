@@ -115,18 +115,24 @@ class Int8Embedding(nn.Module):
     def __init__(self, weight: torch.Tensor, padding_idx: int | None = None):
         super().__init__()
         w = weight.detach()
-        scale = w.float().abs().amax(1).clamp_min(1e-12) / 127
+        scale = w.float().abs().amax(1).clamp_min(1e-12) / 127  # fp32, whatever the weight's type
         self.register_buffer("qweight", torch.round(w.float() / scale[:, None]).to(torch.int8))
-        self.register_buffer("scale", scale.to(w.dtype))
+        self.register_buffer("scale", scale)
+        # the type of the values it hands out: an empty float buffer, so model.to(dtype) moves it
+        self.register_buffer("out_type", torch.empty(0, dtype=w.dtype))
         self.num_embeddings, self.embedding_dim = w.shape
         self.padding_idx = padding_idx
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.qweight[ids].to(self.scale.dtype) * self.scale[ids, None]
+        return self.rows(ids)
+
+    def rows(self, index) -> torch.Tensor:
+        """Rows ``index`` (token ids, or a slice) of the table, dequantised."""
+        return (self.qweight[index].float() * self.scale[index, None]).to(self.out_type.dtype)
 
     def dequantize(self) -> torch.Tensor:
-        """The whole table in the embedding's float type (for an output layer's product)."""
-        return self.qweight.to(self.scale.dtype) * self.scale[:, None]
+        """The whole table in the embedding's float type."""
+        return self.rows(slice(None))
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, int8 rows"
@@ -146,7 +152,15 @@ class Int8TiedHead(nn.Module):
         return self._table[0].dequantize()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(x, self.dequantize().to(x.dtype), self.bias)
+        """Logits a block of the vocabulary at a time: no float copy of the whole table (a generated
+        token would otherwise dequantise all of it)."""
+        table, step = self._table[0], 8192
+        parts = [
+            nn.functional.linear(x, table.rows(slice(lo, lo + step)).to(x.dtype))
+            for lo in range(0, self.out_features, step)
+        ]
+        logits = torch.cat(parts, -1)
+        return logits if self.bias is None else logits + self.bias.to(logits.dtype)
 
 
 def dense_head(head: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:

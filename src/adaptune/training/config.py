@@ -48,7 +48,8 @@ class TrainConfig:
     ``compile`` wraps the model for the training steps in ``torch.compile`` with that mode
     (``"default"``, ``"reduce-overhead"`` = CUDA graphs on a GPU, ``"max-autotune"``); evaluation
     runs the plain model. The first steps of each new batch shape pay for the compilation.
-    ``quantize`` keeps the frozen base's linear layers in int8 or int4 (:mod:`adaptune.models.quantize`);
+    ``quantize`` keeps the frozen base's linear layers in int8 or int4 and its embedding in int8
+    (:mod:`adaptune.models.quantize`; with ``strategy="adapters"`` only);
     ``gradient_checkpointing`` recomputes each layer's activations in the backward pass;
     ``grad_accum`` splits each batch of ``batch_size`` into that many micro-batches, one optimiser
     step for them all; ``early_stop`` stops after that many evaluations without a better dev metric;
@@ -137,10 +138,10 @@ class TrainConfig:
             )
         if self.quantize not in QUANTIZE:
             raise ConfigError(f"quantize must be one of {', '.join(QUANTIZE)}, got {self.quantize!r}")
-        if self.quantize != "none" and self.strategy not in ("adapters", "head", "layernorm"):
+        if self.quantize != "none" and self.strategy != "adapters":
             raise ConfigError(
-                f"--quantize keeps the frozen base quantised; strategy {self.strategy!r} trains base weights "
-                "(use adapters, head or layernorm)"
+                f"--quantize keeps the frozen base quantised and saves only the adapter; strategy "
+                f"{self.strategy!r} trains or saves base weights (use --strategy adapters)"
             )
         if self.grad_accum < 1 or self.grad_accum > self.batch_size:
             raise ConfigError(
