@@ -28,6 +28,8 @@ to check the script before a GPU is lent.
 
 Run:  python bench/gpu_speed.py --json docs/gpu_speed_<gpu>.json
       [--only minilm/b32/bf16,smollm2/b16/bf16] [--compile none,default,reduce-overhead] [--smoke]
+      python bench/gpu_speed.py --profile profile.txt --only minilm/b32/bf16 --compile none,default
+      (where the step's device time goes, adapters against full fine-tuning)
 """
 
 from __future__ import annotations
@@ -270,6 +272,13 @@ def main() -> None:
     ap.add_argument("--budget-minutes", type=float, default=8.0, help="skip what is left after this long")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, 1 round of 2 steps, on any device")
     ap.add_argument("--json", default=None)
+    ap.add_argument(
+        "--profile",
+        default=None,
+        metavar="FILE",
+        help="instead of the figures: torch.profiler tables of the first --only key's training step "
+        "(eager and compiled, adapters and full), written to FILE",
+    )
     args = ap.parse_args()
     SMOKE = args.smoke
     if not torch.cuda.is_available() and not args.smoke:
@@ -288,6 +297,17 @@ def main() -> None:
         "skipped": [],
         "failed": {},
     }
+    if args.profile:
+        shape, n, precision, _ = next(p for p in _plan(args) if not args.only or _key(p) in args.only.split(","))
+        with open(args.profile, "w") as f:
+            f.write(f"{report['gpu']}, torch {torch.__version__}: {shape} batch {n}, {precision}\n")
+            for mode in args.compile.split(","):
+                for strategy in ("adapters", "full"):
+                    table = profile_step(shape, precision, n, device, mode, strategy)
+                    f.write(f"\n== {strategy}, compile {mode} ==\n{table}\n")
+                    f.flush()
+        print(f"profile written to {args.profile}")
+        return
     t0 = time.perf_counter()
     for shape, n, precision, mode in _plan(args):
         key = f"{shape}/b{n}/{precision}"
@@ -317,6 +337,36 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)
+
+
+def _key(planned: tuple[str, int, str, str]) -> str:
+    shape, n, precision, _ = planned
+    return f"{shape}/b{n}/{precision}"
+
+
+def profile_step(shape: str, precision: str, n: int, device, compile_mode: str, strategy: str) -> str:
+    """torch.profiler's table of 5 training steps (after 5 warm-up steps), by device time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    batch, task = batch_for(shape, n, device)
+    _fresh_compiler(compile_mode)
+    model = make(shape, strategy, device).train()
+    opt, sched = make_optimizer(model, TrainConfig(strategy=strategy), 10_000)
+    run = model if compile_mode == "none" else torch.compile(model, mode=_mode(compile_mode))
+
+    def step():
+        training_step(run, batch, opt, sched, task_type=task, max_grad_norm=1.0, precision=precision)
+
+    for _ in range(5):
+        step()
+    _sync()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        for _ in range(5):
+            step()
+        _sync()
+    sort = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+    return prof.key_averages().table(sort_by=sort, row_limit=30)
 
 
 def _plan(args) -> list[tuple[str, int, str, str]]:
