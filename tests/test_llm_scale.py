@@ -186,6 +186,10 @@ def test_int8_embedding_and_tied_output_layer(tied):
         out = model.generate(input_ids=ids[:1, :4], max_new_tokens=3, do_sample=False, pad_token_id=0)
     assert (after - before).abs().max() < 0.05 * before.abs().max()
     assert out.shape == (1, 7)
+    model.tie_weights()  # transformers' own call: nothing float left to tie, and it says nothing
+    assert isinstance(model.get_output_embeddings(), Int8TiedHead) == tied
+    with pytest.raises(AttributeError, match="int8 embedding"):
+        model.resize_token_embeddings(cfg.vocab_size + 8)
     trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     assert (weight_bytes(model) - trainable) < 0.3 * (full_bytes - trainable)
 

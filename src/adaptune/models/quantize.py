@@ -105,6 +105,8 @@ def _quantize_embedding(model: nn.Module, embedding: nn.Module | None) -> int:
     model.set_input_embeddings(table)
     if tied:
         model.set_output_embeddings(Int8TiedHead(table, head.bias))
+        # the two already share one table: transformers' tie_weights() has no float weights to tie
+        model._tied_weights_keys = model.all_tied_weights_keys = {}
     return 1 + tied
 
 
@@ -125,6 +127,14 @@ class Int8Embedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.rows(ids)
+
+    def __getattr__(self, name: str):
+        if name == "weight":  # what transformers' resize or a caller would reach for
+            raise AttributeError(
+                "an int8 embedding (quantize_base) has no float weight: resize or edit the embedding before "
+                "quantising; .dequantize() gives a float copy"
+            )
+        return super().__getattr__(name)
 
     def rows(self, index) -> torch.Tensor:
         """Rows ``index`` (token ids, or a slice) of the table, dequantised."""
