@@ -135,6 +135,24 @@ def test_response_only_loss_equals_the_reference_masked_loss(llama_dir):
 # ---- data sources --------------------------------------------------------------------------
 
 
+def test_evaluation_in_chunks_equals_the_whole_logits(lm_dir, chat_file, monkeypatch):
+    """Held-out loss and token accuracy taken a few rows of logits at a time (the families of the
+    chunked training loss) equal those from the whole (N, V) logits."""
+    from adaptune.lm import causal_lm
+
+    tok = load_tokenizer(str(lm_dir))
+    model = load_causal_lm(str(lm_dir))
+    enc, _ = encode_conversations(load_chat_data(str(chat_file), seed=0).dev, tok, 64)
+    monkeypatch.setattr(causal_lm, "CHUNK_ELEMENTS", 5 * model.config.vocab_size)  # 5 rows a chunk
+    chunked = evaluate_lm(model, enc, batch_size=16, pad_id=tok.pad_token_id, device="cpu")
+    assert causal_lm._chunkable_head(model) is not None
+    monkeypatch.setattr(causal_lm, "_PLAIN_HEAD_CLASSES", ())  # every model: the whole logits
+    whole = evaluate_lm(model, enc, batch_size=16, pad_id=tok.pad_token_id, device="cpu")
+    assert chunked["tokens"] == whole["tokens"] > 5
+    assert chunked["loss"] == pytest.approx(whole["loss"], rel=1e-6)
+    assert chunked["token_accuracy"] == whole["token_accuracy"]
+
+
 def test_jsonl_prompt_response_and_messages_are_chat_sources(tmp_path, chat_file):
     assert is_chat_source(str(chat_file)) and is_chat_source("chatterbot")
     msgs = tmp_path / "m.jsonl"

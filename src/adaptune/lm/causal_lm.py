@@ -202,11 +202,10 @@ def evaluate_lm(
         labels = batch.pop("labels")
         batch.pop("token_type_ids", None)
         with autocast_ctx() if autocast_ctx else contextlib.nullcontext():
-            logits, targets = response_logits(model, batch, labels)
-        logits = logits.float()
-        nll += F.cross_entropy(logits, targets, reduction="sum").item()
-        correct += (logits.argmax(-1) == targets).sum().item()
-        total += targets.numel()
+            batch_nll, batch_correct, count = _scored(model, batch, labels)
+        nll += batch_nll
+        correct += batch_correct
+        total += count
     if dd is not None:
         parts = dd.gather((nll, correct, total))
         nll, correct, total = (sum(p[i] for p in parts) for i in range(3))
@@ -218,6 +217,32 @@ def evaluate_lm(
         "token_accuracy": correct / max(total, 1),
         "tokens": total,
     }
+
+
+def _scored(model, batch: dict[str, torch.Tensor], labels: torch.Tensor) -> tuple[float, int, int]:
+    """Summed cross-entropy, correct next-token predictions and response-token count of one batch;
+    for the families of the chunked loss, a chunk of logits at a time (as in training)."""
+    head = _chunkable_head(model)
+    if head is None:
+        logits, targets = response_logits(model, batch, labels)
+        logits = logits.float()
+        return (
+            F.cross_entropy(logits, targets, reduction="sum").item(),
+            (logits.argmax(-1) == targets).sum().item(),
+            len(targets),
+        )
+    index = response_index(labels).to(batch["input_ids"].device)
+    hidden = backbone(model)(**batch).last_hidden_state[index.rows, index.cols[index.at]]
+    weight, bias = dense_head(head)
+    w = weight.to(hidden.dtype)
+    rows = max(1, CHUNK_ELEMENTS * (1 if hidden.device.type == "cpu" else 64) // w.shape[0])
+    nll, correct = 0.0, 0
+    for lo in range(0, hidden.shape[0], rows):
+        t = index.targets[lo : lo + rows]
+        logits = F.linear(hidden[lo : lo + rows], w, None if bias is None else bias.to(w.dtype)).float()
+        nll += F.cross_entropy(logits, t, reduction="sum").item()
+        correct += (logits.argmax(-1) == t).sum().item()
+    return nll, correct, len(index.targets)
 
 
 def normalise_answer(text: str) -> str:
