@@ -101,10 +101,21 @@ def lm_loss_sum(
         return F.cross_entropy(logits.float(), targets, reduction="sum"), index.count(logits.device)
     device = batch["input_ids"].device
     index = index.to(device)
-    hidden = backbone(model)(**batch).last_hidden_state  # (B, T, H): the backbone without its output layer
-    hidden = hidden[index.rows, index.cols[index.at]]  # (N, H): the positions that predict a response token
     weight, bias = dense_head(head)
-    return _LinearCrossEntropy.apply(hidden, weight, bias, index.targets), index.count(device)
+    loss = _LinearCrossEntropy.apply(_response_hidden(model, batch, index), weight, bias, index.targets)
+    return loss, index.count(device)
+
+
+def _response_hidden(model, batch: dict[str, torch.Tensor], index: ResponseIndex) -> torch.Tensor:
+    """(N, H): the backbone's last hidden states (no output layer) at the positions that predict a
+    response token."""
+    return backbone(model)(**batch).last_hidden_state[index.rows, index.cols[index.at]]
+
+
+def _chunk_rows(vocabulary: int, device: torch.device) -> int:
+    """Rows of logits per chunk: a CPU takes small chunks (its caches); a GPU wants each product
+    large, 64 × as many rows."""
+    return max(1, CHUNK_ELEMENTS * (1 if device.type == "cpu" else 64) // vocabulary)
 
 
 # Classes whose logits are exactly output_layer(backbone(...).last_hidden_state): no logit scaling
@@ -144,8 +155,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, targets):
         n, v = hidden.shape[0], weight.shape[0]
         device = hidden.device.type
-        # a CPU takes small chunks (its caches); a GPU wants each product large: 64 × as many rows
-        rows = max(1, CHUNK_ELEMENTS * (1 if device == "cpu" else 64) // v)
+        rows = _chunk_rows(v, hidden.device)
         # the products' type, cast once for all chunks (under autocast, its type)
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
         w = weight.to(dtype)
@@ -232,10 +242,10 @@ def _scored(model, batch: dict[str, torch.Tensor], labels: torch.Tensor) -> tupl
             len(targets),
         )
     index = response_index(labels).to(batch["input_ids"].device)
-    hidden = backbone(model)(**batch).last_hidden_state[index.rows, index.cols[index.at]]
+    hidden = _response_hidden(model, batch, index)
     weight, bias = dense_head(head)
     w = weight.to(hidden.dtype)
-    rows = max(1, CHUNK_ELEMENTS * (1 if hidden.device.type == "cpu" else 64) // w.shape[0])
+    rows = _chunk_rows(w.shape[0], hidden.device)
     nll, correct = 0.0, 0
     for lo in range(0, hidden.shape[0], rows):
         t = index.targets[lo : lo + rows]
