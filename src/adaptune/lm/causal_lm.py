@@ -112,10 +112,18 @@ def _response_hidden(model, batch: dict[str, torch.Tensor], index: ResponseIndex
     return backbone(model)(**batch).last_hidden_state[index.rows, index.cols[index.at]]
 
 
-def _chunk_rows(vocabulary: int, device: torch.device) -> int:
-    """Rows of logits per chunk: a CPU takes small chunks (its caches); a GPU wants each product
-    large, 64 × as many rows."""
-    return max(1, CHUNK_ELEMENTS * (1 if device.type == "cpu" else 64) // vocabulary)
+def _logit_chunks(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+    """For each chunk of ``hidden``'s rows: its slice, its rows and the output layer in the products'
+    type, and its fp32 logits. The layer is cast once for all chunks (under autocast, to its type).
+    A CPU takes small chunks (its caches); a GPU wants each product large, 64 × as many rows."""
+    device = hidden.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+    w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
+    step = max(1, CHUNK_ELEMENTS * (1 if device == "cpu" else 64) // w.shape[0])
+    for lo in range(0, hidden.shape[0], step):
+        rows = slice(lo, lo + step)
+        h = hidden[rows].to(dtype)
+        yield rows, h, w, F.linear(h, w, b).float()
 
 
 # Classes whose logits are exactly output_layer(backbone(...).last_hidden_state): no logit scaling
@@ -153,24 +161,21 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets):
-        n, v = hidden.shape[0], weight.shape[0]
-        device = hidden.device.type
-        rows = _chunk_rows(v, hidden.device)
-        # the products' type, cast once for all chunks (under autocast, its type)
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
-        w = weight.to(dtype)
         total = hidden.new_zeros((), dtype=torch.float32)
         grad_h = torch.empty_like(hidden)
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
-        grad_b = torch.zeros(v, dtype=torch.float32, device=hidden.device) if ctx.needs_input_grad[2] else None
-        for lo in range(0, n, rows):
-            h, t = hidden[lo : lo + rows].to(dtype), targets[lo : lo + rows]
-            logits = F.linear(h, w, None if bias is None else bias.to(dtype)).float()
+        grad_b = (
+            torch.zeros(weight.shape[0], dtype=torch.float32, device=hidden.device)
+            if ctx.needs_input_grad[2]
+            else None
+        )
+        for rows, h, w, logits in _logit_chunks(hidden, weight, bias):
+            t = targets[rows]
             lse = torch.logsumexp(logits, 1)
             total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
             probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
             probs[torch.arange(len(t), device=t.device), t] -= 1  # d loss / d logits
-            grad_h[lo : lo + rows] = (probs.to(w.dtype) @ w).to(hidden.dtype)
+            grad_h[rows] = (probs.to(w.dtype) @ w).to(hidden.dtype)
             if grad_w is not None:
                 grad_w.addmm_(probs.t(), h.float())
             if grad_b is not None:
@@ -242,14 +247,9 @@ def _scored(model, batch: dict[str, torch.Tensor], labels: torch.Tensor) -> tupl
             len(targets),
         )
     index = response_index(labels).to(batch["input_ids"].device)
-    hidden = _response_hidden(model, batch, index)
-    weight, bias = dense_head(head)
-    w = weight.to(hidden.dtype)
-    rows = _chunk_rows(w.shape[0], hidden.device)
     nll, correct = 0.0, 0
-    for lo in range(0, hidden.shape[0], rows):
-        t = index.targets[lo : lo + rows]
-        logits = F.linear(hidden[lo : lo + rows], w, None if bias is None else bias.to(w.dtype)).float()
+    for rows, _, _, logits in _logit_chunks(_response_hidden(model, batch, index), *dense_head(head)):
+        t = index.targets[rows]
         nll += F.cross_entropy(logits, t, reduction="sum").item()
         correct += (logits.argmax(-1) == t).sum().item()
     return nll, correct, len(index.targets)
