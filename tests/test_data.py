@@ -416,6 +416,10 @@ def _non_numeric_regression(tmp_path):
 
 
 def _bad_extension(tmp_path):
+    return str(write_lines(tmp_path / "d.xlsx", ["text,label", "a,b"])), {}
+
+
+def _txt_not_conll(tmp_path):
     return str(write_lines(tmp_path / "d.txt", ["text,label", "a,b"])), {}
 
 
@@ -456,7 +460,8 @@ BAD_INPUTS = {
     "all rows dropped": (_all_dropped, r"no usable examples \(3 rows miss text or label"),
     "unknown dev label": (_unknown_dev_label, r"label 'maybe' in dv\.csv is not one of the train labels \(neg, pos\)"),
     "non-numeric regression": (_non_numeric_regression, r"non-numeric value 'high'.*task_type='classification'"),
-    "bad extension": (_bad_extension, r"unrecognised extension '\.txt'; use \.csv, \.tsv, \.jsonl"),
+    "bad extension": (_bad_extension, r"unrecognised extension '\.xlsx'; use \.csv, \.tsv, \.jsonl"),
+    "txt not conll": (_txt_not_conll, r"line 1 of .*d\.txt has 1 fields, expected 2: a \.txt file is read as CoNLL"),
     "unrecognised glue folder": (_unrecognised_glue, r"cannot tell which GLUE task .*'glue'"),
     "bad json line": (_bad_jsonl, r"line 2 of .*b\.jsonl is not valid JSON"),
     "single label": (_single_label, r"single label 'x'"),

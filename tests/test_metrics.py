@@ -102,7 +102,14 @@ def test_compute_metrics_per_task_type():
     assert all(type(v) is float for v in got.values())
     reg = compute_metrics("regression", np.array([[1.0], [2.0], [3.0]]), [1.0, 2.0, 3.5])
     assert set(reg) == {"pearson", "spearman", "mse"} and reg["spearman"] == pytest.approx(1.0)
-    assert PRIMARY_DEFAULT == {"classification": "macro_f1", "regression": "spearman"}
+    assert PRIMARY_DEFAULT == {
+        "classification": "macro_f1",
+        "regression": "spearman",
+        "multi-label": "micro_f1",
+        "token-classification": "entity_f1",
+        "multiple-choice": "accuracy",
+        "question-answering": "f1",
+    }
     # f1 (of a positive class) exists for two-class tasks only
     assert "f1" not in compute_metrics("classification", [0, 1, 2], [0, 1, 1], 3)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 from pathlib import Path
 
@@ -16,17 +17,25 @@ def cache_dir() -> Path:
 
 @contextlib.contextmanager
 def quiet_transformers():
-    """Silence transformers' load report (e.g. 'classifier newly initialised': that is intended)."""
+    """Silence transformers' load report (e.g. 'classifier newly initialised': that is intended), and
+    the warnings torchao logs when transformers' quantizer registry imports it (its optional CUDA
+    libraries, torch's deprecation of its enum registrations): levels are restored on leaving."""
     from transformers.utils import logging as hf_logging
 
     level = hf_logging.get_verbosity()
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()  # the "Loading weights" bar of every from_pretrained
+    others = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
+    before = [lg.level for lg in others]
+    for lg in others:
+        lg.setLevel(logging.ERROR)
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             yield
     finally:
+        for lg, lv in zip(others, before):
+            lg.setLevel(lv)
         hf_logging.set_verbosity(level)
         if bars:
             hf_logging.enable_progress_bar()

@@ -8,6 +8,7 @@ shared base, each text naming its task, rows of different tasks in the same forw
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Any
@@ -16,55 +17,19 @@ import numpy as np
 import torch
 
 from adaptune.data.loading import Split, bucket_batches, collate, encode
-from adaptune.training.checkpoint import read_json
 from adaptune.errors import ConfigError, DataError
 from adaptune.core.inject import _NAME, remove_adapter, set_active
-from adaptune.core.io import load_adapter, read_adapter_config
+from adaptune.core.io import load_adapter
 from adaptune.models.loading import load_classifier, load_tokenizer
-from adaptune.training.train import TrainConfig, evaluate, pick_device
+from adaptune.data.batching import encode_choices, encode_split
+from adaptune.data.tagging import encode_tagged
+from adaptune.training.steps import scores
+from adaptune.training.qa import answer_questions, evaluate_qa
+from adaptune.training.tagging import evaluate_tagged, tag_texts
+from adaptune.training.train import evaluate, pick_device
+from adaptune.runs import _check_servable, _head, _num_outputs, _row, name_runs, read_run
 
-
-def read_run(run: Path) -> tuple[TrainConfig, dict[str, Any]]:
-    """A finished classification or regression run's training configuration and task description.
-
-    Raises:
-        ConfigError: not a finished run folder, or a language-model run.
-    """
-    for need in ("config.json", "task.json", "tokenizer"):
-        if not (run / need).exists():
-            raise ConfigError(f"{run} is not a finished run folder (no {need}); train one with 'adaptune train'")
-    config = TrainConfig.from_dict(read_json(run / "config.json", "train"))
-    task = read_json(run / "task.json")
-    if not isinstance(task, dict):
-        raise ConfigError(f"{run / 'task.json'} must hold a JSON object; the run folder is damaged: train it again")
-    if task.get("task_type") == "causal-lm":
-        raise ConfigError(
-            f"{run} is a language-model run: generate with 'adaptune generate {run}' "
-            "(or adaptune.lm.generate.Generator); 'adaptune eval' gives its perplexity"
-        )
-    if (run / "adapter").is_dir() and not read_adapter_config(run / "adapter")["config"].train_head:
-        raise ConfigError(
-            f"{run} was trained without a head of its own (--no-train-head): its predictions came "
-            "from the base model's randomly initialised head, which was not saved; train it again with a head"
-        )
-    return config, task
-
-
-def _num_outputs(task: dict[str, Any]) -> int:
-    """Width of the task's head: 1 for regression, else one output per label."""
-    return 1 if task["task_type"] == "regression" else len(task["label_names"])
-
-
-def _row(task: dict[str, Any], text: str, out: np.ndarray) -> dict[str, Any]:
-    """One prediction: a score for regression, else the label and every class probability."""
-    if task["task_type"] == "regression":
-        return {"text": text, "score": float(out)}
-    names = task["label_names"]
-    return {
-        "text": text,
-        "label": names[int(out.argmax())],
-        "probabilities": {n: round(float(x), 6) for n, x in zip(names, out)},
-    }
+__all__ = ["MultiTaskPredictor", "Predictor", "name_runs", "read_run"]
 
 
 class Predictor:
@@ -90,11 +55,12 @@ class Predictor:
         self.device = pick_device(device)
         self.tokenizer = load_tokenizer(str(run / "tokenizer"))
         num_labels = _num_outputs(self.task)
+        head = _head(self.task)
         if (run / "adapter").is_dir():
-            self.model = load_classifier(self.config.model, num_labels)
+            self.model = load_classifier(self.config.model, num_labels, head=head)
             load_adapter(self.model, run / "adapter")
         elif (run / "model").is_dir():
-            self.model = load_classifier(str(run / "model"), num_labels)
+            self.model = load_classifier(str(run / "model"), num_labels, head=head)
         else:
             raise ConfigError(f"{run} has neither adapter/ nor model/; the run did not finish")
         self.model.to(self.device).eval()
@@ -106,15 +72,46 @@ class Predictor:
     def _split(self, texts: list[str], pairs: list[str] | None, labels: list | None = None) -> Split:
         if self.task["text_pair"] and pairs is None:
             raise DataError("this task takes text pairs: give a second text for each input")
-        return Split(
-            texts=list(texts), text_pairs=None if pairs is None else list(pairs), labels=labels or [0] * len(texts)
-        )
+        if labels is None:  # placeholders: evaluate scores them, predict reads only the outputs
+            width = len(self.label_names) if self.task["task_type"] == "multi-label" else 0
+            labels = [np.zeros(width, dtype=np.uint8) if width else 0 for _ in texts]
+        return Split(texts=list(texts), text_pairs=None if pairs is None else list(pairs), labels=labels)
 
     @torch.no_grad()
     def predict(
         self, texts: list[str], text_pairs: list[str] | None = None, batch_size: int = 64
     ) -> list[dict[str, Any]]:
-        """Label and class probabilities (or a score, for regression) for each text."""
+        """Label and class probabilities (or a score, for regression; the labels above the dev
+        threshold, for multi-label) for each text. Token classification: each text's words with
+        their tags and character offsets, and its entities (:func:`adaptune.training.tagging.tag_texts`)."""
+        if _head(self.task) == "choice":
+            return self._choose(texts, text_pairs, batch_size)
+        if _head(self.task) == "qa":  # text_pairs: the contexts
+            if text_pairs is None or len(text_pairs) != len(texts):
+                raise DataError("a question-answering task needs a context for each question")
+            kw = self._eval_kw(batch_size)
+            common = dict(batch_size=batch_size, pad_id=kw["pad_id"], device=self.device)
+            return answer_questions(
+                self.model,
+                self.tokenizer,
+                list(texts),
+                list(text_pairs),
+                self.task,
+                autocast_ctx=contextlib.nullcontext,
+                **common,
+            )
+        if _head(self.task) == "token":
+            kw = self._eval_kw(batch_size)
+            return tag_texts(
+                self.model,
+                self.tokenizer,
+                list(texts),
+                self.task,
+                batch_size=batch_size,
+                pad_id=kw["pad_id"],
+                device=self.device,
+                autocast_ctx=contextlib.nullcontext,
+            )
         enc = encode(self._split(texts, text_pairs), self.tokenizer, self.task["max_length"])
         _, outs = evaluate(self.model, enc, **self._eval_kw(batch_size))
         if self.task["task_type"] == "regression":
@@ -124,7 +121,28 @@ class Predictor:
     def evaluate(self, split: Split, label_names: list[str] | None, batch_size: int = 64) -> dict[str, float]:
         """Metrics on ``split``, whose class ids refer to ``label_names`` (remapped to this task's)."""
         labels = split.labels
-        if self.task["task_type"] == "classification":
+        if _head(self.task) == "token":
+            return self._evaluate_tagged(split, label_names, batch_size)
+        if _head(self.task) == "qa":
+            task = self.task
+            enc = encode_split(
+                split, task["task_type"], self.tokenizer, task["max_length"], task.get("doc_stride", 128)
+            )
+            kw = dict(batch_size=batch_size, pad_id=self.tokenizer.pad_token_id, device=self.device)
+            threshold, with_null = task.get("null_threshold"), task.get("with_null", False)
+            return evaluate_qa(
+                self.model,
+                enc,
+                split.text_pairs,
+                split.labels,
+                threshold=threshold,
+                with_null=with_null,
+                autocast_ctx=contextlib.nullcontext,
+                **kw,
+            )[0]
+        if self.task["task_type"] == "multi-label":
+            labels = self._remap_label_sets(labels, label_names)
+        elif self.task["task_type"] == "classification":
             mine = {n: i for i, n in enumerate(self.label_names)}
             unknown = sorted({str(label_names[i]) for i in labels if label_names[i] not in mine})
             if unknown:
@@ -132,14 +150,64 @@ class Predictor:
                     f"labels {unknown} were not seen in training (known: {self.label_names}); check the label column"
                 )
             labels = [mine[label_names[i]] for i in labels]
-        enc = encode(Split(split.texts, split.text_pairs, labels), self.tokenizer, self.task["max_length"])
+        split = Split(split.texts, split.text_pairs, labels, split.choices)
+        enc = encode_split(split, self.task["task_type"], self.tokenizer, self.task["max_length"])
         if not enc:
             raise DataError("the split to evaluate is empty")
         return evaluate(self.model, enc, **self._eval_kw(batch_size))[0]
 
+    def _choose(self, questions: list[str], choices, batch_size: int) -> list[dict[str, Any]]:
+        """Multiple choice: ``choices`` holds each question's candidate answers."""
+        if choices is None or len(choices) != len(questions) or any(len(c) < 2 for c in choices):
+            raise DataError("a multiple-choice task needs two or more choices for each question")
+        split = Split(list(questions), None, [0] * len(questions), [list(c) for c in choices])
+        enc = encode_choices(split, self.tokenizer, self.task["max_length"])
+        _, outs = evaluate(self.model, enc, **self._eval_kw(batch_size))
+        rows = []
+        for q, options, probs in zip(questions, choices, outs):
+            probs = [round(float(x), 6) for x in probs[: len(options)]]
+            rows.append({"text": q, "choices": list(options), "answer": int(np.argmax(probs)), "probabilities": probs})
+        return rows
+
+    def _evaluate_tagged(self, split: Split, label_names: list[str], batch_size: int) -> dict[str, float]:
+        mine = {n: i for i, n in enumerate(self.label_names)}
+        unknown = sorted(n for n in label_names if n not in mine)
+        if unknown:
+            raise DataError(
+                f"tags {unknown[:5]} were not seen in training (known: {self.label_names}); check the file"
+            )
+        tags = [[mine[label_names[i]] for i in row] for row in split.labels]
+        enc = encode_tagged(split.texts, tags, self.tokenizer, self.task["max_length"])
+        return evaluate_tagged(
+            self.model,
+            enc,
+            self.label_names,
+            self.task.get("span_tags", True),
+            batch_size=batch_size,
+            pad_id=self.tokenizer.pad_token_id,
+            device=self.device,
+            autocast_ctx=contextlib.nullcontext,
+        )[0]
+
+    def _remap_label_sets(self, labels: list[np.ndarray], label_names: list[str]) -> list[np.ndarray]:
+        """0/1 rows over ``label_names`` -> rows over this task's labels."""
+        mine = {n: i for i, n in enumerate(self.label_names)}
+        unknown = sorted(n for n in label_names if n not in mine)
+        if unknown:
+            raise DataError(
+                f"labels {unknown[:5]} were not seen in training (known: {self.label_names[:10]}...); "
+                "check the label column and --label-delimiter"
+            )
+        cols = np.array([mine[n] for n in label_names], dtype=np.int64)
+        out = np.zeros((len(labels), len(mine)), dtype=np.uint8)
+        if labels:
+            out[:, cols] = np.stack(labels)
+        return list(out)
+
     def _eval_kw(self, batch_size: int) -> dict[str, Any]:
         positive = self.task.get("positive_label")  # runs from before it was recorded: class 1
         return dict(
+            threshold=self.task.get("threshold", 0.5),
             task_type=self.task["task_type"],
             num_labels=_num_outputs(self.task),
             batch_size=batch_size,
@@ -147,32 +215,6 @@ class Predictor:
             device=self.device,
             positive=self.label_names.index(positive) if positive in (self.label_names or []) else 1,
         )
-
-
-def name_runs(specs: list[str | os.PathLike]) -> dict[str, Path]:
-    """Run folders -> {task name: folder}: each named after its folder, or ``"NAME=FOLDER"`` to name it.
-
-    Raises:
-        ConfigError: a name is not usable as an adapter name, or two runs would share one.
-    """
-    runs: dict[str, Path] = {}
-    for spec in map(os.fspath, specs):
-        name, sep, folder = spec.partition("=")
-        given = bool(sep) and not Path(spec).exists()
-        if not given:
-            name, folder = Path(spec).resolve().name, spec
-        if not _NAME.match(name):
-            raise ConfigError(
-                f"task name {name!r} ({'given' if given else 'the folder name of ' + spec}) is not usable: "
-                "use letters, digits, '_' and '-', not starting with a digit; name it with NAME=FOLDER"
-            )
-        if name in runs:
-            raise ConfigError(
-                f"two runs would both be called {name!r}; name them apart with NAME=FOLDER "
-                "(in Python: a dict {name: folder})"
-            )
-        runs[name] = Path(folder)
-    return runs
 
 
 class MultiTaskPredictor:
@@ -216,6 +258,7 @@ class MultiTaskPredictor:
         for name, folder in runs.items():
             folder = Path(folder)
             configs[name], self.tasks[name] = read_run(folder)
+            _check_servable(self.tasks[name], folder)
             if not (folder / "adapter").is_dir():
                 raise ConfigError(
                     f"{folder} is not an adapter run (no adapter/); serve it alone with 'adaptune predict {folder}'"
@@ -243,6 +286,7 @@ class MultiTaskPredictor:
         if name in self.tasks:
             raise ConfigError(f"a task named {name!r} is already served; unload it first or pick another name")
         _, task = read_run(folder)
+        _check_servable(task, folder)
         if not (folder / "adapter").is_dir():
             raise ConfigError(f"{folder} is not an adapter run (no adapter/)")
         load_adapter(self.model, folder / "adapter", name=name, activate=False)
@@ -288,8 +332,7 @@ class MultiTaskPredictor:
                 logits = self.model(**batch).logits.float().cpu()  # (B, widest head), NaN past a row's own width
                 for row, i in enumerate(batch_idx):
                     task = self.tasks[tasks[i]]
-                    own = logits[row, : _num_outputs(task)]
-                    out = own.squeeze(-1) if task["task_type"] == "regression" else own.softmax(-1)
+                    out = scores(task["task_type"], logits[row, : _num_outputs(task)])
                     results[i] = {"task": tasks[i], **_row(task, texts[i], out.numpy())}
         finally:
             set_active(self.model, None)

@@ -53,12 +53,18 @@ def metric_line(metrics: dict, selected: str) -> str:
     selected = selected if selected in metrics else next(iter(metrics))  # a run from an older version
     others = [
         k
-        for k in ("macro_f1", "accuracy", "mcc", "f1", "pearson", "spearman", "mse")
+        for k in (
+            *("macro_f1", "accuracy", "mcc", "f1", "pearson", "spearman", "mse", "micro_f1", "subset_accuracy"),
+            *("entity_f1", "entity_precision", "entity_recall", "exact_match"),
+        )
         if k in metrics and k != selected
     ]
     beside = [f"{k} {metrics[k]:.4f}" for k in others]
     if "majority_baseline" in metrics:
-        beside.append(f"majority baseline {metrics['majority_baseline']:.4f}")
+        what = "most frequent label set's subset accuracy" if "subset_accuracy" in metrics else "majority baseline"
+        beside.append(f"{what} {metrics['majority_baseline']:.4f}")
+    if "threshold" in metrics:  # multi-label
+        beside.append(f"threshold {metrics['threshold']:.2f}")
     return f"{selected} {metrics[selected]:.4f}" + (f" ({', '.join(beside)})" if beside else "")
 
 
@@ -115,7 +121,15 @@ def predict(args: argparse.Namespace) -> int:
         return _predict_many(args, lines)
     pred = Predictor(args.run, device=args.device)
     pairs = None
-    if pred.task["text_pair"]:
+    if pred.task["task_type"] == "multiple-choice":  # QUESTION<tab>CHOICE<tab>CHOICE...
+        split = [ln.split(args.pair_sep) for ln in lines]
+        if any(len(s) < 3 for s in split):
+            raise DataError(
+                "this task chooses between answers: write each line as the question and two or more choices, "
+                "separated by tabs (or --pair-sep)"
+            )
+        lines, pairs = [s[0] for s in split], [s[1:] for s in split]
+    elif pred.task["text_pair"]:
         split = [ln.split(args.pair_sep, 1) for ln in lines]
         if any(len(s) != 2 for s in split):
             raise DataError(
@@ -152,8 +166,22 @@ def _print_predictions(rows: list[dict], as_json: bool) -> None:
         task = f"{row['task']}\t" if "task" in row else ""
         if as_json:
             print(json.dumps(row, ensure_ascii=False))
+        elif "choices" in row:  # multiple choice: the chosen answer and its probability
+            k = row["answer"]
+            print(f"{task}{row['choices'][k]}\t{row['probabilities'][k]:.3f}\t{row['text']}")
+        elif "answer" in row:  # extractive QA: the answer (or none) and its score
+            found = row["answer"] if row["answer"] is not None else "(no answer)"
+            print(f"{task}{found}\t{row.get('score', float('nan')):.3f}\t{row['text']}")
         elif "score" in row:
             print(f"{task}{row['score']:.4f}\t{row['text']}")
+        elif "entities" in row:  # token classification with span tags: TYPE:text[start:end] ...
+            found = " ".join(f"{e['type']}:{e['text']}[{e['start']}:{e['end']}]" for e in row["entities"])
+            print(f"{task}{found or '(no entity)'}\t{row['text']}")
+        elif "tokens" in row:  # token classification with a tag per token: word/TAG ...
+            print(f"{task}{' '.join(t['text'] + '/' + t['tag'] for t in row['tokens'])}")
+        elif "labels" in row:  # multi-label: each predicted label with its probability
+            chosen = ",".join(f"{n}:{row['probabilities'][n]:.3f}" for n in row["labels"]) or "(none)"
+            print(f"{task}{chosen}\t{row['text']}")
         else:
             print(f"{task}{row['label']}\t{row['probabilities'][row['label']]:.3f}\t{row['text']}")
 

@@ -18,9 +18,14 @@ TRAIN_HELP: dict[str, str] = {
     "or hf:NAME[:CONFIG]",
     "text_column": "column with the (first) text",
     "text_pair_column": "column with the second text, for pair tasks",
-    "label_column": "column with the label or score",
-    "task_type": "classification, regression or causal-lm (default: causal-lm for chat data, else inferred from the "
-    "labels)",
+    "label_column": "column with the label, score, tags (CoNLL: the field's position, 1 = the one after the token; "
+    "default the last) or the right choice's index",
+    "task_type": "classification, regression, multi-label, token-classification, multiple-choice or causal-lm "
+    "(default: causal-lm for chat data; token-classification for CoNLL files (.conll, .iob, .bio, .txt) and JSON "
+    "Lines with tokens and tags lists; multiple-choice for JSON Lines with a choices list; multi-label for list "
+    "labels; else classification or regression from the labels)",
+    "label_delimiter": "multi-label: what separates the labels in a label cell (e.g. 'sports,politics')",
+    "doc_stride": "question answering: tokens two windows of a long context share",
     "dev_file": "dev split file (default: carved from train)",
     "test_file": "test split file",
     "glue_task": "GLUE task name when the folder name does not tell it (sst2, cola, mrpc, ...)",
@@ -69,7 +74,10 @@ TRAIN_HELP: dict[str, str] = {
     "GLUE tasks: class 1)",
     "metric": "dev metric that selects the best checkpoint (default: the task's own, else macro_f1 for "
     "classification, "
-    "spearman for regression); classification: macro_f1, accuracy, mcc, f1 (two classes)",
+    "spearman for regression, micro_f1 for multi-label); classification: macro_f1, accuracy, mcc, f1 (two "
+    "classes); multi-label: micro_f1, macro_f1, subset_accuracy (its decision threshold is tuned on dev for it); "
+    "token-classification: entity_f1 (default for BIO/BIOES tags), accuracy (default for other tags), "
+    "type_macro_f1, macro_f1; multiple-choice: accuracy",
     "lean_kernels": "lean CPU kernels for dropout, attention with dropout and GELU (adaptune.cpu.kernels), for every "
     "strategy "
     "alike (default: on when training on the CPU); --no-lean-kernels runs torch's own operators and "
@@ -94,6 +102,8 @@ COMPARE_TRAIN_OPTIONS = (
     "text_pair_column",
     "label_column",
     "task_type",
+    "label_delimiter",
+    "doc_stride",
     "dev_fraction",
     "limit_train",
     "limit_eval",

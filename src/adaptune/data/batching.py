@@ -11,6 +11,50 @@ if TYPE_CHECKING:
     from adaptune.data.loading import Split
 
 
+def encode_split(split: Split, task_type: str, tokenizer, max_length: int, doc_stride: int = 128) -> list[dict]:
+    """The features of a split for its task type: sub-word windows of tagged sentences
+    (:func:`adaptune.data.tagging.encode_tagged`), question-choice pairs (:func:`encode_choices`),
+    question-context windows (:func:`adaptune.data.qa.encode_qa`), else texts (:func:`encode`)."""
+    if task_type == "question-answering":
+        from adaptune.data.qa import encode_qa
+
+        return encode_qa(split.texts, split.text_pairs, split.labels, tokenizer, max_length, doc_stride)
+    if task_type == "token-classification":
+        from adaptune.data.tagging import encode_tagged
+
+        return encode_tagged(split.texts, split.labels, tokenizer, max_length)
+    if task_type == "multiple-choice":
+        return encode_choices(split, tokenizer, max_length)
+    return encode(split, tokenizer, max_length)
+
+
+def encode_choices(split: Split, tokenizer, max_length: int) -> list[dict]:
+    """Tokenise a multiple-choice split: each example's question paired with each of its choices
+    (the question truncated first, so a choice keeps its words).
+
+    Returns:
+        One dict per example whose ``input_ids`` (and ``token_type_ids``) hold one list per choice,
+        and ``label``, the right choice's index.
+    """
+    if max_length < 1:
+        raise ValueError(f"max_length must be at least 1, got {max_length}")
+    features = []
+    for question, choices, label in zip(split.texts, split.choices, split.labels):
+        enc = tokenizer([question] * len(choices), choices, truncation="longest_first", max_length=max_length)
+        f = {"input_ids": [list(x) for x in enc["input_ids"]]}
+        if "token_type_ids" in enc:
+            f["token_type_ids"] = [list(x) for x in enc["token_type_ids"]]
+        f["label"] = label
+        features.append(f)
+    return features
+
+
+def feature_length(feature: dict) -> int:
+    """Tokens of an encoded example: its longest choice's, for multiple choice."""
+    ids = feature["input_ids"]
+    return max(map(len, ids)) if ids and isinstance(ids[0], list) else len(ids)
+
+
 def encode(split: Split, tokenizer, max_length: int) -> list[dict]:
     """Tokenise a split, truncating to ``max_length`` tokens and not padding (:func:`collate` pads).
 
@@ -100,12 +144,14 @@ def collate(features: list[dict], pad_token_id: int, *, pad_to: int | None = Non
     Returns:
         ``input_ids``, ``attention_mask``, ``token_type_ids`` (if present) — long tensors of shape
         ``(B, T)`` — and ``labels``: long for class ids, float for regression values, ``(B, T)`` long
-        for per-token labels (padded with -100).
+        for per-token labels (padded with -100), ``(B, labels)`` float 0/1 for multi-label rows.
     """
     if not features:
         raise ValueError("collate needs at least one example")
     if pad_token_id is None:
         raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token (e.g. to its eos_token)")
+    if isinstance(features[0]["input_ids"][0], list):
+        return _collate_choices(features, pad_token_id, pad_to)
     longest = max(len(f["input_ids"]) for f in features)
     if pad_to is not None:
         if pad_to < longest:
@@ -129,6 +175,28 @@ def collate(features: list[dict], pad_token_id: int, *, pad_to: int | None = Non
         for i, f in enumerate(features):
             batch["labels"][i, : len(f["label"])] = torch.tensor(f["label"], dtype=torch.long)
         return batch
+    if isinstance(labels[0], tuple):  # extractive QA: the answer's first and last token
+        batch["labels"] = torch.tensor(labels, dtype=torch.long)
+        return batch
+    if isinstance(labels[0], np.ndarray):  # multi-label: one 0/1 row per example
+        batch["labels"] = torch.from_numpy(np.stack(labels)).float()
+        return batch
     is_class = all(isinstance(v, int) and not isinstance(v, bool) for v in labels)
     batch["labels"] = torch.tensor(labels, dtype=torch.long if is_class else torch.float)
     return batch
+
+
+def _collate_choices(features: list[dict], pad_token_id: int, pad_to: int | None) -> dict[str, torch.Tensor]:
+    """Multiple-choice examples as ``(B, C, T)`` tensors; an example with fewer than C choices is
+    padded with empty ones, and ``choice_mask`` (B, C) marks the real ones (only when some are padded)."""
+    rows = [[{k: f[k][c] for k in ("input_ids", "token_type_ids") if k in f} for c in range(len(f["input_ids"]))]
+            for f in features]  # fmt: skip
+    width = max(len(r) for r in rows)
+    flat = [r[c] if c < len(r) else {k: [pad_token_id] for k in r[0]} for r in rows for c in range(width)]
+    batch = collate([{**x, "label": 0} for x in flat], pad_token_id, pad_to=pad_to)
+    batch.pop("labels")
+    out = {k: v.view(len(features), width, -1) for k, v in batch.items()}
+    if any(len(r) < width for r in rows):
+        out["choice_mask"] = torch.tensor([[c < len(r) for c in range(width)] for r in rows])
+    out["labels"] = torch.tensor([f["label"] for f in features], dtype=torch.long)
+    return out

@@ -15,24 +15,42 @@ that names the file and says how to fix it.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
 from adaptune.errors import DataError
 from adaptune.data.metrics import PRIMARY_DEFAULT
 from adaptune.data.sources import Table as _Table, read_source
+from adaptune.data.entities import is_span_scheme
+from adaptune.data.squad import is_squad, read_squad
+from adaptune.data.labels import (
+    choice_column,
+    choice_rows,
+    is_tagged,
+    tag_ids,
+    tagged_rows,
+    inferred_task_type as _inferred_task_type,
+    label_names as _label_names,
+    map_labels as _map_labels,
+    missing as _missing,
+    multi_hot as _multi_hot,
+)
 from adaptune.data.tasks import TASK_TYPES
 
 
 @dataclass
 class Split:
-    """One split, raw: texts, optional second texts, and labels (int class ids or float values)."""
+    """One split, raw: texts, optional second texts, and labels (int class ids, float values, 0/1
+    rows of a multi-label task, or tag ids per word when ``texts`` hold the words of sentences);
+    ``choices``: the candidate answers of a multiple-choice task (the label is the right one's index)."""
 
-    texts: list[str]
+    texts: list
     text_pairs: list[str] | None
     labels: list
+    choices: list[list[str]] | None = None
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -41,7 +59,8 @@ class Split:
         """The examples at ``indices``, in that order."""
         pick = lambda xs: [xs[i] for i in indices]
         pairs = pick(self.text_pairs) if self.text_pairs is not None else None
-        return Split(pick(self.texts), pairs, pick(self.labels))
+        choices = pick(self.choices) if self.choices is not None else None
+        return Split(pick(self.texts), pairs, pick(self.labels), choices)
 
 
 @dataclass
@@ -101,16 +120,14 @@ def _default_columns(table: _Table, text, pair, label) -> tuple:
     return text, pair, label
 
 
-def _missing(v) -> bool:
-    return v is None or (isinstance(v, float) and math.isnan(v)) or (isinstance(v, str) and not v.strip())
-
-
-def _extract(table: _Table, text, pair, label) -> tuple[list, list | None, list, int]:
-    """Texts, pairs and raw labels, without rows that miss any of them; also how many were dropped."""
+def _extract(table: _Table, text, pair, label, empty_label: bool = False) -> tuple[list, list | None, list, int]:
+    """Texts, pairs and raw labels, without rows that miss any of them; also how many were dropped.
+    ``empty_label``: an empty label cell is an empty label set (multi-label), not a missing label."""
     cols = [_column(table, text, "text", "text_column"), _column(table, label, "label", "label_column")]
     if pair is not None:
         cols.append(_column(table, pair, "text pair", "text_pair_column"))
-    keep = [i for i in range(len(cols[0])) if not any(_missing(c[i]) for c in cols)]
+    needed = [c for k, c in enumerate(cols) if not (empty_label and k == 1)]
+    keep = [i for i in range(len(cols[0])) if not any(_missing(c[i]) for c in needed)]
     dropped = len(cols[0]) - len(keep)
     if not keep and not table.labels_optional:
         if not cols[0] and not table.malformed:
@@ -122,47 +139,6 @@ def _extract(table: _Table, text, pair, label) -> tuple[list, list | None, list,
     texts, labels = [str(cols[0][i]) for i in keep], [cols[1][i] for i in keep]
     pairs = [str(cols[2][i]) for i in keep] if pair is not None else None
     return texts, pairs, labels, dropped
-
-
-def _as_number(v) -> float | None:
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return None
-    return f if math.isfinite(f) else None
-
-
-def _class_name(v) -> str:
-    # 1, 1.0, "1" and "1.0" are one class: files store numbers either way.
-    f = _as_number(v)
-    return str(int(f)) if f is not None and f.is_integer() else str(v).strip()
-
-
-def _sorted_names(values) -> list[str]:
-    names = sorted({_class_name(v) for v in values})
-    if all(_as_number(n) is not None for n in names):  # numeric classes in numeric order: 2 before 10
-        names.sort(key=float)
-    return names
-
-
-def _map_labels(values, table: _Table, col, task_type: str, names: list[str] | None) -> list:
-    if task_type == "regression":
-        out = [_as_number(v) for v in values]
-        bad = next((v for v, f in zip(values, out) if f is None), None)
-        if bad is not None:
-            raise DataError(
-                f"label column {col!r} in {table.name} has a non-numeric value {bad!r}; regression needs "
-                "finite numbers: fix the value or pass task_type='classification'"
-            )
-        return out
-    ids = {n: i for i, n in enumerate(names)}
-    unknown = next((_class_name(v) for v in values if _class_name(v) not in ids), None)
-    if unknown is not None:
-        raise DataError(
-            f"label {unknown!r} in {table.name} is not one of the train labels ({', '.join(names)}); "
-            "fix the label or add train examples of it"
-        )
-    return [ids[_class_name(v)] for v in values]
 
 
 # ------------------------------------------------------------------------------------- the loader
@@ -204,28 +180,37 @@ def load_task_data(
     seed: int = 0,
     limit_train: int | None = None,
     limit_eval: int | None = None,
+    label_delimiter: str = ",",
 ) -> TaskData:
     """Load a task's train / dev / test splits from any supported source.
 
     Args:
         source: ``"reviews"`` (demo: fine-food reviews, great vs other); a ``.csv``, ``.tsv`` (unquoted)
-            or ``.jsonl``/``.json`` (JSON Lines) file; a GLUE task folder; a ``datasets.save_to_disk``
-            folder; or ``"hf:NAME"`` / ``"hf:NAME:CONFIG"`` from the Hugging Face hub.
+            or ``.jsonl``/``.json`` (JSON Lines) file; a CoNLL file (``.conll``, ``.iob``, ``.bio``,
+            ``.txt``); a SQuAD JSON file; a GLUE task folder; a ``datasets.save_to_disk`` folder; or
+            ``"hf:NAME"`` / ``"hf:NAME:CONFIG"`` from the Hugging Face hub.
         text_column, text_pair_column, label_column: column names (or positions). Defaults: ``text``
             (else ``sentence1``/``sentence2``, ``question1``/``question2``, ``premise``/``hypothesis``,
             ``question``/``sentence``, ``sentence``) and ``label``. GLUE folders know their own.
-        task_type: ``"classification"`` or ``"regression"``; default: regression when the train labels
-            are numbers not all whole, else classification.
+        task_type: one of :data:`~adaptune.data.tasks.TASK_TYPES`; default from the data:
+            question-answering for SQuAD files, multiple-choice for a ``choices`` list,
+            token-classification for CoNLL files or ``tokens`` lists, multi-label for list labels,
+            regression for numbers not all whole, else classification. A delimited label column
+            (``"sports,politics"``) needs ``task_type="multi-label"``.
         dev_file, test_file: files in the train file's format (for GLUE, relative to the folder).
         glue_task: GLUE task key, when the folder's name does not say it (e.g. ``"mrpc"``).
         dev_fraction: share of train carved off, by a seeded shuffle, as dev when there is no dev split.
         seed: seed of the dev carving and of the ``limit_*`` subsets.
         limit_train, limit_eval: keep a seeded random subset of at most this many train / dev and
             test examples (to keep a run short).
+        label_delimiter: multi-label: what separates the labels of a string label cell.
 
     Returns:
         A :class:`TaskData`. Class labels are ids in sorted order of the train labels (numeric order
-        for numbers) unless the source fixes the classes (GLUE, ClassLabel); regression labels are floats.
+        for numbers) unless the source fixes the classes (GLUE, ClassLabel); regression labels are
+        floats; multi-label labels 0/1 ``uint8`` rows (labels absent from train left out of dev
+        and test, with a note); token classification: words per sentence and a tag id per word;
+        multiple choice: the right choice's index; QA: a list of answers per question.
 
     Raises:
         DataError: the source or a file is missing, unreadable, not UTF-8, empty, lacks a column,
@@ -237,25 +222,46 @@ def load_task_data(
         data.description  # "reviews.csv, 900/100 train/dev"
     """
     _check_options(task_type, dev_fraction, limit_train, limit_eval)
+    limits = (limit_train, limit_eval)
+    if task_type == "question-answering" or (task_type is None and is_squad(source)):
+        raw, splits = _qa_splits(Path(source), dev_file, test_file)
+        return _finish(raw, splits, "question-answering", None, "f1", [], (dev_fraction, seed, limits))
     raw = read_source(str(source), glue_task, dev_file, test_file)
     if raw.task_type and task_type and task_type != raw.task_type:
         raise DataError(f"{raw.what} is a {raw.task_type} task; drop task_type={task_type!r}")
+    if task_type == "multiple-choice" or (task_type is None and choice_column(raw.train) is not None):
+        splits, notes = _choice_splits(raw, text_column, label_column)
+        return _finish(raw, splits, "multiple-choice", None, "accuracy", notes, (dev_fraction, seed, limits))
+    if task_type == "token-classification" or (task_type is None and is_tagged(raw.train, text_column)):
+        splits, names, notes = _tagged_splits(raw, text_column, label_column)
+        metric = "entity_f1" if is_span_scheme(names) else "accuracy"
+        return _finish(raw, splits, "token-classification", names, metric, notes, (dev_fraction, seed, limits))
     given = (text_column, text_pair_column, label_column)
-    text, pair, label = _default_columns(raw.train, *[g if g is not None else r for g, r in zip(given, raw.columns)])
+    splits, ttype, names, notes = _labelled_splits(raw, given, task_type, label_delimiter)
+    metric = raw.metric or PRIMARY_DEFAULT[ttype]
+    return _finish(raw, splits, ttype, names, metric, notes, (dev_fraction, seed, limits))
 
-    values = _extract(raw.train, text, pair, label)[2]
+
+def _labelled_splits(raw, given: tuple, task_type: str | None, label_delimiter: str) -> tuple:
+    """Splits of a text (pair) task with a label per example: classification, regression or
+    multi-label (the type from ``task_type``, the source, or the train labels)."""
+    text, pair, label = _default_columns(raw.train, *[g if g is not None else r for g, r in zip(given, raw.columns)])
+    values = _extract(raw.train, text, pair, label, empty_label=task_type == "multi-label")[2]
     ttype = task_type or raw.task_type or _inferred_task_type(values)
-    names = raw.label_names.get(label) if ttype == "classification" else None
-    if ttype == "classification" and names is None:
-        names = _sorted_names(values)
-        if len(names) < 2:
-            raise DataError(f"{raw.train.name} has a single label {names[0]!r}; a classifier needs two or more")
+    names = _label_names(raw, label, values, ttype, label_delimiter)
     notes = list(raw.notes)
 
     def build(table: _Table | None, name: str) -> Split | None:
-        return None if table is None else _split_of(table, name, (text, pair, label), ttype, names, notes)
+        if table is None:
+            return None
+        return _split_of(table, name, (text, pair, label), (ttype, names, label_delimiter), notes)
 
-    train, dev, test = build(raw.train, "train"), build(raw.dev, "dev"), build(raw.test, "test")
+    return (build(raw.train, "train"), build(raw.dev, "dev"), build(raw.test, "test")), ttype, names, notes
+
+
+def _finish(raw, splits: tuple, ttype: str, names, metric: str, notes: list, sampling: tuple) -> TaskData:
+    """The task from its splits: dev carved from train when there is none, then the limits."""
+    (train, dev, test), (dev_fraction, seed, (limit_train, limit_eval)) = splits, sampling
     if dev is None:
         train, dev = _carve(train, dev_fraction, seed)
         notes.append(f"dev split carved from train: {dev_fraction * 100:g}% (seed {seed})")
@@ -266,9 +272,70 @@ def load_task_data(
     sizes = [len(train), len(dev)] + ([len(test)] if test is not None else [])
     parts = "train/dev/test" if test is not None else "train/dev"
     description = f"{raw.what}, {'/'.join(map(str, sizes))} {parts}"
-    return TaskData(
-        train, dev, test, ttype, names, raw.metric or PRIMARY_DEFAULT[ttype], description, notes, raw.positive
+    return TaskData(train, dev, test, ttype, names, metric, description, notes, raw.positive)
+
+
+_TAG_COLUMNS = ("tags", "ner_tags", "pos_tags", "chunk_tags", "labels", "label")
+
+
+def _qa_splits(path: Path, dev_file, test_file) -> tuple:
+    """Extractive QA splits: questions, their contexts (``text_pairs``) and answers (``labels``)."""
+    splits = []
+    for f in (path, dev_file, test_file):
+        if f is None:
+            splits.append(None)
+            continue
+        questions, contexts, answers = read_squad(Path(f))
+        splits.append(Split(questions, contexts, answers))
+    return SimpleNamespace(what=path.name, positive=None), tuple(splits)
+
+
+def _choice_splits(raw, text_column, label_column) -> tuple[tuple, list[str]]:
+    """Multiple-choice splits: the question (or context) as text, its choices, the right one's index."""
+    train = raw.train
+    question = text_column or next((c for c in ("question", "text", "context") if c in train.columns), None)
+    label = label_column or next((c for c in ("label", "answer", "answerKey") if c in train.columns), None)
+    if question is None or label is None:
+        found = ", ".join(map(str, train.columns))
+        raise DataError(
+            f"{train.name}: a multiple-choice file needs a question (or text/context) column, a 'choices' list and "
+            f"a label column (the right choice's index); found {found}"
+        )
+    splits = []
+    for table in (raw.train, raw.dev, raw.test):
+        if table is None:
+            splits.append(None)
+            continue
+        cols = (_column(table, question, "question", "text_column"), _column(table, label, "label", "label_column"))
+        texts, choices, labels = choice_rows(table, cols, choice_column(table) or "choices", (question, label))
+        splits.append(Split(texts, None, labels, choices))
+    return tuple(splits), list(raw.notes)
+
+
+def _tagged_splits(raw, words_column, tags_column) -> tuple[tuple, list[str], list[str]]:
+    """Token-classification splits: words per sentence (``Split.texts``) and a tag id per word."""
+    words = words_column if words_column is not None else "tokens"
+    tags = tags_column
+    if tags is None:
+        tags = next((c for c in _TAG_COLUMNS if c in raw.train.columns and c != words), None)
+        if tags is None:
+            found = ", ".join(map(str, raw.train.columns))
+            raise DataError(f"{raw.train.name} has no tags column ({', '.join(_TAG_COLUMNS)}); found {found}")
+    notes = list(raw.notes)
+    rows = {}
+    for name, table in (("train", raw.train), ("dev", raw.dev), ("test", raw.test)):
+        if table is not None:
+            cols = (_column(table, words, "words", "text_column"), _column(table, tags, "tags", "label_column"))
+            rows[name] = tagged_rows(table, cols, (words, tags), notes)
+    names = raw.label_names.get(tags) or sorted({t for sentence in rows["train"][1] for t in sentence})
+    if len(names) < 2:
+        raise DataError(f"{raw.train.name} has a single tag {names[0]!r} in {tags!r}; a tagger needs two or more")
+    tables = {"train": raw.train, "dev": raw.dev, "test": raw.test}
+    splits = tuple(
+        Split(rows[n][0], None, tag_ids(rows[n][1], names, tables[n])) if n in rows else None
+        for n in ("train", "dev", "test")
     )
+    return splits, names, notes
 
 
 def _check_options(task_type: str | None, dev_fraction: float, limit_train, limit_eval) -> None:
@@ -281,20 +348,14 @@ def _check_options(task_type: str | None, dev_fraction: float, limit_train, limi
             raise DataError(f"{name} must be a positive whole number, got {value!r}")
 
 
-def _inferred_task_type(values: list) -> str:
-    """Regression when every train label is a number and not all are whole, else classification."""
-    numbers = [_as_number(v) for v in values]
-    if all(n is not None for n in numbers) and not all(n.is_integer() for n in numbers):
-        return "regression"
-    return "classification"
-
-
-def _split_of(table: _Table, name: str, columns: tuple, ttype: str, names, notes: list[str]) -> Split | None:
-    """One split's examples, labels mapped; None (with a note) for a split without labels."""
+def _split_of(table: _Table, name: str, columns: tuple, labelling: tuple, notes: list[str]) -> Split | None:
+    """One split's examples, labels mapped (``labelling``: task type, label names, multi-label
+    delimiter); None (with a note) for a split without labels."""
     text, pair, label = columns
+    ttype, names, delimiter = labelling
     t = None
     if _has(table, label) or not table.labels_optional:
-        t, p, v, n_dropped = _extract(table, text, pair, label)
+        t, p, v, n_dropped = _extract(table, text, pair, label, empty_label=ttype == "multi-label")
     if not t:  # a hub test split without labels
         notes.append(f"{name}: {table.name} has no labels; not used")
         return None
@@ -304,6 +365,8 @@ def _split_of(table: _Table, name: str, columns: tuple, ttype: str, names, notes
             f"{name}: dropped {n_dropped + table.malformed} of {total} rows "
             "(missing text or label, or a wrong number of fields)"
         )
+    if ttype == "multi-label":
+        return Split(t, p, _multi_hot(v, table, names, delimiter, notes))
     return Split(t, p, _map_labels(v, table, label, ttype, names))
 
 

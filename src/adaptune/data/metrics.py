@@ -21,10 +21,25 @@ from adaptune.errors import ConfigError
 
 # The selection metric when the task names none: macro-F1, because accuracy cannot tell a model
 # that predicts the majority class from one that learned (90 % accuracy at 10 % positives).
-PRIMARY_DEFAULT = {"classification": "macro_f1", "regression": "spearman"}
+PRIMARY_DEFAULT = {
+    "classification": "macro_f1",
+    "regression": "spearman",
+    "multi-label": "micro_f1",
+    "token-classification": "entity_f1",
+    "multiple-choice": "accuracy",
+    "question-answering": "f1",
+}
 # Metrics a run can select on, per task type; all but mse are "higher is better". ``f1`` (of the
 # positive class) exists for two-class tasks only.
-METRICS = {"classification": ("macro_f1", "accuracy", "mcc", "f1"), "regression": ("pearson", "spearman", "mse")}
+METRICS = {
+    "classification": ("macro_f1", "accuracy", "mcc", "f1"),
+    "regression": ("pearson", "spearman", "mse"),
+    "multi-label": ("micro_f1", "macro_f1", "subset_accuracy"),
+    # entity_f1 for span tags (BIO, BIOES), accuracy for tags of single tokens (part of speech)
+    "token-classification": ("entity_f1", "accuracy", "macro_f1", "type_macro_f1"),
+    "multiple-choice": ("accuracy",),
+    "question-answering": ("f1", "exact_match"),  # SQuAD's, in percent
+}
 
 
 def _pair(predictions, labels) -> tuple[np.ndarray, np.ndarray]:
@@ -155,7 +170,13 @@ def mse(predictions, labels) -> float:
 
 
 def compute_metrics(
-    task_type: str, predictions, labels, num_labels: int | None = None, positive: int = 1
+    task_type: str,
+    predictions,
+    labels,
+    num_labels: int | None = None,
+    positive: int = 1,
+    threshold: float | None = None,
+    select: str = "micro_f1",
 ) -> dict[str, float]:
     """All metrics of a task type.
 
@@ -163,14 +184,16 @@ def compute_metrics(
         task_type: ``"classification"`` or ``"regression"``.
         predictions: class ids, or logits of shape ``(n, num_labels)`` (argmax is taken), for
             classification; values of shape ``(n,)`` or ``(n, 1)`` for regression.
-        labels: true class ids or values, shape ``(n,)``.
+        labels: true class ids or values, shape ``(n,)``; for multi-label, 0/1 of shape ``(n, labels)``
+            beside probabilities of that shape.
         num_labels: number of classes (two adds ``f1`` of ``positive``); ignored for regression.
         positive: the positive class id of a two-class task.
+        threshold, select: multi-label only, see :func:`multi_label_metrics`.
 
     Returns:
         Classification: ``accuracy``, ``macro_f1``, ``mcc``, ``f1`` (two classes only),
         ``majority_baseline`` and ``predicted_classes``; regression: ``pearson``, ``spearman``,
-        ``mse``. All Python floats.
+        ``mse``; multi-label: those of :func:`multi_label_metrics`. All Python floats.
 
     Raises:
         ConfigError: unknown task type.
@@ -192,16 +215,119 @@ def compute_metrics(
         return out
     if task_type == "regression":
         return {"pearson": pearson(p, labels), "spearman": spearman(p, labels), "mse": mse(p, labels)}
+    if task_type == "multi-label":
+        return multi_label_metrics(p, labels, threshold, select)
+    if task_type == "multiple-choice":  # p: (n, choices) probabilities, 0 for an example's missing choices
+        chosen = p.argmax(axis=-1)
+        return {
+            "accuracy": accuracy(chosen, labels),
+            "majority_baseline": majority_baseline(labels),  # always the most frequent right position
+            "chance_baseline": float(np.mean(1.0 / (p > 0).sum(axis=-1).clip(min=1))),
+        }
     raise ConfigError(f"unknown task type {task_type!r}; use one of {', '.join(PRIMARY_DEFAULT)}")
 
 
+# ------------------------------------------------------------------------------------ multi-label
+
+# Thresholds tried on dev: 0.05, 0.10, ..., 0.95 (one for every label: a per-label threshold over-fits
+# the dev split of a rare label).
+THRESHOLDS = tuple(round(0.05 * k, 2) for k in range(1, 20))
+
+
+def _label_counts(pred: np.ndarray, true: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-label true positives, false positives and false negatives of 0/1 arrays (n, labels)."""
+    tp = (pred & true).sum(axis=0)
+    return tp, pred.sum(axis=0) - tp, true.sum(axis=0) - tp
+
+
+def _multi_label_scores(pred: np.ndarray, true: np.ndarray) -> dict[str, float]:
+    tp, fp, fn = _label_counts(pred, true)
+    denom = 2 * tp.sum() + fp.sum() + fn.sum()
+    seen = (tp + fp + fn) > 0  # labels present in this split or predicted, as macro_f1 does for classes
+    per_label = 2 * tp[seen] / (2 * tp[seen] + fp[seen] + fn[seen])
+    return {
+        "micro_f1": float(2 * tp.sum() / denom) if denom else 0.0,
+        "macro_f1": float(per_label.mean()) if per_label.size else 0.0,
+        "subset_accuracy": float(np.mean((pred == true).all(axis=1))),
+        "label_accuracy": float(np.mean(pred == true)),
+    }
+
+
+def multi_label_metrics(
+    probabilities, labels, threshold: float | None = None, select: str = "micro_f1"
+) -> dict[str, float]:
+    """Metrics of a multi-label task: several labels per example, each predicted when its sigmoid
+    probability reaches ``threshold``.
+
+    Args:
+        probabilities: (n, labels) probabilities.
+        labels: (n, labels) 0/1 (or bool) true label sets.
+        threshold: the decision threshold; None picks the one of :data:`THRESHOLDS` that scores best
+            on ``select`` here (for the dev split; the test split then takes dev's).
+        select: the metric the threshold is chosen on.
+
+    Returns:
+        ``micro_f1`` (F1 of every (example, label) decision pooled), ``macro_f1`` (mean per-label F1
+        over the labels present or predicted), ``subset_accuracy`` (the whole set right),
+        ``label_accuracy`` (1 - Hamming loss), ``majority_baseline`` (subset accuracy of always
+        predicting the most frequent label set: often the empty set), ``predicted_labels`` (how
+        many labels were predicted at least once), ``predicted_sets`` (how many different label
+        sets were predicted: 1 means the same answer for every example), ``mean_predicted_labels``
+        and ``mean_true_labels`` per example, and ``threshold``.
+
+    Example::
+
+        multi_label_metrics([[0.9, 0.2], [0.6, 0.7]], [[1, 0], [0, 1]], threshold=0.5)["micro_f1"]  # 0.8
+    """
+    p = np.asarray(probabilities, dtype=np.float64)
+    y = np.asarray(labels).astype(bool)
+    if p.ndim != 2 or p.shape != y.shape:
+        raise ValueError(f"probabilities {p.shape} and labels {y.shape} must both be (examples, labels)")
+    if p.shape[0] == 0:
+        raise ValueError("no predictions to score")
+    if select not in ("micro_f1", "macro_f1", "subset_accuracy"):
+        raise ConfigError(f"a multi-label threshold is chosen on micro_f1, macro_f1 or subset_accuracy, not {select}")
+    if threshold is None:  # one pass per threshold, vectorised over examples and labels
+        threshold = max(THRESHOLDS, key=lambda t: _multi_label_scores(p >= t, y)[select])
+    pred = p >= threshold
+    out = _multi_label_scores(pred, y)
+    _, sets = np.unique(np.packbits(y, axis=1), axis=0, return_counts=True)
+    out["majority_baseline"] = float(sets.max() / len(y))
+    out["predicted_labels"] = float(pred.any(axis=0).sum())
+    out["predicted_sets"] = float(len(np.unique(np.packbits(pred, axis=1), axis=0)))
+    out["mean_predicted_labels"] = float(pred.sum(axis=1).mean())
+    out["mean_true_labels"] = float(y.sum(axis=1).mean())
+    out["threshold"] = float(threshold)
+    return out
+
+
+def multi_label_warning(metrics: dict[str, float]) -> str | None:
+    """A warning when a multi-label model predicted no label at all, or the same label set for every
+    example, else None."""
+    if metrics.get("predicted_labels") == 0.0:
+        return "the model predicts no label for any example: it has learned no more than the label prior; " + _TRY
+    if metrics.get("predicted_sets") == 1.0:
+        n = int(metrics.get("mean_predicted_labels", 0))
+        return f"the model predicts the same {n} label(s) for every example, as the label prior would; " + _TRY
+    return None
+
+
+_TRY = "try more epochs, --class-weights balanced, or a different learning rate"
+
+
 def single_class_warning(metrics: dict[str, float]) -> str | None:
-    """A warning when a classifier predicted one class for every example, else None."""
+    """A warning when a classifier predicted one class for every example (or a multi-label model
+    no label, or one label only), else None."""
+    if "predicted_labels" in metrics:
+        return multi_label_warning(metrics)
+    if metrics.get("predicted_tags") == 1.0:
+        return "the model tags every word alike: it has learned no more than the most frequent tag; " + _TRY
     if metrics.get("predicted_classes") != 1.0:
         return None
     share = metrics.get("majority_baseline")
     return (
         "the model predicts a single class for every example: it has learned no more than the class prior"
         + (f" (majority baseline {share:.4f})" if share is not None else "")
-        + "; try more epochs, --class-weights balanced, or a different learning rate"
+        + "; "
+        + _TRY
     )

@@ -28,6 +28,7 @@ class Table:
     columns: dict
     malformed: int = 0  # rows with a wrong number of fields, dropped while reading
     labels_optional: bool = False  # hub test splits often carry no labels: left out, not an error
+    lines: list | None = None  # the file line each row starts on (JSON Lines, CoNLL), for messages
 
 
 @dataclass
@@ -86,19 +87,20 @@ def _read_delimited(path: Path, delimiter: str, quoting: int, header: bool = Tru
 
 
 def _read_json(path: Path) -> Table:
-    text = _read_text(path)
+    text, lines = _read_text(path), None
     if path.suffix.lower() == ".json" and text.lstrip().startswith("["):  # a JSON array of records
         try:
             records = json.loads(text)
         except json.JSONDecodeError as e:
             raise DataError(f"{path} is not valid JSON ({e}); fix the file") from None
     else:
-        records = []
+        records, lines = [], []
         # Lines end at "\n" only: str.splitlines would also cut at U+2028 and other separators,
         # which JSON allows unescaped inside strings.
         for number, line in enumerate(text.split("\n"), start=1):
             try:
                 records += [json.loads(line)] if line.strip() else []
+                lines += [number] if line.strip() else []
             except json.JSONDecodeError as e:
                 raise DataError(
                     f"line {number} of {path} is not valid JSON ({e.msg}); write one JSON object per line"
@@ -111,7 +113,44 @@ def _read_json(path: Path) -> Table:
             '{"text": "...", "label": "..."}'
         )
     names = list(dict.fromkeys(k for r in records for k in r))  # union of keys, first-seen order
-    return Table(path.name, {n: [r.get(n) for r in records] for n in names})
+    return Table(path.name, {n: [r.get(n) for r in records] for n in names}, lines=lines)
+
+
+CONLL_SUFFIXES = (".conll", ".iob", ".iob2", ".bio", ".bioes", ".txt")
+
+
+def _read_conll(path: Path) -> Table:
+    """A CoNLL-style file: one token per line with whitespace-separated fields (the token first, the
+    tag last), a blank line between sentences, ``-DOCSTART-`` lines skipped. Columns: ``tokens``,
+    one per further field named by its position (``"1"``, ``"2"``, ...) and ``tags`` (the last)."""
+    sentences, current, lines, width = [], [], [], None
+    for number, line in enumerate(_read_text(path).split("\n") + [""], start=1):
+        fields = line.split()
+        if fields and fields[0] == "-DOCSTART-":
+            fields = []
+        if not fields:
+            if current:
+                sentences.append(current)
+                current = []
+            continue
+        if width is None:
+            width = len(fields)
+        if len(fields) != width or width < 2:
+            raise DataError(
+                f"line {number} of {path} has {len(fields)} fields, expected {max(width, 2)}: a {path.suffix} file is "
+                "read as CoNLL (a token and its tag per line, separated by spaces or tabs; a blank line between "
+                "sentences); fix the line, or use .csv, .tsv or .jsonl for other data"
+            )
+        if not current:
+            lines.append(number)
+        current.append(fields)
+    if not sentences:
+        raise DataError(f"{path} has no sentences; write one token and its tag per line")
+    columns = {"tokens": [[f[0] for f in s] for s in sentences]}
+    for k in range(1, width - 1):
+        columns[str(k)] = [[f[k] for f in s] for s in sentences]
+    columns["tags"] = [[f[-1] for f in s] for s in sentences]
+    return Table(path.name, columns, lines=lines)
 
 
 def _read_file(path: Path) -> Table:
@@ -122,9 +161,11 @@ def _read_file(path: Path) -> Table:
         return _read_delimited(path, "\t", csv.QUOTE_NONE)
     if suffix in (".jsonl", ".ndjson", ".json"):
         return _read_json(path)
+    if suffix in CONLL_SUFFIXES:
+        return _read_conll(path)
     raise DataError(
         f"cannot read {path}: unrecognised extension {path.suffix or '(none)'!r}; "
-        "use .csv, .tsv, .jsonl or .json (JSON Lines)"
+        "use .csv, .tsv, .jsonl or .json (JSON Lines), or .conll/.iob/.bio/.txt (a token and its tag per line)"
     )
 
 
@@ -213,6 +254,9 @@ def _from_hf(splits, what: str) -> RawTask:
             if isinstance(feature, datasets.ClassLabel):  # ids -> names; -1 (GLUE test: no label) -> missing
                 class_names[name] = list(feature.names)
                 columns[name] = [feature.names[i] if i is not None and i >= 0 else None for i in columns[name]]
+            elif isinstance(getattr(feature, "feature", None), datasets.ClassLabel):  # a list of labels each
+                names = class_names[name] = list(feature.feature.names)
+                columns[name] = [None if ids is None else [names[i] for i in ids] for ids in columns[name]]
         tables[split] = Table(f"{what}[{split}]", columns, labels_optional=split == "test")
     return RawTask(tables["train"], tables.get(dev_name), tables.get("test"), what, label_names=class_names)
 

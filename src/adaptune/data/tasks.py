@@ -19,7 +19,18 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-TASK_TYPES = ("classification", "regression")
+# multi-label: several classes per example (a list in JSON Lines, or a delimited string);
+# token-classification: a tag per word (CoNLL files, or JSON Lines with tokens and tags lists)
+# multiple-choice: a question, its candidate answers and the index of the right one (JSON Lines)
+# question-answering: extractive, the answer a span of the context (SQuAD v1.1 / v2.0 files)
+TASK_TYPES = (
+    "classification",
+    "regression",
+    "multi-label",
+    "token-classification",
+    "multiple-choice",
+    "question-answering",
+)
 
 
 @dataclass(frozen=True)

@@ -135,7 +135,9 @@ def fit_budget(cfg: CompareConfig, minutes: float, timing: Timing) -> tuple[Comp
 def calibrate(cfg: CompareConfig) -> Timing:
     """Time a few full fine-tuning steps on real batches of the first task (the first one warms up)."""
     from adaptune.core.architectures import layer_list, spec_for
-    from adaptune.data.loading import bucket_batches, collate, encode
+    from adaptune.data.batching import encode_split, feature_length
+    from adaptune.data.loading import bucket_batches, collate
+    from adaptune.training.config import HEADS
     from adaptune.models.loading import load_tokenizer
     from adaptune.training.train import _load_data, build_model, make_optimizer, training_step
 
@@ -147,12 +149,13 @@ def calibrate(cfg: CompareConfig) -> Timing:
             first = data
     tcfg = dataclasses.replace(cfg.train, data=cfg.tasks[0], strategy="full")
     tok = load_tokenizer(tcfg.model)
-    raw_lengths = tuple(len(e["input_ids"]) for e in encode(first.train, tok, 100_000))
-    enc = encode(first.train, tok, tcfg.max_length)
-    num_labels = 1 if first.task_type == "regression" else len(first.label_names)
-    model, _ = build_model(tcfg, num_labels)
+    enc_of = lambda n: encode_split(first.train, first.task_type, tok, n)
+    raw_lengths = tuple(feature_length(e) for e in enc_of(100_000))
+    enc = enc_of(tcfg.max_length)
+    num_labels = 1 if first.task_type in ("regression", "multiple-choice") else len(first.label_names)
+    model, _ = build_model(tcfg, num_labels, head=HEADS.get(first.task_type, "sequence"))
     model.train()
-    lengths = [len(e["input_ids"]) for e in enc]
+    lengths = [feature_length(e) for e in enc]
     batches = bucket_batches(lengths, tcfg.batch_size, shuffle=True, seed=0)
     optimizer, scheduler = make_optimizer(model, tcfg, 100)
     seconds, tokens = 0.0, 0

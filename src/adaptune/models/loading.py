@@ -80,8 +80,13 @@ def load_tokenizer(name_or_path: str):
     return tok
 
 
-def load_classifier(name_or_path: str, num_labels: int, *, dtype=None, pad_token_id: int | None = None):
-    """``AutoModelForSequenceClassification`` with a fresh head of ``num_labels`` outputs (1 = regression).
+def load_classifier(
+    name_or_path: str, num_labels: int, *, dtype=None, pad_token_id: int | None = None, head: str = "sequence"
+):
+    """``AutoModelForSequenceClassification`` with a fresh head of ``num_labels`` outputs (1 = regression);
+    with ``head="token"``, ``AutoModelForTokenClassification`` (an output per tag at every position);
+    with ``head="choice"``, ``AutoModelForMultipleChoice`` (a score per choice, softmax over them);
+    with ``head="qa"``, ``AutoModelForQuestionAnswering`` (start and end logits per token).
 
     The model's ``pad_token_id`` is set to the id its tokenizer pads with (``pad_token_id``, else the
     tokenizer's in the same folder): a decoder's classifier (LLaMA, GPT-2) pools the last token that
@@ -91,14 +96,21 @@ def load_classifier(name_or_path: str, num_labels: int, *, dtype=None, pad_token
     Raises:
         ConfigError: the path is not a model folder (and, offline, not a cached hub name).
     """
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+    import transformers
+
+    autos = {"sequence": "AutoModelForSequenceClassification", "token": "AutoModelForTokenClassification"}
+    autos.update(choice="AutoModelForMultipleChoice", qa="AutoModelForQuestionAnswering")
+    if head not in autos:
+        raise ValueError(f"head must be one of {', '.join(autos)}, got {head!r}")
+    auto = getattr(transformers, autos[head])
+    AutoConfig = transformers.AutoConfig
 
     path = existing_model_path(name_or_path, "a folder with config.json and weights")
     try:
         with quiet_transformers():
             cfg = AutoConfig.from_pretrained(path, num_labels=num_labels)
             cfg.pad_token_id = _pad_id(cfg, name_or_path, pad_token_id)
-            model = AutoModelForSequenceClassification.from_pretrained(path, config=cfg, dtype=dtype)
+            model = auto.from_pretrained(path, config=cfg, dtype=dtype)
     except Exception as e:
         raise ConfigError(
             f"{name_or_path!r}{_where(path)} is not a loadable model ({first_line(e)}); pass a folder with "

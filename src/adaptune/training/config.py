@@ -12,6 +12,7 @@ import torch
 from adaptune.core.config import PRESETS, AdapterConfig
 from adaptune.errors import ConfigError
 from adaptune.data.metrics import METRICS
+from adaptune.data.tasks import TASK_TYPES
 from adaptune.models.loading import (
     DEFAULT_MODEL,
 )
@@ -22,6 +23,9 @@ ADAPTER_NAME = "task"
 
 
 CAUSAL_LM = "causal-lm"
+
+# the kind of head a task type's model has (models.loading.load_classifier); "sequence" otherwise
+HEADS = {"token-classification": "token", "multiple-choice": "choice", "question-answering": "qa"}
 
 
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")  # TrainConfig.compile
@@ -62,6 +66,8 @@ class TrainConfig:
     text_pair_column: str | None = None
     label_column: str | None = None
     task_type: str | None = None
+    label_delimiter: str = ","
+    doc_stride: int = 128
     dev_file: str | None = None
     test_file: str | None = None
     glue_task: str | None = None
@@ -114,7 +120,7 @@ class TrainConfig:
             raise ConfigError(f"unknown adapter placement {self.adapter!r}; choose one of {', '.join(PRESETS)}")
         if self.strategy == "top-k" and self.top_k is None:
             raise ConfigError("strategy 'top-k' needs --top-k K (the number of top layers to train)")
-        for name in ("epochs", "batch_size", "max_length", "checkpoint_every"):
+        for name in ("epochs", "batch_size", "max_length", "checkpoint_every", "doc_stride"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.lr is not None and not (0 < self.lr < 1):
@@ -123,8 +129,8 @@ class TrainConfig:
             raise ConfigError(f"precision must be fp32 or bf16, got {self.precision!r}")
         if not 0 <= self.warmup < 1:
             raise ConfigError(f"warmup is a fraction of the steps in [0, 1), got {self.warmup}")
-        if self.task_type not in (None, "classification", "regression", CAUSAL_LM):
-            raise ConfigError(f"unknown task type {self.task_type!r}; use classification, regression or {CAUSAL_LM}")
+        if self.task_type not in (None, *TASK_TYPES, CAUSAL_LM):
+            raise ConfigError(f"unknown task type {self.task_type!r}; use {', '.join(TASK_TYPES)} or {CAUSAL_LM}")
         if self.eval_every is not None and self.eval_every < 0:
             raise ConfigError(f"eval_every must be 0 (after each epoch) or more, got {self.eval_every}")
         if self.eval_generate < 0:

@@ -12,13 +12,14 @@ from pathlib import Path
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from adaptune.training import checkpoint as ckpt
 from adaptune.cpu import native
-from adaptune.lm.causal_lm import evaluate_lm, response_index
-from adaptune.data.batching import bucket_length, split_even
+from adaptune.lm.causal_lm import response_index
+from adaptune.data.batching import bucket_length, feature_length, split_even
 from adaptune.training.run_folder import create_run_dir, write_artifacts
 from adaptune.data.loading import bucket_batches, collate
 from adaptune.training.distributed import Dist
@@ -30,14 +31,13 @@ from adaptune.data.metrics import single_class_warning
 from adaptune.models.loading import load_tokenizer
 from adaptune.training.prepared import _prepare, _Prepared
 from adaptune.training.steps import (
-    autocast,
     balanced_class_weights,
     build_model,
-    evaluate,
     make_optimizer,
     training_step,
 )
-from adaptune.training.config import CAUSAL_LM, TrainConfig
+from adaptune.training.config import CAUSAL_LM, HEADS, TrainConfig
+from adaptune.training.scoring import score_split
 
 
 def _train(
@@ -60,11 +60,15 @@ class Run:
         self.data = data = _prepare(cfg, self.tokenizer)
         self.enc = data.enc
         random.seed(cfg.seed)
-        self.model, self.counts = build_model(cfg, data.num_labels, self.device)  # the same weights on every rank
+        head, prior = HEADS.get(data.task_type, "sequence"), None
+        if data.task_type == "multi-label":  # the head's biases start at the label frequencies
+            prior = torch.from_numpy(np.stack([e["label"] for e in self.enc["train"]]).mean(0))
+        # the same weights on every rank
+        self.model, self.counts = build_model(cfg, data.num_labels, self.device, head, prior)
         if cfg.lean_on(self.device) and self.device.type == "cpu" and native.library() is None:
             data.notes.append(f"C kernels not available ({native.why_not()}): the lean kernels run in torch")
         self.model.to(self.device).train()
-        self.lengths = [len(e["input_ids"]) for e in self.enc["train"]]
+        self.lengths = [feature_length(e) for e in self.enc["train"]]
         # dropout off (and the optional cache) below the lowest trained layer: checked before writing anything
         self.frozen = (
             None
@@ -158,30 +162,10 @@ class Run:
                 f"token accuracy {base_dev['token_accuracy']:.4f}"
             )
 
-    def score(self, split: str) -> dict:
-        cfg, device, dd = self.cfg, self.device, (self.dd if self.dd.enabled else None)
-        if self.data.task_type == CAUSAL_LM:
-            return evaluate_lm(
-                self.model,
-                self.enc[split],
-                batch_size=cfg.batch_size * 2,
-                pad_id=self.pad_id,
-                device=device,
-                dd=dd,
-                autocast_ctx=lambda: autocast(device, cfg.precision),
-            )
-        return evaluate(
-            self.model,
-            self.enc[split],
-            task_type=self.data.task_type,
-            num_labels=self.data.num_labels,
-            batch_size=cfg.batch_size * 2,
-            pad_id=self.pad_id,
-            device=device,
-            dd=dd,
-            precision=cfg.precision,
-            positive=self.data.positive,
-        )[0]
+    def score(self, split: str, threshold: float | None = None) -> dict:
+        """Metrics of ``split``; ``threshold``: a multi-label task's (None: chosen on this split)."""
+        cfg, dd = self.cfg, (self.dd if self.dd.enabled else None)
+        return score_split(self.model, split, self.data, cfg, self.device, self.pad_id, dd, threshold)
 
     def evaluate_dev(self) -> None:
         """Score dev, keep the weights when they are the best so far."""
@@ -299,7 +283,7 @@ class Run:
         examples = [self.enc["train"][i] for i in idx]
         pad_to = None
         if self.cfg.compile != "none":  # a few padded lengths: a few graphs (and CUDA graphs) to compile
-            pad_to = bucket_length(max(len(e["input_ids"]) for e in examples), self.cfg.max_length)
+            pad_to = bucket_length(max(feature_length(e) for e in examples), self.cfg.max_length)
         host = collate(examples, self.pad_id, pad_to=pad_to)
         lm_index = None
         if self.data.task_type == CAUSAL_LM:  # from the host's labels: the step reads nothing back
@@ -317,7 +301,11 @@ class Run:
         # the dev metrics of those weights were measured when they were kept: no second pass
         best_entry = next(h for h in progress["history"] if h["step"] == progress["best_step"])
         dev_metrics = {k: v for k, v in best_entry.items() if k not in ("step", "epoch")}
-        test_metrics = self.score("test") if "test" in self.enc else None
+        # the threshold chosen on dev (multi-label's decision, SQuAD 2.0's no-answer) decides test and predict
+        chosen = next((k for k in ("threshold", "null_threshold") if k in dev_metrics), None)
+        if chosen is not None:
+            data.task[chosen] = dev_metrics[chosen]
+        test_metrics = self.score("test", dev_metrics.get(chosen)) if "test" in self.enc else None
         if data.task_type == CAUSAL_LM and cfg.eval_generate and test_metrics is not None:
             test_metrics["exact_match"] = _exact_match(self.model, data, self.tokenizer, cfg, self.device, dd)
         result = self._result(dev_metrics, test_metrics)
@@ -349,7 +337,7 @@ class Run:
             "history": progress["history"],
             "notes": data.notes,
         }
-        if data.task_type == "classification":
+        if data.task_type in ("classification", "multi-label", "token-classification"):
             result["positive_label"] = data.task.get("positive_label")
             result["warnings"] = [
                 f"{split}: {w}"

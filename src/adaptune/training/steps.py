@@ -6,18 +6,15 @@ from __future__ import annotations
 
 import contextlib
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from adaptune.lm.causal_lm import ResponseIndex, lm_loss_sum, response_index
-from adaptune.data.loading import bucket_batches, collate
-from adaptune.training.distributed import Dist
 from adaptune.errors import ConfigError
 from adaptune.core.bottleneck import Bottleneck
+from adaptune.core.architectures import head_modules
 from adaptune.core.inject import add_adapter
 from adaptune.cpu.kernels import use_lean_kernels
-from adaptune.data.metrics import compute_metrics
 from adaptune.models.loading import (
     load_causal_lm,
     load_classifier,
@@ -26,18 +23,40 @@ from adaptune.models.loading import (
 from adaptune.core.trainable import train_strategy
 from adaptune.models.quantize import quantize_base
 from adaptune.training.config import ADAPTER_NAME, CAUSAL_LM, TrainConfig
+from adaptune.training.evaluation import autocast, evaluate, forward_logits, scores
+
+__all__ = [
+    "autocast",
+    "build_model",
+    "evaluate",
+    "forward_logits",
+    "loss_sum",
+    "make_optimizer",
+    "scores",
+    "training_step",
+]
 
 
-def build_model(cfg: TrainConfig, num_labels: int, device: torch.device | None = None):
-    """The model for ``cfg``: base + fresh head, or the causal LM (+ the task adapter), with the strategy
-    applied and, where :meth:`TrainConfig.lean_on` says so for ``device`` (default: ``cfg.device``),
-    the lean kernels."""
+def build_model(
+    cfg: TrainConfig,
+    num_labels: int,
+    device: torch.device | None = None,
+    head: str = "sequence",
+    prior: torch.Tensor | None = None,
+):
+    """The model for ``cfg``: base + fresh head (``head``: ``"sequence"``, ``"token"`` for token
+    classification, ``"choice"`` for multiple choice), or the causal LM (+ the task adapter), with
+    the strategy applied and, where :meth:`TrainConfig.lean_on` says so for ``device`` (default:
+    ``cfg.device``), the lean kernels. ``prior``: a multi-label task's label frequencies in training,
+    which set the head's output biases (:func:`prior_bias`)."""
     torch.manual_seed(cfg.seed)  # head and adapter init depend on the seed only
     if cfg.causal and cfg.strategy == "head":
         raise ConfigError(
             "strategy 'head' needs a task head; a causal LM has none (use adapters, full, top-k or layernorm)"
         )
-    model = load_causal_lm(cfg.model) if cfg.causal else load_classifier(cfg.model, num_labels)
+    model = load_causal_lm(cfg.model) if cfg.causal else load_classifier(cfg.model, num_labels, head=head)
+    if prior is not None:
+        prior_bias(model, prior)
     if cfg.strategy == "adapters":
         add_adapter(model, ADAPTER_NAME, cfg.adapter_config())
     counts = train_strategy(model, cfg.strategy, k=cfg.top_k, train_pooler=cfg.train_pooler)
@@ -47,6 +66,19 @@ def build_model(cfg: TrainConfig, num_labels: int, device: torch.device | None =
     if cfg.lean_on(pick_device(cfg.device) if device is None else device):  # every strategy alike (fair comparisons)
         use_lean_kernels(model)
     return model, counts
+
+
+def prior_bias(model, frequency: torch.Tensor) -> None:
+    """Start each sigmoid output at its label's frequency: the bias of the head's output layer set to
+    log(p / (1 - p)) (Lin et al. 2017). With a bias of 0 every label starts at probability 0.5, and
+    with many rare labels the first steps go into pushing every output down, which drags the
+    representation towards the label prior; from the prior, training starts where that would end."""
+    out = [m for m in head_modules(model).values() for m in m.modules() if isinstance(m, torch.nn.Linear)][-1:]
+    if not out or out[0].out_features != frequency.numel() or out[0].bias is None:
+        return
+    p = frequency.double().clamp(1e-4, 1 - 1e-4)
+    with torch.no_grad():
+        out[0].bias.copy_((p / (1 - p)).log().to(out[0].bias.dtype))
 
 
 def _checkpoint_layers(model) -> None:
@@ -88,12 +120,34 @@ def loss_sum(
     the examples, not their total weight: torch's ``"mean"`` with a weight divides by the weights'
     sum, which cancels the weights in a batch of one class.
     """
+    if task_type == "question-answering":  # the mean of the start and the end token's cross-entropy
+        each = sum(F.cross_entropy(logits[..., k].float(), labels[:, k], reduction="none") for k in (0, 1)) / 2
+        total = each.sum() if row_weight is None else (each * row_weight).sum()
+        return total, example_count(labels, row_weight)
+    if task_type == "token-classification":  # a tag per word: positions labelled -100 are not trained
+        each = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="none").view(labels.shape)
+        if row_weight is not None:
+            each = each * row_weight.view(-1, 1)
+        return each.sum(), loss_count(labels, task_type, row_weight)
     if task_type == "regression":
         each = F.mse_loss(logits.squeeze(-1).float(), labels.float(), reduction="none")
+    elif task_type == "multi-label":  # a sigmoid per label; an example's loss is the mean over its labels
+        each = F.binary_cross_entropy_with_logits(logits.float(), labels.float(), reduction="none").mean(-1)
     else:
         each = F.cross_entropy(logits.float(), labels, weight=class_weight, reduction="none")
     total = each.sum() if row_weight is None else (each * row_weight).sum()
     return total, example_count(labels, row_weight)
+
+
+def loss_count(labels: torch.Tensor, task_type: str, row_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """What a batch's loss sums over: its labelled words for token classification (rows of weight
+    0 left out), else its examples (:func:`example_count`)."""
+    if task_type != "token-classification":
+        return example_count(labels, row_weight)
+    labelled = labels != -100
+    if row_weight is not None:
+        labelled = labelled & (row_weight.view(-1, 1) != 0)
+    return labelled.sum().float()
 
 
 def example_count(labels: torch.Tensor, row_weight: torch.Tensor | None = None) -> torch.Tensor:
@@ -135,13 +189,6 @@ def _lr_lambda(total: int, warmup_frac: float):
         return max(0.0, (total - step) / max(1, total - warm))
 
     return f
-
-
-def autocast(device: torch.device, precision: str):
-    """bf16 autocast for ``precision="bf16"`` (weights stay fp32); a no-op context for fp32."""
-    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ConfigError("this GPU does not support bf16; use --precision fp32")
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 def training_step(
@@ -195,7 +242,7 @@ def _micro_loss(model, batch, labels, task_type, precision, class_weight, row_we
     with autocast(labels.device, precision):
         if task_type == CAUSAL_LM:
             return lm_loss_sum(model, batch, labels, row_weight, lm_index)
-        return loss_sum(model(**batch).logits, labels, task_type, class_weight, row_weight)
+        return loss_sum(forward_logits(model, batch), labels, task_type, class_weight, row_weight)
 
 
 def _accumulate(model, micro, task_type, precision, class_weight, row_weights, lm_indexes):
@@ -212,7 +259,7 @@ def _accumulate(model, micro, task_type, precision, class_weight, row_weights, l
         ]
         counts = [i.count(b["labels"].device) for b, i in zip(micro, lm_indexes)]
     else:
-        counts = [example_count(b["labels"], w) for b, w in zip(micro, row_weights)]
+        counts = [loss_count(b["labels"], task_type, w) for b, w in zip(micro, row_weights)]
     count = torch.stack(counts).sum()
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     if world > 1:
@@ -289,49 +336,3 @@ def _optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
 
 
 _FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-@torch.no_grad()
-def evaluate(
-    model,
-    encoded: list[dict],
-    *,
-    task_type: str,
-    num_labels: int,
-    batch_size: int,
-    pad_id: int,
-    device,
-    dd: Dist | None = None,
-    precision: str = "fp32",
-    positive: int = 1,
-) -> tuple[dict, np.ndarray]:
-    """Metrics on an encoded split, and the raw outputs (probabilities, or scores for regression).
-
-    ``positive`` is the class whose F1 a two-class task reports (see :mod:`adaptune.data.metrics`).
-
-    Under torchrun (``dd``) each rank scores every N-th example and the outputs are gathered, so
-    every rank returns the same metrics.
-    """
-    was_training = model.training
-    model.eval()
-    mine = list(range(len(encoded))) if dd is None else dd.shard(list(range(len(encoded))))
-    order = bucket_batches([len(encoded[i]["input_ids"]) for i in mine], batch_size, shuffle=False)
-    scored: list[tuple[int, np.ndarray]] = []
-    for idx in order:
-        idx = [mine[i] for i in idx]
-        batch = {k: v.to(device) for k, v in collate([encoded[i] for i in idx], pad_id).items()}
-        batch.pop("labels")
-        with autocast(torch.device(device), precision):
-            logits = model(**batch).logits.float()
-        out = logits.squeeze(-1) if task_type == "regression" else logits.softmax(-1)
-        scored += zip(idx, out.cpu().numpy())
-    if dd is not None:
-        scored = [pair for part in dd.gather(scored) for pair in part]
-    outputs: list[np.ndarray | None] = [None] * len(encoded)
-    for i, row in scored:
-        outputs[i] = row
-    model.train(was_training)
-    outs = np.stack(outputs) if outputs else np.zeros((0,))
-    labels = np.array([e["label"] for e in encoded])
-    preds = outs if task_type == "regression" else outs.argmax(-1)
-    return compute_metrics(task_type, preds, labels, num_labels, positive), outs
