@@ -138,3 +138,12 @@ def test_the_padded_choice_gets_no_probability(colour_run):
     with torch.no_grad():
         probs = forward_logits(pred.model, batch).softmax(-1)
     assert probs[1, 2].item() == 0.0 and probs[0, 2].item() > 0
+
+
+def test_compare_runs_its_grid_on_a_multiple_choice_task(tiny_model_dir, tmp_path):
+    from test_tagging import compare_args
+
+    data = write_jsonl(tmp_path / "colours.jsonl", colour_rows(40))
+    assert main(compare_args(data, tiny_model_dir, tmp_path / "out")) == 0
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert {r["metric"] for r in results["runs"]} == {"accuracy"} and len(results["runs"]) == 2

@@ -184,3 +184,13 @@ def test_bad_squad_file_is_one_line_and_writes_nothing(tmp_path, capsys):
                  "question-answering"]) == 2  # fmt: skip
     one_error_line(capsys, "question 'x'", "'question' must be a text")
     assert not (tmp_path / "run").exists()
+
+
+def test_compare_runs_its_grid_on_a_qa_task(tiny_model_dir, tmp_path):
+    from test_tagging import compare_args
+
+    rows = [(f"Item {i} is stored in room {i * 7}.", f"Where is item {i}?", f"room {i * 7}") for i in range(40)]
+    data = squad_file(tmp_path / "train.json", rows)
+    assert main(compare_args(data, tiny_model_dir, tmp_path / "out")) == 0
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert {r["metric"] for r in results["runs"]} == {"f1"} and len(results["runs"]) == 2

