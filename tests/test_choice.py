@@ -147,3 +147,11 @@ def test_compare_runs_its_grid_on_a_multiple_choice_task(tiny_model_dir, tmp_pat
     assert main(compare_args(data, tiny_model_dir, tmp_path / "out")) == 0
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert {r["metric"] for r in results["runs"]} == {"accuracy"} and len(results["runs"]) == 2
+
+
+def test_eval_command_scores_the_test_split(colour_run, capsys):
+    capsys.readouterr()
+    assert main(["eval", str(colour_run / "full"), "--split", "test", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    metrics = json.loads((colour_run / "full" / "metrics.json").read_text())["test"]
+    assert out.get("metrics", out)["accuracy"] == pytest.approx(metrics["accuracy"])

@@ -194,3 +194,11 @@ def test_compare_runs_its_grid_on_a_qa_task(tiny_model_dir, tmp_path):
     assert main(compare_args(data, tiny_model_dir, tmp_path / "out")) == 0
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert {r["metric"] for r in results["runs"]} == {"f1"} and len(results["runs"]) == 2
+
+
+def test_eval_command_gives_the_dev_scores_of_training(qa_run, capsys):
+    capsys.readouterr()
+    assert main(["eval", str(qa_run / "run"), "--split", "dev", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    dev = json.loads((qa_run / "run" / "metrics.json").read_text())["dev"]
+    assert out.get("metrics", out)["f1"] == pytest.approx(dev["f1"], abs=1e-6)
