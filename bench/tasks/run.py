@@ -205,6 +205,9 @@ def plot(results: list[dict], path: str) -> None:
             label = "full fine-tuning" if r["strategy"] == "full" else f"adapter m={r.get('adapter_size') or 64}"
             marker = "s" if r["strategy"] == "full" else "o"
             ax.scatter(r["params"]["percent_trained"], r["test"][main], marker=marker, s=40, label=label)
+        ada = [r for r in rows if r["strategy"] == "adapters"]
+        if len(ada) > 1:  # the adapter sizes as one curve
+            ax.plot([r["params"]["percent_trained"] for r in ada], [r["test"][main] for r in ada], color="grey", lw=1)
         ax.set_xscale("log")
         ax.set_xlabel("trained parameters (% of the model, log scale)")
         ax.set_ylabel(f"test {main}")
