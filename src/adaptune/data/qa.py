@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from adaptune.errors import ConfigError
+
 
 def encode_qa(
     questions: list[str],
@@ -32,10 +34,14 @@ def encode_qa(
         outside the context).
     """
     if not getattr(tokenizer, "is_fast", False):
-        raise ValueError("extractive QA needs a fast tokenizer (one that gives character offsets)")
-    if tokenizer.padding_side != "right":
-        raise ValueError("extractive QA expects right padding (the question first, then the context)")
-    stride = max(0, min(doc_stride, max_length // 2))
+        raise ConfigError("extractive QA needs a fast tokenizer (one that gives character offsets)")
+    longest = max((len(tokenizer(q)["input_ids"]) for q in questions), default=0)
+    if longest + 8 > max_length:  # the question, special tokens, and room for some context
+        raise ConfigError(
+            f"--max-length {max_length} leaves no room for the context after a question of {longest} tokens; "
+            f"raise it to at least {longest + 32}"
+        )
+    stride = max(0, min(doc_stride, (max_length - longest) // 2))
     enc = tokenizer(
         questions,
         contexts,

@@ -18,6 +18,8 @@ import re
 
 import numpy as np
 
+from adaptune.errors import ConfigError
+
 IGNORE = -100  # the label of positions that are not a word's first sub-word (cross-entropy skips it)
 
 _WORD = re.compile(r"\w+|[^\w\s]", re.UNICODE)
@@ -107,11 +109,11 @@ def encode_tagged(
         ``words`` (the word index at each labelled position, -1 elsewhere).
     """
     if not getattr(tokenizer, "is_fast", False):
-        raise ValueError("token classification needs a fast tokenizer (one that maps sub-words to words)")
+        raise ConfigError("token classification needs a fast tokenizer (one that maps sub-words to words)")
     specials = tokenizer.num_special_tokens_to_add(pair=False)
     budget = max_length - specials
     if budget < 1:
-        raise ValueError(f"max_length {max_length} leaves no room beside {specials} special tokens")
+        raise ConfigError(f"--max-length {max_length} leaves no room beside {specials} special tokens; raise it")
     stride = max(0, min(stride, budget // 2))
     out = []
     for s, words in enumerate(sentences):

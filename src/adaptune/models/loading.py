@@ -106,12 +106,19 @@ def load_classifier(
     AutoConfig = transformers.AutoConfig
 
     path = existing_model_path(name_or_path, "a folder with config.json and weights")
+    cfg = None
     try:
         with quiet_transformers():
             cfg = AutoConfig.from_pretrained(path, num_labels=num_labels)
             cfg.pad_token_id = _pad_id(cfg, name_or_path, pad_token_id)
             model = auto.from_pretrained(path, config=cfg, dtype=dtype)
     except Exception as e:
+        if "Unrecognized configuration class" in str(e) and head != "sequence":
+            kind = {"token": "token-classification", "choice": "multiple-choice", "qa": "question-answering"}[head]
+            raise ConfigError(
+                f"{name_or_path!r} is a {getattr(cfg, 'model_type', '?')} model, which has no {kind} head in "
+                "transformers; use an encoder such as BERT, RoBERTa, ELECTRA or DistilBERT"
+            ) from None
         raise ConfigError(
             f"{name_or_path!r}{_where(path)} is not a loadable model ({first_line(e)}); pass a folder with "
             "config.json "
