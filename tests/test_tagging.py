@@ -255,3 +255,21 @@ def test_compare_runs_its_grid_on_a_tagging_task(tiny_model_dir, tmp_path):
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert {r["metric"] for r in results["runs"]} == {"entity_f1"}
     assert {r["method"] for r in results["runs"]} == {"full", "houlsby"}
+
+
+def test_a_datasets_folder_with_class_label_tags(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    names = ["O", "B-PER", "I-PER", "B-LOC"]
+    feats = datasets.Features(
+        {
+            "tokens": datasets.Sequence(datasets.Value("string")),
+            "ner_tags": datasets.Sequence(datasets.ClassLabel(names=names)),
+        }
+    )
+    rows = {"tokens": [["Anna", "Chen", "visited", "Oslo"]] * 6, "ner_tags": [[1, 2, 0, 3]] * 6}
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows, features=feats)}).save_to_disk(
+        str(tmp_path / "ds")
+    )
+    data = load_task_data(str(tmp_path / "ds"))
+    assert data.task_type == "token-classification" and data.label_names == names
+    assert [data.label_names[i] for i in data.train.labels[0]] == ["B-PER", "I-PER", "O", "B-LOC"]
