@@ -168,13 +168,14 @@ def run(task: str, strategy: str, args, size: int = 64) -> dict:
         task_type=spec["type"],
         strategy=strategy,
         adapter_size=size,
+        lr=args.lr,
         epochs=spec.get("epochs", args.epochs),
         batch_size=args.batch_size,
         max_length=spec["max_length"],
         limit_train=args.limit_train or spec.get("limit_train"),
         seed=args.seed,
     )
-    out = ROOT / "runs" / "tasks" / _name(task, strategy, size)
+    out = ROOT / "runs" / "tasks" / _name(task, strategy, size, args.lr)
     if out.exists():
         import shutil
 
@@ -182,12 +183,13 @@ def run(task: str, strategy: str, args, size: int = 64) -> dict:
     result = train(cfg, out)
     result.pop("history", None)
     result.update(task_name=task, task_type=spec["type"], epochs=cfg.epochs, limit_train=cfg.limit_train)
-    result.update(adapter_size=size if strategy == "adapters" else None)
+    result.update(adapter_size=size if strategy == "adapters" else None, lr=args.lr)
     return result
 
 
-def _name(task: str, strategy: str, size: int) -> str:
-    return f"{task}__{strategy}" + (str(size) if strategy == "adapters" and size != 64 else "")
+def _name(task: str, strategy: str, size: int, lr: float | None = None) -> str:
+    name = f"{task}__{strategy}" + (str(size) if strategy == "adapters" and size != 64 else "")
+    return name + (f"__lr{lr:g}" if lr is not None else "")
 
 
 def plot(results: list[dict], path: str) -> None:
@@ -203,7 +205,7 @@ def plot(results: list[dict], path: str) -> None:
         rows = sorted((r for r in results if r["task_name"] == task), key=lambda r: r["params"]["percent_trained"])
         main = MAIN[rows[0]["task_type"]]
         for r in rows:
-            label = "full fine-tuning" if r["strategy"] == "full" else f"adapter m={r.get('adapter_size') or 64}"
+            label = _label(r).replace("Houlsby ", "")
             marker = "s" if r["strategy"] == "full" else "o"
             ax.scatter(r["params"]["percent_trained"], r["test"][main], marker=marker, s=40, label=label)
         ada = [r for r in rows if r["strategy"] == "adapters"]
@@ -212,7 +214,8 @@ def plot(results: list[dict], path: str) -> None:
         ax.set_xscale("log")
         ax.set_xlabel("trained parameters (% of the model, log scale)")
         ax.set_ylabel(f"test {main}")
-        ax.set_title(f"{task} ({rows[0]['task_type']})")
+        size = rows[0]["limit_train"] or "all"
+        ax.set_title(f"{task}: {size} train examples, {rows[0]['epochs']} epochs", fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -220,7 +223,8 @@ def plot(results: list[dict], path: str) -> None:
 
 
 def _label(r: dict) -> str:
-    return "full fine-tuning" if r["strategy"] == "full" else f"Houlsby adapter m={r.get('adapter_size') or 64}"
+    label = "full fine-tuning" if r["strategy"] == "full" else f"Houlsby adapter m={r.get('adapter_size') or 64}"
+    return label + (f", lr {r['lr']:g}" if r.get("lr") is not None else "")
 
 
 def table(results: list[dict]) -> str:
@@ -256,6 +260,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--limit-train", type=int, default=None, help="train on a seeded subset of this many examples")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lr", type=float, help="learning rate of every run (default: each strategy's own)")
     p.add_argument("--sizes", nargs="+", type=int, default=[64], help="adapter sizes m (the paper's QA sweep: 2 8 64)")
     p.add_argument("--plot", help="also draw the main test metric against trained parameters into this PNG")
     args = p.parse_args(argv)
@@ -264,7 +269,7 @@ def main(argv=None) -> int:
     for task in args.tasks:
         for strategy in args.strategies:
             for size in args.sizes if strategy == "adapters" else [64]:
-                path = RESULTS / f"{_name(task, strategy, size)}.json"
+                path = RESULTS / f"{_name(task, strategy, size, args.lr)}.json"
                 if not path.is_file():
                     print(f"{task}: {strategy} {size if strategy == 'adapters' else ''}...", flush=True)
                     path.write_text(json.dumps(run(task, strategy, args, size), indent=2) + "\n")
