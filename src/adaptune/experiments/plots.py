@@ -37,7 +37,10 @@ def _plt():
 
 def _save(fig, path: Path) -> Path:
     tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=130, bbox_inches="tight")
+    try:
+        fig.savefig(tmp, dpi=130, bbox_inches="tight")
+    finally:
+        _plt().close(fig)  # pyplot keeps every figure it made until closed
     tmp.replace(path)  # never a half-written PNG
     return path
 
