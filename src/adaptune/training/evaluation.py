@@ -60,24 +60,13 @@ def evaluate(
     Under torchrun (``dd``) each rank scores every N-th example and the outputs are gathered, so
     every rank returns the same metrics.
     """
-    was_training = model.training
-    model.eval()
-    mine = list(range(len(encoded))) if dd is None else dd.shard(list(range(len(encoded))))
-    order = bucket_batches([feature_length(encoded[i]) for i in mine], batch_size, shuffle=False)
-    scored: list[tuple[int, np.ndarray]] = []
-    for idx in order:
-        idx = [mine[i] for i in idx]
-        batch = {k: v.to(device) for k, v in collate([encoded[i] for i in idx], pad_id).items()}
-        batch.pop("labels")
+
+    def rows(batch, idx):
         with autocast(torch.device(device), precision):
             logits = forward_logits(model, batch).float()
-        scored += zip(idx, scores(task_type, logits).cpu().numpy())
-    if dd is not None:
-        scored = [pair for part in dd.gather(scored) for pair in part]
-    outputs: list[np.ndarray | None] = [None] * len(encoded)
-    for i, row in scored:
-        outputs[i] = row
-    model.train(was_training)
+        return scores(task_type, logits).cpu().numpy()
+
+    outputs = batched_rows(model, encoded, rows, batch_size=batch_size, pad_id=pad_id, device=device, dd=dd)
     if task_type == "multiple-choice":  # examples with fewer choices: probability 0 for the missing ones
         width = max((len(o) for o in outputs), default=0)
         outputs = [np.pad(o, (0, width - len(o))) for o in outputs]
@@ -89,6 +78,30 @@ def evaluate(
         return compute_metrics(task_type, outs, labels), outs
     preds = outs if task_type == "regression" else outs.argmax(-1)
     return compute_metrics(task_type, preds, labels, num_labels, positive), outs
+
+
+@torch.no_grad()
+def batched_rows(model, features: list[dict], rows, *, batch_size: int, pad_id: int, device, dd: Dist | None = None):
+    """Every feature's output, in the features' order: the model in eval mode (its mode restored
+    after), batches of similar length padded by :func:`collate` (labels left out) and on
+    ``device``, and ``rows(batch, idx)`` giving one output per feature ``idx`` of the batch. Under
+    torchrun (``dd``) each rank runs every N-th feature and the outputs are gathered, so every rank
+    returns them all."""
+    was_training = model.training
+    model.eval()
+    mine = list(range(len(features))) if dd is None else dd.shard(list(range(len(features))))
+    scored: list = []
+    for idx in bucket_batches([feature_length(features[i]) for i in mine], batch_size, shuffle=False):
+        idx = [mine[i] for i in idx]
+        batch = {k: v.to(device) for k, v in collate([features[i] for i in idx], pad_id).items() if k != "labels"}
+        scored += zip(idx, rows(batch, idx))
+    if dd is not None:
+        scored = [pair for part in dd.gather(scored) for pair in part]
+    out: list = [None] * len(features)
+    for i, row in scored:
+        out[i] = row
+    model.train(was_training)
+    return out
 
 
 def scores(task_type: str, logits: torch.Tensor) -> torch.Tensor:

@@ -7,10 +7,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from adaptune.data.batching import bucket_batches, collate
 from adaptune.data.qa import answer_or_null, best_spans, encode_qa
 from adaptune.data.squad import squad_scores
 from adaptune.training.distributed import Dist
+from adaptune.training.evaluation import batched_rows
 
 
 @torch.no_grad()
@@ -18,25 +18,15 @@ def window_logits(
     model, features: list[dict], *, batch_size: int, pad_id: int, device, autocast_ctx, dd: Dist | None = None
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Start and end logits of every window (each rank scores every N-th under torchrun)."""
-    was_training = model.training
-    model.eval()
-    mine = list(range(len(features))) if dd is None else dd.shard(list(range(len(features))))
-    scored = []
-    for idx in bucket_batches([len(features[i]["input_ids"]) for i in mine], batch_size, shuffle=False):
-        idx = [mine[i] for i in idx]
-        batch = {k: v.to(device) for k, v in collate([features[i] for i in idx], pad_id).items() if k != "labels"}
+
+    def rows(batch, idx):
         with autocast_ctx():
             out = model(**batch)
         s, e = out.start_logits.float().cpu().numpy(), out.end_logits.float().cpu().numpy()
-        scored += [(i, s[r], e[r]) for r, i in enumerate(idx)]
-    if dd is not None:
-        scored = [row for part in dd.gather(scored) for row in part]
-    starts: list = [None] * len(features)
-    ends: list = [None] * len(features)
-    for i, s, e in scored:
-        starts[i], ends[i] = s, e
-    model.train(was_training)
-    return starts, ends
+        return list(zip(s, e))
+
+    both = batched_rows(model, features, rows, batch_size=batch_size, pad_id=pad_id, device=device, dd=dd)
+    return [s for s, _ in both], [e for _, e in both]
 
 
 def null_threshold(spans: list[dict], references: list[list[str]]) -> float:

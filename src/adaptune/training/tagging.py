@@ -7,10 +7,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from adaptune.data.batching import bucket_batches, collate
 from adaptune.data.entities import spans, tagging_metrics
 from adaptune.data.tagging import IGNORE, encode_tagged, merge_words, words_with_offsets
 from adaptune.training.distributed import Dist
+from adaptune.training.evaluation import batched_rows
 
 
 def sentence_lengths(features: list[dict]) -> list[int]:
@@ -28,24 +28,13 @@ def predict_windows(
 ) -> list[np.ndarray]:
     """The most likely tag id at every position of every window (under torchrun each rank scores
     every N-th window and the results are gathered)."""
-    was_training = model.training
-    model.eval()
-    mine = list(range(len(features))) if dd is None else dd.shard(list(range(len(features))))
-    scored: list[tuple[int, np.ndarray]] = []
-    for idx in bucket_batches([len(features[i]["input_ids"]) for i in mine], batch_size, shuffle=False):
-        idx = [mine[i] for i in idx]
-        batch = {k: v.to(device) for k, v in collate([features[i] for i in idx], pad_id).items() if k != "labels"}
+
+    def rows(batch, idx):
         with autocast_ctx():
-            logits = model(**batch).logits
-        best = logits.argmax(-1).cpu().numpy()
-        scored += [(i, best[row, : len(features[i]["input_ids"])]) for row, i in enumerate(idx)]
-    if dd is not None:
-        scored = [pair for part in dd.gather(scored) for pair in part]
-    out: list[np.ndarray | None] = [None] * len(features)
-    for i, row in scored:
-        out[i] = row
-    model.train(was_training)
-    return out
+            best = model(**batch).logits.argmax(-1).cpu().numpy()
+        return [best[row, : len(features[i]["input_ids"])] for row, i in enumerate(idx)]
+
+    return batched_rows(model, features, rows, batch_size=batch_size, pad_id=pad_id, device=device, dd=dd)
 
 
 def evaluate_tagged(
