@@ -36,18 +36,20 @@ def words_with_offsets(text: str) -> list[tuple[str, int, int]]:
     return [(m.group(), m.start(), m.end()) for m in _WORD.finditer(text)]
 
 
-def _pieces(words: list[str], tokenizer) -> list[list[int]]:
-    """Each word's sub-word ids; a word the tokenizer drops entirely (a control character) becomes
-    the unknown token, so that it still gets a tag."""
-    if not words:
-        return []
-    enc = tokenizer(words, is_split_into_words=True, add_special_tokens=False)
+def _pieces(words: list[str], tokenizer) -> tuple[list[int], list[list[int]], list[int], bool]:
+    """One sentence tokenised once: the special tokens before and after the sub-words, each word's
+    sub-word ids (a word the tokenizer drops entirely, such as a control character, becomes the
+    unknown token, so that it still gets a tag), and whether the tokenizer makes token type ids."""
+    enc = tokenizer(words, is_split_into_words=True) if words else tokenizer("")
+    ids = list(enc["input_ids"])
+    word_ids = enc.word_ids() if words else [None] * len(ids)
+    inside = [k for k, w in enumerate(word_ids) if w is not None]
+    lead, tail = (inside[0], inside[-1] + 1) if inside else (len(ids), len(ids))
     out: list[list[int]] = [[] for _ in words]
-    for piece, w in zip(enc["input_ids"], enc.word_ids()):
-        if w is not None:
-            out[w].append(piece)
+    for k in inside:
+        out[word_ids[k]].append(ids[k])
     unk = tokenizer.unk_token_id if tokenizer.unk_token_id is not None else 0
-    return [p or [unk] for p in out]
+    return ids[:lead], [p or [unk] for p in out], ids[tail:], "token_type_ids" in enc
 
 
 def windows(lengths: list[int], budget: int, stride: int) -> list[tuple[int, int, list[int]]]:
@@ -117,40 +119,24 @@ def encode_tagged(
     stride = max(0, min(stride, budget // 2))
     out = []
     for s, words in enumerate(sentences):
-        lengths = [len(p) for p in _pieces(words, tokenizer)]
-        for first, end, owned in windows(lengths, budget, stride):
-            f = _window(tokenizer, words[first:end], first, set(owned), tags[s] if tags is not None else None, budget)
-            f["sentence"] = s
+        lead, pieces, trail, types = _pieces(words, tokenizer)
+        for first, end, owned in windows([len(p) for p in pieces], budget, stride):
+            mine = set(owned)
+            ids, label, where = list(lead), [IGNORE] * len(lead), [-1] * len(lead)
+            for w in range(first, end):
+                part = pieces[w][:budget]  # a word longer than a window keeps its first sub-words
+                tag = (tags[s][w] if tags is not None else 0) if w in mine else IGNORE
+                ids += part
+                label += [tag] + [IGNORE] * (len(part) - 1)
+                where += [w if w in mine else -1] + [-1] * (len(part) - 1)
+            ids += trail
+            f = {"input_ids": ids}
+            if types:
+                f["token_type_ids"] = [0] * len(ids)
+            f["label"] = label + [IGNORE] * len(trail)
+            f["sentence"], f["words"] = s, where + [-1] * len(trail)
             out.append(f)
     return out
-
-
-def _window(tokenizer, words: list[str], first: int, owned: set[int], tags: list[int] | None, budget: int) -> dict:
-    """The features of one window (words ``first`` on): special tokens as the tokenizer adds them,
-    at most ``budget`` sub-words of a word, labels and word indices at owned words' first sub-words."""
-    unk = tokenizer.unk_token_id if tokenizer.unk_token_id is not None else 0
-    enc = tokenizer(words, is_split_into_words=True) if words else tokenizer("")
-    word_ids = enc.word_ids() if words else [None] * len(enc["input_ids"])
-    ids, label, where, seen = [], [], [], {}
-    for piece, w in zip(enc["input_ids"], word_ids):
-        if w is not None:
-            seen[w] = seen.get(w, 0) + 1
-            if seen[w] > budget:
-                continue
-        ids.append(piece)
-        at = w is not None and seen[w] == 1 and first + w in owned
-        label.append((tags[first + w] if tags is not None else 0) if at else IGNORE)
-        where.append(first + w if at else -1)
-    for w in range(len(words)):  # a word the tokenizer dropped entirely: the unknown token, before the end
-        if w not in seen and first + w in owned:
-            ids.insert(len(ids) - 1, unk)
-            label.insert(len(label) - 1, tags[first + w] if tags is not None else 0)
-            where.insert(len(where) - 1, first + w)
-    f = {"input_ids": ids}
-    if "token_type_ids" in enc:
-        f["token_type_ids"] = [0] * len(ids)
-    f["label"], f["words"] = label, where
-    return f
 
 
 def merge_words(features: list[dict], predictions: list[np.ndarray], n_words: list[int]) -> list[list[int]]:
