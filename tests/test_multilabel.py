@@ -254,3 +254,10 @@ def test_the_head_starts_at_the_label_prior(tiny_model_dir):
         model, _ = build_model(cfg, 3, prior=prior)
         biases = [p for n, p in model.named_parameters() if n.endswith("classifier.bias")]
         assert biases and all(torch.allclose(b, expect) for b in biases)  # the adapter's own head copy too
+
+
+def test_eval_refuses_labels_training_never_saw(topic_run, capsys):
+    other = write_jsonl(topic_run / "unseen.jsonl", [{"text": "goal", "labels": ["sport", "weather"]}] * 3)
+    capsys.readouterr()
+    assert main(["eval", str(topic_run / "run"), "--data", str(other), "--test-file", str(other)]) == 2
+    one_error_line(capsys, "labels ['weather'] were not seen in training (known: food, money, sport)")

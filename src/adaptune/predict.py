@@ -143,12 +143,7 @@ class Predictor:
         if self.task["task_type"] == "multi-label":
             labels = self._remap_label_sets(labels, label_names)
         elif self.task["task_type"] == "classification":
-            mine = {n: i for i, n in enumerate(self.label_names)}
-            unknown = sorted({str(label_names[i]) for i in labels if label_names[i] not in mine})
-            if unknown:
-                raise DataError(
-                    f"labels {unknown} were not seen in training (known: {self.label_names}); check the label column"
-                )
+            mine = self._own_ids({label_names[i] for i in labels}, "labels", "check the label column")
             labels = [mine[label_names[i]] for i in labels]
         split = Split(split.texts, split.text_pairs, labels, split.choices)
         enc = encode_split(split, self.task["task_type"], self.tokenizer, self.task["max_length"])
@@ -170,12 +165,7 @@ class Predictor:
         return rows
 
     def _evaluate_tagged(self, split: Split, label_names: list[str], batch_size: int) -> dict[str, float]:
-        mine = {n: i for i, n in enumerate(self.label_names)}
-        unknown = sorted(n for n in label_names if n not in mine)
-        if unknown:
-            raise DataError(
-                f"tags {unknown[:5]} were not seen in training (known: {self.label_names}); check the file"
-            )
+        mine = self._own_ids(label_names, "tags", "check the file")
         tags = [[mine[label_names[i]] for i in row] for row in split.labels]
         enc = encode_tagged(split.texts, tags, self.tokenizer, self.task["max_length"])
         return evaluate_tagged(
@@ -189,15 +179,19 @@ class Predictor:
             autocast_ctx=contextlib.nullcontext,
         )[0]
 
+    def _own_ids(self, names, what: str, hint: str) -> dict[str, int]:
+        """This task's id of each of its labels, after refusing any of ``names`` training never saw
+        (the head has no output for it)."""
+        mine = {n: i for i, n in enumerate(self.label_names)}
+        unknown = sorted({str(n) for n in names if n not in mine})
+        if unknown:
+            known = ", ".join(self.label_names[:10]) + (", ..." if len(self.label_names) > 10 else "")
+            raise DataError(f"{what} {unknown[:5]} were not seen in training (known: {known}); {hint}")
+        return mine
+
     def _remap_label_sets(self, labels: list[np.ndarray], label_names: list[str]) -> list[np.ndarray]:
         """0/1 rows over ``label_names`` -> rows over this task's labels."""
-        mine = {n: i for i, n in enumerate(self.label_names)}
-        unknown = sorted(n for n in label_names if n not in mine)
-        if unknown:
-            raise DataError(
-                f"labels {unknown[:5]} were not seen in training (known: {self.label_names[:10]}...); "
-                "check the label column and --label-delimiter"
-            )
+        mine = self._own_ids(label_names, "labels", "check the label column and --label-delimiter")
         cols = np.array([mine[n] for n in label_names], dtype=np.int64)
         out = np.zeros((len(labels), len(mine)), dtype=np.uint8)
         if labels:
