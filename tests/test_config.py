@@ -21,7 +21,9 @@ def test_presets_place_adapters_as_in_the_papers():
     assert pfeiffer.slots == ("ffn",) and pfeiffer.mode == "sequential" and pfeiffer.scale == 1.0
     parallel = AdapterConfig.preset("parallel")
     assert parallel.slots == ("ffn",) and parallel.mode == "parallel" and parallel.scale == 4.0
-    assert set(PRESETS) == {"houlsby", "pfeiffer", "parallel"}
+    assert set(PRESETS) == {"houlsby", "pfeiffer", "houlsby-ffn", "parallel"}
+    with pytest.raises(ConfigError, match="norm_before is for sequential"):
+        AdapterConfig.preset("parallel", norm_before=True)
 
 
 def test_default_is_houlsby_setup():

@@ -74,10 +74,10 @@ def test_save_load_round_trip_into_a_fresh_twin(family, tmp_path):
     "cfg",
     [
         AdapterConfig.preset("parallel", size=4),
-        AdapterConfig.preset("pfeiffer", size=4, layers=(0, -1), nonlinearity="relu"),
+        AdapterConfig.preset("houlsby-ffn", size=4, layers=(0, -1), nonlinearity="relu"),
         AdapterConfig(size=4, slots=("attn",), train_layer_norms=False, train_head=False, scale=2.0),
     ],
-    ids=["parallel", "pfeiffer-subset", "attn-only-no-copies"],
+    ids=["parallel", "ffn-subset", "attn-only-no-copies"],
 )
 def test_round_trip_keeps_the_config(family_, cfg, tmp_path):
     model = tiny_model(family_)
@@ -142,7 +142,7 @@ def test_saved_keys_are_exactly_the_task_tensors(tmp_path):
 
 def test_saved_keys_without_norm_and_head_copies(tmp_path):
     model = tiny_model("llama")
-    add_adapter(model, "task", AdapterConfig.preset("pfeiffer", size=4, train_layer_norms=False, train_head=False))
+    add_adapter(model, "task", AdapterConfig.preset("houlsby-ffn", size=4, train_layer_norms=False, train_head=False))
     save_adapter(model, "task", tmp_path / "a")
     expected = {f"adapters.{i}.ffn.{p}.{w}" for i in range(4) for p in ("down", "up") for w in ("weight", "bias")}
     assert set(load_file(tmp_path / "a" / WEIGHTS)) == expected

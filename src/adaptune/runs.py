@@ -3,6 +3,8 @@ dict, and naming several runs for serving. Shared by :mod:`adaptune.predict` and
 
 from __future__ import annotations
 
+import json
+
 import os
 from pathlib import Path
 from typing import Any
@@ -109,4 +111,10 @@ def _check_servable(task: dict[str, Any], folder: Path) -> None:
         raise ConfigError(
             f"{folder} is a {task['task_type']} run: predict with 'adaptune predict {folder}' "
             "(mixed batches serve classification, multi-label and regression tasks; this head is not supported yet)"
+        )
+    adapter = Path(folder) / "adapter" / "adapter_config.json"
+    if adapter.is_file() and (json.loads(adapter.read_text(encoding="utf-8")).get("config") or {}).get("fuse"):
+        raise ConfigError(
+            f"{folder} is an AdapterFusion run, which runs for whole batches, not mixed with other tasks: "
+            f"predict with 'adaptune predict {folder}'"
         )

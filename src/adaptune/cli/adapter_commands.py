@@ -34,7 +34,7 @@ def info(args: argparse.Namespace) -> int:
     report = {
         "path": str(path),
         "name": meta.get("name"),
-        "placement": {"mode": cfg.mode, "slots": list(cfg.slots), "layers": cfg.layers or "all"},
+        "placement": {"mode": cfg.mode, "reads": cfg.reads, "slots": list(cfg.slots), "layers": cfg.layers or "all"},
         "size": m,
         "nonlinearity": cfg.nonlinearity,
         "init_std": cfg.init_std,
@@ -45,6 +45,8 @@ def info(args: argparse.Namespace) -> int:
         "layer_norm_params": count("norms."),
         "head_params": count("head."),
         "pooler_params": count("pooler."),
+        "fusion_params": count("fusion."),
+        "fuses": list(cfg.fuse),
         "total_params": sum(_prod(s) for s in shapes.values()),
         "base": base,
         "adaptune_version": meta.get("adaptune_version"),
@@ -54,14 +56,21 @@ def info(args: argparse.Namespace) -> int:
         print_json(report)
         return 0
     print(f"adapter {report['name']!r} in {path}")
-    print(f"  placement    {cfg.mode}, slots {', '.join(cfg.slots)}, layers {report['placement']['layers']}")
-    print(f"  bottleneck   m={m}, {cfg.nonlinearity}, init_std {cfg.init_std:g}, scale {cfg.scale:g}")
-    check = "ok" if per is not None and per * n_adapters == report["bottleneck_params"] else "MISMATCH"
-    per_text = f"{per:,}" if per is not None else "?"
-    print(
-        f"  adapters     {n_adapters} × (2·{m}·{d} + {d} + {m} = {per_text}) = {report['bottleneck_params']:,} "
-        f"parameters [2md+d+m {check}]"
-    )
+    mode = f"{cfg.mode}, reads norm(h + x) (Pfeiffer)" if cfg.norm_before else cfg.mode
+    print(f"  placement    {mode}, slots {', '.join(cfg.slots)}, layers {report['placement']['layers']}")
+    if cfg.fuse:  # AdapterFusion: no bottlenecks of its own
+        print(
+            f"  fusion       attention over {', '.join(cfg.fuse)} (in {path / 'fused'}): "
+            f"{report['fusion_params']:,} parameters"
+        )
+    else:
+        print(f"  bottleneck   m={m}, {cfg.nonlinearity}, init_std {cfg.init_std:g}, scale {cfg.scale:g}")
+        check = "ok" if per is not None and per * n_adapters == report["bottleneck_params"] else "MISMATCH"
+        per_text = f"{per:,}" if per is not None else "?"
+        print(
+            f"  adapters     {n_adapters} × (2·{m}·{d} + {d} + {m} = {per_text}) = {report['bottleneck_params']:,} "
+            f"parameters [2md+d+m {check}]"
+        )
     print(f"  layer norms  {report['layer_norm_params']:,} parameters")
     print(
         f"  head         {report['head_params']:,} parameters"

@@ -25,6 +25,11 @@ def train(args: argparse.Namespace) -> int:
     return 0
 
 
+def fuse(args: argparse.Namespace) -> int:
+    """``adaptune fuse --adapters RUN... ``: ``train`` with ``--fuse``."""
+    return train(args)
+
+
 def _summary(result: dict, where) -> None:
     p = result["params"]
     if "base" in result:  # a causal LM: perplexity before and after

@@ -100,6 +100,10 @@ def generate(args: argparse.Namespace) -> int:
 
 
 def convert(args: argparse.Namespace) -> int:
+    if args.source_format == "adapterhub" or args.target_format == "adapterhub":
+        from adaptune.cli.interop_commands import convert_adapterhub
+
+        return convert_adapterhub(args)
     from adaptune.models.gguf import SMOLLM2, convert_gguf, smollm2_gguf
 
     src = smollm2_gguf() if args.gguf == SMOLLM2 else Path(args.gguf)

@@ -33,10 +33,13 @@ TRAIN_HELP: dict[str, str] = {
     "limit_train": "use at most this many training examples (a seeded subset)",
     "limit_eval": "use at most this many dev/test examples (a seeded subset)",
     "strategy": "what trains: adapters, full, top-k, layernorm, head",
-    "adapter": "adapter placement: houlsby (2 per layer), pfeiffer (after FFN), parallel (He et al.)",
+    "adapter": "adapter placement: houlsby (2 per layer), pfeiffer (AdapterHub's seq_bn: after the FFN's "
+    "add-and-norm), houlsby-ffn (Houlsby's at the FFN only), parallel (He et al.)",
     "adapter_size": "bottleneck size m",
     "init_std": "std of the adapter's truncated-normal init (paper text 1e-2, released code 1e-3)",
     "adapter_layers": "only these layers get adapters (e.g. 3 4 5; negative counts from the top)",
+    "head_on": "train only a new head (and pooler copy) on this frozen adapter run or folder (a transfer baseline)",
+    "fuse": "train an AdapterFusion of these adapter runs (or adapter folders) instead of a new adapter",
     "train_layer_norms": "train a per-task copy of the layer norms (as in the paper)",
     "train_embedding_norm": "with --train-layer-norms, also train the norm before the first layer (BERT's "
     "embeddings.LayerNorm, as the released code does); off: backward stops at the first adapter",
@@ -156,8 +159,9 @@ def add_config_options(
         text = helps[f.name] if switch and default is None else f"{helps[f.name]} (default: {default})"
         if switch:
             p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=text)
-        elif f.name == "adapter_layers":
-            p.add_argument(flag, dest=f.name, type=int, nargs="+", default=None, help=text)
+        elif f.name in ("adapter_layers", "fuse"):
+            kind = int if f.name == "adapter_layers" else str
+            p.add_argument(flag, dest=f.name, type=kind, nargs="+", default=None, help=text, metavar="X")
         else:
             kind = _field_type(f.default, hints[f.name])
             p.add_argument(flag, dest=f.name, type=kind, default=None, help=text)

@@ -11,6 +11,7 @@ from torch import nn
 
 from adaptune.core.bottleneck import Bottleneck
 from adaptune.core.config import AdapterConfig
+from adaptune.core.fusion import Fusion
 from adaptune.core.routing import _AdaptedOutput, _InputHook, _Route
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
@@ -63,9 +64,15 @@ class AdapterSet(nn.Module):
     ) -> None:
         super().__init__()
         self.config = config
-        self.adapters = nn.ModuleDict(
-            {str(i): nn.ModuleDict({s: Bottleneck(hidden_size, config) for s in config.slots}) for i in layer_ids}
+        own = (
+            {}
+            if config.fuse
+            else {str(i): {s: Bottleneck(hidden_size, config) for s in config.slots} for i in layer_ids}
         )
+        self.adapters = nn.ModuleDict({i: nn.ModuleDict(slots) for i, slots in own.items()})
+        # AdapterFusion: attention over the fused adapters' branches, per (layer, slot) (empty otherwise)
+        fused = {str(i): {s: Fusion(hidden_size) for s in config.slots} for i in layer_ids} if config.fuse else {}
+        self.fusion = nn.ModuleDict({i: nn.ModuleDict(slots) for i, slots in fused.items()})
         self.norms = nn.ModuleDict({_key(p): _fresh_copy(m) for p, m in norms.items()})
         self.norm_paths = {_key(p): p for p in norms}  # ModuleDict key -> path in the backbone
         self.pooler = nn.ModuleDict({_key(p): _fresh_copy(m) for p, m in (pooler or {}).items()})
@@ -76,6 +83,13 @@ class AdapterSet(nn.Module):
         # Straight from the ModuleDicts' dicts: this runs for every sub-layer of every forward.
         per_layer = self._modules["adapters"]._modules.get(str(layer))
         return None if per_layer is None else per_layer._modules.get(slot)
+
+    def fusion_layer(self, layer: int, slot: str) -> Fusion | None:
+        per_layer = self._modules["fusion"]._modules.get(str(layer))
+        return None if per_layer is None else per_layer._modules.get(slot)
+
+    def fusion_layers(self) -> list[Fusion]:
+        return [f for slots in self.fusion.values() for f in slots.values()]
 
     def num_bottleneck_params(self) -> int:
         return sum(p.numel() for p in self.adapters.parameters())

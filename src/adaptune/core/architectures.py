@@ -48,6 +48,9 @@ class ArchSpec:
             sequence classifier may be built without one (RoBERTa, XLM-R, ELECTRA and MPNet put
             their own dense layer into the head), and a bare-encoder checkpoint may or may not
             carry its weights. :func:`pooler_module` finds it or says there is none.
+        post_norm: each slot's ``norm`` runs after the residual add (``norm(x + sublayer(x))``,
+            BERT-like); False for pre-norm families (GPT-2, LLaMA). Adapters that read the
+            normed sum (``norm_before``, Pfeiffer's placement) need it.
 
     Example (a custom model whose layers live at ``blocks``)::
 
@@ -62,6 +65,7 @@ class ArchSpec:
     extra_norms: tuple[str, ...] = ()
     post: tuple[str, ...] = ()
     pooler: str | None = None
+    post_norm: bool = True
 
     def slot(self, name: str) -> SlotSpec:
         return {"attn": self.attn, "ffn": self.ffn}[name]
@@ -81,6 +85,7 @@ _LLAMA_LIKE = ArchSpec(
     ffn=SlotSpec(output="mlp.down_proj", input="mlp", norm="post_attention_layernorm"),
     extra_norms=("norm",),
     post=("norm",),
+    post_norm=False,
 )
 
 ARCHITECTURES: dict[str, ArchSpec] = {
@@ -109,6 +114,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         ffn=SlotSpec(output="mlp.dropout", input="mlp", norm="ln_2"),
         extra_norms=("ln_f",),
         post=("ln_f",),
+        post_norm=False,
     ),
     "llama": _LLAMA_LIKE,
     "mistral": _LLAMA_LIKE,

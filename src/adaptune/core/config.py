@@ -5,7 +5,9 @@ where it goes (after the attention and the feed-forward output projections). The
 only a handful of things: the bottleneck size m, the initialisation scale, which layers carry
 adapters, and whether layer norms are trained. Later work changes the placement: Pfeiffer et al.
 2021 keep only the feed-forward adapter, He et al. 2022 run it in parallel to the sub-layer with a
-scale. Those are the fields below; the named presets fill them in.
+scale. Pfeiffer et al. 2020 (AdapterHub's ``seq_bn``) also move the adapter's input: it reads the
+sub-layer's output after the layer's own residual add and layer norm. Those are the fields below;
+the named presets fill them in.
 """
 
 from __future__ import annotations
@@ -42,6 +44,12 @@ class AdapterConfig:
         zero_init_up: start the up-projection at exactly zero (He et al. 2022 for the parallel
             adapter), so the fresh adapter is exactly the identity; the down-projection keeps
             ``init_std`` so gradients reach the up-projection from the first step.
+        norm_before: (sequential only) the adapter reads ``norm(h + x)`` -- the sub-layer's output h
+            plus its input x through the layer's own (task-copied, if trained) layer norm -- and
+            its result is added to h: ``h + a(norm(h + x))``, then the layer's add-and-norm runs as
+            usual. Pfeiffer et al. 2020's placement (AdapterHub ``original_ln_before``), for
+            post-norm families (BERT-like; ``ArchSpec.post_norm``): pre-norm ones (GPT-2, LLaMA)
+            have no norm after the residual add, and are refused.
         layers: indices of the layers that carry adapters; ``None`` means every layer. Negative
             indices count from the top, as in Python.
         train_layer_norms: give the task its own copy of every layer norm and train it (the paper
@@ -52,6 +60,10 @@ class AdapterConfig:
             first layer's attention block (about 2.6 % of an all-MiniLM-L6-v2 adapter step's
             FLOPs, and its saved activations). Models without such a norm are unaffected.
         train_head: give the task its own copy of the model's head (classifier) and train it.
+        fuse: names of adapters on the same model to fuse (AdapterFusion, Pfeiffer et al. 2021;
+            :mod:`adaptune.core.fusion`): this adapter then has no bottlenecks of its own but a
+            fusion layer per sub-layer the fused adapters cover (``slots`` and ``layers`` must be
+            theirs), and trains only that (with its head and copies); the fused adapters stay frozen.
         train_pooler: give the task its own copy of the model's pooler (BERT's dense + tanh on the
             first token, which its classifier reads) and train it as part of the head. The paper
             kept BERT's pooler frozen, pretrained on next-sentence prediction; checkpoints made for
@@ -67,15 +79,24 @@ class AdapterConfig:
     init_std: float = 1e-2
     scale: float = 1.0
     zero_init_up: bool = False
+    norm_before: bool = False
     layers: tuple[int, ...] | None = None
     train_layer_norms: bool = True
     train_embedding_norm: bool = True
     train_head: bool = True
     train_pooler: bool = True
+    fuse: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         # JSON gives lists; keep tuples so the config stays hashable and frozen.
         object.__setattr__(self, "slots", tuple(self.slots))
+        if isinstance(self.fuse, str) or not all(isinstance(n, str) for n in self.fuse):
+            raise ConfigError(f"fuse must be a list of adapter names, got {self.fuse!r}")
+        object.__setattr__(self, "fuse", tuple(self.fuse))
+        if self.fuse and (len(set(self.fuse)) < 2 or len(set(self.fuse)) != len(self.fuse)):
+            raise ConfigError(
+                f"a fusion needs at least two different adapters, each named once; got {list(self.fuse)}"
+            )
         if self.layers is not None:
             try:  # operator.index: ints only (no 1.5 silently cut to 1, no "2" from a hand-edited JSON)
                 object.__setattr__(self, "layers", tuple(operator.index(i) for i in self.layers))
@@ -83,7 +104,14 @@ class AdapterConfig:
                 raise ConfigError(
                     f"layers must be None or a list of integer layer indices, got {self.layers!r}"
                 ) from None
-        for flag in ("train_layer_norms", "train_embedding_norm", "train_head", "train_pooler", "zero_init_up"):
+        for flag in (
+            "train_layer_norms",
+            "train_embedding_norm",
+            "train_head",
+            "train_pooler",
+            "zero_init_up",
+            "norm_before",
+        ):
             if not isinstance(getattr(self, flag), bool):  # the JSON string "false" would be truthy
                 raise ConfigError(f"{flag} must be true or false, got {getattr(self, flag)!r}")
         for num in ("init_std", "scale"):
@@ -95,6 +123,8 @@ class AdapterConfig:
             raise ConfigError(f"slots must be a non-empty subset of {SLOTS}, got {self.slots!r}")
         if self.mode not in MODES:
             raise ConfigError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.norm_before and self.mode != "sequential":
+            raise ConfigError("norm_before is for sequential adapters; a parallel adapter reads the sub-layer's input")
         if self.nonlinearity not in NONLINEARITIES:
             raise ConfigError(f"nonlinearity must be one of {NONLINEARITIES}, got {self.nonlinearity!r}")
         if not (self.init_std >= 0 and self.init_std < float("inf")):
@@ -116,6 +146,14 @@ class AdapterConfig:
         if name not in PRESETS:
             raise ConfigError(f"unknown adapter preset {name!r}; choose one of {sorted(PRESETS)}")
         return dataclasses.replace(PRESETS[name], **overrides)
+
+    @property
+    def reads(self) -> str:
+        """What the bottleneck reads: ``"output"`` (the sub-layer's output h, Houlsby), ``"input"``
+        (the sub-layer's input x, parallel) or ``"normed"`` (``norm(h + x)``, Pfeiffer)."""
+        if self.mode == "parallel":
+            return "input"
+        return "normed" if self.norm_before else "output"
 
     def num_adapters(self, num_layers: int) -> int:
         """How many bottleneck modules this config puts on a model of ``num_layers`` layers."""
@@ -142,6 +180,7 @@ class AdapterConfig:
         d = dataclasses.asdict(self)
         d["slots"] = list(self.slots)
         d["layers"] = None if self.layers is None else list(self.layers)
+        d["fuse"] = list(self.fuse)
         return d
 
     @classmethod
@@ -172,8 +211,11 @@ class AdapterConfig:
 PRESETS: dict[str, AdapterConfig] = {
     # Houlsby et al. 2019: two sequential adapters per layer.
     "houlsby": AdapterConfig(slots=("attn", "ffn"), mode="sequential"),
-    # Pfeiffer et al. 2021: one adapter per layer, after the feed-forward block.
-    "pfeiffer": AdapterConfig(slots=("ffn",), mode="sequential"),
+    # Pfeiffer et al. 2020 (AdapterHub's seq_bn): one adapter per layer, after the feed-forward
+    # block's add-and-norm, reading norm(h + x), ReLU; the layer norm runs again after it.
+    "pfeiffer": AdapterConfig(slots=("ffn",), mode="sequential", norm_before=True, nonlinearity="relu"),
+    # Houlsby's adapter at the feed-forward slot only (what "pfeiffer" meant before 2026-12).
+    "houlsby-ffn": AdapterConfig(slots=("ffn",), mode="sequential"),
     # He et al. 2022: parallel adapter beside the feed-forward block, scale 4.
     "parallel": AdapterConfig(slots=("ffn",), mode="parallel", scale=4.0, zero_init_up=True),
 }

@@ -20,6 +20,7 @@ from adaptune.core.adapter_set import AdapterSet, _fresh_copy
 from adaptune.core.bottleneck import Bottleneck
 from adaptune.core.grouped import BottleneckBank, ModuleBank
 from adaptune.core.routing import _AdaptedOutput, _InputHook, _Route, _RoutedForward
+from adaptune.core.stack import Stack
 from adaptune.errors import ArchitectureError, ConfigError
 
 
@@ -38,6 +39,7 @@ class AdapterContainer(nn.Module):
         self.spec = spec
         self._active: str | tuple[str | None, ...] | None = None
         self._mixed = False  # rows of several tasks (or of tasks and the base) in one batch
+        self._eager = False  # a Stack or a fusion is active (see _eager_only)
         # The routing as tensor data (see adaptune.core.grouped): one task index, or one per row.
         self._task_route: torch.Tensor | None = None
         self._route_index: int | None = None  # the index of a one-task route, for heads of other widths
@@ -48,6 +50,9 @@ class AdapterContainer(nn.Module):
         self._skip_layers: frozenset[int] = frozenset()
         self._hooks: dict[tuple, Any] = {}
         self._stash: dict[tuple[int, str], torch.Tensor] = {}
+        # The layer norm of each (layer, slot) whose adapters read norm(h + x) (Pfeiffer's placement);
+        # called as a module, so it runs the active task's copy.
+        self._slot_norms: dict[tuple[int, str], nn.Module] = {}
 
     @property
     def skip_layers(self) -> frozenset[int]:
@@ -64,7 +69,14 @@ class AdapterContainer(nn.Module):
 
     @active.setter
     def active(self, value) -> None:
-        if value is None or isinstance(value, str):
+        if isinstance(value, Stack):
+            unknown = [n for n in value if n not in self.sets]
+            if unknown:
+                raise ConfigError(
+                    f"the Stack names {unknown}, which this model does not have; it has {list(self.sets)}"
+                )
+            self._active, self._mixed = value, False
+        elif value is None or isinstance(value, str):
             if value is not None and value not in self.sets:
                 raise ConfigError(f"no adapter named {value!r} on this model; it has {list(self.sets) or 'none'}")
             self._active, self._mixed = value, False
@@ -76,14 +88,20 @@ class AdapterContainer(nn.Module):
                     f"per-row adapters must be a non-empty list of names or None; unknown {unknown}, "
                     f"this model has {list(self.sets) or 'none'}"
                 )
+            fused = sorted({n for n in rows if n is not None and self.sets[n].config.fuse})
+            if fused and len(set(rows)) > 1:
+                raise ConfigError(f"fusion adapters {fused} run for a whole batch, not in per-row routing")
             # one task for every row: eager runs take the plain one-task path
             self._active, self._mixed = rows, len(set(rows)) > 1
         self._set_route()
 
     def _set_route(self) -> None:
         """``_task_route`` from ``_active``: the tensor a compiled graph reads (so no recompilation)."""
+        self._eager = self._eager_only()
         names, device = {n: i for i, n in enumerate(self.sets)}, self._device()
         value = self._active
+        if isinstance(value, Stack):  # the top adapter's copies; the stack itself runs eagerly
+            value = value.top
         if value is None or isinstance(value, str):
             self._route_index = len(names) if value is None else names[value]
             self._task_route = _on(torch.tensor(self._route_index), device)
@@ -99,15 +117,31 @@ class AdapterContainer(nn.Module):
         return None if ref is None else ref.device
 
     def _single(self) -> str | None:
-        """The adapter of every row when routing is not per row."""
+        """The adapter of every row when routing is not per row (a Stack's top one)."""
+        if isinstance(self._active, Stack):
+            return self._active.top
         return self._active if not isinstance(self._active, tuple) else self._active[0]
+
+    def _chain(self) -> tuple[str, ...]:
+        """The adapters each sub-layer runs in turn when routing is not per row."""
+        if isinstance(self._active, Stack):
+            return self._active.names
+        name = self._single()
+        return () if name is None else (name,)
+
+    def _eager_only(self) -> bool:
+        """A Stack or a fusion: runs its adapters in turn, also when compiled (no tensor routing)."""
+        if isinstance(self._active, Stack):
+            return True
+        name = self._single()
+        return name is not None and name in self.sets and bool(self.sets[name].config.fuse)
 
     def active_names(self) -> list[str]:
         """The adapters the current routing uses (one, several for per-row routing, or none)."""
         if self._active is None:
             return []
-        if isinstance(self._active, str):
-            return [self._active]
+        if isinstance(self._active, (str, Stack)):
+            return list(self._chain())
         return [n for n in dict.fromkeys(self._active) if n is not None]
 
     def active_set(self) -> AdapterSet | None:
@@ -140,11 +174,13 @@ class AdapterContainer(nn.Module):
                 paths = self.spec.slot(slot)
                 out_mod = get_submodule(layers[i], paths.output, f"{slot} output module")
                 self._route(("out", i, slot), out_mod, _AdaptedOutput(self, out_mod, i, slot))
-                if aset.config.mode == "parallel" and ("in", i, slot) not in self._hooks:
+                if aset.config.reads != "output" and ("in", i, slot) not in self._hooks:
                     in_mod = get_submodule(layers[i], paths.input, f"{slot} input module")
                     self._hooks[("in", i, slot)] = in_mod.register_forward_pre_hook(
                         _InputHook(self, i, slot), with_kwargs=True
                     )
+                if aset.config.reads == "normed":  # post-norm families only (add_adapter checks)
+                    self._slot_norms[(i, slot)] = get_submodule(layers[i], paths.norm, f"{slot} layer norm")
         base = backbone(model)
         for key, path in aset.norm_paths.items():
             norm = get_submodule(base, path, "layer norm")
@@ -162,6 +198,7 @@ class AdapterContainer(nn.Module):
             handle.remove()
         self._hooks.clear()
         self._stash.clear()
+        self._slot_norms.clear()
         self._banks, self._module_banks = {}, {}
 
     # ---- the routing as tensor data (adaptune.core.grouped) ---------------------------------
@@ -177,7 +214,7 @@ class AdapterContainer(nn.Module):
                 if int(layer_id) in self._skip_layers:
                     continue
                 for slot, adapter in slots.items():
-                    key = grouped.bottleneck_key(adapter, aset.config.mode == "parallel")
+                    key = grouped.bottleneck_key(adapter, aset.config.reads)
                     banks.setdefault((int(layer_id), slot), {}).setdefault(key, []).append((i, adapter))
         self._banks = {
             where: [grouped.BottleneckBank(m, len(names), key[-1], device) for key, m in by_key.items()]
@@ -194,6 +231,7 @@ class AdapterContainer(nn.Module):
             self._set_route()
         else:
             self._task_route = self._route_index = None
+            self._eager = False
 
     def _module_bank(self, group: str, key: str, base: nn.Module, names: list[str], device) -> list[ModuleBank]:
         """The banks of one routed module: each task's copy (or the base module), grouped by shapes."""
@@ -215,8 +253,10 @@ class AdapterContainer(nn.Module):
         return self
 
     def _tensor_routing(self) -> bool:
-        """Rows of several tasks, or a compiled graph: the route is read as tensor data."""
-        return torch.compiler.is_compiling() or self._mixed
+        """Rows of several tasks, or a compiled graph: the route is read as tensor data (a Stack
+        runs its adapters in turn, also when compiled)."""
+        # _eager is a plain bool kept with the routing: a compiled graph guards on it, not on names
+        return (torch.compiler.is_compiling() and not self._eager) or self._mixed
 
     def _known_present(self) -> frozenset[int] | None:
         """The tasks of the batch's rows in an eager run (their weights alone get gradients), or
@@ -246,25 +286,63 @@ class AdapterContainer(nn.Module):
             if not banks:
                 return None
             route, present = self._route_for(h.shape[0]), self._known_present()
+            reads = {"output": None, "input": x_in}
+            if any(bank.reads == "normed" for bank in banks):  # from h before any bank adds to it
+                reads["normed"] = self._adapter_input("normed", layer, slot, h, x_in)
             for bank in banks:  # rows of other banks get an exact zero added
-                h = bank.add_rows(route, h, x_in if bank.parallel else None, present)
+                h = bank.add_rows(route, h, reads[bank.reads], present)
         else:
-            aset = self.active_set()
-            adapter = None if aset is None else self._bottleneck(self._single(), layer, slot)
-            if adapter is None:
+            applied = False
+            fusion = self._fusion(layer, slot)
+            if fusion is not None:
+                return self._fused(fusion, layer, slot, h, x_in, out)
+            for name in self._chain():  # one adapter, or a Stack's in turn
+                adapter = self._bottleneck(name, layer, slot)
+                if adapter is None:
+                    continue
+                # (B, T, d): sequential reads h (internal skip), parallel the sub-layer's input,
+                # Pfeiffer's the layer norm of both
+                reads = self._modules["sets"]._modules[name].config.reads
+                h, applied = adapter.add_to(h, self._adapter_input(reads, layer, slot, h, x_in)), True
+            if not applied:
                 return None
-            # (B, T, d): sequential reads h (internal skip), parallel the sub-layer's input
-            h = adapter.add_to(h, x_in if aset.config.mode == "parallel" else None)
         return (h, *out[1:]) if isinstance(out, tuple) else h
 
+    def _fusion(self, layer: int, slot: str):
+        """The active fusion's layer at (layer, slot), or None."""
+        name = self._single()
+        if name is None or isinstance(self._active, Stack) or layer in self._skip_layers:
+            return None
+        aset = self._modules["sets"]._modules[name]
+        return aset.fusion_layer(layer, slot) if aset.config.fuse else None
+
+    def _fused(self, fusion, layer: int, slot: str, h: torch.Tensor, x_in, out):
+        """h plus the fusion's attention over the fused adapters' branches (adaptune.core.fusion)."""
+        names = self._modules["sets"]._modules[self._single()].config.fuse
+        first = self._modules["sets"]._modules[names[0]]
+        u = self._adapter_input(first.config.reads, layer, slot, h, x_in)
+        u = h if u is None else u
+        branches = torch.stack([self.sets[n].bottleneck(layer, slot)(u) for n in names], dim=2)  # (B, T, N, d)
+        h = fusion(u, branches, h)
+        return (h, *out[1:]) if isinstance(out, tuple) else h
+
+    def _adapter_input(self, reads: str, layer: int, slot: str, h: torch.Tensor, x_in) -> torch.Tensor | None:
+        """What a bottleneck reads (None: h itself): the sub-layer's input, or norm(h + input)."""
+        if reads == "output":
+            return None
+        return x_in if reads == "input" else self._slot_norms[(layer, slot)](h + x_in)
+
     def _on_input(self, layer: int, slot: str, args, kwargs) -> None:
-        """Forward pre-hook of a sub-layer's input module: keep x for parallel adapters."""
+        """Forward pre-hook of a sub-layer's input module: keep x for adapters that read it."""
         if self._tensor_routing():
-            need = any(bank.parallel for bank in self._banks.get((layer, slot), ()))
+            need = any(bank.reads != "output" for bank in self._banks.get((layer, slot), ()))
         else:
-            name = self._single()
-            need = name is not None and self.sets[name].config.mode == "parallel"
-            need = need and self._bottleneck(name, layer, slot) is not None
+            chain = self._chain()
+            if chain and self.sets[chain[0]].config.fuse:  # a fusion reads what its adapters read
+                chain = self.sets[chain[0]].config.fuse[:1]
+            need = any(
+                self.sets[n].config.reads != "output" and self._bottleneck(n, layer, slot) is not None for n in chain
+            )
         if need:
             x = args[0] if args else kwargs.get("hidden_states", next(iter(kwargs.values()), None))
             self._stash[(layer, slot)] = x

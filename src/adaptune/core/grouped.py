@@ -56,14 +56,15 @@ class BottleneckBank:
         adapters: the member bottlenecks, in container order.
         table: (T+1,) long, task index -> row of the stacked weights (K, the zero row, for others).
         scales: (K+1,) float, each member's output scale (0 for the zero row).
-        parallel: whether the members read the sub-layer's input (parallel adapters).
+        reads: what the members read (:attr:`adaptune.core.config.AdapterConfig.reads`): the
+            sub-layer's output, its input (parallel adapters) or the normed sum (Pfeiffer's).
     """
 
-    def __init__(self, members: list[tuple[int, Bottleneck]], num_tasks: int, parallel: bool, device) -> None:
+    def __init__(self, members: list[tuple[int, Bottleneck]], num_tasks: int, reads: str, device) -> None:
         self.adapters = [a for _, a in members]
         self.served = [{i} for i, _ in members]  # the task of each adapter
         self.act = self.adapters[0].act
-        self.parallel = parallel
+        self.reads = reads
         self.table = _lookup([i for i, _ in members], range(len(members)), num_tasks, len(members), device)
         self.scales = torch.tensor([float(a.scale) for a in self.adapters] + [0.0], device=device)
 
@@ -179,10 +180,10 @@ def run_module_banks(
     return result
 
 
-def bottleneck_key(adapter: Bottleneck, parallel: bool) -> tuple:
-    """Adapters with the same key stack into one bank."""
+def bottleneck_key(adapter: Bottleneck, reads: str) -> tuple:
+    """Adapters with the same key stack into one bank (the last element: what they read)."""
     act = adapter.act
-    return (tuple(adapter.down.weight.shape), type(act), getattr(act, "approximate", None), parallel)
+    return (tuple(adapter.down.weight.shape), type(act), getattr(act, "approximate", None), reads)
 
 
 def module_key(module: nn.Module) -> tuple:

@@ -22,6 +22,7 @@ base stay as they were and loading code written for the plain model keeps workin
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import Any
 from collections.abc import Iterator, Sequence
 
@@ -41,6 +42,7 @@ from adaptune.core.architectures import (
 from adaptune.core.config import AdapterConfig
 from adaptune.core.container import AdapterContainer
 from adaptune.core.adapter_set import _NAME, AdapterSet
+from adaptune.core.stack import Stack
 from adaptune.errors import ArchitectureError, ConfigError
 
 
@@ -137,6 +139,13 @@ def _build_and_install(model: nn.Module, container: AdapterContainer, name: str,
     hidden = ident["hidden_size"]
     if not isinstance(hidden, int):
         raise ConfigError("cannot tell the model's hidden size from its config (hidden_size / n_embd / dim)")
+    if config.norm_before and not spec.post_norm:
+        raise ArchitectureError(
+            f"norm_before (Pfeiffer's placement) reads the layer norm that follows the residual add; "
+            f"{ident['model_type']} normalises before each sub-layer instead: use the houlsby-ffn preset"
+        )
+    if config.fuse:
+        _check_fused(container, config, layer_ids)
     base = backbone(model)
     paths = norm_paths(model, spec, input_norms=config.train_embedding_norm) if config.train_layer_norms else []
     norms = {p: get_submodule(base, p, "layer norm") for p in paths}
@@ -150,8 +159,63 @@ def _build_and_install(model: nn.Module, container: AdapterContainer, name: str,
     return aset
 
 
+def add_fusion(
+    model: nn.Module, name: str, adapters: Sequence[str], config: AdapterConfig | None = None, *, activate: bool = True
+) -> AdapterSet:
+    """Add an AdapterFusion (:mod:`adaptune.core.fusion`) of ``adapters`` (on the model) as adapter ``name``.
+
+    Its placement (slots, layers, what the adapters read) is the fused adapters'; ``config`` gives
+    the rest (which copies it trains: head, pooler, layer norms). Train it with the ``adapters``
+    strategy: the fusion layers and its copies train, the fused adapters stay frozen.
+    """
+    container = get_container(model)
+    missing = [n for n in adapters if container is None or n not in container.sets]
+    if missing:
+        raise ConfigError(f"cannot fuse {missing}: no such adapters on this model; load them first")
+    first = container.sets[adapters[0]].config
+    fused = dataclasses.replace(
+        config or AdapterConfig(),
+        fuse=tuple(adapters),
+        slots=first.slots,
+        layers=first.layers,
+        mode="sequential",
+        norm_before=first.norm_before,
+        size=first.size,
+        nonlinearity=first.nonlinearity,
+    )
+    return add_adapter(model, name, fused, activate=activate)
+
+
+def _check_fused(container: AdapterContainer, config: AdapterConfig, layer_ids: list[int]) -> None:
+    """A fusion's adapters are on the model, sequential, alike in what they read, and cover
+    exactly the fusion's sub-layers."""
+    missing = [n for n in config.fuse if n not in container.sets]
+    if missing:
+        raise ConfigError(
+            f"the fusion references adapters {missing} that this model does not have "
+            f"(it has {list(container.sets) or 'none'}); load them first"
+        )
+    for n in config.fuse:
+        other = container.sets[n].config
+        if other.fuse or other.mode != "sequential":
+            raise ConfigError(
+                f"adapter {n!r} is {'a fusion' if other.fuse else 'parallel'}; only sequential adapters fuse"
+            )
+        places = {(int(i), s) for i, slots in container.sets[n].adapters.items() for s in slots}
+        if places != {(i, s) for i in layer_ids for s in config.slots}:
+            raise ConfigError(
+                f"adapter {n!r} sits on other sub-layers than the fusion's (slots {list(config.slots)}, "
+                f"layers {layer_ids}); fuse adapters of one placement"
+            )
+        if other.reads != container.sets[config.fuse[0]].config.reads:
+            raise ConfigError(
+                f"adapters {config.fuse[0]!r} and {n!r} read different inputs; fuse adapters of one placement"
+            )
+
+
 def set_active(model: nn.Module, name: str | Sequence[str | None] | None) -> None:
-    """Route the model through adapter ``name``; ``None`` gives the plain base model.
+    """Route the model through adapter ``name``; ``None`` gives the plain base model; a
+    :class:`~adaptune.core.stack.Stack` runs several adapters one after another.
 
     A list routes per batch row: ``set_active(model, ["a", "b", None, "a"])`` runs row 0 and 3
     through adapter ``a``, row 1 through ``b`` and row 2 through the plain base, in one forward
@@ -171,6 +235,11 @@ def set_active(model: nn.Module, name: str | Sequence[str | None] | None) -> Non
         _require(model, name).active = name
         return
     container = get_container(model)
+    if isinstance(name, Stack):
+        if container is None:
+            raise ConfigError("a Stack needs adapters on this model; add them with add_adapter first")
+        container.active = name
+        return
     if container is None:
         raise ConfigError("per-row adapters need adapters on this model; add them with add_adapter first")
     container.active = list(name)
@@ -201,6 +270,11 @@ def active_adapter(model: nn.Module) -> str | tuple[str | None, ...] | None:
 def remove_adapter(model: nn.Module, name: str) -> None:
     """Delete adapter ``name``; the base and the other adapters are untouched."""
     container = _require(model, name)
+    users = [n for n, aset in container.sets.items() if name in aset.config.fuse]
+    if users:
+        raise ConfigError(
+            f"adapter {name!r} is fused by {users}; remove {'those' if len(users) > 1 else 'that'} first"
+        )
     if name in container.active_names():
         container.active = None
     del container.sets[name]

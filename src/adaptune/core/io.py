@@ -31,6 +31,7 @@ from adaptune.core.inject import _require, add_adapter, get_container, remove_ad
 FORMAT = 1
 WEIGHTS = "adapter.safetensors"
 CONFIG = "adapter_config.json"
+FUSED = "fused"  # a fusion's folder holds the adapters it fuses, one folder each
 _TOP_FIELDS = {"format", "adaptune_version", "name", "config", "base", "tensors", "extra", "sha256"}
 
 
@@ -155,7 +156,21 @@ def save_adapter(
         AdapterFileError: the folder exists and ``overwrite`` is false.
     """
     container = _require(model, name)
-    aset = container.sets[name]
+    fused = container.sets[name].config.fuse
+
+    def fill(folder: Path) -> None:
+        _write_files(model, name, folder, extra)
+        for other in fused:  # a fusion carries the adapters it fuses, so that a reload needs nothing else
+            (folder / FUSED / other).mkdir(parents=True)
+            _write_files(model, other, folder / FUSED / other, None)
+
+    atomic_write_dir(Path(path), fill, overwrite)
+    return Path(path)
+
+
+def _write_files(model: nn.Module, name: str, folder: Path, extra: dict | None) -> None:
+    """The weights and config of adapter ``name`` into ``folder``."""
+    aset = get_container(model).sets[name]
     tensors = {k: v.detach().contiguous().cpu() for k, v in aset.state_dict().items()}
     meta = {
         "format": FORMAT,
@@ -166,14 +181,9 @@ def save_adapter(
         "tensors": sorted(tensors),
         "extra": extra or {},
     }
-
-    def fill(folder: Path) -> None:
-        save_file(tensors, str(folder / WEIGHTS), metadata={"format": "pt"})
-        meta["sha256"] = _sha256(folder / WEIGHTS)  # safetensors checks its header, not the data
-        (folder / CONFIG).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-    atomic_write_dir(Path(path), fill, overwrite)
-    return Path(path)
+    save_file(tensors, str(folder / WEIGHTS), metadata={"format": "pt"})
+    meta["sha256"] = _sha256(folder / WEIGHTS)  # safetensors checks its header, not the data
+    (folder / CONFIG).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
@@ -182,15 +192,22 @@ def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
     cfg_file = path / CONFIG
     if not path.is_dir():
         raise AdapterFileError(f"{path} is not an adapter folder (expected a folder with {CONFIG} and {WEIGHTS})")
-    if not cfg_file.is_file() or not (path / WEIGHTS).is_file():
-        missing = [n for n in (CONFIG, WEIGHTS) if not (path / n).is_file()]
-        raise AdapterFileError(f"{path} is missing {', '.join(missing)}; it is not a complete adapter folder")
+    if not cfg_file.is_file():
+        raise AdapterFileError(f"{path} is missing {CONFIG}; it is not a complete adapter folder")
     try:
         meta = json.loads(cfg_file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise AdapterFileError(f"{cfg_file} is not valid JSON ({e}); the file is damaged") from None
     if not isinstance(meta, dict):
         raise AdapterFileError(f"{cfg_file} must hold a JSON object")
+    if "format" not in meta and isinstance(meta.get("config"), dict) and "model_type" in meta:
+        raise AdapterFileError(
+            f"{path} is an AdapterHub adapter folder ({meta.get('version') or 'adapters'}), not an adaptune one: "
+            "load it with adaptune.interop.adapterhub.load_adapterhub(model, path), or convert it with "
+            f"'adaptune convert {path} --from adapterhub --model BASE -o OUT'"
+        )
+    if not (path / WEIGHTS).is_file():
+        raise AdapterFileError(f"{path} is missing {WEIGHTS}; it is not a complete adapter folder")
     unknown = sorted(set(meta) - _TOP_FIELDS)
     if unknown:
         raise AdapterFileError(f"{cfg_file} has unknown field(s) {unknown}; it was written by another tool or version")
@@ -249,9 +266,30 @@ def load_adapter(
     meta = read_adapter_config(path)
     name = name or meta.get("name")
     config: AdapterConfig = meta["config"]
-    get_container(model, arch, create=True)
+    container = get_container(model, arch, create=True)
     if check_base:
         _check_base(model, meta.get("base") or {}, path)
+    loaded = []  # the fused adapters this call loads (removed again if the fusion fails)
+    try:
+        for other in config.fuse:
+            if other in container.sets:
+                continue  # already on the model (a reload of the fusion alone)
+            if not (path / FUSED / other / CONFIG).is_file():
+                raise AdapterFileError(
+                    f"fusion {path} references adapter {other!r}, which is neither on this model nor in "
+                    f"{path / FUSED}; load it first"
+                )
+            loaded.append(load_adapter(model, path / FUSED / other, name=other, activate=False, check_base=check_base))
+        return _load_own(model, path, meta, name, activate)
+    except BaseException:
+        for other in reversed(loaded):
+            remove_adapter(model, other)
+        raise
+
+
+def _load_own(model: nn.Module, path: Path, meta: dict, name: str, activate: bool) -> str:
+    """The adapter's own tensors (its fused adapters are on the model)."""
+    config: AdapterConfig = meta["config"]
     try:
         tensors = load_file(str(path / WEIGHTS), device="cpu")
     except Exception as e:  # safetensors raises its own error type for truncated/corrupt headers
@@ -260,7 +298,7 @@ def load_adapter(
         ) from None
     aset = add_adapter(model, name, config, activate=False)
     try:
-        _fit_head_widths(aset, tensors)
+        fit_head_widths(aset, tensors)
         get_container(model)._rebuild()  # the head copy's new width: another bank for mixed batches
         expected = aset.state_dict()
         missing = sorted(set(expected) - set(tensors))
@@ -269,13 +307,13 @@ def load_adapter(
         if missing or unexpected or shapes:
             parts = []
             if missing:
-                parts.append(f"missing {_few(missing)}")
+                parts.append(f"missing {few(missing)}")
             if unexpected:
-                parts.append(f"unexpected {_few(unexpected)}")
+                parts.append(f"unexpected {few(unexpected)}")
             if shapes:
                 parts.append(
                     "shape mismatch "
-                    + _few([f"{k} {tuple(tensors[k].shape)} vs {tuple(expected[k].shape)}" for k in shapes])
+                    + few([f"{k} {tuple(tensors[k].shape)} vs {tuple(expected[k].shape)}" for k in shapes])
                 )
             raise AdapterFileError(f"{path / WEIGHTS} does not fit this model: {'; '.join(parts)}")
         if meta.get("sha256") is not None and meta["sha256"] != _sha256(path / WEIGHTS):
@@ -286,7 +324,7 @@ def load_adapter(
         broken = sorted(k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
         if broken:
             raise AdapterFileError(
-                f"{path / WEIGHTS} holds NaN or infinite values in {_few(broken)}; it was saved "
+                f"{path / WEIGHTS} holds NaN or infinite values in {few(broken)}; it was saved "
                 "from a run that diverged: train it again with a lower learning rate"
             )
         aset.load_state_dict(tensors, strict=True)
@@ -298,7 +336,7 @@ def load_adapter(
     return name
 
 
-def _fit_head_widths(aset: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+def fit_head_widths(aset: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
     """Give the task's head copy the output width saved with it (its own number of labels).
 
     A head copy starts as a copy of the base model's head, which has the width of whatever task
@@ -330,7 +368,7 @@ def _sha256(file: Path) -> str:
     return h.hexdigest()
 
 
-def _few(keys: list[str], n: int = 5) -> str:
+def few(keys: list[str], n: int = 5) -> str:
     more = f" (+{len(keys) - n} more)" if len(keys) > n else ""
     return ", ".join(keys[:n]) + more
 

@@ -38,6 +38,7 @@ from adaptune.core.architectures import (
 )
 from adaptune.errors import ConfigError
 from adaptune.core.inject import get_container
+from adaptune.core.stack import Stack
 
 STRATEGIES = ("adapters", "full", "top-k", "layernorm", "head")
 
@@ -85,7 +86,9 @@ def trainable_modules(
             raise ConfigError(
                 "strategy 'adapters' needs an active adapter: call add_adapter(model, name, config) first"
             )
-        return [container.sets[n] for n in container.active_names()]  # several with per-row routing
+        if isinstance(container.active, Stack) and container.active.train == "top":
+            return [container.sets[container.active.top]]  # the adapters below stay frozen
+        return [container.sets[n] for n in container.active_names()]  # several: per-row routing, a Stack
     if container is not None and container.active_names():
         raise ConfigError(
             f"strategy {strategy!r} trains the base model, but adapter {container.active!r} is active; "

@@ -79,6 +79,8 @@ class TrainConfig:
     adapter_size: int = 64
     init_std: float = 1e-2
     adapter_layers: tuple[int, ...] | None = None
+    fuse: tuple[str, ...] | None = None
+    head_on: str | None = None
     train_layer_norms: bool = True
     train_embedding_norm: bool = True
     train_head: bool = True
@@ -114,6 +116,18 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.adapter_layers is not None:
             object.__setattr__(self, "adapter_layers", tuple(self.adapter_layers))
+        if self.fuse is not None:
+            if isinstance(self.fuse, str) or len(self.fuse) < 2:
+                raise ConfigError("fuse needs at least two adapter runs (or adapter folders) to fuse")
+            object.__setattr__(self, "fuse", tuple(str(f) for f in self.fuse))
+            if self.strategy != "adapters":
+                raise ConfigError(
+                    f"fusing adapters trains a fusion (strategy 'adapters'), not strategy {self.strategy!r}"
+                )
+        if self.head_on is not None and (self.fuse is not None or self.strategy != "adapters"):
+            raise ConfigError(
+                "head_on trains a new head on one frozen adapter: not with fuse, and with strategy 'adapters'"
+            )
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
         if self.adapter not in PRESETS:
@@ -205,6 +219,7 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["adapter_layers"] = None if self.adapter_layers is None else list(self.adapter_layers)
+        d["fuse"] = None if self.fuse is None else list(self.fuse)
         return d
 
     @classmethod

@@ -5,6 +5,8 @@ and schedule (the paper's AdamW with linear warm-up and decay), and :func:`evalu
 from __future__ import annotations
 
 import contextlib
+import re
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -13,14 +15,17 @@ from adaptune.lm.causal_lm import ResponseIndex, lm_loss_sum, response_index
 from adaptune.errors import ConfigError
 from adaptune.core.bottleneck import Bottleneck
 from adaptune.core.architectures import head_modules
-from adaptune.core.inject import add_adapter
+from adaptune.core.fusion import fusion_regularization
+from adaptune.core.inject import add_adapter, add_fusion
+from adaptune.core.io import load_adapter
 from adaptune.cpu.kernels import use_lean_kernels
 from adaptune.models.loading import (
     load_causal_lm,
     load_classifier,
     pick_device,
 )
-from adaptune.core.trainable import train_strategy
+from adaptune.core.adapter_set import _fresh_copy
+from adaptune.core.trainable import count_parameters, train_strategy
 from adaptune.models.quantize import quantize_base
 from adaptune.training.config import ADAPTER_NAME, CAUSAL_LM, TrainConfig
 from adaptune.training.evaluation import autocast, evaluate, forward_logits, scores
@@ -57,15 +62,58 @@ def build_model(
     model = load_causal_lm(cfg.model) if cfg.causal else load_classifier(cfg.model, num_labels, head=head)
     if prior is not None:
         prior_bias(model, prior)
-    if cfg.strategy == "adapters":
+    if cfg.strategy == "adapters" and cfg.fuse:
+        add_fusion(model, ADAPTER_NAME, load_fused(model, cfg.fuse), cfg.adapter_config())
+    elif cfg.strategy == "adapters" and cfg.head_on:
+        head_on_adapter(model, cfg.head_on)
+    elif cfg.strategy == "adapters":
         add_adapter(model, ADAPTER_NAME, cfg.adapter_config())
     counts = train_strategy(model, cfg.strategy, k=cfg.top_k, train_pooler=cfg.train_pooler)
+    if cfg.head_on:  # the loaded adapter's bottlenecks and layer norms stay frozen
+        aset = model.adaptune.sets[ADAPTER_NAME]
+        aset.adapters.requires_grad_(False)
+        aset.norms.requires_grad_(False)
+        counts = count_parameters(model)
     quantize_base(model, cfg.quantize)  # the frozen linear layers only, after the strategy froze them
     if cfg.gradient_checkpointing:
         _checkpoint_layers(model)
     if cfg.lean_on(pick_device(cfg.device) if device is None else device):  # every strategy alike (fair comparisons)
         use_lean_kernels(model)
     return model, counts
+
+
+def _adapter_folder(source: str) -> Path:
+    path = Path(source)
+    folder = path / "adapter" if (path / "adapter").is_dir() else path
+    if not (folder / "adapter_config.json").is_file():
+        raise ConfigError(f"{source} is neither an adapter run nor an adapter folder")
+    return folder
+
+
+def head_on_adapter(model, source: str) -> None:
+    """The adapter of ``source`` as the task adapter, with a fresh copy of the model's head (this
+    task's labels) in place of the one it was trained with."""
+    load_adapter(model, _adapter_folder(source), name=ADAPTER_NAME)
+    aset = model.adaptune.sets[ADAPTER_NAME]
+    if not len(aset.head):
+        raise ConfigError(f"the adapter of {source} has no head copy to replace (trained with train_head off)")
+    for key, module in head_modules(model).items():
+        aset.head[key] = _fresh_copy(module)
+    model.adaptune._rebuild()
+
+
+def load_fused(model, sources: tuple[str, ...]) -> list[str]:
+    """Load the adapters a fusion fuses (run folders or adapter folders), frozen, each named after
+    its folder; returns the names."""
+    names = []
+    for source in sources:
+        path, folder = Path(source), _adapter_folder(source)
+        name = re.sub(r"[^A-Za-z0-9_-]", "_", path.resolve().name)
+        name = name if re.match(r"[A-Za-z_]", name) and name != ADAPTER_NAME else f"fused_{name}"
+        if name in names:
+            raise ConfigError(f"two adapters to fuse are both named {name!r} (their folders' names); rename one")
+        names.append(load_adapter(model, folder, name=name, activate=False))
+    return names
 
 
 def prior_bias(model, frequency: torch.Tensor) -> None:
@@ -275,6 +323,9 @@ def _accumulate(model, micro, task_type, precision, class_weight, row_weights, l
             part.backward()
         bad = bad + (~torch.isfinite(total.detach())).float()
         loss = loss + part.detach()
+    reg = fusion_regularization(getattr(model, "module", model))  # AdapterFusion's ||I - V||^2, once a step
+    if reg is not None:
+        reg.backward()
     if world > 1:
         torch.distributed.all_reduce(bad)
     return loss, bad == 0

@@ -1,0 +1,1 @@
+"""Other libraries' adapter formats: read and write them."""
