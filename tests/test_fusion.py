@@ -114,25 +114,27 @@ def test_fusion_refusals():
         add_fusion(model, "h", ["a", "one"])
 
 
+def _tiny(model_dir) -> dict:
+    """TrainConfig fields of a one-epoch run of the tiny BERT on a reviews CSV."""
+    return dict(
+        model=str(model_dir),
+        text_column="review",
+        label_column="score",
+        epochs=1,
+        batch_size=8,
+        max_length=24,
+        lr=3e-3,
+        device="cpu",
+    )
+
+
 def test_fuse_command_trains_and_eval_reproduces_the_dev_metric(tiny_model_dir, tmp_path):
     """Two adapter runs, a fusion of them on a third task; a reload (``adaptune eval``) gives the
     run's own dev metric exactly (AdapterHub users report gaps after reloading a fusion)."""
     runs = []
     for seed in (0, 1):
         data = write_reviews_csv(tmp_path / f"d{seed}.csv", n=40, seed=seed)
-        cfg = TrainConfig(
-            model=str(tiny_model_dir),
-            data=str(data),
-            text_column="review",
-            label_column="score",
-            epochs=1,
-            batch_size=8,
-            max_length=24,
-            lr=3e-3,
-            device="cpu",
-            seed=seed,
-        )
-        train(cfg, tmp_path / f"r{seed}", quiet=True)
+        train(TrainConfig(data=str(data), seed=seed, **_tiny(tiny_model_dir)), tmp_path / f"r{seed}", quiet=True)
         runs.append(tmp_path / f"r{seed}")
     data = write_reviews_csv(tmp_path / "target.csv", n=48, seed=7, classes=3)
     common = [
@@ -196,16 +198,7 @@ def test_head_on_trains_a_new_head_on_a_frozen_adapter(tiny_model_dir, tmp_path)
     from safetensors.torch import load_file
 
     data = write_reviews_csv(tmp_path / "d.csv", n=40)
-    common = dict(
-        model=str(tiny_model_dir),
-        text_column="review",
-        label_column="score",
-        epochs=1,
-        batch_size=8,
-        max_length=24,
-        lr=3e-3,
-        device="cpu",
-    )
+    common = _tiny(tiny_model_dir)
     train(TrainConfig(data=str(data), **common), tmp_path / "src", quiet=True)
     target = write_reviews_csv(tmp_path / "t.csv", n=48, seed=3, classes=3)
     result = train(TrainConfig(data=str(target), head_on=str(tmp_path / "src"), **common), tmp_path / "h", quiet=True)

@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from adaptune.core.adapter_set import AdapterSet
-from adaptune.core.inject import _require, add_adapter, get_container, remove_adapter
-from adaptune.core.io import fit_head_widths
+from adaptune.core.inject import _require
+from adaptune.core.io import fill_adapter
 from adaptune.errors import ConfigError
 
 _INIT_FIELDS = ("init_std", "zero_init_up")
@@ -80,18 +80,7 @@ def average_adapters(
                 f"adapter {n!r} has other tensors or shapes than {names[0]!r} ({wrong[:3] or 'other keys'})"
             )
     averaged = {k: sum(w * st[k].to(torch.float32) for w, st in zip(weights, states)) for k in states[0]}
-    aset = add_adapter(model, name, base, activate=False)
-    try:
-        fit_head_widths(aset, averaged)
-        get_container(model)._rebuild()
-        target = aset.state_dict()
-        aset.load_state_dict({k: v.to(target[k].dtype) for k, v in averaged.items()}, strict=True)
-    except BaseException:
-        remove_adapter(model, name)
-        raise
-    if activate:
-        get_container(model).active = name
-    return aset
+    return fill_adapter(model, name, base, averaged, f"the average of {names}", activate)
 
 
 def _comparable(config) -> dict:

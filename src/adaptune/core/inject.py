@@ -168,12 +168,17 @@ def add_fusion(
     the rest (which copies it trains: head, pooler, layer norms). Train it with the ``adapters``
     strategy: the fusion layers and its copies train, the fused adapters stay frozen.
     """
+    return add_adapter(model, name, fusion_config(model, adapters, config), activate=activate)
+
+
+def fusion_config(model: nn.Module, adapters: Sequence[str], config: AdapterConfig | None = None) -> AdapterConfig:
+    """The config of a fusion of ``adapters``: ``config`` (default: the defaults) with their placement."""
     container = get_container(model)
     missing = [n for n in adapters if container is None or n not in container.sets]
     if missing:
         raise ConfigError(f"cannot fuse {missing}: no such adapters on this model; load them first")
     first = container.sets[adapters[0]].config
-    fused = dataclasses.replace(
+    return dataclasses.replace(
         config or AdapterConfig(),
         fuse=tuple(adapters),
         slots=first.slots,
@@ -183,7 +188,6 @@ def add_fusion(
         size=first.size,
         nonlinearity=first.nonlinearity,
     )
-    return add_adapter(model, name, fused, activate=activate)
 
 
 def _check_fused(container: AdapterContainer, config: AdapterConfig, layer_ids: list[int]) -> None:

@@ -296,6 +296,36 @@ def _load_own(model: nn.Module, path: Path, meta: dict, name: str, activate: boo
         raise AdapterFileError(
             f"{path / WEIGHTS} cannot be read ({str(e).splitlines()[0]}); the file is truncated or damaged"
         ) from None
+
+    def check(tensors: dict[str, torch.Tensor]) -> None:
+        if meta.get("sha256") is not None and meta["sha256"] != _sha256(path / WEIGHTS):
+            raise AdapterFileError(
+                f"{path / WEIGHTS} does not match the checksum in {CONFIG}: the file is corrupted or was "
+                "changed after saving; save the adapter again"
+            )
+        broken = sorted(k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
+        if broken:
+            raise AdapterFileError(
+                f"{path / WEIGHTS} holds NaN or infinite values in {few(broken)}; it was saved "
+                "from a run that diverged: train it again with a lower learning rate"
+            )
+
+    fill_adapter(model, name, config, tensors, str(path / WEIGHTS), activate, check)
+    return name
+
+
+def fill_adapter(
+    model: nn.Module,
+    name: str,
+    config: AdapterConfig,
+    tensors: dict[str, torch.Tensor],
+    where: str,
+    activate: bool = True,
+    check: Callable[[dict[str, torch.Tensor]], None] | None = None,
+) -> nn.Module:
+    """Add adapter ``name`` with ``config`` and load ``tensors`` into it strictly: head copies take the
+    saved widths, a missing, unexpected or mis-shaped tensor is an :class:`AdapterFileError` naming it
+    (``where``: the source), ``check`` may refuse more; nothing stays behind on an error."""
     aset = add_adapter(model, name, config, activate=False)
     try:
         fit_head_widths(aset, tensors)
@@ -315,25 +345,16 @@ def _load_own(model: nn.Module, path: Path, meta: dict, name: str, activate: boo
                     "shape mismatch "
                     + few([f"{k} {tuple(tensors[k].shape)} vs {tuple(expected[k].shape)}" for k in shapes])
                 )
-            raise AdapterFileError(f"{path / WEIGHTS} does not fit this model: {'; '.join(parts)}")
-        if meta.get("sha256") is not None and meta["sha256"] != _sha256(path / WEIGHTS):
-            raise AdapterFileError(
-                f"{path / WEIGHTS} does not match the checksum in {CONFIG}: the file is corrupted or was "
-                "changed after saving; save the adapter again"
-            )
-        broken = sorted(k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
-        if broken:
-            raise AdapterFileError(
-                f"{path / WEIGHTS} holds NaN or infinite values in {few(broken)}; it was saved "
-                "from a run that diverged: train it again with a lower learning rate"
-            )
+            raise AdapterFileError(f"{where} does not fit this model: {'; '.join(parts)}")
+        if check is not None:
+            check(tensors)
         aset.load_state_dict(tensors, strict=True)
     except BaseException:
         remove_adapter(model, name)
         raise
     if activate:
         get_container(model).active = name
-    return name
+    return aset
 
 
 def fit_head_widths(aset: nn.Module, tensors: dict[str, torch.Tensor]) -> None:

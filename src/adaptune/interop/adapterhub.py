@@ -41,8 +41,7 @@ from torch import nn
 
 from adaptune.core.architectures import layer_list, spec_for
 from adaptune.core.config import AdapterConfig
-from adaptune.core.inject import add_adapter, get_container, remove_adapter
-from adaptune.core.io import CONFIG, fit_head_widths, few
+from adaptune.core.io import CONFIG, few, fill_adapter
 from adaptune.errors import AdapterFileError, AdaptuneError
 
 WEIGHTS_BIN, WEIGHTS_SAFE = "pytorch_adapter.bin", "adapter.safetensors"
@@ -379,22 +378,6 @@ def load_adapterhub(
     pooler = head is not None and any(k.startswith("pooler.") for k in foreign.head_tensors)
     config = dataclasses.replace(foreign.config, train_head=head is not None, train_pooler=pooler)
     name = name or foreign.name
-    aset = add_adapter(model, name, config, activate=False)
     tensors = {**foreign.tensors, **(foreign.head_tensors if head is not None else {})}
-    try:
-        fit_head_widths(aset, tensors)
-        get_container(model)._rebuild()
-        expected = aset.state_dict()
-        wrong = sorted(k for k in expected if k not in tensors or tensors[k].shape != expected[k].shape)
-        if wrong or set(tensors) - set(expected):
-            raise AdapterFileError(
-                f"{path} does not fit this model: {few(wrong or sorted(set(tensors) - set(expected)))} "
-                "missing or of another shape"
-            )
-        aset.load_state_dict({k: v.to(expected[k].dtype) for k, v in tensors.items()}, strict=True)
-    except BaseException:
-        remove_adapter(model, name)
-        raise
-    if activate:
-        get_container(model).active = name
+    fill_adapter(model, name, config, tensors, str(path), activate)
     return name

@@ -18,8 +18,8 @@ from pathlib import Path
 from torch import nn
 
 from adaptune.core.config import AdapterConfig
-from adaptune.core.inject import add_fusion, get_container, remove_adapter
-from adaptune.core.io import few, fit_head_widths
+from adaptune.core.inject import fusion_config, get_container
+from adaptune.core.io import fill_adapter
 from adaptune.errors import AdapterFileError, AdaptuneError
 from adaptune.interop.adapterhub import ForeignAdapter, _json, _read_head, _weights, model_head_kind
 
@@ -92,23 +92,8 @@ def load_adapterhub_fusion(
     )
     name = name or "fusion_" + "_".join(re.sub(r"[^A-Za-z0-9_-]", "_", n) for n in names)
     try:
-        aset = add_fusion(model, name, names, config, activate=False)
+        config = fusion_config(model, names, config)
     except AdaptuneError as e:
         raise AdapterFileError(f"{path}: {e}") from None
-    try:
-        fit_head_widths(aset, tensors)
-        get_container(model)._rebuild()
-        expected = aset.state_dict()
-        wrong = sorted(k for k in expected if k not in tensors or tensors[k].shape != expected[k].shape)
-        extra = sorted(set(tensors) - set(expected))
-        if wrong or extra:
-            raise AdapterFileError(
-                f"{path} does not fit the fused adapters: {few(wrong + extra)} missing, extra or mis-shaped"
-            )
-        aset.load_state_dict({k: v.to(expected[k].dtype) for k, v in tensors.items()}, strict=True)
-    except BaseException:
-        remove_adapter(model, name)
-        raise
-    if activate:
-        get_container(model).active = name
+    fill_adapter(model, name, config, tensors, str(path), activate)
     return name
