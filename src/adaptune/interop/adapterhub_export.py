@@ -36,6 +36,7 @@ from adaptune.interop.adapterhub import (
     WEIGHTS_SAFE,
     model_head_kind,
 )
+from adaptune.interop.adapterhub_heads import HEAD_ACTIVATION, from_model_layout
 
 VERSION = "adapters.1.3.0"  # the format written (AdapterHub stamps its version the same way)
 _EXPORT_ACTS = {"relu": "relu", "gelu": "gelu", "silu": "swish", "tanh": "tanh", "identity": "linear"}
@@ -153,36 +154,35 @@ def save_adapterhub(
 
 def _head(model: nn.Module, aset, name: str, labels, meta: dict) -> tuple[dict, dict]:
     kind = model_head_kind(model)
-    if kind is None or set(aset.head) != {"classifier"} or not isinstance(aset.head["classifier"], nn.Linear):
+    if kind is None or set(aset.head) != {"classifier"}:
         raise AdapterFileError(
             f"the head of a {type(model).__name__} is not written as an AdapterHub head; "
             "export the adapter without it (with_head=False, CLI: --no-head)"
         )
-    classifier = aset.head["classifier"]
     pooler = next(iter(aset.pooler.values()), None) if len(aset.pooler) else None
-    n = classifier.out_features
-    if labels is None:
-        id2label = getattr(model.config, "id2label", None) or {}
-        labels = [id2label.get(i, f"LABEL_{i}") for i in range(n)] if len(id2label) == n else None
-    labels = labels or [f"LABEL_{i}" for i in range(n)]
-    two = pooler is not None and kind != "token"
     if kind == "token" and pooler is not None:
         raise AdapterFileError(
             "a token-classification adapter with a pooler copy cannot be written as an AdapterHub head"
         )
+    linears, two = from_model_layout(aset.head["classifier"], pooler)
+    n = linears[-1].out_features
+    if labels is None:
+        id2label = getattr(model.config, "id2label", None) or {}
+        labels = [id2label.get(i, f"LABEL_{i}") for i in range(n)] if len(id2label) == n else None
+    labels = labels or [f"LABEL_{i}" for i in range(n)]
+    two = two and kind != "token"
     config = {
         "head_type": _HEAD_TYPES[kind],
         "num_labels": n,
         "layers": 2 if two else 1,
-        "activation_function": "tanh",
+        "activation_function": HEAD_ACTIVATION.get(model.config.model_type, "tanh") if two else "tanh",
         "label2id": {label: i for i, label in enumerate(labels)},
         "dropout_prob": None,
     }
     if kind != "token":
         config.update(use_pooler=not two, bias=True)
     tensors = {}
-    parts = ((1, pooler.dense), (4, classifier)) if two else ((1, classifier),)
-    for index, linear in parts:
+    for index, linear in zip((1, 4) if two else (1,), linears):
         tensors[f"heads.{name}.{index}.weight"] = linear.weight.detach().contiguous().cpu()
         tensors[f"heads.{name}.{index}.bias"] = linear.bias.detach().contiguous().cpu()
     return {**{k: v for k, v in meta.items() if k != "config"}, "config": config}, tensors
