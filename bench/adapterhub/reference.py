@@ -144,15 +144,7 @@ def make(out: Path, minilm: str) -> None:
         {"head": None, "with_head": False},
     )  # logits: the last hidden state
 
-    def static():  # a transformers model with its own head, adapters added with adapters.init
-        torch.manual_seed(0)
-        model = T.BertForSequenceClassification.from_pretrained(tiny, num_labels=3, attn_implementation="eager")
-        adapters.init(model)
-        model.add_adapter("t", config=_config("seq_bn", "gelu", 4))
-        model.set_active_adapters("t")
-        _randomise(model, "t", 99)
-        return model
-
+    static = _static(T.BertForSequenceClassification, tiny, _config("seq_bn", "gelu", 4), 99)
     _case(out, "tiny-seq_bn-static", "tiny-bert", static, ids, mask, {"head": "classification"})
 
     for arch in ("double_seq_bn", "seq_bn"):
@@ -176,9 +168,24 @@ def make(out: Path, minilm: str) -> None:
             )
 
 
+def _static(cls, base: str, config, seed: int):
+    """A transformers model with its own (static) head, the adapter added with ``adapters.init``."""
+    import adapters
+
+    def build():
+        torch.manual_seed(0)
+        model = cls.from_pretrained(base, num_labels=3, attn_implementation="eager")
+        adapters.init(model)
+        model.add_adapter("t", config=config)
+        model.set_active_adapters("t")
+        _randomise(model, "t", seed)
+        return model
+
+    return build
+
+
 def _roberta(out: Path, ids, mask, flex) -> None:
     """A tiny random RoBERTa: its classifier is AdapterHub's two-layer head (no pooler)."""
-    import adapters
     import transformers as T
 
     torch.manual_seed(0)
@@ -211,15 +218,7 @@ def _roberta(out: Path, ids, mask, flex) -> None:
         {"head": "token"},
     )
 
-    def static():
-        torch.manual_seed(0)
-        model = T.RobertaForSequenceClassification.from_pretrained(base, num_labels=3, attn_implementation="eager")
-        adapters.init(model)
-        model.add_adapter("t", config=_config("par_bn", "swish", 4))
-        model.set_active_adapters("t")
-        _randomise(model, "t", 502)
-        return model
-
+    static = _static(T.RobertaForSequenceClassification, base, _config("par_bn", "swish", 4), 502)
     _case(out, "roberta-par_bn-swish-static", "tiny-roberta", static, ids, mask, {"head": "classification"})
 
 
