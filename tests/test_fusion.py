@@ -109,6 +109,12 @@ def test_fusion_refusals():
     add_adapter(model, "p", AdapterConfig.preset("parallel", size=4))
     with pytest.raises(ConfigError, match="only sequential adapters fuse"):
         add_adapter(model, "g", AdapterConfig.preset("houlsby", size=4, fuse=("a", "p")))
+    from adaptune import Stack, save_adapterhub
+
+    with pytest.raises(ConfigError, match="is a fusion"):
+        set_active(model, Stack("a", "f"))
+    with pytest.raises(AdapterFileError, match="is an AdapterFusion"):
+        save_adapterhub(model, "f", "never-written")
     add_adapter(model, "one", AdapterConfig.preset("houlsby-ffn", size=4))
     with pytest.raises(ConfigError, match="other sub-layers"):
         add_fusion(model, "h", ["a", "one"])

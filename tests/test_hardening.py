@@ -32,6 +32,7 @@ from conftest import (
 from safetensors.torch import load_file, save_file
 
 import adaptune.training.checkpoint as ckpt
+import adaptune.core.atomic as atomic
 import adaptune.core.io as aio
 from adaptune import AdapterConfig, Bottleneck, add_adapter
 from adaptune.cpu import adapter_gemm
@@ -162,7 +163,7 @@ def test_a_crash_between_the_two_renames_is_recovered(tmp_path, monkeypatch):
     the next write, or loading a checkpoint, puts it back."""
     target = tmp_path / "ck"
     aio.atomic_write_dir(target, _write(target, "old"), overwrite=False)
-    monkeypatch.setattr(aio, "_exchange", lambda a, b: False)
+    monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)
     real, count = os.replace, []
 
     def crash_on_second(a, b):

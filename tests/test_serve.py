@@ -361,3 +361,28 @@ def test_generate_answers_and_streams_as_offline_generation(chat_server):
     status, body, _ = server.call("POST", "/v1/generate", {"task": "colours", "prompt": "hi", "top_p": "x"})
     assert status == 422 and "top_p" in body["error"]
     assert server.call("POST", "/v1/generate", {"task": "nine", "prompt": "hi"})[0] == 404
+
+
+def test_a_tagging_run_is_hot_loaded_and_served_beside_the_others(live, root, tiny_model_dir):
+    """A token-classification run on the same base, loaded at run time: its answers are its own
+    Predictor's (words, tags, entities), and the classification tasks keep theirs."""
+    from test_tagging import tagged_sentences, write_conll
+
+    from adaptune.cli.parser import main
+
+    train = write_conll(root / "ner-train.conll", tagged_sentences(40))
+    args = ["--quiet", "--model", str(tiny_model_dir), "--data", str(train), "--epochs", "1", "--batch-size", "8",
+            "--max-length", "8", "--device", "cpu"]  # fmt: skip
+    assert main(["train", "-o", str(root / "ner"), *args]) == 0
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    status, body, _ = live.call("POST", "/v1/adapters", {"path": "ner", "name": "ner"}, auth)
+    assert status == 201, body
+    texts = ["Anna Chen flew to Oslo .", "Bob met Maria"]
+    status, body, _ = live.call("POST", "/v1/predict", {"task": "ner", "inputs": texts})
+    assert status == 200, body
+    expected = Predictor(root / "ner", device="cpu").predict(texts)
+    assert [{k: v for k, v in row.items() if k != "task"} for row in body["outputs"]] == expected
+    status, body, _ = live.call("POST", "/v1/predict", {"task": "two", "inputs": TEXTS[:2]})
+    assert status == 200
+    _same(body["outputs"], Predictor(root / "two", device="cpu").predict(TEXTS[:2]))
+    assert live.call("DELETE", "/v1/adapters/ner", headers=auth)[0] == 200

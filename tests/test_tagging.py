@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import MINILM, one_error_line
 
-from adaptune import ConfigError, DataError
+from adaptune import DataError
 from adaptune.cli.parser import main
 from adaptune.data.entities import entity_scores, is_span_scheme, spans, tagging_metrics
 from adaptune.data.loading import load_task_data
@@ -233,13 +233,35 @@ def test_predict_gives_entities_with_offsets_and_reloads_identically(ner_runs, c
     assert "PER:Anna Chen[0:9]" in capsys.readouterr().out
 
 
-def test_eval_command_and_serving_refusal(ner_runs, capsys):
+def test_eval_command(ner_runs, capsys):
     capsys.readouterr()
     assert main(["eval", str(ner_runs / "full"), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert "entity_f1" in out.get("metrics", out)
-    with pytest.raises(ConfigError, match="token-classification run"):
-        MultiTaskPredictor([ner_runs / "adapter"], device="cpu")
+
+
+def test_a_tagging_task_is_served_beside_a_classification_task(ner_runs, tiny_model_dir, tmp_path):
+    """One shared base: the tagging task runs through it alone (its adapter, its token head at every
+    position), the classification task as usual; each equals its own run's Predictor."""
+    from conftest import write_reviews_csv
+
+    data = write_reviews_csv(tmp_path / "r.csv", n=32)
+    assert main(["train", "-o", str(tmp_path / "cls"), "--quiet", "--model", str(tiny_model_dir), "--data", str(data),
+                 "--text-column", "review", "--label-column", "score", "--epochs", "1", "--batch-size", "8",
+                 "--max-length", "16", "--device", "cpu"]) == 0  # fmt: skip
+    texts = ["Anna Chen flew to Oslo .", "great and tasty", "Bob met Maria in Paris .", "stale"]
+    tasks = ["ner", "cls", "ner", "cls"]
+    served = MultiTaskPredictor({"ner": ner_runs / "adapter", "cls": tmp_path / "cls"}, device="cpu")
+    got = served.predict(texts, tasks)
+    alone = {
+        "ner": Predictor(ner_runs / "adapter", device="cpu").predict(texts[0::2]),
+        "cls": Predictor(tmp_path / "cls", device="cpu").predict(texts[1::2]),
+    }
+    assert [{k: v for k, v in g.items() if k != "task"} for g in got[0::2]] == alone["ner"]
+    assert [g["task"] for g in got] == tasks and "tokens" in got[0]
+    for g, a in zip(got[1::2], alone["cls"]):
+        assert g["label"] == a["label"]
+        assert all(abs(g["probabilities"][k] - v) < 1e-5 for k, v in a["probabilities"].items()), (g, a)
 
 
 def compare_args(data, model_dir, out) -> list[str]:

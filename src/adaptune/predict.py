@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -18,7 +19,8 @@ import torch
 
 from adaptune.data.loading import Split, bucket_batches, collate, encode
 from adaptune.errors import ConfigError, DataError
-from adaptune.core.inject import _NAME, remove_adapter, set_active
+from adaptune.core.architectures import backbone
+from adaptune.core.inject import _NAME, remove_adapter, set_active, using_adapters
 from adaptune.core.io import load_adapter
 from adaptune.models.loading import load_classifier, load_tokenizer
 from adaptune.data.batching import encode_choices, encode_split
@@ -211,6 +213,22 @@ class Predictor:
         )
 
 
+class _TokenView(torch.nn.Module):
+    """The shared model seen as one token-classification task's model: the backbone through that
+    task's adapter (and norm copies), then its token head copy at every position (dropout off)."""
+
+    def __init__(self, model: torch.nn.Module, name: str) -> None:
+        super().__init__()
+        self.model, self.name = model, name
+        self.training = model.training  # evaluation restores the mode it found: the model's, not a default
+
+    def forward(self, **batch):
+        with using_adapters(self.model, self.name):
+            hidden = backbone(self.model)(**batch)[0]  # (B, T, d)
+            logits = self.model.adaptune.sets[self.name].head["classifier"](hidden)
+        return SimpleNamespace(logits=logits)
+
+
 class MultiTaskPredictor:
     """Several adapter runs on one shared base model: each text names its task.
 
@@ -308,7 +326,7 @@ class MultiTaskPredictor:
         encoded: list[dict | None] = [None] * len(texts)
         for name, task in self.tasks.items():  # each task's own max_length and pairing
             idx = [i for i, t in enumerate(tasks) if t == name]
-            if not idx:
+            if not idx or _head(task) == "token":
                 continue
             if task["text_pair"] and any(pairs[i] is None for i in idx):
                 raise DataError(f"task {name!r} takes text pairs: give a second text for each of its inputs")
@@ -318,8 +336,24 @@ class MultiTaskPredictor:
             for i, feature in zip(idx, encode(split, self.tokenizer, task["max_length"])):
                 encoded[i] = feature
         results: list[dict[str, Any] | None] = [None] * len(texts)
+        for name in dict.fromkeys(t for t in tasks if _head(self.tasks[t]) == "token"):  # each tagging task alone
+            idx = [i for i, t in enumerate(tasks) if t == name]
+            rows = tag_texts(
+                _TokenView(self.model, name),
+                self.tokenizer,
+                [texts[i] for i in idx],
+                self.tasks[name],
+                batch_size=batch_size,
+                pad_id=self.tokenizer.pad_token_id,
+                device=self.device,
+                autocast_ctx=contextlib.nullcontext,
+            )
+            for i, row in zip(idx, rows):
+                results[i] = {"task": name, **row}
+        seq = [i for i in range(len(texts)) if results[i] is None]  # one mixed batch for the sequence heads
         try:
-            for batch_idx in bucket_batches([len(e["input_ids"]) for e in encoded], batch_size, shuffle=False):
+            for part in bucket_batches([len(encoded[i]["input_ids"]) for i in seq], batch_size, shuffle=False):
+                batch_idx = [seq[j] for j in part]
                 batch = collate([encoded[i] for i in batch_idx], self.tokenizer.pad_token_id)
                 batch = {k: v.to(self.device) for k, v in batch.items() if k != "labels"}
                 set_active(self.model, [tasks[i] for i in batch_idx])

@@ -105,12 +105,14 @@ def name_runs(specs: list[str | os.PathLike]) -> dict[str, Path]:
 
 
 def _check_servable(task: dict[str, Any], folder: Path) -> None:
-    """Mixed-task batches share one sequence-classification model: a tagging or multiple-choice run
-    is refused."""
-    if _head(task) != "sequence":
+    """Several tasks share one sequence-classification model: sequence heads mix in one batch,
+    token-classification tasks run through it one task at a time; a multiple-choice or QA run is
+    refused."""
+    if _head(task) not in ("sequence", "token"):
         raise ConfigError(
             f"{folder} is a {task['task_type']} run: predict with 'adaptune predict {folder}' "
-            "(mixed batches serve classification, multi-label and regression tasks; this head is not supported yet)"
+            "(several tasks are served for classification, multi-label, regression and token classification; "
+            "this head is not supported yet)"
         )
     adapter = Path(folder) / "adapter" / "adapter_config.json"
     if adapter.is_file() and (json.loads(adapter.read_text(encoding="utf-8")).get("config") or {}).get("fuse"):

@@ -75,6 +75,11 @@ class AdapterContainer(nn.Module):
                 raise ConfigError(
                     f"the Stack names {unknown}, which this model does not have; it has {list(self.sets)}"
                 )
+            fused = [n for n in value if self.sets[n].config.fuse]
+            if fused:
+                raise ConfigError(
+                    f"{fused} {'is a fusion' if len(fused) == 1 else 'are fusions'}: a Stack runs adapters"
+                )
             self._active, self._mixed = value, False
         elif value is None or isinstance(value, str):
             if value is not None and value not in self.sets:

@@ -10,11 +10,10 @@ Writes are atomic: the folder appears complete or not at all.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 from collections.abc import Callable
@@ -23,7 +22,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from adaptune.core.architectures import ArchSpec, backbone, model_identity
+from adaptune.core.architectures import ArchSpec, backbone, model_identity, pooler_module
+from adaptune.core.atomic import atomic_write_dir, recover_swap  # noqa: F401 (recover_swap: re-exported)
 from adaptune.core.config import AdapterConfig
 from adaptune.errors import AdapterFileError, AdaptuneError
 from adaptune.core.inject import _require, add_adapter, get_container, remove_adapter
@@ -35,19 +35,21 @@ FUSED = "fused"  # a fusion's folder holds the adapters it fuses, one folder eac
 _TOP_FIELDS = {"format", "adaptune_version", "name", "config", "base", "tensors", "extra", "sha256"}
 
 
-def fingerprint(model: nn.Module) -> str:
+def fingerprint(model: nn.Module, skip: str | None = None) -> str:
     """A short hash of the base weights: names, shapes and 256 evenly spaced values per tensor.
 
     Values are rounded to bfloat16 first, so the same checkpoint loaded in float32 or bfloat16
     gives the same fingerprint; the task head and any adapters are left out. A base quantised by
     :func:`adaptune.models.quantize.quantize_base` gives the fingerprint of its weights before.
+    ``skip``: leave out the module at that backbone path (the pooler, which models built without
+    one, as token classifiers are, do not have).
     """
     kept = getattr(model, "adaptune_base_fingerprint", None)
-    if kept is not None:
+    if kept is not None and skip is None:
         return kept
     h = hashlib.sha256()
     for name, p in backbone(model).named_parameters():
-        if name.startswith("adaptune."):
+        if name.startswith("adaptune.") or (skip is not None and name.startswith(skip + ".")):
             continue
         flat = p.detach().reshape(-1)
         steps = min(256, flat.numel())  # evenly spaced, in integers (float32 rounds past 2**24 elements)
@@ -66,74 +68,6 @@ def base_identity(model: nn.Module) -> dict[str, Any]:
     if quantized is not None:  # trained on a quantised base; it loads on the full one too
         ident["quantized"] = quantized
     return ident
-
-
-def atomic_write_dir(path: Path, fill: Callable[[Path], None], overwrite: bool) -> None:
-    """Let ``fill`` write a temp folder beside ``path``, sync it, then swap it into place.
-
-    A crash at any point leaves either the old folder or the new one, never a mix and never
-    nothing; an existing folder is replaced only when ``overwrite`` is true. On Linux the swap is
-    one atomic exchange of the two folders (``renameat2(RENAME_EXCHANGE)``); elsewhere it is two
-    renames, and a crash between them leaves the old folder as ``.NAME.old-PID``, which the next
-    write or :func:`recover_swap` puts back.
-    """
-    path = Path(path)
-    recover_swap(path)
-    if path.exists() and not overwrite:
-        raise AdapterFileError(f"{path} already exists; choose another path or pass overwrite=True")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        fill(tmp)
-        for f in tmp.rglob("*"):
-            if f.is_file():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-        if not path.exists():
-            os.replace(tmp, path)
-        elif _exchange(tmp, path):  # tmp now holds the old folder
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def recover_swap(path: Path) -> bool:
-    """Put back the folder a crash between the two renames of a non-atomic swap left aside (the
-    newest ``.NAME.old-PID`` beside a missing ``path``); True when it did."""
-    path = Path(path)
-    if path.exists() or not path.parent.is_dir():
-        return False
-    left = sorted(path.parent.glob(f".{path.name}.old-*"), key=lambda p: p.stat().st_mtime)
-    if not left:
-        return False
-    os.replace(left[-1], path)
-    return True
-
-
-_RENAME_EXCHANGE = 2  # linux/fs.h
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap two paths in one atomic step (Linux ``renameat2``); False where it is not available."""
-    import ctypes
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        fn = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    at_fdcwd = -100
-    return fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0
 
 
 def save_adapter(
@@ -230,8 +164,10 @@ def _check_base(model: nn.Module, saved: dict[str, Any], where: Path) -> None:
                 f"adapter {where} was made for a base model with {key}={saved.get(key)!r}, "
                 f"but this model has {key}={here[key]!r}; load it on the base model it was trained on"
             )
-    if saved.get("fingerprint") != here["fingerprint"]:
-        raise AdapterFileError(
+    pooler = get_container(model).spec.pooler
+    without = fingerprint(model, skip=pooler) if pooler and saved.get("fingerprint") != here["fingerprint"] else None
+    if saved.get("fingerprint") not in (here["fingerprint"], without):  # (trained on the same base without
+        raise AdapterFileError(  # its pooler: a token-classification or RoBERTa-style model)
             f"adapter {where} was trained on different base weights (fingerprint {saved.get('fingerprint')} "
             f"vs {here['fingerprint']}); load the same checkpoint it was trained on, or pass check_base=False"
         )
@@ -310,6 +246,9 @@ def _load_own(model: nn.Module, path: Path, meta: dict, name: str, activate: boo
                 "from a run that diverged: train it again with a lower learning rate"
             )
 
+    pooler = pooler_module(model, get_container(model).spec)
+    if config.train_pooler and pooler is not None and not any(k.startswith("pooler.") for k in tensors):
+        config = dataclasses.replace(config, train_pooler=False)  # trained on this base built without its pooler
     fill_adapter(model, name, config, tensors, str(path / WEIGHTS), activate, check)
     return name
 

@@ -118,6 +118,11 @@ def save_adapterhub(
     family = getattr(model.config, "model_type", None)
     if family not in FAMILIES:
         raise AdapterFileError(f"AdapterHub folders are written for {', '.join(FAMILIES)} models; this is {family!r}")
+    if aset.config.fuse:
+        raise AdapterFileError(
+            f"adapter {name!r} is an AdapterFusion; export the adapters it fuses (AdapterHub fusion folders are read, "
+            "not written)"
+        )
     if len(aset.norms):
         raise AdapterFileError(
             f"adapter {name!r} trains its own layer-norm copies, which AdapterHub's format cannot hold; "
