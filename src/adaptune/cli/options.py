@@ -160,8 +160,10 @@ def add_config_options(
         if switch:
             p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=text)
         elif f.name in ("adapter_layers", "fuse"):
-            kind = int if f.name == "adapter_layers" else str
-            p.add_argument(flag, dest=f.name, type=kind, nargs="+", default=None, help=text, metavar="X")
+            kind, meta = (int, "LAYER") if f.name == "adapter_layers" else (str, "RUN")
+            p.add_argument(flag, dest=f.name, type=kind, nargs="+", default=None, help=text, metavar=meta)
+        elif f.name == "head_on":
+            p.add_argument(flag, dest=f.name, default=None, help=text, metavar="RUN")
         else:
             kind = _field_type(f.default, hints[f.name])
             p.add_argument(flag, dest=f.name, type=kind, default=None, help=text)
