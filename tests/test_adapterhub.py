@@ -328,3 +328,16 @@ def test_an_adapterhub_fusion_needs_its_adapters_and_the_dynamic_config(tmp_path
     with pytest.raises(AdapterFileError, match="value=False"):
         load_adapterhub_fusion(model, tmp_path / "static")
     assert set(model.adaptune.sets) == {"a", "b", "c"}
+
+
+def test_cli_converts_a_roberta_static_head(tmp_path):
+    """RoBERTa's static head is classifier.dense / classifier.out_proj: the label count comes from it."""
+    case = FIXTURES / "roberta-par_bn-swish-static"
+    e = json.loads((case / "expected.json").read_text())
+    base = FIXTURES / "tiny-roberta"
+    done = _cli("convert", case, "--from", "adapterhub", "--model", base, "-o", tmp_path / "ours", "--quiet")
+    assert done.returncode == 0, done.stderr
+    model = _model(base, "classification", labels=3)
+    load_adapter(model, tmp_path / "ours")
+    got = _logits(model, e["input_ids"], e["attention_mask"])
+    torch.testing.assert_close(got, torch.tensor(e["logits"]), rtol=0, atol=1e-5)

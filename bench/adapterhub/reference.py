@@ -23,10 +23,11 @@ ARCHS = ("double_seq_bn", "seq_bn", "par_bn")
 ACTS = ("relu", "gelu", "swish")
 
 
-def _tiny_config():
+def _tiny_config(cls=None):
+    """A 2-layer, 32-wide config of ``cls`` (default: BertConfig)."""
     import transformers as T
 
-    return T.BertConfig(
+    return (cls or T.BertConfig)(
         vocab_size=100,
         hidden_size=32,
         num_hidden_layers=2,
@@ -189,15 +190,7 @@ def _roberta(out: Path, ids, mask, flex) -> None:
     import transformers as T
 
     torch.manual_seed(0)
-    cfg = T.RobertaConfig(
-        vocab_size=100,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=37,
-        max_position_embeddings=64,
-    )
-    T.RobertaModel(cfg).save_pretrained(str(out / "tiny-roberta"))
+    T.RobertaModel(_tiny_config(T.RobertaConfig)).save_pretrained(str(out / "tiny-roberta"))
     base = str(out / "tiny-roberta")
     _case(
         out,

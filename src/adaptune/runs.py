@@ -3,7 +3,6 @@ dict, and naming several runs for serving. Shared by :mod:`adaptune.predict` and
 
 from __future__ import annotations
 
-import json
 
 import os
 from pathlib import Path
@@ -114,8 +113,8 @@ def _check_servable(task: dict[str, Any], folder: Path) -> None:
             "(several tasks are served for classification, multi-label, regression and token classification; "
             "this head is not supported yet)"
         )
-    adapter = Path(folder) / "adapter" / "adapter_config.json"
-    if adapter.is_file() and (json.loads(adapter.read_text(encoding="utf-8")).get("config") or {}).get("fuse"):
+    adapter = Path(folder) / "adapter"
+    if (adapter / "adapter_config.json").is_file() and read_adapter_config(adapter)["config"].fuse:
         raise ConfigError(
             f"{folder} is an AdapterFusion run, which runs for whole batches, not mixed with other tasks: "
             f"predict with 'adaptune predict {folder}'"

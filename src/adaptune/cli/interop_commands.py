@@ -33,7 +33,7 @@ def _import(args: argparse.Namespace) -> int:
     )
     kwargs = {}
     if head is not None:
-        kwargs["num_labels"] = foreign.head_tensors["head.classifier.weight"].shape[0]
+        kwargs["num_labels"] = foreign.num_labels
         if head == "multi-label":
             kwargs["problem_type"] = "multi_label_classification"
     model = cls.from_pretrained(base, **kwargs).eval()

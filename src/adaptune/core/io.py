@@ -91,19 +91,20 @@ def save_adapter(
     """
     container = _require(model, name)
     fused = container.sets[name].config.fuse
+    base = base_identity(model)  # once: the fused adapters' files carry the same
 
     def fill(folder: Path) -> None:
-        _write_files(model, name, folder, extra)
+        _write_files(model, name, folder, extra, base)
         for other in fused:  # a fusion carries the adapters it fuses, so that a reload needs nothing else
             (folder / FUSED / other).mkdir(parents=True)
-            _write_files(model, other, folder / FUSED / other, None)
+            _write_files(model, other, folder / FUSED / other, None, base)
 
     atomic_write_dir(Path(path), fill, overwrite)
     return Path(path)
 
 
-def _write_files(model: nn.Module, name: str, folder: Path, extra: dict | None) -> None:
-    """The weights and config of adapter ``name`` into ``folder``."""
+def _write_files(model: nn.Module, name: str, folder: Path, extra: dict | None, base: dict[str, Any]) -> None:
+    """The weights and config of adapter ``name`` into ``folder``, stamped with the base's identity."""
     aset = get_container(model).sets[name]
     tensors = {k: v.detach().contiguous().cpu() for k, v in aset.state_dict().items()}
     meta = {
@@ -111,7 +112,7 @@ def _write_files(model: nn.Module, name: str, folder: Path, extra: dict | None) 
         "adaptune_version": _version(),
         "name": name,
         "config": aset.config.to_dict(),
-        "base": base_identity(model),
+        "base": base,
         "tensors": sorted(tensors),
         "extra": extra or {},
     }

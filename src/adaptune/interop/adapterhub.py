@@ -40,11 +40,11 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from adaptune.core.architectures import head_modules, layer_list, spec_for
+from adaptune.core.architectures import layer_list, spec_for
 from adaptune.core.config import AdapterConfig
 from adaptune.core.io import CONFIG, few, fill_adapter
 from adaptune.errors import AdapterFileError, AdaptuneError
-from adaptune.interop.adapterhub_heads import to_model_layout
+from adaptune.interop.adapterhub_heads import model_head_tensors
 
 WEIGHTS_BIN, WEIGHTS_SAFE = "pytorch_adapter.bin", "adapter.safetensors"
 HEAD_CONFIG, HEAD_BIN, HEAD_SAFE = "head_config.json", "pytorch_model_head.bin", "model_head.safetensors"
@@ -81,6 +81,14 @@ class ForeignAdapter:
     labels: list[str] | None = None
     version: str | None = None
     head_activation: str = "tanh"  # of a two-layer head's first layer
+
+    @property
+    def num_labels(self) -> int | None:
+        """The head's output width (its last linear layer's rows), None without a head."""
+        last = self.head_tensors.get(
+            "head.classifier.weight", self.head_tensors.get("head.classifier.out_proj.weight")
+        )
+        return None if last is None else last.shape[0]
 
 
 def is_adapterhub_folder(path: str | os.PathLike) -> bool:
@@ -282,8 +290,7 @@ def _read_head(path: Path, out: ForeignAdapter) -> None:
         if set(tensors) not in (linear, dense):
             raise AdapterFileError(f"{path}: the static head holds {few(sorted(tensors))}; expected {sorted(linear)}")
         out.head, out.head_tensors = kind, {f"head.{k}": v for k, v in tensors.items()}
-        last = tensors.get("classifier.weight", tensors.get("classifier.out_proj.weight"))
-        out.labels = _labels(meta.get("label2id"), last.shape[0])
+        out.labels = _labels(meta.get("label2id"), out.num_labels)
         return
     if not isinstance(cfg, dict):
         raise AdapterFileError(f'{path / HEAD_CONFIG}: "config" must be an object or null')
@@ -329,17 +336,6 @@ def _labels(label2id: Any, n: int) -> list[str] | None:
     return [name for name, _ in sorted(label2id.items(), key=lambda kv: kv[1])]
 
 
-def model_head_kind(model: nn.Module) -> str | None:
-    """The kind of head a transformers model carries, as the folders name it (None: no head)."""
-    cls = type(model).__name__
-    if cls.endswith("ForTokenClassification"):
-        return "token"
-    if cls.endswith("ForSequenceClassification"):
-        multi = getattr(model.config, "problem_type", None) == "multi_label_classification"
-        return "multi-label" if multi else "classification"
-    return None
-
-
 def load_adapterhub(
     model: nn.Module,
     path: str | os.PathLike,
@@ -374,16 +370,7 @@ def load_adapterhub(
             f"{family} of width {model.config.hidden_size}: load it on the base it was trained on"
         )
     head = foreign.head if with_head else None
-    if head is not None and model_head_kind(model) not in (head, "multi-label" if head == "classification" else head):
-        raise AdapterFileError(
-            f"{path} carries a {head} head, but the model is a {type(model).__name__}; load the base as "
-            f"{'AutoModelForTokenClassification' if head == 'token' else 'AutoModelForSequenceClassification'} "
-            "(CLI: --task-type), or pass with_head=False"
-        )
-    heads = {}
-    if head is not None:  # RoBERTa-like families hold the two-layer head in their classifier
-        classifier = head_modules(model).get("classifier")
-        heads = to_model_layout(model, classifier, foreign.head_tensors, foreign.head_activation, path)
+    heads = model_head_tensors(model, foreign, path) if head is not None else {}
     pooler = any(k.startswith("pooler.") for k in heads)
     config = dataclasses.replace(foreign.config, train_head=head is not None, train_pooler=pooler)
     name = name or foreign.name

@@ -34,9 +34,8 @@ from adaptune.interop.adapterhub import (
     LOCATIONS,
     WEIGHTS_BIN,
     WEIGHTS_SAFE,
-    model_head_kind,
 )
-from adaptune.interop.adapterhub_heads import HEAD_ACTIVATION, from_model_layout
+from adaptune.interop.adapterhub_heads import HEAD_ACTIVATION, from_model_layout, model_head_kind
 
 VERSION = "adapters.1.3.0"  # the format written (AdapterHub stamps its version the same way)
 _EXPORT_ACTS = {"relu": "relu", "gelu": "gelu", "silu": "swish", "tanh": "tanh", "identity": "linear"}

@@ -21,7 +21,8 @@ from adaptune.core.config import AdapterConfig
 from adaptune.core.inject import fusion_config, get_container
 from adaptune.core.io import fill_adapter
 from adaptune.errors import AdapterFileError, AdaptuneError
-from adaptune.interop.adapterhub import ForeignAdapter, _json, _read_head, _weights, model_head_kind
+from adaptune.interop.adapterhub import ForeignAdapter, _json, _read_head, _weights
+from adaptune.interop.adapterhub_heads import model_head_tensors
 
 FUSION_CONFIG, FUSION_BIN, FUSION_SAFE = (
     "adapter_fusion_config.json",
@@ -83,9 +84,7 @@ def load_adapterhub_fusion(
     if with_head and (path / "head_config.json").is_file():
         head = ForeignAdapter(str(meta.get("name")), None, None, AdapterConfig(), {})
         _read_head(path, head)
-        if model_head_kind(model) not in (head.head, "multi-label" if head.head == "classification" else head.head):
-            raise AdapterFileError(f"{path} carries a {head.head} head, but the model is a {type(model).__name__}")
-        tensors.update(head.head_tensors)
+        tensors.update(model_head_tensors(model, head, path))
     pooler = any(k.startswith("pooler.") for k in tensors)
     config = AdapterConfig(
         train_layer_norms=False, train_embedding_norm=False, train_head=head is not None, train_pooler=pooler

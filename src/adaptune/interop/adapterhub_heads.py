@@ -2,13 +2,22 @@
 that head: RoBERTa, XLM-RoBERTa and ELECTRA put ``dense -> activation -> out_proj`` on the first
 token into ``classifier`` (no pooler), where BERT has a pooler (dense + tanh) and a linear
 ``classifier``. :mod:`adaptune.interop.adapterhub` reads a head as BERT's tensors (``pooler.*``,
-``head.classifier.*``); these move them to and from the other layout."""
+``head.classifier.*``); these move them to and from the other layout, and check that a model's
+head is of the kind the folder holds."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
 from torch import nn
 
+from adaptune.core.architectures import head_modules
 from adaptune.errors import AdapterFileError
+
+if TYPE_CHECKING:
+    from adaptune.interop.adapterhub import ForeignAdapter
 
 # the activation of each family's own classification head
 HEAD_ACTIVATION = {"bert": "tanh", "roberta": "tanh", "xlm-roberta": "tanh", "electra": "gelu"}
@@ -55,3 +64,28 @@ def from_model_layout(classifier: nn.Module, pooler: nn.Module | None) -> tuple[
     if not isinstance(classifier, nn.Linear):
         raise AdapterFileError(f"a {type(classifier).__name__} head is not written as an AdapterHub head")
     return ([pooler.dense, classifier], True) if pooler is not None else ([classifier], False)
+
+
+def model_head_kind(model: nn.Module) -> str | None:
+    """The kind of head a transformers model carries, as the folders name it (None: no head)."""
+    cls = type(model).__name__
+    if cls.endswith("ForTokenClassification"):
+        return "token"
+    if cls.endswith("ForSequenceClassification"):
+        multi = getattr(model.config, "problem_type", None) == "multi_label_classification"
+        return "multi-label" if multi else "classification"
+    return None
+
+
+def model_head_tensors(model: nn.Module, foreign: ForeignAdapter, path: Path) -> dict[str, torch.Tensor]:
+    """The head saved in an AdapterHub folder as tensors of ``model``'s own head (RoBERTa-like
+    families hold the two-layer head in their classifier); refused for a model with another head."""
+    head = foreign.head
+    if model_head_kind(model) not in (head, "multi-label" if head == "classification" else head):
+        raise AdapterFileError(
+            f"{path} carries a {head} head, but the model is a {type(model).__name__}; load the base as "
+            f"{'AutoModelForTokenClassification' if head == 'token' else 'AutoModelForSequenceClassification'} "
+            "(CLI: --task-type), or pass with_head=False"
+        )
+    classifier = head_modules(model).get("classifier")
+    return to_model_layout(model, classifier, foreign.head_tensors, foreign.head_activation, path)
