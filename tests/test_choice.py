@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import one_error_line
 
-from adaptune import ConfigError, DataError
+from adaptune import DataError
 from adaptune.cli.parser import main
 from adaptune.data.batching import collate, encode_choices
 from adaptune.data.loading import Split, load_task_data
@@ -123,9 +123,12 @@ def test_predict_and_reload_give_identical_choices(colour_run, capsys):
     one_error_line(capsys, "two or more choices")
 
 
-def test_serving_refuses_a_multiple_choice_run(colour_run):
-    with pytest.raises(ConfigError, match="multiple-choice run"):
-        MultiTaskPredictor([colour_run / "adapter"], device="cpu")
+def test_a_multiple_choice_run_is_served_on_a_shared_base(colour_run):
+    question, options = "which of these is a colour?", ["cat", "green", "owl"]
+    alone = Predictor(colour_run / "adapter", device="cpu").predict([question], [options])[0]
+    served = MultiTaskPredictor({"mc": colour_run / "adapter"}, device="cpu").predict([question], ["mc"], [options])[0]
+    assert served["answer"] == alone["answer"] and served["choices"] == options
+    assert all(abs(a - b) < 1e-5 for a, b in zip(served["probabilities"], alone["probabilities"]))
 
 
 def test_the_padded_choice_gets_no_probability(colour_run):

@@ -197,7 +197,8 @@ def test_fuse_command_trains_and_eval_reproduces_the_dev_metric(tiny_model_dir, 
         text=True,
         timeout=600,
     )
-    assert done.returncode == 2 and "AdapterFusion run" in done.stderr and done.stderr.count("\n") == 1
+    assert done.returncode == 0, done.stderr  # served beside one of the adapters it fuses
+    assert done.stdout.startswith("f\t") and done.stdout.split("\t")[1] in ("good", "bad", "meh")
 
 
 def test_head_on_trains_a_new_head_on_a_frozen_adapter(tiny_model_dir, tmp_path):

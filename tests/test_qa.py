@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import MINILM, one_error_line
 
-from adaptune import ConfigError, DataError
+from adaptune import DataError
 from adaptune.cli.parser import main
 from adaptune.data.loading import load_task_data
 from adaptune.data.qa import answer_or_null, best_spans, encode_qa
@@ -171,8 +171,12 @@ def test_predict_gives_the_answer_with_offsets_and_reloads_identically(qa_run, c
     assert rows[0]["answer"] == "Hanoi" and context[rows[0]["start"] : rows[0]["end"]] == "Hanoi"
     assert main(["predict", str(qa_run / "run"), f"Where did Mira move to?\t{context}", "--device", "cpu"]) == 0
     assert capsys.readouterr().out.startswith("Hanoi\t")
-    with pytest.raises(ConfigError, match="question-answering run"):
-        MultiTaskPredictor([qa_run / "run"], device="cpu")
+    served = MultiTaskPredictor({"qa": qa_run / "run"}, device="cpu").predict(
+        ["Where did Mira move to?"], ["qa"], [context]
+    )
+    assert (
+        served[0]["answer"] == "Hanoi" and abs(served[0]["score"] - rows[0]["score"]) < 1e-3
+    )  # served on a shared base
 
 
 def test_bad_squad_file_is_one_line_and_writes_nothing(tmp_path, capsys):

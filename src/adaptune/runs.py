@@ -101,21 +101,3 @@ def name_runs(specs: list[str | os.PathLike]) -> dict[str, Path]:
             )
         runs[name] = Path(folder)
     return runs
-
-
-def _check_servable(task: dict[str, Any], folder: Path) -> None:
-    """Several tasks share one sequence-classification model: sequence heads mix in one batch,
-    token-classification tasks run through it one task at a time; a multiple-choice or QA run is
-    refused."""
-    if _head(task) not in ("sequence", "token"):
-        raise ConfigError(
-            f"{folder} is a {task['task_type']} run: predict with 'adaptune predict {folder}' "
-            "(several tasks are served for classification, multi-label, regression and token classification; "
-            "this head is not supported yet)"
-        )
-    adapter = Path(folder) / "adapter"
-    if (adapter / "adapter_config.json").is_file() and read_adapter_config(adapter)["config"].fuse:
-        raise ConfigError(
-            f"{folder} is an AdapterFusion run, which runs for whole batches, not mixed with other tasks: "
-            f"predict with 'adaptune predict {folder}'"
-        )

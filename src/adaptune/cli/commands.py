@@ -146,22 +146,25 @@ def predict(args: argparse.Namespace) -> int:
 
 
 def _predict_many(args: argparse.Namespace, lines: list[str]) -> int:
-    from adaptune.predict import MultiTaskPredictor, name_runs
+    from adaptune.multitask import MultiTaskPredictor
+    from adaptune.runs import name_runs
 
     pred = MultiTaskPredictor(name_runs([args.run, *args.also]), device=args.device)
     tasks, texts, pairs = [], [], []
     for n, line in enumerate(lines, 1):
         fields = line.split(args.pair_sep)
         task = pred.tasks.get(fields[0])
-        if task is None or len(fields) != (3 if task["text_pair"] else 2):
+        choice = task is not None and task["task_type"] == "multiple-choice"
+        if task is None or (len(fields) < 4 if choice else len(fields) != (3 if task["text_pair"] else 2)):
             sep = "<tab>" if args.pair_sep == "\t" else args.pair_sep
             raise DataError(
-                f"line {n}: expected TASK{sep}TEXT (a pair task: TASK{sep}TEXT{sep}PAIR) "
-                f"with TASK one of {', '.join(pred.tasks)}; got {line[:60]!r}"
+                f"line {n}: expected TASK{sep}TEXT (a pair or QA task: TASK{sep}TEXT{sep}PAIR; multiple choice: "
+                f"TASK{sep}QUESTION{sep}CHOICE{sep}CHOICE...) with TASK one of {', '.join(pred.tasks)}; "
+                f"got {line[:60]!r}"
             )
         tasks.append(fields[0])
         texts.append(fields[1])
-        pairs.append(fields[2] if len(fields) == 3 else None)
+        pairs.append(fields[2:] if choice else fields[2] if len(fields) == 3 else None)
     _print_predictions(pred.predict(texts, tasks, pairs), args.json)
     return 0
 

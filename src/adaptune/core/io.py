@@ -182,6 +182,7 @@ def load_adapter(
     activate: bool = True,
     check_base: bool = True,
     arch: ArchSpec | None = None,
+    head: bool = True,
 ) -> str:
     """Load an adapter folder onto ``model`` as a new named adapter.
 
@@ -192,6 +193,9 @@ def load_adapter(
         activate: make it the active adapter.
         check_base: refuse a file made for a different base (type, size, depth, weights).
         arch: placement table for a custom model family.
+        head: load the saved head copy too; ``False`` leaves it out (the task's head then runs
+            elsewhere: :func:`adapter_tensors` reads it), e.g. a question-answering head served
+            on a sequence-classification model's backbone.
 
     Returns:
         The adapter's name on the model.
@@ -217,22 +221,36 @@ def load_adapter(
                     f"{path / FUSED}; load it first"
                 )
             loaded.append(load_adapter(model, path / FUSED / other, name=other, activate=False, check_base=check_base))
-        return _load_own(model, path, meta, name, activate)
+        return _load_own(model, path, meta, name, activate, head)
     except BaseException:
         for other in reversed(loaded):
             remove_adapter(model, other)
         raise
 
 
-def _load_own(model: nn.Module, path: Path, meta: dict, name: str, activate: bool) -> str:
-    """The adapter's own tensors (its fused adapters are on the model)."""
-    config: AdapterConfig = meta["config"]
+def adapter_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of an adapter folder as saved (``head.*``, ``pooler.*``, bottlenecks, norms), on
+    the CPU; not checked against a model (:func:`load_adapter` does that).
+
+    Raises:
+        AdapterFileError: the weights file is missing, truncated or damaged.
+    """
+    file = Path(path) / WEIGHTS
     try:
-        tensors = load_file(str(path / WEIGHTS), device="cpu")
+        return load_file(str(file), device="cpu")
     except Exception as e:  # safetensors raises its own error type for truncated/corrupt headers
         raise AdapterFileError(
-            f"{path / WEIGHTS} cannot be read ({str(e).splitlines()[0]}); the file is truncated or damaged"
+            f"{file} cannot be read ({str(e).splitlines()[0]}); the file is truncated or damaged"
         ) from None
+
+
+def _load_own(model: nn.Module, path: Path, meta: dict, name: str, activate: bool, head: bool = True) -> str:
+    """The adapter's own tensors (its fused adapters are on the model); ``head=False``: not its head."""
+    config: AdapterConfig = meta["config"]
+    tensors = adapter_tensors(path)
+    if not head and config.train_head:
+        config = dataclasses.replace(config, train_head=False)
+        tensors = {k: v for k, v in tensors.items() if not k.startswith("head.")}
 
     def check(tensors: dict[str, torch.Tensor]) -> None:
         if meta.get("sha256") is not None and meta["sha256"] != _sha256(path / WEIGHTS):

@@ -80,6 +80,14 @@ def load_tokenizer(name_or_path: str):
     return tok
 
 
+AUTO_CLASSES = {  # the transformers class of each kind of task head
+    "sequence": "AutoModelForSequenceClassification",
+    "token": "AutoModelForTokenClassification",
+    "choice": "AutoModelForMultipleChoice",
+    "qa": "AutoModelForQuestionAnswering",
+}
+
+
 def load_classifier(
     name_or_path: str, num_labels: int, *, dtype=None, pad_token_id: int | None = None, head: str = "sequence"
 ):
@@ -98,11 +106,9 @@ def load_classifier(
     """
     import transformers
 
-    autos = {"sequence": "AutoModelForSequenceClassification", "token": "AutoModelForTokenClassification"}
-    autos.update(choice="AutoModelForMultipleChoice", qa="AutoModelForQuestionAnswering")
-    if head not in autos:
-        raise ValueError(f"head must be one of {', '.join(autos)}, got {head!r}")
-    auto = getattr(transformers, autos[head])
+    if head not in AUTO_CLASSES:
+        raise ValueError(f"head must be one of {', '.join(AUTO_CLASSES)}, got {head!r}")
+    auto = getattr(transformers, AUTO_CLASSES[head])
     AutoConfig = transformers.AutoConfig
 
     path = existing_model_path(name_or_path, "a folder with config.json and weights")

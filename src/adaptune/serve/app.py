@@ -72,33 +72,45 @@ async def _body(request: Request, limit: int) -> dict:
     return body
 
 
-def _rows(body: dict, limits: Limits, pair_task: bool) -> list[tuple[str, str | None]]:
-    """``inputs`` as (text, pair) rows: strings, or [text, pair] / {"text", "pair"} for pair tasks."""
+def _rows(body: dict, limits: Limits, info: dict | None) -> list[tuple[str, str | list[str] | None]]:
+    """``inputs`` as (text, pair) rows: strings, or [text, pair] / {"text", "pair"} for pair tasks
+    (a question and its context, for QA); a multiple-choice task's [question, [choice, ...]] /
+    {"text", "choices"} give the list of choices as the pair."""
     inputs = body.get("inputs")
     if not isinstance(inputs, list) or not inputs:
         raise HTTPError(422, '"inputs" must be a non-empty list of texts')
     if len(inputs) > limits.max_inputs:
         raise HTTPError(413, f"{len(inputs)} inputs are over the limit of {limits.max_inputs} per request")
+    choice = bool(info) and info["task_type"] == "multiple-choice"
     rows = []
     for i, item in enumerate(inputs):
-        text, pair = _text_and_pair(item)
-        if not isinstance(text, str) or (pair is not None and not isinstance(pair, str)):
+        text, pair = _text_and_pair(item, choice)
+        if choice:
+            if not isinstance(text, str) or not _texts(pair, 2):
+                raise HTTPError(422, f'inputs[{i}] must be {{"text": question, "choices": [two or more texts]}}')
+        elif not isinstance(text, str) or (pair is not None and not isinstance(pair, str)):
             raise HTTPError(422, f"inputs[{i}] must be a text, or [text, pair] for a pair task")
-        if pair_task and pair is None:
-            raise HTTPError(422, f"inputs[{i}]: this task takes text pairs: give [text, pair]")
-        if len(text) + len(pair or "") > limits.max_chars:
+        elif info and info["text_pair"] and pair is None:
+            what = "[question, context]" if info["task_type"] == "question-answering" else "[text, pair]"
+            raise HTTPError(422, f"inputs[{i}]: this task takes text pairs: give {what}")
+        if len(text) + sum(map(len, pair if isinstance(pair, list) else [pair or ""])) > limits.max_chars:
             raise HTTPError(413, f"inputs[{i}] has over {limits.max_chars} characters (--max-chars)")
         rows.append((text, pair))
     return rows
 
 
-def _text_and_pair(item) -> tuple:
-    """An input as (text, pair): a string, [text, pair] or {"text", "pair"}; (None, None) for
-    anything else (a list of another length, a number), which the caller refuses."""
+def _texts(items, least: int) -> bool:
+    return isinstance(items, list) and len(items) >= least and all(isinstance(x, str) for x in items)
+
+
+def _text_and_pair(item, choice: bool = False) -> tuple:
+    """An input as (text, pair): a string, [text, pair] or {"text", "pair"} ({"text", "choices"}
+    for multiple choice); (None, None) for anything else (a list of another length, a number),
+    which the caller refuses."""
     if isinstance(item, str):
         return item, None
     if isinstance(item, dict):
-        return item.get("text"), item.get("pair")
+        return item.get("text"), item.get("choices" if choice else "pair")
     if isinstance(item, list) and len(item) == 2:
         return item[0], item[1]
     return None, None
@@ -151,7 +163,7 @@ class _Api:
         if info is None and self.engine.kind == "predict":
             raise self.unknown(task)
         request.state.task = task  # a served task: a metrics label (unknown names never become one)
-        rows = _rows(body, self.limits, bool(info and info["text_pair"]))
+        rows = _rows(body, self.limits, info)
         request.state.rows = len(rows)
         results = await _wait(_submit(self.engine.predict, task, rows), self.limits.timeout_s)
         return JSONResponse({"task": task, "outputs": results})

@@ -3,7 +3,7 @@ the model.
 
 Requests of every task wait in one queue; the batcher takes what is there (up to
 ``max_batch_size`` rows, waiting at most ``max_wait_ms`` for more after the first) and runs it as one
-mixed-task batch (:class:`adaptune.predict.MultiTaskPredictor`: each row through its own task's
+mixed-task batch (:class:`adaptune.multitask.MultiTaskPredictor`: each row through its own task's
 adapter, norm and head copies, in one forward pass). Loading and unloading adapters are queued
 too and run on the batcher between batches, so the model never changes under a running batch. A
 causal-LM engine (:class:`adaptune.lm.generate.Generator`) runs generation requests one at a
@@ -64,7 +64,7 @@ class Engine:
         on_batch: called on the batcher with (rows, tasks) after each batch (metrics).
 
     Raises:
-        ConfigError, AdapterFileError: as :class:`adaptune.predict.MultiTaskPredictor`.
+        ConfigError, AdapterFileError: as :class:`adaptune.multitask.MultiTaskPredictor`.
     """
 
     def __init__(
@@ -94,7 +94,7 @@ class Engine:
             self._start_generator(runs, device)
             self.base_name = self.generator.model.config.name_or_path
         else:
-            from adaptune.predict import MultiTaskPredictor
+            from adaptune.multitask import MultiTaskPredictor
 
             self.predictor = MultiTaskPredictor(dict(runs), device=device, base=base)
             self.base_name = self.predictor.base
@@ -179,7 +179,7 @@ class Engine:
 
     def predict(self, task: str, rows: list[tuple[str, str | None]]) -> Future:
         """Queue ``rows`` (text, pair) of ``task``; the future gives one result per row, as
-        :meth:`adaptune.predict.MultiTaskPredictor.predict`."""
+        :meth:`adaptune.multitask.MultiTaskPredictor.predict`."""
         if self.predictor is None:
             raise ConfigError("this server serves causal-LM tasks: use /v1/generate")
         if not self.has_task(task):
