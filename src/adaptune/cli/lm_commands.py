@@ -100,6 +100,8 @@ def generate(args: argparse.Namespace) -> int:
 
 
 def convert(args: argparse.Namespace) -> int:
+    if args.run and args.source_format != "adapterhub":
+        raise ConfigError("--run writes a run folder from an AdapterHub adapter: use it with --from adapterhub")
     if args.source_format == "adapterhub" or args.target_format == "adapterhub":
         from adaptune.cli.interop_commands import convert_adapterhub
 

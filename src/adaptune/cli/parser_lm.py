@@ -72,6 +72,18 @@ def add_lm_commands(sub, _common) -> None:
         help="base model of the adapter (default: the one the run names; for --from adapterhub: minilm)",
     )
     p.add_argument("--no-head", dest="with_head", action="store_false", help="leave the prediction head out")
+    p.add_argument(
+        "--run",
+        action="store_true",
+        help="with --from adapterhub: write a run folder (adapter, tokenizer, task) that adaptune predict, "
+        "eval and serve read, instead of an adapter folder; needs a head",
+    )
+    p.add_argument(
+        "--max-length", type=int, default=128, help="with --run: tokens per input the run will read (default: 128)"
+    )
+    p.add_argument(
+        "--text-pair", action="store_true", help="with --run: the head was trained on pairs of texts (NLI, paraphrase)"
+    )
     _common(p)
 
 
