@@ -199,6 +199,8 @@ def test_qa_and_choice_over_http(bert_runs):
             assert status == 422 and "choices" in body["error"] and "\n" not in body["error"]
         status, body, _ = server.call("POST", "/v1/predict", {"task": "qa", "inputs": [CONTEXTS[0][0]]})
         assert status == 422 and "[question, context]" in body["error"]
+        status, body, _ = server.call("POST", "/v1/predict", {"task": "cls", "inputs": [["tasty", "a pair"]]})
+        assert status == 422 and "one text per input" in body["error"]
         status, body, _ = server.call("GET", "/v1/tasks")
         assert {n: t["task_type"] for n, t in body["tasks"].items()} == {
             "cls": "classification", "qa": "question-answering", "mc": "multiple-choice"}  # fmt: skip

@@ -93,6 +93,8 @@ def _rows(body: dict, limits: Limits, info: dict | None) -> list[tuple[str, str 
         elif info and info["text_pair"] and pair is None:
             what = "[question, context]" if info["task_type"] == "question-answering" else "[text, pair]"
             raise HTTPError(422, f"inputs[{i}]: this task takes text pairs: give {what}")
+        elif info and not info["text_pair"] and pair is not None:
+            raise HTTPError(422, f"inputs[{i}]: this task takes one text per input, not pairs")
         if len(text) + sum(map(len, pair if isinstance(pair, list) else [pair or ""])) > limits.max_chars:
             raise HTTPError(413, f"inputs[{i}] has over {limits.max_chars} characters (--max-chars)")
         rows.append((text, pair))
