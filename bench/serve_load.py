@@ -92,8 +92,6 @@ class Server:
             *specs,
             "--port",
             str(self.port),
-            "--device",
-            "cpu",
             *(["--quiet"] if quiet else []),
         ]
         self.log = tempfile.TemporaryFile("w+")  # the access log (a pipe could fill up and stall the server)
@@ -200,6 +198,7 @@ def main() -> None:
     ap.add_argument("--words", type=int, default=None, help="cut each review to its first N words (short inputs)")
     ap.add_argument("--runs", default=str(ROOT / "runs" / "serve-bench"))
     ap.add_argument("--json", default=str(ROOT / "bench" / "results" / "serve_load.json"))
+    ap.add_argument("--device", default="cpu", help="the servers' device: cpu (default), cuda (the GPU goal)")
     args = ap.parse_args()
     runs = prepare_runs(Path(args.runs))
     texts = review_texts()
@@ -210,6 +209,7 @@ def main() -> None:
     one = [(TASKS[0], text) for _, text in mixed]
     warm = mixed[:64]
     batching = ["--max-batch-size", str(args.max_batch_size), "--max-wait-ms", str(args.max_wait_ms)]
+    batching += ["--device", args.device]
     report = {"settings": vars(args), "cpu_count": os.cpu_count(), "phases": {}}
     phases = report["phases"]
 
@@ -228,7 +228,7 @@ def main() -> None:
     phase("batched-mixed", server, mixed, args.clients)
     phase("batched-one-task", server, one, args.clients)
     server.stop()
-    server = Server(runs, args.server_threads, ["--no-batching"])
+    server = Server(runs, args.server_threads, ["--no-batching", "--device", args.device])
     for c in (1, 2, 4):
         phase(f"unbatched-mixed-c{c}", server, mixed, c)
     server.stop()
