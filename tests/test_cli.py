@@ -69,6 +69,10 @@ def test_predict_from_arguments_and_stdin(run_dir, capsys, monkeypatch):
     rows = [json.loads(ln) for ln in capsys.readouterr().out.strip().splitlines()]
     assert [r["text"] for r in rows] == ["tasty", "stale"]
     assert all(set(r["probabilities"]) == {"good", "bad"} for r in rows)
+    # bytes that are not UTF-8 on standard input: one line and exit 2 (not a tokenizer's TypeError)
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"tasty \xff\xfe\n"), errors="surrogateescape"))
+    assert main(["predict", str(run_dir)]) == 2
+    one_error_line(capsys, "not UTF-8")
 
 
 def test_info_shows_the_parameter_breakdown(run_dir, capsys):

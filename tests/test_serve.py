@@ -227,6 +227,20 @@ BAD = {
     "not a run": ("POST", "/v1/adapters", {"path": "not-a-run"}, None, "auth", 422, "not a finished run"),
     "bad name": ("POST", "/v1/adapters", {"path": "three", "name": "9 x"}, None, "auth", 422, "not usable"),
     "unload unknown": ("DELETE", "/v1/adapters/nine", None, None, "auth", 404, "no task named 'nine'"),
+    "lone surrogate": ("POST", "/v1/predict", None, b'{"task": "two", "inputs": ["\\ud800 x"]}', {}, 422, "surrogate"),
+    "a pair for a one-text task": (
+        "POST",
+        "/v1/predict",
+        {"task": "two", "inputs": [["a", "b"]]},
+        None,
+        {},
+        422,
+        "one text per input",
+    ),  # fmt: skip
+    "null byte in a path": ("POST", "/v1/adapters", {"path": "a\u0000b"}, None, "auth", 422, "no folder name has"),
+    "surrogate in a path": ("POST", "/v1/adapters", None, b'{"path": "\\ud800"}', "auth", 422, "no folder name"),
+    "empty name": ("POST", "/v1/adapters", {"path": "three", "name": ""}, None, "auth", 422, "is empty"),
+    "trailing slash": ("GET", "/v1/tasks/", None, None, {}, 404, "no such endpoint"),
 }
 
 

@@ -197,6 +197,8 @@ def test_qa_and_choice_over_http(bert_runs):
         for bad in ([question, "blue"], {"text": question, "choices": ["one"]}, question):
             status, body, _ = server.call("POST", "/v1/predict", {"task": "mc", "inputs": [bad]})
             assert status == 422 and "choices" in body["error"] and "\n" not in body["error"]
+        status, body, _ = server.call("POST", "/v1/predict", {"task": "mc", "inputs": [[question, [""] * 17]]})
+        assert status == 413 and "--max-choices" in body["error"]  # 16 by default: bounded work per input
         status, body, _ = server.call("POST", "/v1/predict", {"task": "qa", "inputs": [CONTEXTS[0][0]]})
         assert status == 422 and "[question, context]" in body["error"]
         status, body, _ = server.call("POST", "/v1/predict", {"task": "cls", "inputs": [["tasty", "a pair"]]})

@@ -13,6 +13,11 @@ class ConfigError(AdaptuneError, ValueError):
     """An adapter or training configuration is invalid."""
 
 
+class NameConflict(ConfigError):
+    """A name is taken (a served task, an adapter a fusion brought), or an adapter is still in use
+    by another (a fusion that fuses it)."""
+
+
 class ArchitectureError(AdaptuneError):
     """The model's family is not supported, or a placement path does not resolve on it."""
 

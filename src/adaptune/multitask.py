@@ -21,7 +21,7 @@ from adaptune.core.inject import get_container
 from adaptune.core.inject import _NAME, remove_adapter, set_active
 from adaptune.core.io import adapter_tensors, load_adapter, read_adapter_config
 from adaptune.data.loading import Split, bucket_batches, collate, encode
-from adaptune.errors import ConfigError, DataError
+from adaptune.errors import ConfigError, DataError, NameConflict
 from adaptune.models.loading import load_classifier, load_tokenizer
 from adaptune.models.views import TaskView, task_view
 from adaptune.runs import _head, _num_outputs, _row, name_runs, read_run
@@ -92,12 +92,12 @@ class MultiTaskPredictor:
         if not isinstance(name, str) or not _NAME.match(name):
             raise ConfigError(f"task name {name!r} is not usable: use letters, digits, '_' and '-'")
         if name in self.tasks:
-            raise ConfigError(f"a task named {name!r} is already served; unload it first or pick another name")
+            raise NameConflict(f"a task named {name!r} is already served; unload it first or pick another name")
         _, task = _read_servable(folder)
         meta = read_adapter_config(folder / "adapter")
         if name in self._sha:  # an adapter a served fusion brought: the same one can be served as a task
             if meta.get("sha256") is None or meta.get("sha256") != self._sha[name] or _head(task) != "sequence":
-                raise ConfigError(
+                raise NameConflict(
                     f"a served fusion uses another adapter named {name!r}; "
                     "serve this run under another name (NAME=FOLDER)"
                 )
@@ -135,7 +135,7 @@ class MultiTaskPredictor:
                 else None
             )
             if mine is None or mine != self._sha[other]:
-                raise ConfigError(
+                raise NameConflict(
                     f"{adapter.parent} fuses an adapter {other!r}, and another adapter of that name is already "
                     f"served; serve that task under another name (NAME=FOLDER)"
                 )
@@ -147,8 +147,11 @@ class MultiTaskPredictor:
         if name not in self.tasks:
             raise ConfigError(f"no task named {name!r}; served: {', '.join(self.tasks) or 'none'}")
         sets = get_container(self.model).sets
+        users = [n for n, aset in sets.items() if name in aset.config.fuse]
+        if users:
+            raise NameConflict(f"task {name!r} is fused by the served {', '.join(users)}; unload {users[0]!r} first")
         fuse = sets[name].config.fuse
-        remove_adapter(self.model, name)  # refused while a served fusion uses it
+        remove_adapter(self.model, name)
         del self.tasks[name], self._sha[name]
         self.views.pop(name, None)
         used = {n for aset in sets.values() for n in aset.config.fuse}

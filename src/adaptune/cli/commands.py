@@ -6,11 +6,10 @@ import argparse
 import dataclasses
 import json
 import os
-import sys
 from pathlib import Path
 
 from adaptune.cli.lm_commands import _eval_lm, _lm_line
-from adaptune.cli.options import EVAL_DATA_OPTIONS, config_from, print_json
+from adaptune.cli.options import EVAL_DATA_OPTIONS, config_from, print_json, read_stdin
 from adaptune.data.metrics import single_class_warning
 from adaptune.errors import ConfigError, DataError
 
@@ -117,7 +116,7 @@ def predict(args: argparse.Namespace) -> int:
     else:
         src = args.file or "-"
         try:
-            lines = (sys.stdin.read() if src == "-" else Path(src).read_text(encoding="utf-8")).splitlines()
+            lines = (read_stdin() if src == "-" else Path(src).read_text(encoding="utf-8")).splitlines()
         except FileNotFoundError:
             raise DataError(f"file {src} does not exist") from None
         except UnicodeDecodeError:

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from adaptune.errors import ConfigError, DataError
-from adaptune.cli.options import print_json
+from adaptune.cli.options import print_json, read_stdin
 
 
 def _lm_line(result: dict) -> str:
@@ -66,7 +66,7 @@ def _read_prompt(args: argparse.Namespace) -> str:
         return " ".join(args.prompt)
     if sys.stdin is None or sys.stdin.isatty():
         raise DataError("no prompt: pass it as arguments or on standard input")
-    text = sys.stdin.read().strip()
+    text = read_stdin().strip()
     if not text:
         raise DataError("the prompt on standard input is empty")
     return text

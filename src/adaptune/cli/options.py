@@ -185,3 +185,19 @@ def config_from(args: argparse.Namespace, cls, base=None):
 
 def print_json(obj: Any) -> None:
     print(json.dumps(obj, indent=2, default=str))
+
+
+def read_stdin() -> str:
+    """Standard input as UTF-8 text; anything else is a one-line :class:`DataError` (Python's
+    own reader may pass undecodable bytes through as surrogates, which tokenizers refuse)."""
+    import sys
+
+    from adaptune.errors import DataError
+
+    raw = getattr(sys.stdin, "buffer", None)
+    if raw is None:  # replaced by a text stream (tests, embedding)
+        return sys.stdin.read()
+    try:
+        return raw.read().decode("utf-8")
+    except UnicodeDecodeError:
+        raise DataError("standard input is not UTF-8 text; re-encode it as UTF-8") from None

@@ -113,7 +113,8 @@ def _add_run_commands(sub) -> None:
         default=[],
         metavar="RUN",
         help="serve another adapter run on the same base (repeatable); then each line is "
-        "'TASK<tab>TEXT' (a pair task: 'TASK<tab>TEXT<tab>PAIR'), TASK a run folder's name, "
+        "'TASK<tab>TEXT' (a pair task: 'TASK<tab>TEXT<tab>PAIR'; QA: 'TASK<tab>QUESTION<tab>CONTEXT'; multiple "
+        "choice: 'TASK<tab>QUESTION<tab>CHOICE<tab>CHOICE...'), TASK a run folder's name, "
         "or the NAME of a run given as NAME=FOLDER",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object per text")

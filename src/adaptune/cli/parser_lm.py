@@ -107,6 +107,7 @@ def add_serve_command(sub, _common) -> None:
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default: 1 MiB)")
     p.add_argument("--max-inputs", type=int, default=64, help="most inputs in one request (default: 64)")
     p.add_argument("--max-chars", type=int, default=20_000, help="longest input in characters (default: 20000)")
+    p.add_argument("--max-choices", type=int, default=16, help="most choices of a multiple-choice input (default: 16)")
     p.add_argument("--timeout-s", type=float, default=30.0, help="answer 504 after this long (default: 30)")
     p.add_argument("--adapter-root", default=None, help="the one folder POST /v1/adapters may load runs from")
     p.add_argument(

@@ -21,7 +21,7 @@ def serve(args: argparse.Namespace) -> int:
 
     if not 0 < args.port < 65536:
         raise ConfigError(f"--port must be between 1 and 65535, got {args.port}")
-    for flag in ("max_body_bytes", "max_inputs", "max_chars"):
+    for flag in ("max_body_bytes", "max_inputs", "max_chars", "max_choices"):
         if getattr(args, flag) < 1:
             raise ConfigError(f"--{flag.replace('_', '-')} must be at least 1")
     if args.timeout_s <= 0:
@@ -42,7 +42,7 @@ def serve(args: argparse.Namespace) -> int:
         max_queue=args.max_queue,
         batching=not args.no_batching,
     )
-    limits = Limits(args.max_body_bytes, args.max_inputs, args.max_chars, args.timeout_s)
+    limits = Limits(args.max_body_bytes, args.max_inputs, args.max_chars, args.timeout_s, args.max_choices)
     token = args.token or os.environ.get("ADAPTUNE_SERVE_TOKEN") or None
     app = create_app(engine, limits=limits, token=token, adapter_root=root, base_name=args.model or engine.base_name)
     if not args.quiet:  # one JSON line per request on stderr

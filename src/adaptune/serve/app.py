@@ -24,7 +24,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from adaptune.errors import AdaptuneError
+from adaptune.errors import AdaptuneError, NameConflict
 from adaptune.serve.engine import Engine, QueueFull, UnknownTask
 from adaptune.serve.metrics import Metrics
 from adaptune.serve.page import PAGE
@@ -40,6 +40,7 @@ class Limits:
     max_inputs: int = 64
     max_chars: int = 20_000
     timeout_s: float = 30.0
+    max_choices: int = 16
 
 
 class HTTPError(Exception):
@@ -88,6 +89,8 @@ def _rows(body: dict, limits: Limits, info: dict | None) -> list[tuple[str, str 
         if choice:
             if not isinstance(text, str) or not _texts(pair, 2):
                 raise HTTPError(422, f'inputs[{i}] must be {{"text": question, "choices": [two or more texts]}}')
+            if len(pair) > limits.max_choices:
+                raise HTTPError(413, f"inputs[{i}] has {len(pair)} choices, over {limits.max_choices} (--max-choices)")
         elif not isinstance(text, str) or (pair is not None and not isinstance(pair, str)):
             raise HTTPError(422, f"inputs[{i}] must be a text, or [text, pair] for a pair task")
         elif info and info["text_pair"] and pair is None:
@@ -95,10 +98,22 @@ def _rows(body: dict, limits: Limits, info: dict | None) -> list[tuple[str, str 
             raise HTTPError(422, f"inputs[{i}]: this task takes text pairs: give {what}")
         elif info and not info["text_pair"] and pair is not None:
             raise HTTPError(422, f"inputs[{i}]: this task takes one text per input, not pairs")
-        if len(text) + sum(map(len, pair if isinstance(pair, list) else [pair or ""])) > limits.max_chars:
+        parts = [text, *(pair if isinstance(pair, list) else [pair or ""])]
+        if sum(map(len, parts)) > limits.max_chars:
             raise HTTPError(413, f"inputs[{i}] has over {limits.max_chars} characters (--max-chars)")
+        if not all(map(_encodable, parts)):
+            raise HTTPError(422, f"inputs[{i}] holds a character that is not text (a lone UTF-16 surrogate)")
         rows.append((text, pair))
     return rows
+
+
+def _encodable(text: str) -> bool:
+    """Whether ``text`` is valid Unicode text (JSON may carry lone surrogates; tokenizers refuse them)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return "\x00" not in text
 
 
 def _texts(items, least: int) -> bool:
@@ -198,6 +213,8 @@ class _Api:
         path, name = body.get("path"), body.get("name")
         if not isinstance(path, str) or (name is not None and not isinstance(name, str)):
             raise HTTPError(422, '"path" must be a run folder (under the adapter root) and "name" a text')
+        if not _encodable(path) or name == "":
+            raise HTTPError(422, '"path" holds a character no folder name has, or "name" is empty')
         folder = (self.root / path).resolve()
         if folder != self.root and self.root not in folder.parents:
             raise HTTPError(403, f"{path} is outside the adapter root {self.root}")
@@ -206,10 +223,7 @@ class _Api:
         name = name or folder.name
         if self.engine.has_task(name):
             raise HTTPError(409, f"a task named {name!r} is already served; unload it first or pick another name")
-        try:
-            info = await _wait(_submit(self.engine.load, name, folder), self.limits.timeout_s)
-        except AdaptuneError as e:
-            raise HTTPError(409 if "already served" in str(e) else 422, str(e)) from None
+        info = await _wait(_submit(self.engine.load, name, folder), self.limits.timeout_s)  # 409 on a clash
         request.state.task = name
         return JSONResponse({"name": name, "task": info}, 201)
 
@@ -260,6 +274,7 @@ def create_app(
     ]
     guarded = [Route(r.path, _guarded(r.endpoint), methods=r.methods) for r in routes]
     app = Starlette(routes=guarded, lifespan=lifespan)
+    app.router.redirect_slashes = False  # /v1/tasks/ is an unknown endpoint (JSON 404), not a redirect
     app.add_exception_handler(404, _not_found)
     app.add_exception_handler(405, _not_allowed)
     return AccessLog(app, api.metrics, {r.path for r in routes})
@@ -335,6 +350,8 @@ def _guarded(endpoint):
             return _error(e.status, e.message, e.headers)
         except UnknownTask as e:  # unloaded while the request waited
             return _error(404, str(e))
+        except NameConflict as e:  # a name taken, an adapter a fusion still uses
+            return _error(409, str(e))
         except AdaptuneError as e:
             return _error(422, str(e))
         except Exception as e:  # a bug: say so in one line, keep serving

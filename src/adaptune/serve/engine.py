@@ -24,7 +24,7 @@ from collections.abc import Callable
 
 from adaptune.core.inject import list_adapters, remove_adapter
 from adaptune.core.io import fingerprint
-from adaptune.errors import AdaptuneError, ConfigError
+from adaptune.errors import AdaptuneError, ConfigError, NameConflict
 
 _STOP = object()
 
@@ -209,7 +209,7 @@ class Engine:
                 self.predictor.add_run(name, folder)
             else:
                 if name in self._tasks_lm:
-                    raise ConfigError(f"a task named {name!r} is already served; unload it first or pick another name")
+                    raise NameConflict(f"a task named {name!r} is already served; unload it first or pick another")
                 self.generator.add_adapter(folder, name=name)
                 self._tasks_lm[name] = {"task_type": "causal-lm"}
             self._described = None
