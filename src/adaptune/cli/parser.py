@@ -112,10 +112,9 @@ def _add_run_commands(sub) -> None:
         action="append",
         default=[],
         metavar="RUN",
-        help="serve another adapter run on the same base (repeatable); then each line is "
-        "'TASK<tab>TEXT' (a pair task: 'TASK<tab>TEXT<tab>PAIR'; QA: 'TASK<tab>QUESTION<tab>CONTEXT'; multiple "
-        "choice: 'TASK<tab>QUESTION<tab>CHOICE<tab>CHOICE...'), TASK a run folder's name, "
-        "or the NAME of a run given as NAME=FOLDER",
+        help="serve another adapter run on the same base (repeatable); then each line is 'TASK<tab>TEXT' (pair, QA: "
+        "'TASK<tab>TEXT<tab>PAIR'; multiple choice: 'TASK<tab>QUESTION<tab>CHOICE<tab>CHOICE...'), TASK a run "
+        "folder's name, or the NAME of a run given as NAME=FOLDER",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object per text")
     p.add_argument("--device", default="auto", help=TRAIN_HELP["device"])
