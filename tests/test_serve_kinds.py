@@ -213,3 +213,21 @@ def test_qa_and_choice_over_http(bert_runs):
     finally:
         server.stop()
         engine.close()
+
+
+def test_a_batch_counts_each_choice_of_a_multiple_choice_row(bert_runs):
+    """--max-batch-size bounds sequences: three 3-choice questions with a budget of 4 run as three batches."""
+    from test_serve import _blocked
+
+    batches = []
+    engine = Engine({"mc": bert_runs["mc"]}, device="cpu", max_batch_size=4, max_wait_ms=50,
+                    on_batch=lambda rows, tasks: batches.append(rows))  # fmt: skip
+    try:
+        gate = _blocked(engine)
+        question, options = CHOICES[0]
+        futures = [engine.predict("mc", [(question, options)]) for _ in range(3)]
+        gate.set()
+        assert all(f.result(60)[0]["choices"] == options for f in futures)
+        assert batches == [1, 1, 1]
+    finally:
+        engine.close()

@@ -48,6 +48,11 @@ class _Job:
     future: Future = field(default_factory=Future)
     queued: float = field(default_factory=time.perf_counter)
 
+    @property
+    def size(self) -> int:
+        """Sequences it adds to a batch: a multiple-choice row is one per choice."""
+        return sum(len(pair) if isinstance(pair, list) else 1 for _, pair in self.rows)
+
 
 class Engine:
     """Serves finished runs of ``adaptune train`` on one shared base.
@@ -244,7 +249,7 @@ class Engine:
             if job.call is not None:
                 _resolve(job, job.call)
                 continue
-            jobs, rows = [job], len(job.rows)
+            jobs, rows = [job], job.size
             deadline = time.perf_counter() + self.max_wait
             while self.batching and rows < self.max_batch_size:
                 left = deadline - time.perf_counter()
@@ -257,11 +262,11 @@ class Engine:
                 if nxt is not _STOP:
                     with self._lock:
                         self._waiting -= 1
-                if nxt is _STOP or nxt.call is not None or rows + len(nxt.rows) > self.max_batch_size:
+                if nxt is _STOP or nxt.call is not None or rows + nxt.size > self.max_batch_size:
                     held = nxt  # after this batch
                     break
                 jobs.append(nxt)
-                rows += len(nxt.rows)
+                rows += nxt.size
             self._run_batch(jobs)
 
     def _run_batch(self, jobs: list[_Job]) -> None:
