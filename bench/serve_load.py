@@ -27,6 +27,8 @@ arithmetic per row and more of it is per-call overhead that batching shares.
 
 Run:  OMP_NUM_THREADS=1 .venv/bin/python bench/serve_load.py [--requests 600] [--clients 16]
       [--words 8 --json bench/results/serve_load_short.json]
+On a machine without the shipped packages (a lent GPU): ``--make-kit DIR`` here, carry DIR, then
+``--kit DIR --runs DIR/runs --device cuda`` there (docs/serve.md).
 """
 
 from __future__ import annotations
@@ -51,28 +53,68 @@ ROOT = Path(__file__).resolve().parent.parent
 TASKS = ["reviews_a", "reviews_b", "reviews_c", "reviews_d"]
 
 
-def prepare_runs(folder: Path) -> dict[str, Path]:
-    """The 4 adapter runs (trained once, then reused)."""
+def prepare_runs(folder: Path, kit: Path | None = None, device: str = "cpu") -> dict[str, Path]:
+    """The 4 adapter runs (trained once, then reused); with a kit, on its base and reviews."""
     from adaptune.training.train import TrainConfig, train
 
+    source = {} if kit is None else dict(model=str(kit_base(kit)), data=str(kit / "reviews.csv"))
     runs = {}
     for seed, name in enumerate(TASKS):
         out = folder / name
         if not (out / "metrics.json").is_file():
             adapter = "houlsby" if seed % 2 == 0 else "pfeiffer"
-            cfg = TrainConfig(adapter=adapter, seed=seed, limit_train=300, epochs=1, max_length=64, device="cpu")
+            cfg = TrainConfig(
+                adapter=adapter, seed=seed, limit_train=300, epochs=1, max_length=64, device=device, **source
+            )
             print(f"training {name} ({adapter}, seed {seed}) ...", flush=True)
             train(cfg, out, quiet=True)
         runs[name] = out
     return runs
 
 
-def review_texts() -> list[str]:
+def review_texts(kit: Path | None = None) -> list[str]:
     from adaptune.data.loading import load_task_data
 
-    task = load_task_data("reviews")
+    task = load_task_data("reviews" if kit is None else str(kit / "reviews.csv"))
     split = task.test if task.test is not None else task.dev
     return [t for t in split.texts if t.strip()][:500]
+
+
+def make_kit(kit: Path) -> None:
+    """What a machine without the shipped packages needs (a GPU machine lent for minutes, which
+    cannot carry MiniLM's 90 MB of weights): MiniLM's config and tokenizer (``base/``; weights
+    drawn at random there, seeded: throughput does not depend on them) and the embedded reviews as
+    ``reviews.csv`` (text, label)."""
+    import csv
+    import shutil
+
+    from adaptune.data.loading import load_task_data
+    from adaptune.models.loading import existing_model_path
+
+    minilm = Path(existing_model_path("minilm", "the shipped MiniLM"))
+    (kit / "base").mkdir(parents=True, exist_ok=True)
+    for f in minilm.iterdir():
+        if f.is_file() and not f.name.endswith((".safetensors", ".bin", ".onnx")):
+            shutil.copy(f, kit / "base" / f.name)
+    task = load_task_data("reviews")
+    with open(kit / "reviews.csv", "w", newline="", encoding="utf-8") as out:
+        rows = csv.writer(out)
+        rows.writerow(["text", "label"])
+        for split in (task.train, task.dev, task.test):
+            rows.writerows((t, task.label_names[y]) for t, y in zip(split.texts, split.labels))
+    print(f"wrote {kit}: base/ (config and tokenizer, no weights) and reviews.csv")
+
+
+def kit_base(kit: Path) -> Path:
+    """The kit's base model folder, its random weights drawn once (seed 0)."""
+    base = kit / "base"
+    if not (base / "model.safetensors").is_file():
+        import torch
+        import transformers as T
+
+        torch.manual_seed(0)
+        T.AutoModel.from_config(T.AutoConfig.from_pretrained(base)).save_pretrained(base)
+    return base
 
 
 class Server:
@@ -199,9 +241,14 @@ def main() -> None:
     ap.add_argument("--runs", default=str(ROOT / "runs" / "serve-bench"))
     ap.add_argument("--json", default=str(ROOT / "bench" / "results" / "serve_load.json"))
     ap.add_argument("--device", default="cpu", help="the servers' device: cpu (default), cuda (the GPU goal)")
+    ap.add_argument("--kit", default=None, help="a folder from --make-kit: its base (random weights) and reviews")
+    ap.add_argument("--make-kit", default=None, metavar="DIR", help="write a kit for another machine, then stop")
     args = ap.parse_args()
-    runs = prepare_runs(Path(args.runs))
-    texts = review_texts()
+    if args.make_kit:
+        return make_kit(Path(args.make_kit))
+    kit = Path(args.kit) if args.kit else None
+    runs = prepare_runs(Path(args.runs), kit, "cpu" if args.device == "cpu" else args.device)
+    texts = review_texts(kit)
     if args.words:
         texts = [" ".join(t.split()[: args.words]) for t in texts]
     rng = random.Random(0)
