@@ -17,7 +17,7 @@ from test_qa import squad_file
 from test_serve import Live
 from test_tagging import tagged_sentences, write_conll
 
-from adaptune import AdapterFileError, ConfigError
+from adaptune import AdapterFileError, AdaptuneError, ConfigError
 from adaptune.cli.parser import main
 from adaptune.core.inject import get_container
 from adaptune.multitask import MultiTaskPredictor
@@ -231,3 +231,43 @@ def test_a_batch_counts_each_choice_of_a_multiple_choice_row(bert_runs):
         assert batches == [1, 1, 1]
     finally:
         engine.close()
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta", "electra", "distilbert"])
+@pytest.mark.parametrize("kind", ["token", "qa", "choice"])
+def test_a_view_of_the_shared_base_equals_the_tasks_own_model(family, kind, tmp_path):
+    """Per family and head kind: the task's model with its adapter (weights drawn away from zero),
+    against the shared sequence classifier seen through task_view; the same logits."""
+    from conftest import TINY_CONFIGS, tiny_batch
+
+    from adaptune import AdapterConfig, add_adapter, load_adapter, save_adapter
+    from adaptune.core.io import adapter_tensors
+    from adaptune.models.views import task_view
+
+    torch.manual_seed(0)
+    T.AutoModel.from_config(TINY_CONFIGS[family]()).save_pretrained(tmp_path / "base")
+    auto = {"token": T.AutoModelForTokenClassification, "qa": T.AutoModelForQuestionAnswering,
+            "choice": T.AutoModelForMultipleChoice}[kind]  # fmt: skip
+    outputs = {"token": 5, "qa": 2, "choice": 1}[kind]
+    own = auto.from_pretrained(tmp_path / "base", num_labels=outputs).eval()
+    add_adapter(own, "t", AdapterConfig.preset("houlsby", size=4))
+    with torch.no_grad():
+        for p in own.adaptune.sets["t"].parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    save_adapter(own, "t", tmp_path / "t")
+    shared = T.AutoModelForSequenceClassification.from_pretrained(tmp_path / "base", num_labels=2).eval()
+    try:
+        view = task_view(shared, "t", kind, outputs, adapter_tensors(tmp_path / "t"), "t")
+    except AdaptuneError as e:  # RoBERTa's multiple-choice head reads a pooler its classifier lacks
+        assert (family, kind) == ("roberta", "choice") and "pooler" in str(e)
+        return
+    load_adapter(shared, tmp_path / "t", name="t", activate=False, head=False)
+    batch = tiny_batch()
+    if kind == "choice":  # (questions, choices, tokens)
+        batch = {k: v.unsqueeze(0) for k, v in batch.items()}
+    with torch.no_grad():
+        want, got = own(**batch), view(**batch)
+    names = ["start_logits", "end_logits"] if kind == "qa" else ["logits"]
+    for n in names:
+        torch.testing.assert_close(getattr(got, n), getattr(want, n), rtol=0, atol=1e-5)
+    assert shared.adaptune.active is None  # the view routed for its own call only
