@@ -84,8 +84,13 @@ def _write_run(out: Path, model, name: str, foreign, head: str | None, base: str
     task.update(max_length=args.max_length, text_pair=args.text_pair)
     if head == "token":
         task["span_tags"] = is_span_scheme(labels)
-    cfg = TrainConfig(model=args.model or base, data=str(args.gguf), task_type=task["task_type"])
-    cfg = TrainConfig.from_dict({**cfg.to_dict(), "max_length": args.max_length, "train_layer_norms": False})
+    cfg = TrainConfig(
+        model=args.model or base,
+        data=str(args.gguf),
+        task_type=task["task_type"],
+        max_length=args.max_length,
+        train_layer_norms=False,
+    )
     tokenizer = load_tokenizer(base)
 
     def fill(folder: Path) -> None:

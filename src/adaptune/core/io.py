@@ -288,22 +288,9 @@ def fill_adapter(
     try:
         fit_head_widths(aset, tensors)
         get_container(model)._rebuild()  # the head copy's new width: another bank for mixed batches
-        expected = aset.state_dict()
-        missing = sorted(set(expected) - set(tensors))
-        unexpected = sorted(set(tensors) - set(expected))
-        shapes = sorted(k for k in set(expected) & set(tensors) if expected[k].shape != tensors[k].shape)
-        if missing or unexpected or shapes:
-            parts = []
-            if missing:
-                parts.append(f"missing {few(missing)}")
-            if unexpected:
-                parts.append(f"unexpected {few(unexpected)}")
-            if shapes:
-                parts.append(
-                    "shape mismatch "
-                    + few([f"{k} {tuple(tensors[k].shape)} vs {tuple(expected[k].shape)}" for k in shapes])
-                )
-            raise AdapterFileError(f"{where} does not fit this model: {'; '.join(parts)}")
+        problem = mismatch(aset.state_dict(), tensors)
+        if problem:
+            raise AdapterFileError(f"{where} does not fit this model: {problem}")
         if check is not None:
             check(tensors)
         aset.load_state_dict(tensors, strict=True)
@@ -313,6 +300,24 @@ def fill_adapter(
     if activate:
         get_container(model).active = name
     return aset
+
+
+def mismatch(expected: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor]) -> str | None:
+    """What keeps ``tensors`` from loading strictly where ``expected`` (a state dict) is: the
+    missing, unexpected and mis-shaped keys in one line; None when they fit."""
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    shapes = sorted(k for k in set(expected) & set(tensors) if expected[k].shape != tensors[k].shape)
+    parts = []
+    if missing:
+        parts.append(f"missing {few(missing)}")
+    if unexpected:
+        parts.append(f"unexpected {few(unexpected)}")
+    if shapes:
+        parts.append(
+            "shape mismatch " + few([f"{k} {tuple(tensors[k].shape)} vs {tuple(expected[k].shape)}" for k in shapes])
+        )
+    return "; ".join(parts) or None
 
 
 def fit_head_widths(aset: nn.Module, tensors: dict[str, torch.Tensor]) -> None:

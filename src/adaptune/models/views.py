@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from adaptune.core.architectures import backbone, head_modules, pooler_module, spec_for
-from adaptune.core.inject import get_container
-from adaptune.core.inject import using_adapters
+from adaptune.core.inject import get_container, using_adapters
+from adaptune.core.io import mismatch
 from adaptune.env import quiet_transformers
 from adaptune.errors import AdapterFileError
 from adaptune.models.loading import AUTO_CLASSES
@@ -43,8 +43,9 @@ def task_view(
     shared: nn.Module, name: str, kind: str, num_outputs: int, tensors: dict[str, torch.Tensor], where: str
 ) -> TaskView:
     """Adapter ``name`` of ``shared`` under a head of ``kind`` (``"token"``, ``"qa"``, ``"choice"``,
-    or ``"sequence"``: the shared model's own head copy) with ``num_outputs`` outputs, its weights
-    ``head`` (keys as saved, ``head.<module>.<param>``; ``where`` names their file in errors).
+    or ``"sequence"``: the shared model's own head copy) with ``num_outputs`` outputs, its head
+    filled from the adapter's saved ``tensors`` (``head.<module>.<param>``; ``where`` names their
+    file in errors).
 
     Raises:
         AdapterFileError: the head tensors do not fit the head of that kind on this base, or the
@@ -65,12 +66,10 @@ def task_view(
     modules = head_modules(inner)
     want = {f"head.{m}.{k}": t for m, module in modules.items() for k, t in module.state_dict().items()}
     saved = {k: v for k, v in tensors.items() if k.startswith("head.")}
-    bad = sorted(
-        k for k in set(want) | set(saved) if k not in want or k not in saved or want[k].shape != saved[k].shape
-    )
-    if bad:
+    problem = mismatch(want, saved)
+    if problem:
         raise AdapterFileError(
-            f"{where}: its head does not fit a {type(inner).__name__} on this base ({', '.join(bad[:4])}); "
+            f"{where}: its head does not fit a {type(inner).__name__} on this base ({problem}); "
             "predict with the run alone"
         )
     container = get_container(shared)
